@@ -1,0 +1,1 @@
+"""The generation engine: pipelines, samplers, LoRAs, the queue and the device workers."""

@@ -1,0 +1,73 @@
+"""Every error the server answers on purpose, each with exactly one HTTP status.
+
+Code anywhere in the package raises these; the edge (app.main) turns them into a JSON
+`{"detail": message}` answer. Anything else that escapes is a bug: logged with its
+traceback and answered as a plain 500 without internals.
+
+The messages follow the VisionCraft client convention: an unknown name is reported as
+"This server doesn't have <field> '<value>'", which the published Python wrapper parses.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable
+
+
+class CraftError(Exception):
+    """Base of the deliberate errors. `status` is the HTTP status it maps to."""
+
+    status: int = 500
+
+    def __init__(self, message: str, *, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.headers = headers or {}
+
+
+class InvalidParameter(CraftError):
+    """A request field has a value the server refuses (422)."""
+
+    status = 422
+
+    def __init__(self, field: str, value: object, rule: str) -> None:
+        super().__init__(f"{field}: {value!r} is not accepted: {rule}")
+        self.field = field
+        self.value = value
+
+
+class NotServed(CraftError):
+    """A name (model, sampler, LoRA, ...) that this server does not serve (422)."""
+
+    status = 422
+
+    def __init__(self, field: str, value: str, available: Iterable[str]) -> None:
+        names = sorted(available)
+        close = difflib.get_close_matches(value, names, n=3, cutoff=0.5)
+        lowered = {n.lower(): n for n in names}
+        close = list(dict.fromkeys(([lowered[value.lower()]] if value.lower() in lowered else []) + close))
+        hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+        listing = ", ".join(names) if names else "none"
+        super().__init__(
+            f"This server doesn't have {field} '{value}'.{hint} Available: {listing}"
+        )
+        self.field = field
+        self.value = value
+        self.suggestions = close
+
+
+class Forbidden(CraftError):
+    """Missing or wrong API key (403)."""
+
+    status = 403
+
+
+class Unavailable(CraftError):
+    """The server cannot do this now; the client should retry later (503)."""
+
+    status = 503
+
+    def __init__(self, message: str, *, retry_after: float = 5.0) -> None:
+        seconds = max(1, int(round(retry_after)))
+        super().__init__(message, headers={"Retry-After": str(seconds)})
+        self.retry_after = seconds
