@@ -43,9 +43,8 @@ class NotServed(CraftError):
 
     def __init__(self, field: str, value: str, available: Iterable[str]) -> None:
         names = sorted(available)
-        close = difflib.get_close_matches(value, names, n=3, cutoff=0.5)
-        lowered = {n.lower(): n for n in names}
-        close = list(dict.fromkeys(([lowered[value.lower()]] if value.lower() in lowered else []) + close))
+        exact_case = [n for n in names if n.lower() == value.lower()]
+        close = list(dict.fromkeys(exact_case + difflib.get_close_matches(value, names, n=3, cutoff=0.5)))
         hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
         listing = ", ".join(names) if names else "none"
         super().__init__(

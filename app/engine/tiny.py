@@ -102,7 +102,7 @@ def _vae():
     )
 
 
-def _scheduler(config_name: str):
+def _scheduler():
     from diffusers import EulerDiscreteScheduler
 
     return EulerDiscreteScheduler(
@@ -110,7 +110,7 @@ def _scheduler(config_name: str):
         beta_end=0.012,
         beta_schedule="scaled_linear",
         steps_offset=1,
-        timestep_spacing="leading" if config_name == "sdxl" else "leading",
+        timestep_spacing="leading",
         num_train_timesteps=1000,
     )
 
@@ -146,10 +146,9 @@ def build_tiny_sdxl():
         "text_encoder_2": _text_encoder(True, vocab_size),
         "tokenizer": tokenizer,
         "tokenizer_2": tiny_tokenizer(),
-        "scheduler": _scheduler("sdxl"),
+        "scheduler": _scheduler(),
     }
-    pipe = StableDiffusionXLPipeline(**components)
-    return pipe
+    return StableDiffusionXLPipeline(**components)
 
 
 def build_tiny_sd15():
@@ -164,8 +163,9 @@ def build_tiny_sd15():
         sample_size=16,
         in_channels=4,
         out_channels=4,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        # As in real SD 1.x (and unlike SDXL), the first down block has attention.
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
         attention_head_dim=(2, 4),
         cross_attention_dim=_TEXT_DIM,
         norm_num_groups=32,
@@ -175,7 +175,7 @@ def build_tiny_sd15():
         vae=_vae(),
         text_encoder=_text_encoder(False, len(tokenizer)),
         tokenizer=tokenizer,
-        scheduler=_scheduler("sd15"),
+        scheduler=_scheduler(),
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,

@@ -1,0 +1,34 @@
+"""FastAPI dependencies: the heavy objects built in the lifespan, kept on app.state."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import Depends, Request
+
+from app.auth import Authenticator
+from app.config import Settings
+from app.engine.engine import Engine
+from app.registry import Registry
+
+
+def _engine(request: Request) -> Engine:
+    return request.app.state.engine
+
+
+def _registry(request: Request) -> Registry:
+    return request.app.state.registry
+
+
+def _settings(request: Request) -> Settings:
+    return request.app.state.settings
+
+
+def _auth(request: Request) -> Authenticator:
+    return request.app.state.auth
+
+
+EngineDep = Annotated[Engine, Depends(_engine)]
+RegistryDep = Annotated[Registry, Depends(_registry)]
+SettingsDep = Annotated[Settings, Depends(_settings)]
+AuthDep = Annotated[Authenticator, Depends(_auth)]

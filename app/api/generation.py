@@ -1,0 +1,135 @@
+"""From a validated request to PNG bytes: the shared core of every generation route."""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+
+from fastapi import Request
+from fastapi.responses import Response
+
+from app.auth import Authenticator, bearer_token
+from app.config import Settings
+from app.engine.engine import Engine
+from app.engine.jobs import GenParams, Job, JobResult
+from app.engine.loras import LoraError
+from app.engine.samplers import resolve_sampler
+from app.errors import InvalidParameter, NotServed, Unavailable
+from app.imaging import encode_png, parameters_text
+from app.registry import Registry
+from app.schemas import MAX_SEED, GenerateRequest
+
+DEFAULT_SAMPLER = "DPM++ 2M Karras"
+
+
+def to_params(body: GenerateRequest, registry: Registry, settings: Settings) -> GenParams:
+    """Check the request against the registry and the settings; resolve every name."""
+    spec = registry.models.get(body.model)
+    if spec is None:
+        raise NotServed("model", body.model, registry.models)
+    for field in ("prompt", "negative_prompt"):
+        text = getattr(body, field)
+        if len(text) > settings.max_prompt_length:
+            raise InvalidParameter(
+                field,
+                f"<{len(text)} characters>",
+                f"at most {settings.max_prompt_length} characters "
+                "(setting CRAFTSERVE_MAX_PROMPT_LENGTH)",
+            )
+    sampler = resolve_sampler(body.sampler or spec.default_sampler or DEFAULT_SAMPLER, body.scheduler)
+    if len(body.loras) > settings.max_loras:
+        raise InvalidParameter(
+            "loras", f"<{len(body.loras)} entries>",
+            f"at most {settings.max_loras} LoRAs a request (setting CRAFTSERVE_MAX_LORAS)",
+        )
+    for name in body.loras:
+        lora = registry.loras.get(name)
+        if lora is None:
+            raise NotServed("lora", name, registry.lora_names(spec.family))
+        if lora.error:
+            raise LoraError(name, lora.error)
+        if lora.family and lora.family != spec.family:
+            raise LoraError(
+                name,
+                f"it is a {_family_name(lora.family)} LoRA and model '{spec.name}' is "
+                f"{_family_name(spec.family)}; pick a LoRA made for {_family_name(spec.family)}",
+            )
+    seed = body.seed if body.seed is not None and body.seed >= 0 else secrets.randbelow(MAX_SEED + 1)
+    return GenParams(
+        model=spec.name,
+        prompt=body.prompt,
+        negative_prompt=body.negative_prompt,
+        sampler=sampler,
+        steps=body.steps,
+        width=body.width,
+        height=body.height,
+        cfg_scale=float(body.cfg_scale),
+        loras=tuple(sorted(body.loras.items())),
+        seed=seed,
+    )
+
+
+def _family_name(family: str) -> str:
+    return {"sdxl": "SDXL", "sd15": "SD 1.x"}.get(family, family)
+
+
+async def _client_gone(request: Request) -> None:
+    """Return when the client disconnects (the body has been read already)."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+async def run_job(engine: Engine, job: Job, request: Request) -> JobResult:
+    """Await the job; take it back if the client leaves or it outlives its queue deadline."""
+    watcher = asyncio.ensure_future(_client_gone(request))
+    try:
+        timeout: float | None = job.deadline_s
+        while True:
+            done, _ = await asyncio.wait(
+                {job.future, watcher}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
+            )
+            if job.future in done:
+                return job.future.result()
+            if watcher in done:
+                engine.cancel(job)
+                raise Unavailable("the client disconnected")
+            if engine.queue.remove(job):  # still waiting after its deadline
+                engine.metrics.errors.labels("deadline").inc()
+                raise Unavailable(
+                    f"the job waited {job.deadline_s:g} s in the queue, its deadline "
+                    "(setting CRAFTSERVE_QUEUE_DEADLINE_S); the server is overloaded",
+                    retry_after=engine.queue.retry_after(),
+                )
+            timeout = None  # running: wait for it to finish
+    finally:
+        watcher.cancel()
+
+
+async def generate_png(
+    body: GenerateRequest,
+    request: Request,
+    *,
+    engine: Engine,
+    registry: Registry,
+    settings: Settings,
+    auth: Authenticator,
+) -> Response:
+    token = body.token or bearer_token(request.headers.get("authorization"))
+    client = auth.authenticate(token, request.client.host if request.client else None)
+    params = to_params(body, registry, settings)
+    job = engine.submit(params, client)
+    result = await run_job(engine, job, request)
+    text = parameters_text(params, result.seed, result.sampler_label)
+    png = await asyncio.to_thread(encode_png, result.image, text)
+    headers = {
+        "X-Job-Id": job.id,
+        "X-Seed": str(result.seed),
+        "X-Model": params.model,
+        "X-Sampler": result.sampler_label,
+        "X-Queue-Wait-Ms": f"{result.queue_wait_s * 1000:.1f}",
+        "X-Generation-Ms": f"{result.generation_s * 1000:.1f}",
+        "X-Batch-Size": str(result.batch_size),
+    }
+    return Response(png, media_type="image/png", headers=headers)

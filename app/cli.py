@@ -1,0 +1,81 @@
+"""`craftserve serve ...`: run the server with uvicorn."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+import uvicorn
+
+from app.config import Settings
+from app.registry import RegistryError
+
+
+class _Server(uvicorn.Server):
+    """On SIGTERM/SIGINT, stop taking jobs at once (waiting ones get 503), then let uvicorn
+    finish the running requests within the grace period."""
+
+    def __init__(self, config: uvicorn.Config, app) -> None:  # noqa: ANN001
+        super().__init__(config)
+        self._app = app
+
+    def handle_exit(self, sig, frame) -> None:  # noqa: ANN001
+        self._app.state.engine.begin_shutdown()
+        super().handle_exit(sig, frame)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="craftserve", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser("serve", help="run the HTTP server")
+    serve.add_argument("--host", help="bind address (CRAFTSERVE_HOST, default 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="port (CRAFTSERVE_PORT, default 8000)")
+    serve.add_argument("--models", type=Path, help="models file (CRAFTSERVE_MODELS)")
+    serve.add_argument(
+        "--allow-anonymous", action="store_true", default=None,
+        help="accept requests without a key (trusted networks only)",
+    )
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    overrides = {
+        k: v
+        for k, v in {
+            "host": args.host, "port": args.port, "models": args.models,
+            "allow_anonymous": args.allow_anonymous,
+        }.items()
+        if v is not None
+    }
+    try:
+        settings = Settings(**overrides)
+    except Exception as exc:  # noqa: BLE001 - pydantic's message names the setting
+        sys.stderr.write(f"craftserve: invalid settings: {exc}\n")
+        return 2
+    logging.basicConfig(
+        level=settings.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    from app.main import create_app
+
+    try:
+        app = create_app(settings)
+    except (RegistryError, ValueError) as exc:
+        sys.stderr.write(f"craftserve: {exc}\n")
+        return 2
+    config = uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level,
+        timeout_graceful_shutdown=int(settings.shutdown_grace_s) or None,
+    )
+    _Server(config, app).run()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

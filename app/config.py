@@ -1,0 +1,76 @@
+"""Server settings: command-line flags and `CRAFTSERVE_*` environment variables.
+
+Every tunable of the server lives here, validated once at start-up.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Annotated
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="CRAFTSERVE_", extra="ignore")
+
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=1, le=65535)
+    models: Path = Path("models.yaml")
+
+    # Auth. Keys from CRAFTSERVE_API_KEYS (comma-separated) and/or a file with one key a line.
+    api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    api_keys_file: Path | None = None
+    allow_anonymous: bool = False
+
+    # Request limits.
+    max_prompt_length: int = Field(2000, ge=1, description="characters, prompt and negative prompt")
+    max_loras: int = Field(5, ge=0)
+
+    # Queue and batching.
+    max_queue: int = Field(64, ge=1, description="jobs waiting at most; more answer 503")
+    queue_deadline_s: float = Field(300.0, gt=0, description="a job waiting longer is answered 503")
+    max_batch: int = Field(4, ge=1)
+    batch_window_ms: float = Field(10.0, ge=0)
+
+    # Devices and models.
+    # 'auto' (every CUDA GPU, else the CPU) or a list such as 'cuda:0,cuda:1' or 'cpu,cpu'
+    devices: str = "auto"
+    max_models_per_device: int = Field(2, ge=1)
+    lora_cache_size: int = Field(8, ge=1)
+    load_retry_s: float = Field(60.0, ge=0)  # a failed model load is retried after this pause
+    allow_downloads: bool = True  # fetch missing weights from the Hugging Face Hub
+    compile: bool = False  # torch.compile the UNet and VAE on CUDA (warm-up before /ready)
+
+    shutdown_grace_s: float = Field(30.0, ge=0)
+    log_level: str = "info"
+
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _split_keys(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [k.strip() for k in value.split(",") if k.strip()]
+        return value
+
+    def all_api_keys(self) -> list[str]:
+        """Keys from the setting and the keys file (blank lines and # comments skipped)."""
+        keys = list(self.api_keys)
+        if self.api_keys_file is not None:
+            try:
+                text = self.api_keys_file.read_text(encoding="utf-8")
+            except OSError as exc:
+                raise ValueError(
+                    f"CRAFTSERVE_API_KEYS_FILE: cannot read {self.api_keys_file}: {exc.strerror}"
+                ) from exc
+            for line in text.splitlines():
+                line = line.strip()
+                if line and not line.startswith("#"):
+                    keys.append(line)
+        return keys
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

@@ -1,0 +1,179 @@
+"""The engine: the job queue, one worker per device, model availability and shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+from app.config import Settings
+from app.engine.jobs import GenParams, Job, JobQueue
+from app.engine.worker import Worker
+from app.errors import InvalidParameter, Unavailable
+from app.metrics import Metrics
+from app.registry import Registry
+
+logger = logging.getLogger(__name__)
+
+
+def parse_devices(spec: str) -> list[torch.device]:
+    """'auto' → every CUDA GPU, else the CPU; otherwise a comma-separated list."""
+    if spec.strip().lower() == "auto":
+        if torch.cuda.is_available():
+            return [torch.device("cuda", i) for i in range(torch.cuda.device_count())]
+        return [torch.device("cpu")]
+    devices = []
+    for part in (p.strip() for p in spec.split(",")):
+        try:
+            device = torch.device(part)
+        except RuntimeError:
+            raise InvalidParameter(
+                "CRAFTSERVE_DEVICES", part, "use 'auto', 'cpu' or 'cuda:N', comma-separated"
+            ) from None
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise InvalidParameter("CRAFTSERVE_DEVICES", part, "no CUDA device is available")
+        devices.append(device)
+    return devices
+
+
+class Engine:
+    def __init__(self, settings: Settings, registry: Registry, metrics: Metrics) -> None:
+        self.settings = settings
+        self.registry = registry
+        self.metrics = metrics
+        self.queue = JobQueue(
+            max_queue=settings.max_queue,
+            max_batch=settings.max_batch,
+            batch_window_s=settings.batch_window_ms / 1000,
+            on_expired=lambda job: metrics.errors.labels("deadline").inc(),
+        )
+        self.workers = [
+            Worker(f"worker-{i}-{d}", d, self) for i, d in enumerate(parse_devices(settings.devices))
+        ]
+        for worker in self.workers:
+            self.queue.register(worker.slot)
+        self._failures: dict[str, tuple[float, Unavailable]] = {}
+        self._lock = threading.Lock()
+        self.accepting = False
+
+    # ---- life cycle ----------------------------------------------------------------
+    def start(self) -> None:
+        for worker in self.workers:
+            worker.start()
+        self.accepting = True
+
+    def begin_shutdown(self) -> None:
+        """Stop accepting and answer every waiting job 503; running jobs go on."""
+        if not self.accepting and self.queue.closed:
+            return
+        self.accepting = False
+        left = self.queue.close()
+        for job in left:
+            job.fail(Unavailable("the server is shutting down; retry shortly", retry_after=30))
+        if left:
+            logger.info("shutdown: answered %d waiting jobs 503", len(left))
+
+    def stop(self, grace_s: float | None = None) -> None:
+        """Finish running jobs within the grace period; interrupt and answer the rest."""
+        grace = self.settings.shutdown_grace_s if grace_s is None else grace_s
+        self.begin_shutdown()
+        deadline = time.monotonic() + grace
+        for worker in self.workers:
+            worker.join(max(0.0, deadline - time.monotonic()))
+        for worker in self.workers:
+            if worker.alive:
+                for job in list(worker.running):
+                    job.cancelled.set()
+                    job.fail(Unavailable("the server shut down before this job finished"))
+
+    # ---- requests ------------------------------------------------------------------
+    def submit(self, params: GenParams, client: str) -> Job:
+        if not self.accepting:
+            raise Unavailable("the server is shutting down; retry shortly", retry_after=30)
+        self.raise_if_recently_failed(params.model)
+        job = Job(
+            params=params,
+            client=client,
+            loop=asyncio.get_running_loop(),
+            deadline_s=self.settings.queue_deadline_s,
+        )
+        self.queue.submit(job)
+        self.metrics.queue_depth.set(len(self.queue))
+        return job
+
+    def cancel(self, job: Job) -> None:
+        """The client is gone: drop a waiting job, or flag a running one for interruption."""
+        if not self.queue.remove(job):
+            job.cancelled.set()
+        self.metrics.queue_depth.set(len(self.queue))
+
+    def lora_paths(self, loras: tuple[tuple[str, float], ...]) -> list[tuple[str, Path, float]]:
+        return [(name, self.registry.loras[name].path, weight) for name, weight in loras]
+
+    # ---- model availability --------------------------------------------------------
+    def record_load_failure(self, name: str, error: Unavailable) -> None:
+        with self._lock:
+            self._failures[name] = (time.monotonic(), error)
+
+    def clear_load_failure(self, name: str) -> None:
+        with self._lock:
+            self._failures.pop(name, None)
+
+    def raise_if_recently_failed(self, name: str) -> None:
+        """A model whose load failed is not retried on every request, only after a pause."""
+        with self._lock:
+            failure = self._failures.get(name)
+        if failure is None:
+            return
+        when, error = failure
+        remaining = self.settings.load_retry_s - (time.monotonic() - when)
+        if remaining > 0:
+            raise Unavailable(error.message, retry_after=remaining)
+
+    def load_failure(self, name: str) -> str | None:
+        with self._lock:
+            failure = self._failures.get(name)
+        return failure[1].message if failure else None
+
+    # ---- readiness -----------------------------------------------------------------
+    def readiness(self) -> tuple[bool, dict]:
+        models: dict[str, str] = {}
+        loaded = {name for w in self.workers for name in w.models}
+        for name, spec in self.registry.models.items():
+            failure = self.load_failure(name)
+            if name in loaded:
+                models[name] = "loaded"
+            elif failure:
+                models[name] = f"unavailable: {failure}"
+            elif spec.preload:
+                models[name] = "loading"
+            else:
+                models[name] = "loads on first request"
+        workers = [
+            {
+                "name": w.name,
+                "device": str(w.device),
+                "alive": w.alive,
+                "preloaded": w.preloaded.is_set(),
+                "models": list(w.models),
+            }
+            for w in self.workers
+        ]
+        preload_ok = all(
+            models[name] == "loaded" for name, s in self.registry.models.items() if s.preload
+        )
+        workers_ok = all(w["alive"] and w["preloaded"] for w in workers)
+        ready = self.accepting and workers_ok and preload_ok
+        self.metrics.workers_ready.set(sum(1 for w in workers if w["alive"] and w["preloaded"]))
+        reasons = [f"{n}: {state}" for n, state in models.items()
+                   if self.registry.models[n].preload and state != "loaded"]
+        if not self.accepting:
+            reasons.append("the server is shutting down")
+        reasons += [f"{w['name']}: not ready" for w in workers
+                    if not (w["alive"] and w["preloaded"])]
+        return ready, {"ready": ready, "reasons": reasons, "models": models, "workers": workers,
+                       "queue_depth": len(self.queue)}

@@ -1,0 +1,291 @@
+"""Jobs and the bounded, fair job queue between the HTTP side and the device workers.
+
+The HTTP side and the workers meet only here: a route submits a Job and awaits its
+future; a worker blocks in `take()` for the next batch. The queue is
+
+- bounded: `submit` refuses with 503 and a Retry-After estimated from recent throughput;
+- fair: clients (API keys) with waiting jobs are served in turn, so one client's flood
+  cannot starve another;
+- batching: a worker takes the fair-next job plus compatible waiting jobs (same batch
+  key), up to `max_batch`, waiting up to `batch_window` for more only while several
+  requests have been in flight recently (a lone client never pays the window);
+- deadline-aware: a job that waited past its deadline is answered 503 and never run;
+- affinity-aware: a worker prefers jobs whose model it already holds, and leaves a job to
+  an idle worker that holds its model.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import math
+import threading
+import time
+from collections import OrderedDict, deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from app.engine.samplers import SamplerChoice
+from app.errors import Unavailable
+
+
+def round_up8(value: int) -> int:
+    return int(math.ceil(value / 8) * 8)
+
+
+@dataclass(frozen=True)
+class GenParams:
+    """Everything a worker needs to make one image, already validated and resolved."""
+
+    model: str
+    prompt: str
+    negative_prompt: str
+    sampler: SamplerChoice
+    steps: int
+    width: int
+    height: int
+    cfg_scale: float
+    loras: tuple[tuple[str, float], ...]  # sorted by name
+    seed: int
+
+    @property
+    def gen_size(self) -> tuple[int, int]:
+        """(width, height) actually generated: each side rounded up to a multiple of 8."""
+        return round_up8(self.width), round_up8(self.height)
+
+    def batch_key(self) -> tuple:
+        """Jobs with equal keys can share one pipeline call and keep their own bytes."""
+        seed_part = self.seed if self.sampler.seeded_scheduler else None
+        return (
+            self.model,
+            self.sampler,
+            self.steps,
+            self.gen_size,
+            self.cfg_scale,
+            self.loras,
+            seed_part,
+        )
+
+
+@dataclass
+class JobResult:
+    image: Any  # PIL.Image.Image, already cropped to the requested size
+    seed: int
+    sampler_label: str
+    queue_wait_s: float
+    generation_s: float
+    batch_size: int
+
+
+_job_ids = itertools.count(1)
+
+
+@dataclass(eq=False)
+class Job:
+    params: GenParams
+    client: str  # a label of the API key, never the key
+    loop: asyncio.AbstractEventLoop
+    deadline_s: float
+    future: asyncio.Future = field(init=False)
+    id: str = field(default_factory=lambda: f"job-{next(_job_ids)}")
+    enqueued_at: float = field(default_factory=time.monotonic)
+    started_at: float | None = None
+    cancelled: threading.Event = field(default_factory=threading.Event)
+
+    def __post_init__(self) -> None:
+        self.future = self.loop.create_future()
+
+    @property
+    def expired(self) -> bool:
+        return time.monotonic() - self.enqueued_at > self.deadline_s
+
+    def _settle(self, setter: Callable[[Any], None], value: Any) -> None:
+        def apply() -> None:
+            if not self.future.done():
+                setter(value)
+
+        with contextlib.suppress(RuntimeError):  # a closed loop: nobody is waiting any more
+            self.loop.call_soon_threadsafe(apply)
+
+    def resolve(self, result: JobResult) -> None:
+        self._settle(self.future.set_result, result)
+
+    def fail(self, error: BaseException) -> None:
+        self._settle(self.future.set_exception, error)
+
+
+class WorkerSlot:
+    """What the queue knows of a worker: whether it is idle and which models it holds."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.idle = True
+        self.models: set[str] = set()
+
+
+class JobQueue:
+    def __init__(
+        self,
+        *,
+        max_queue: int,
+        max_batch: int,
+        batch_window_s: float,
+        on_expired: Callable[[Job], None] | None = None,
+    ) -> None:
+        self.max_queue = max_queue
+        self.max_batch = max_batch
+        self.batch_window_s = batch_window_s
+        self._on_expired = on_expired
+        self._cond = threading.Condition()
+        self._by_client: OrderedDict[str, deque[Job]] = OrderedDict()
+        self._size = 0
+        self._closed = False
+        self._slots: list[WorkerSlot] = []
+        self._in_system = 0  # submitted and not yet finished
+        self._busy_until = 0.0  # while > now, several requests were in flight recently
+        self._seconds_per_image = 5.0  # running estimate, for Retry-After
+
+    # ---- the HTTP side -------------------------------------------------------------
+    def __len__(self) -> int:
+        return self._size
+
+    def register(self, slot: WorkerSlot) -> None:
+        with self._cond:
+            self._slots.append(slot)
+
+    def retry_after(self) -> float:
+        workers = max(1, len(self._slots))
+        return max(1.0, (self._size + 1) * self._seconds_per_image / workers)
+
+    def submit(self, job: Job) -> None:
+        with self._cond:
+            if self._closed:
+                raise Unavailable("the server is shutting down; retry on another instance", retry_after=30)
+            if self._size >= self.max_queue:
+                raise Unavailable(
+                    f"the queue is full ({self._size} jobs waiting, the limit is "
+                    f"{self.max_queue}, setting CRAFTSERVE_MAX_QUEUE); retry later",
+                    retry_after=self.retry_after(),
+                )
+            self._by_client.setdefault(job.client, deque()).append(job)
+            self._size += 1
+            self._in_system += 1
+            if self._in_system > 1:
+                self._busy_until = time.monotonic() + 2.0
+            self._cond.notify_all()
+
+    def remove(self, job: Job) -> bool:
+        """Take a waiting job out of the queue. False when a worker already has it."""
+        with self._cond:
+            jobs = self._by_client.get(job.client)
+            if jobs is None or job not in jobs:
+                return False
+            jobs.remove(job)
+            self._size -= 1
+            self._in_system -= 1
+            if not jobs:
+                del self._by_client[job.client]
+            return True
+
+    def finished(self, count: int, seconds: float) -> None:
+        """Workers report each finished batch: keeps the throughput estimate current."""
+        with self._cond:
+            self._in_system -= count
+            if count:
+                per_image = seconds / count
+                self._seconds_per_image = 0.8 * self._seconds_per_image + 0.2 * per_image
+
+    def close(self) -> list[Job]:
+        """Stop accepting; return the jobs still waiting (the caller answers them)."""
+        with self._cond:
+            self._closed = True
+            left = [job for jobs in self._by_client.values() for job in jobs]
+            self._by_client.clear()
+            self._in_system -= self._size
+            self._size = 0
+            self._cond.notify_all()
+            return left
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    # ---- the worker side -----------------------------------------------------------
+    def take(self, slot: WorkerSlot, poll_s: float = 0.5) -> list[Job]:
+        """Block until a batch is available (or the queue closes: then [])."""
+        with self._cond:
+            while True:
+                self._drop_expired()
+                if self._closed:
+                    return []
+                first = self._pick(slot)
+                if first is not None:
+                    break
+                self._cond.wait(poll_s)
+            slot.idle = False
+            batch = [first]
+            self._gather(first, batch)
+            return batch
+
+    def _pop(self, client: str, job: Job) -> None:
+        jobs = self._by_client[client]
+        jobs.remove(job)
+        self._size -= 1
+        if not jobs:
+            del self._by_client[client]
+        else:  # this client was served: it goes to the back of the line
+            self._by_client.move_to_end(client)
+
+    def _pick(self, slot: WorkerSlot) -> Job | None:
+        heads = [(c, jobs[0]) for c, jobs in self._by_client.items()]
+        for client, job in heads:
+            model = job.params.model
+            held_elsewhere = any(
+                s is not slot and s.idle and model in s.models for s in self._slots
+            )
+            if model in slot.models or not held_elsewhere:
+                self._pop(client, job)
+                return job
+        return None
+
+    def _gather(self, first: Job, batch: list[Job]) -> None:
+        key = first.params.batch_key()
+        window_end = time.monotonic() + self.batch_window_s
+        while len(batch) < self.max_batch:
+            added = False
+            for client in list(self._by_client):
+                for job in list(self._by_client.get(client, ())):
+                    if job.params.batch_key() == key and not job.expired:
+                        self._pop(client, job)
+                        batch.append(job)
+                        added = True
+                        break  # one per client a round keeps the batch fair
+                if len(batch) >= self.max_batch:
+                    return
+            if added:
+                continue
+            remaining = window_end - time.monotonic()
+            if remaining <= 0 or time.monotonic() > self._busy_until:
+                return
+            self._cond.wait(remaining)
+
+    def _drop_expired(self) -> None:
+        for client in list(self._by_client):
+            for job in list(self._by_client[client]):
+                if job.expired:
+                    self._pop(client, job)
+                    self._in_system -= 1
+                    job.fail(
+                        Unavailable(
+                            f"the job waited {time.monotonic() - job.enqueued_at:.0f} s in the "
+                            f"queue, longer than its deadline of {job.deadline_s:g} s "
+                            "(setting CRAFTSERVE_QUEUE_DEADLINE_S); the server is overloaded",
+                            retry_after=self.retry_after(),
+                        )
+                    )
+                    if self._on_expired is not None:
+                        self._on_expired(job)
+
+

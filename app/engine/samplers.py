@@ -1,0 +1,797 @@
+"""Sampler names clients send -> fresh diffusers schedulers.
+
+Clients name samplers the AUTOMATIC1111 way (``"DPM++ 2M Karras"``, ``"Euler a"``) or the
+ComfyUI way (``"dpmpp_2m"`` plus a separate ``scheduler`` field such as ``"karras"``). This
+module turns either form into a :class:`SamplerChoice` (hashable, part of the engine's
+batching key) and builds a fresh diffusers scheduler for a choice.
+
+Everything is driven by two tables of data:
+
+* ``SAMPLERS``: one row per sampler: its names, the diffusers class and options that run it,
+  A1111's default schedule for it, and whether diffusers is a faithful equivalent or only the
+  closest one. The rows follow diffusers' scheduler overview (its table of A1111 names) and
+  A1111 / k-diffusion behaviour.
+* ``SCHEDULES``: one row per schedule (the ComfyUI ``scheduler`` values): its A1111 name
+  suffix and the diffusers option that produces it.
+
+Nothing here imports torch or diffusers until a scheduler is actually built, so the name
+functions are cheap to call from the API layer.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import inspect
+import json
+import threading
+from collections.abc import Mapping
+from dataclasses import dataclass
+from functools import cache
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Any
+
+from app.errors import InvalidParameter, NotServed
+
+if TYPE_CHECKING:  # pragma: no cover
+    from diffusers import SchedulerMixin
+
+__all__ = [
+    "SamplerChoice",
+    "a1111_sampler_names",
+    "comfy_sampler_ids",
+    "comfy_scheduler_names",
+    "make_scheduler",
+    "resolve_sampler",
+    "sampler_table_markdown",
+]
+
+
+@dataclass(frozen=True)
+class SamplerChoice:
+    """What a request's sampler (and optional scheduler field) resolved to.
+
+    Equal choices build identical schedulers, so a choice can be part of a batching key.
+    """
+
+    sampler: str  # canonical name: the A1111 name, or the ComfyUI id where A1111 has none
+    schedule: str  # one of SCHEDULES: normal, karras, exponential, sgm_uniform, ...
+    label: str  # what ran, A1111 style, e.g. "DPM++ 2M Karras"
+    exact: bool  # False: diffusers has no faithful equivalent; the closest one serves
+    seeded_scheduler: bool  # True: the scheduler itself is seeded from the job's seed
+
+
+# --------------------------------------------------------------------------------------
+# Schedules
+# --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Schedule:
+    name: str  # ComfyUI scheduler name (the request's `scheduler` field)
+    suffix: str  # A1111-style suffix used in labels
+    sigmas_option: str | None  # diffusers boolean option that switches the sigma schedule on
+    spacing: str | None  # diffusers timestep_spacing that produces it
+    faithful: bool  # whether diffusers' version is the same schedule as A1111/ComfyUI's
+    note: str
+
+
+SCHEDULES: tuple[_Schedule, ...] = (
+    _Schedule(
+        "normal",
+        "Normal",
+        None,
+        None,
+        True,
+        "timesteps evenly spaced over the whole schedule (each sampler's own spacing: "
+        "`linspace` for the k-diffusion samplers, `leading` for DDIM/PLMS)",
+    ),
+    _Schedule(
+        "karras",
+        "Karras",
+        "use_karras_sigmas",
+        "linspace",
+        True,
+        "Karras et al. (rho = 7) between the model's sigma_min and sigma_max",
+    ),
+    _Schedule(
+        "exponential",
+        "Exponential",
+        "use_exponential_sigmas",
+        "linspace",
+        True,
+        "sigmas evenly spaced in log(sigma) between sigma_max and sigma_min",
+    ),
+    _Schedule(
+        "sgm_uniform",
+        "SGM Uniform",
+        None,
+        "trailing",
+        True,
+        '`timestep_spacing="trailing"` (diffusers\' documented equivalent)',
+    ),
+    _Schedule(
+        "simple",
+        "Simple",
+        None,
+        "trailing",
+        True,
+        'every (1000/steps)-th training sigma from the top: `timestep_spacing="trailing"` '
+        "(diffusers' documented equivalent)",
+    ),
+    _Schedule(
+        "ddim_uniform",
+        "DDIM Uniform",
+        None,
+        "leading",
+        True,
+        '`timestep_spacing="leading"` with `steps_offset=1` (timesteps 1, 1+k, 1+2k, ...)',
+    ),
+    _Schedule(
+        "beta",
+        "Beta",
+        "use_beta_sigmas",
+        "linspace",
+        False,
+        "diffusers' `use_beta_sigmas` (Beta(0.6, 0.6) quantiles, needs scipy) places sigmas "
+        "linearly between sigma_min and sigma_max; A1111/ComfyUI pick the model's sigmas at "
+        "the quantile timesteps instead, so this is the closest, not the same schedule",
+    ),
+)
+_SCHEDULE_BY_NAME: dict[str, _Schedule] = {s.name: s for s in SCHEDULES}
+
+# Schedule name suffixes accepted on A1111-style sampler names ("DPM++ 2M Karras").
+# None = "Automatic": the sampler's own default. "Uniform" is A1111's name for the plain
+# k-diffusion schedule, i.e. ComfyUI's "normal".
+_NAME_SUFFIXES: dict[str, str | None] = {
+    "sgm uniform": "sgm_uniform",
+    "ddim uniform": "ddim_uniform",
+    "exponential": "exponential",
+    "automatic": None,
+    "karras": "karras",
+    "uniform": "normal",
+    "normal": "normal",
+    "simple": "simple",
+    "beta": "beta",
+}
+
+# Extra spellings accepted in the `scheduler` field (A1111's API names its schedulers too).
+_FIELD_ALIASES: dict[str, str | None] = {
+    "": None,
+    "automatic": None,
+    "auto": None,
+    "uniform": "normal",
+    "ddim": "ddim_uniform",
+    "sgm": "sgm_uniform",
+}
+
+# --------------------------------------------------------------------------------------
+# Samplers
+# --------------------------------------------------------------------------------------
+
+# What each diffusers class can do with a schedule (verified against the __init__
+# signatures and set_timesteps of diffusers 0.42 by tests/test_samplers.py):
+# (takes use_karras/exponential/beta_sigmas, honours timestep_spacing).
+_CLASS_CAPS: dict[str, tuple[bool, bool]] = {
+    "EulerDiscreteScheduler": (True, True),
+    "EulerAncestralDiscreteScheduler": (False, True),
+    "LMSDiscreteScheduler": (True, True),
+    "HeunDiscreteScheduler": (True, True),
+    "KDPM2DiscreteScheduler": (True, True),
+    "KDPM2AncestralDiscreteScheduler": (True, True),
+    "DPMSolverMultistepScheduler": (True, True),
+    "DPMSolverSinglestepScheduler": (True, False),
+    "DPMSolverSDEScheduler": (True, True),
+    "DDIMScheduler": (False, True),
+    "PNDMScheduler": (False, True),
+    "UniPCMultistepScheduler": (True, True),
+    "LCMScheduler": (False, False),
+    "DEISMultistepScheduler": (True, True),
+}
+
+
+@dataclass(frozen=True)
+class _Sampler:
+    name: str  # canonical name (A1111 name; ComfyUI id where A1111 has none)
+    comfy: tuple[str, ...]  # ComfyUI ids that mean this sampler
+    cls: str  # diffusers scheduler class
+    options: Mapping[str, Any]  # fixed diffusers options (immutable values only)
+    default: str = "normal"  # A1111 (>= 1.9) schedule when neither suffix nor field is given
+    exact: bool = True  # diffusers runs the same algorithm
+    spacing: str = "linspace"  # timestep_spacing of the plain ("normal") schedule
+    seeded: bool = False  # scheduler seeded from the job seed (noise_sampler_seed)
+    a1111: bool = True  # `name` is an A1111 sampler name (takes schedule suffixes)
+    aliases: tuple[str, ...] = ()  # further A1111-style names (A1111's own aliases)
+    note: str = ""
+
+
+def _opts(**kwargs: Any) -> Mapping[str, Any]:
+    return MappingProxyType(dict(kwargs))
+
+
+# DPM-Solver++ multistep as k-diffusion's sample_dpmpp_2m*: first order on the final step to
+# sigma 0 (final_sigmas_type="zero" forces that), lower order near the end below 15 steps.
+_DPM_MULTI = dict(
+    solver_order=2,
+    solver_type="midpoint",
+    lower_order_final=True,
+    euler_at_final=False,
+    final_sigmas_type="zero",
+    use_lu_lambdas=False,
+)
+
+SAMPLERS: tuple[_Sampler, ...] = (
+    _Sampler(
+        "Euler",
+        ("euler",),
+        "EulerDiscreteScheduler",
+        _opts(interpolation_type="linear", final_sigmas_type="zero"),
+        aliases=("k_euler",),
+    ),
+    _Sampler(
+        "Euler a",
+        ("euler_ancestral",),
+        "EulerAncestralDiscreteScheduler",
+        _opts(),
+        aliases=("k_euler_a", "k_euler_ancestral"),
+    ),
+    _Sampler("LMS", ("lms",), "LMSDiscreteScheduler", _opts(), aliases=("k_lms",)),
+    _Sampler("Heun", ("heun",), "HeunDiscreteScheduler", _opts(), aliases=("k_heun",)),
+    _Sampler(
+        "DPM2",
+        ("dpm_2",),
+        "KDPM2DiscreteScheduler",
+        _opts(),
+        default="karras",
+        aliases=("k_dpm_2",),
+        note="A1111 also drops the next-to-last sigma",
+    ),
+    _Sampler(
+        "DPM2 a",
+        ("dpm_2_ancestral",),
+        "KDPM2AncestralDiscreteScheduler",
+        _opts(),
+        default="karras",
+        aliases=("k_dpm_2_a",),
+        note="A1111 also drops the next-to-last sigma",
+    ),
+    _Sampler(
+        "DPM++ 2S a",
+        ("dpmpp_2s_ancestral",),
+        "DPMSolverSinglestepScheduler",
+        _opts(
+            solver_order=2,
+            algorithm_type="sde-dpmsolver++",
+            solver_type="midpoint",
+            lower_order_final=True,
+            final_sigmas_type="zero",
+        ),
+        default="karras",
+        exact=False,
+        aliases=("k_dpmpp_2s_a",),
+        note="diffusers has no DPM++ 2S ancestral; the stochastic single-step DPM-Solver++(2) "
+        "is the closest",
+    ),
+    _Sampler(
+        "DPM++ 2M",
+        ("dpmpp_2m",),
+        "DPMSolverMultistepScheduler",
+        _opts(**_DPM_MULTI, algorithm_type="dpmsolver++"),
+        default="karras",
+        aliases=("k_dpmpp_2m",),
+    ),
+    _Sampler(
+        "DPM++ SDE",
+        ("dpmpp_sde", "dpmpp_sde_gpu"),
+        "DPMSolverSDEScheduler",
+        _opts(),
+        default="karras",
+        seeded=True,
+        aliases=("k_dpmpp_sde",),
+        note="k-diffusion's Brownian-tree sampler (needs torchsde); the tree is seeded from the "
+        "job seed via `noise_sampler_seed`",
+    ),
+    _Sampler(
+        "DPM++ 2M SDE",
+        ("dpmpp_2m_sde", "dpmpp_2m_sde_gpu"),
+        "DPMSolverMultistepScheduler",
+        _opts(**_DPM_MULTI, algorithm_type="sde-dpmsolver++"),
+        default="exponential",
+        aliases=("k_dpmpp_2m_sde",),
+        note="step noise drawn from the job's generator rather than a Brownian tree",
+    ),
+    _Sampler(
+        "DPM++ 2M SDE Heun",
+        ("dpmpp_2m_sde_heun", "dpmpp_2m_sde_heun_gpu"),
+        "DPMSolverMultistepScheduler",
+        _opts(**{**_DPM_MULTI, "solver_type": "heun"}, algorithm_type="sde-dpmsolver++"),
+        default="exponential",
+        aliases=("k_dpmpp_2m_sde_heun",),
+        note="same update as k-diffusion's solver_type='heun'; step noise from the generator",
+    ),
+    _Sampler(
+        "DPM++ 3M SDE",
+        ("dpmpp_3m_sde", "dpmpp_3m_sde_gpu"),
+        "DPMSolverMultistepScheduler",
+        _opts(**{**_DPM_MULTI, "solver_order": 3}, algorithm_type="sde-dpmsolver++"),
+        default="exponential",
+        exact=False,
+        aliases=("k_dpmpp_3m_sde",),
+        note="third-order SDE DPM-Solver++ is the closest; A1111 also drops the next-to-last sigma",
+    ),
+    _Sampler(
+        "DPM fast",
+        ("dpm_fast",),
+        "DPMSolverSinglestepScheduler",
+        _opts(
+            solver_order=3,
+            algorithm_type="dpmsolver++",
+            solver_type="midpoint",
+            lower_order_final=True,
+            final_sigmas_type="zero",
+        ),
+        exact=False,
+        aliases=("k_dpm_fast",),
+        note="k-diffusion's DPM-Solver-fast has no diffusers port; single-step DPM-Solver++(3) "
+        "is the closest",
+    ),
+    _Sampler(
+        "DPM adaptive",
+        ("dpm_adaptive",),
+        "DPMSolverSinglestepScheduler",
+        _opts(
+            solver_order=3,
+            algorithm_type="dpmsolver++",
+            solver_type="midpoint",
+            lower_order_final=True,
+            final_sigmas_type="zero",
+        ),
+        exact=False,
+        aliases=("k_dpm_ad",),
+        note="no adaptive step-size solver in diffusers; runs exactly `steps` steps of "
+        "single-step DPM-Solver++(3)",
+    ),
+    _Sampler(
+        "Restart",
+        (),
+        "HeunDiscreteScheduler",
+        _opts(),
+        default="karras",
+        exact=False,
+        aliases=("restart",),
+        note="no Restart sampler in diffusers; Heun (its inner solver) without the restarts",
+    ),
+    _Sampler(
+        "DDIM",
+        ("ddim",),
+        "DDIMScheduler",
+        _opts(set_alpha_to_one=False, clip_sample=False),
+        spacing="leading",
+        note="eta from the request (0 = deterministic)",
+    ),
+    _Sampler(
+        "PLMS",
+        (),
+        "PNDMScheduler",
+        _opts(skip_prk_steps=True, set_alpha_to_one=False),
+        spacing="leading",
+        aliases=("plms",),
+    ),
+    _Sampler(
+        "UniPC",
+        ("uni_pc",),
+        "UniPCMultistepScheduler",
+        _opts(
+            solver_order=3,
+            solver_type="bh1",
+            predict_x0=True,
+            lower_order_final=True,
+            final_sigmas_type="sigma_min",
+        ),
+        aliases=("unipc",),
+        note="A1111/ComfyUI defaults: variant bh1, order 3; ends at sigma_min as A1111's UniPC "
+        "does (diffusers' bh1 cannot step to sigma 0)",
+    ),
+    _Sampler(
+        "LCM",
+        ("lcm",),
+        "LCMScheduler",
+        _opts(),
+        aliases=("k_lcm",),
+        note="needs an LCM model or LCM-LoRA for good images (few steps, low CFG)",
+    ),
+    # ComfyUI-only samplers: canonical name is the ComfyUI id.
+    _Sampler(
+        "heunpp2",
+        ("heunpp2",),
+        "HeunDiscreteScheduler",
+        _opts(),
+        exact=False,
+        a1111=False,
+        note="no Heun++ in diffusers; plain Heun is the closest",
+    ),
+    _Sampler(
+        "uni_pc_bh2",
+        ("uni_pc_bh2",),
+        "UniPCMultistepScheduler",
+        _opts(
+            solver_order=3,
+            solver_type="bh2",
+            predict_x0=True,
+            lower_order_final=True,
+            final_sigmas_type="sigma_min",
+        ),
+        a1111=False,
+    ),
+    _Sampler(
+        "deis",
+        ("deis",),
+        "DEISMultistepScheduler",
+        _opts(solver_order=3, algorithm_type="deis", lower_order_final=True),
+        exact=False,
+        a1111=False,
+        note="diffusers' DEIS (log-rho) rather than ComfyUI's tabulated DEIS; order 3 as ComfyUI",
+    ),
+)
+_SAMPLER_BY_NAME: dict[str, _Sampler] = {s.name: s for s in SAMPLERS}
+
+# The names exactly as shared/api/samplers.md lists them.
+_A1111_BASE: tuple[str, ...] = (
+    "Euler",
+    "Euler a",
+    "LMS",
+    "Heun",
+    "DPM2",
+    "DPM2 a",
+    "DPM++ 2S a",
+    "DPM++ 2M",
+    "DPM++ SDE",
+    "DPM++ 2M SDE",
+    "DPM++ 2M SDE Heun",
+    "DPM++ 3M SDE",
+    "DPM fast",
+    "DPM adaptive",
+    "Restart",
+    "DDIM",
+    "PLMS",
+    "UniPC",
+    "LCM",
+)
+_A1111_LEGACY: tuple[str, ...] = (
+    "DPM++ 2M Karras",
+    "DPM++ SDE Karras",
+    "DPM++ 2M SDE Karras",
+    "DPM++ 2M SDE Exponential",
+    "DPM++ 2S a Karras",
+    "DPM++ 3M SDE Karras",
+    "DPM++ 3M SDE Exponential",
+    "LMS Karras",
+    "DPM2 Karras",
+    "DPM2 a Karras",
+    "Euler Karras",
+)
+_COMFY_IDS: tuple[str, ...] = (
+    "euler",
+    "euler_ancestral",
+    "heun",
+    "heunpp2",
+    "dpm_2",
+    "dpm_2_ancestral",
+    "lms",
+    "dpm_fast",
+    "dpm_adaptive",
+    "dpmpp_2s_ancestral",
+    "dpmpp_sde",
+    "dpmpp_sde_gpu",
+    "dpmpp_2m",
+    "dpmpp_2m_sde",
+    "dpmpp_2m_sde_gpu",
+    "dpmpp_3m_sde",
+    "dpmpp_3m_sde_gpu",
+    "ddim",
+    "uni_pc",
+    "uni_pc_bh2",
+    "lcm",
+    "deis",
+)
+
+_A1111_STYLE = "a1111"
+_COMFY_STYLE = "comfy"
+
+
+def _norm(text: str) -> str:
+    return " ".join(text.split()).lower()
+
+
+def _build_index() -> dict[str, tuple[_Sampler, str]]:
+    index: dict[str, tuple[_Sampler, str]] = {}
+
+    def add(key: str, entry: _Sampler, style: str) -> None:
+        key = _norm(key)
+        if key in index:
+            other, other_style = index[key]
+            default = entry.default if style == _A1111_STYLE else "normal"
+            other_default = other.default if other_style == _A1111_STYLE else "normal"
+            if other is not entry or default != other_default:
+                raise RuntimeError(f"sampler name {key!r} is ambiguous in the sampler table")
+            return
+        index[key] = (entry, style)
+
+    for entry in SAMPLERS:
+        if entry.a1111:
+            add(entry.name, entry, _A1111_STYLE)
+        for alias in entry.aliases:
+            add(alias, entry, _A1111_STYLE)
+        for comfy_id in entry.comfy:
+            add(comfy_id, entry, _COMFY_STYLE)
+    return index
+
+
+_INDEX = _build_index()
+
+
+# --------------------------------------------------------------------------------------
+# Public: names
+# --------------------------------------------------------------------------------------
+
+
+def a1111_sampler_names() -> list[str]:
+    """A1111-style names for GET /sd/samplers: the base names, then the legacy suffixed ones."""
+    return list(_A1111_BASE) + list(_A1111_LEGACY)
+
+
+def comfy_sampler_ids() -> list[str]:
+    """ComfyUI sampler ids (for /samplers-xl)."""
+    return list(_COMFY_IDS)
+
+
+def comfy_scheduler_names() -> list[str]:
+    """The values the request's `scheduler` field accepts."""
+    return [s.name for s in SCHEDULES]
+
+
+# --------------------------------------------------------------------------------------
+# Public: resolution
+# --------------------------------------------------------------------------------------
+
+
+def _lookup(name: str) -> tuple[_Sampler, str, str | None, bool]:
+    """(entry, style, schedule from a name suffix, whether the name carried a suffix)."""
+    key = _norm(name)
+    hit = _INDEX.get(key)
+    if hit is not None:
+        return hit[0], hit[1], None, False
+    for suffix, schedule in _NAME_SUFFIXES.items():
+        if key.endswith(" " + suffix):
+            hit = _INDEX.get(key[: -len(suffix) - 1])
+            if hit is not None and hit[1] == _A1111_STYLE:
+                return hit[0], hit[1], schedule, schedule is not None
+    shown = " ".join(name.split()) if isinstance(name, str) else str(name)
+    raise NotServed("sampler", shown, a1111_sampler_names() + comfy_sampler_ids())
+
+
+def _field_schedule(scheduler: str | None) -> str | None:
+    if scheduler is None:
+        return None
+    if not isinstance(scheduler, str):
+        raise InvalidParameter("scheduler", scheduler, "must be a string")
+    key = _norm(scheduler)
+    if key in _FIELD_ALIASES:
+        return _FIELD_ALIASES[key]
+    key = key.replace(" ", "_").replace("-", "_")
+    if key in _SCHEDULE_BY_NAME:
+        return key
+    raise NotServed("scheduler", " ".join(scheduler.split()), comfy_scheduler_names())
+
+
+def _supports(entry: _Sampler, schedule: _Schedule) -> bool:
+    """Whether entry's class produces `schedule` (else its plain schedule serves)."""
+    takes_sigmas, honours_spacing = _CLASS_CAPS[entry.cls]
+    if schedule.sigmas_option is not None:
+        if schedule.name == "beta" and importlib.util.find_spec("scipy") is None:
+            return False
+        return takes_sigmas
+    if schedule.spacing is not None:
+        return honours_spacing
+    return True
+
+
+def _label(entry: _Sampler, schedule: str) -> str:
+    if schedule == "normal" and entry.default == "normal":
+        return entry.name
+    return f"{entry.name} {_SCHEDULE_BY_NAME[schedule].suffix}"
+
+
+@cache
+def _choice(sampler: str, schedule: str) -> SamplerChoice:
+    entry = _SAMPLER_BY_NAME[sampler]
+    spec = _SCHEDULE_BY_NAME[schedule]
+    return SamplerChoice(
+        sampler=entry.name,
+        schedule=schedule,
+        label=_label(entry, schedule),
+        exact=entry.exact and spec.faithful and _supports(entry, spec),
+        seeded_scheduler=entry.seeded,
+    )
+
+
+def resolve_sampler(name: str, scheduler: str | None = None) -> SamplerChoice:
+    """Resolve a client's sampler name and optional `scheduler` field.
+
+    Names are matched case-insensitively, ignoring surrounding and repeated spaces. A1111
+    names may carry a schedule suffix ("DPM++ 2M Karras"); a suffix and a `scheduler` field
+    that disagree raise InvalidParameter. With neither, A1111 names get A1111's default
+    schedule for that sampler and ComfyUI ids get "normal" (ComfyUI's default).
+    """
+    if not isinstance(name, str):
+        raise NotServed("sampler", str(name), a1111_sampler_names() + comfy_sampler_ids())
+    entry, style, from_suffix, has_suffix = _lookup(name)
+    from_field = _field_schedule(scheduler)
+    if has_suffix and from_field is not None and from_field != from_suffix:
+        raise InvalidParameter(
+            "scheduler",
+            scheduler,
+            f"the sampler name {' '.join(name.split())!r} already selects the "
+            f"{from_suffix!r} schedule; send the sampler without the suffix, or a matching "
+            f"scheduler",
+        )
+    schedule = from_suffix or from_field
+    if schedule is None:
+        schedule = entry.default if style == _A1111_STYLE else "normal"
+    return _choice(entry.name, schedule)
+
+
+# --------------------------------------------------------------------------------------
+# Public: schedulers
+# --------------------------------------------------------------------------------------
+
+
+@cache
+def _plan(sampler: str, schedule: str) -> tuple[str, Mapping[str, Any]]:
+    """(diffusers class name, options) for a choice; options exclude the seed."""
+    entry = _SAMPLER_BY_NAME[sampler]
+    spec = _SCHEDULE_BY_NAME[schedule]
+    takes_sigmas, honours_spacing = _CLASS_CAPS[entry.cls]
+    options = dict(entry.options)
+    if takes_sigmas:  # override whatever the model's own config says
+        for other in SCHEDULES:
+            if other.sigmas_option is not None:
+                options[other.sigmas_option] = False
+    spacing = entry.spacing
+    if _supports(entry, spec):
+        if spec.sigmas_option is not None:
+            options[spec.sigmas_option] = True
+            spacing = spec.spacing  # linspace, so sigma_min..sigma_max spans the schedule
+        elif spec.spacing is not None:
+            spacing = spec.spacing
+    if honours_spacing:
+        options["timestep_spacing"] = spacing
+        if spacing == "leading":
+            options["steps_offset"] = 1
+    return entry.cls, MappingProxyType(options)
+
+
+@cache
+def _init_params(cls: type) -> frozenset[str]:
+    return frozenset(inspect.signature(cls.__init__).parameters) - {"self"}
+
+
+def _scheduler_config(cls: type, base_config: Mapping[str, Any]) -> dict[str, Any]:
+    """A new dict of the base config's keys that `cls` takes.
+
+    Keys of other classes are dropped so diffusers does not log a warning per job; the private
+    "_" keys are metadata from_config understands.
+    """
+    params = _init_params(cls)
+    return {k: v for k, v in dict(base_config).items() if k in params or k.startswith("_")}
+
+
+def _config_key(config: Mapping[str, Any]) -> str:
+    def plain(value: Any) -> Any:
+        return value.tolist() if hasattr(value, "tolist") else repr(value)
+
+    return json.dumps(config, sort_keys=True, default=plain)
+
+
+# Some diffusers schedulers compute a full 1000-step schedule in __init__ (KDPM2 takes ~0.3 s
+# on a CPU), so each (class, options, model config) is built once with from_config and every
+# job gets a deep copy of that never-handed-out prototype: a fresh instance in the same state.
+_PROTOTYPES: dict[tuple[str, str, str, str], Any] = {}
+_PROTOTYPES_LOCK = threading.Lock()
+_MAX_PROTOTYPES = 512
+
+
+def make_scheduler(
+    choice: SamplerChoice, base_config: Mapping[str, Any], seed: int | None = None
+) -> SchedulerMixin:
+    """A fresh scheduler for `choice`, configured from the model's scheduler config.
+
+    `base_config` (e.g. ``pipe.scheduler.config``) is read, never changed; model settings
+    (beta schedule, prediction type, ...) come from it, sampler settings from the table:
+    the result is what ``Cls.from_config(config, **options)`` builds. `seed` seeds samplers
+    whose scheduler holds its own noise (DPM++ SDE's Brownian tree, `noise_sampler_seed`).
+    """
+    import diffusers
+
+    try:
+        cls_name, options = _plan(choice.sampler, choice.schedule)
+    except KeyError:
+        raise ValueError(f"unknown sampler choice {choice!r}") from None
+    cls = getattr(diffusers, cls_name)
+    config = _scheduler_config(cls, base_config)
+    key = (cls_name, choice.sampler, choice.schedule, _config_key(config))
+    with _PROTOTYPES_LOCK:
+        prototype = _PROTOTYPES.get(key)
+    if prototype is None:
+        kwargs = dict(options)
+        if _SAMPLER_BY_NAME[choice.sampler].seeded:
+            kwargs["noise_sampler_seed"] = None  # set per job below
+        prototype = cls.from_config(config, **kwargs)
+        with _PROTOTYPES_LOCK:
+            if len(_PROTOTYPES) >= _MAX_PROTOTYPES:
+                _PROTOTYPES.clear()
+            prototype = _PROTOTYPES.setdefault(key, prototype)
+    scheduler = copy.deepcopy(prototype)
+    if _SAMPLER_BY_NAME[choice.sampler].seeded:
+        # what DPMSolverSDEScheduler.__init__ does with its noise_sampler_seed argument
+        scheduler.register_to_config(noise_sampler_seed=seed)
+        scheduler.noise_sampler_seed = seed
+    return scheduler
+
+
+# --------------------------------------------------------------------------------------
+# Public: documentation
+# --------------------------------------------------------------------------------------
+
+
+def _fmt_options(options: Mapping[str, Any]) -> str:
+    return ", ".join(f"{k}={v!r}" for k, v in options.items())
+
+
+def sampler_table_markdown() -> str:
+    """The README/docs tables: every accepted name, what runs, exact or closest."""
+    lines = [
+        "| Sampler (A1111 name) | ComfyUI id | Other accepted names | Default schedule "
+        "(A1111 name / ComfyUI id) | diffusers scheduler and options | Fidelity | Notes |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for entry in SAMPLERS:
+        a1111 = f"`{entry.name}`" if entry.a1111 else "—"
+        comfy = ", ".join(f"`{c}`" for c in entry.comfy) or "—"
+        aliases = ", ".join(f"`{a}`" for a in entry.aliases) or "—"
+        default = f"{entry.default} / normal" if entry.a1111 else "normal"
+        cls_name, options = _plan(entry.name, "normal")
+        runs = f"`{cls_name}`"
+        fixed = {k: v for k, v in options.items() if not k.startswith("use_")}
+        if fixed:
+            runs += f" ({_fmt_options(fixed)})"
+        if entry.seeded:
+            runs += ", noise_sampler_seed=job seed"
+        fidelity = "exact" if entry.exact else "closest"
+        notes = [entry.note] if entry.note else []
+        missing = [s.name for s in SCHEDULES if not _supports(entry, s)]
+        if missing:
+            notes.append(
+                f"`{cls_name}` cannot do {', '.join(missing)}: its normal schedule serves (closest)"
+            )
+        lines.append(
+            f"| {a1111} | {comfy} | {aliases} | {default} | {runs} | {fidelity} | "
+            f"{'; '.join(notes) or ''} |"
+        )
+    lines += [
+        "",
+        "| Schedule (`scheduler` field) | A1111 name suffix | diffusers option | Fidelity | "
+        "Notes |",
+        "|---|---|---|---|---|",
+    ]
+    for spec in SCHEDULES:
+        if spec.sigmas_option is not None:
+            option = f'`{spec.sigmas_option}=True`, `timestep_spacing="linspace"`'
+        elif spec.spacing is not None:
+            option = f'`timestep_spacing="{spec.spacing}"`'
+        else:
+            option = "none (plain)"
+        suffix = f"`{spec.suffix}`" + (" or `Uniform`" if spec.name == "normal" else "")
+        fidelity = "exact" if spec.faithful else "closest"
+        lines.append(f"| `{spec.name}` | {suffix} | {option} | {fidelity} | {spec.note} |")
+    return "\n".join(lines) + "\n"

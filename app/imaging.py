@@ -1,0 +1,40 @@
+"""Image encoding (run off the worker thread) and the A1111-style `parameters` text."""
+
+from __future__ import annotations
+
+import io
+
+from PIL import Image
+from PIL.PngImagePlugin import PngInfo
+
+from app import __version__
+from app.engine.jobs import GenParams
+
+
+def parameters_text(params: GenParams, seed: int, sampler_label: str) -> str:
+    """Generation parameters in AUTOMATIC1111's `parameters` convention (civitai etc. read it)."""
+    lora_tags = "".join(f" <lora:{name}:{weight:g}>" for name, weight in params.loras)
+    fields = [
+        f"Steps: {params.steps}",
+        f"Sampler: {params.sampler.sampler}",
+        f"Schedule type: {params.sampler.schedule.replace('_', ' ').title()}",
+        f"CFG scale: {params.cfg_scale:g}",
+        f"Seed: {seed}",
+        f"Size: {params.width}x{params.height}",
+        f"Model: {params.model}",
+        f"Version: craftserve {__version__}",
+    ]
+    lines = [params.prompt + lora_tags]
+    if params.negative_prompt:
+        lines.append(f"Negative prompt: {params.negative_prompt}")
+    lines.append(", ".join(fields))
+    return "\n".join(lines)
+
+
+def encode_png(image: Image.Image, parameters: str) -> bytes:
+    info = PngInfo()
+    info.add_text("parameters", parameters)
+    buffer = io.BytesIO()
+    # Level 1: PNG compression is CPU time on the answer path; size matters less than latency.
+    image.save(buffer, format="PNG", pnginfo=info, compress_level=1)
+    return buffer.getvalue()

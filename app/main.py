@@ -1,0 +1,116 @@
+"""create_app(): assembles settings, registry, auth, engine, routers and error handlers."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+
+from app import __version__
+from app.api import health, visioncraft
+from app.auth import Authenticator
+from app.config import Settings, get_settings
+from app.engine.engine import Engine
+from app.errors import CraftError
+from app.metrics import Metrics
+from app.registry import load_registry
+
+logger = logging.getLogger(__name__)
+
+
+def _short(value: object, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def describe_validation_errors(errors: list[dict]) -> str:
+    """One readable sentence per error: the field, the value and the rule."""
+    parts = []
+    for err in errors:
+        loc = [str(p) for p in err.get("loc", ())]
+        field = ".".join(loc[1:] if loc and loc[0] == "body" else loc) or "body"
+        kind = err.get("type", "")
+        if kind == "missing":
+            parts.append(f"{field}: required field is missing")
+        elif kind == "json_invalid":
+            reason = (err.get("ctx") or {}).get("error", "invalid JSON")
+            parts.append(f"body: malformed JSON ({reason}); send a JSON object")
+        else:
+            msg = str(err.get("msg", "invalid")).removeprefix("Value error, ")
+            parts.append(f"{field}: {_short(err.get('input'))} is not accepted: {msg}")
+    return "; ".join(parts)
+
+
+def _install_error_handlers(app: FastAPI, metrics: Metrics) -> None:
+    @app.exception_handler(CraftError)
+    async def craft_error(request: Request, exc: CraftError) -> JSONResponse:
+        metrics.errors.labels(type(exc).__name__).inc()
+        return JSONResponse({"detail": exc.message}, status_code=exc.status, headers=exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
+        metrics.errors.labels("RequestValidationError").inc()
+        errors = [
+            {"loc": list(e.get("loc", ())), "msg": e.get("msg"), "type": e.get("type")}
+            for e in exc.errors()
+        ]
+        detail = describe_validation_errors(list(exc.errors()))
+        return JSONResponse({"detail": detail, "errors": errors}, status_code=422)
+
+    @app.exception_handler(Exception)
+    async def bug(request: Request, exc: Exception) -> JSONResponse:
+        logger.exception("unhandled error on %s %s", request.method, request.url.path)
+        metrics.errors.labels("internal").inc()
+        return JSONResponse(
+            {"detail": "internal server error; the server log has the details"}, status_code=500
+        )
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """Build the app. Fails fast (RegistryError, ValueError) on a bad models file or settings."""
+    settings = settings or get_settings()
+    registry = load_registry(settings.models)
+    auth = Authenticator(settings.all_api_keys(), allow_anonymous=settings.allow_anonymous)
+    metrics = Metrics()
+    engine = Engine(settings, registry, metrics)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if auth.generated_key:
+            sys.stderr.write(
+                "\n  No API key is configured (CRAFTSERVE_API_KEYS / CRAFTSERVE_API_KEYS_FILE).\n"
+                f"  This run accepts only this key: {auth.generated_key}\n"
+                "  (use --allow-anonymous to open the server on a trusted network)\n\n"
+            )
+        engine.start()
+        logger.info(
+            "craftserve %s serving %s on %s",
+            __version__,
+            ", ".join(registry.models),
+            ", ".join(str(w.device) for w in engine.workers),
+        )
+        try:
+            yield
+        finally:
+            engine.stop()
+
+    app = FastAPI(
+        title="craftserve",
+        version=__version__,
+        description="Self-hosted, VisionCraft-compatible image generation on diffusers.",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.registry = registry
+    app.state.auth = auth
+    app.state.metrics = metrics
+    app.state.engine = engine
+    app.include_router(visioncraft.router)
+    app.include_router(health.router)
+    _install_error_handlers(app, metrics)
+    return app

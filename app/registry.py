@@ -1,0 +1,289 @@
+"""models.yaml → typed model and LoRA specs.
+
+The file is validated at start-up; any error names the file, the key and the fix, and
+the server refuses to start rather than fail on the first request.
+
+```yaml
+models:
+  sdxl-base:
+    source: stabilityai/stable-diffusion-xl-base-1.0  # HF repo id, local folder, builtin:tiny-sdxl
+    family: sdxl            # optional: sdxl | sd15; read from the checkpoint when absent
+    default_sampler: DPM++ 2M Karras
+    dtype: auto             # auto | float16 | bfloat16 | float32
+    vae: madebyollin/sdxl-vae-fp16-fix
+    preload: true
+loras:
+  my-style: {path: loras/my-style.safetensors, family: sdxl}
+lora_dirs: [loras]
+```
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+logger = logging.getLogger(__name__)
+
+Family = Literal["sdxl", "sd15"]
+BUILTIN_SOURCES = {"builtin:tiny-sdxl": "sdxl", "builtin:tiny-sd15": "sd15"}
+_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+_PIPELINE_FAMILY = {
+    "StableDiffusionXLPipeline": "sdxl",
+    "StableDiffusionXLImg2ImgPipeline": "sdxl",
+    "StableDiffusionPipeline": "sd15",
+    "StableDiffusionImg2ImgPipeline": "sd15",
+}
+
+
+class RegistryError(Exception):
+    """models.yaml is unusable; the message names the file, the key and the fix."""
+
+
+class _ModelEntry(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    source: str
+    family: Family | None = None
+    default_sampler: str | None = None
+    dtype: Literal["auto", "float16", "bfloat16", "float32"] = "auto"
+    vae: str | None = None
+    preload: bool = False
+    description: str | None = None
+
+
+class _LoraEntry(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    path: str
+    family: Family | None = None
+
+
+class _File(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    models: dict[str, _ModelEntry]
+    loras: dict[str, _LoraEntry] = {}
+    lora_dirs: list[str] = []
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    source: str  # builtin:..., an absolute local folder, or a Hugging Face repo id
+    kind: Literal["builtin", "local", "hub"]
+    family: Family
+    family_known: bool  # False when guessed from the name (corrected once loaded)
+    default_sampler: str | None
+    dtype: str
+    vae: str | None
+    preload: bool
+    description: str | None = None
+
+
+@dataclass
+class LoraSpec:
+    name: str
+    path: Path
+    family: Family | None
+    error: str | None = None  # why the file cannot be used, found at registration
+
+
+@dataclass
+class Registry:
+    path: Path
+    models: dict[str, ModelSpec]
+    loras: dict[str, LoraSpec] = field(default_factory=dict)
+
+    def model_names(self, family: Family | None = None) -> list[str]:
+        return [n for n, m in self.models.items() if family is None or m.family == family]
+
+    def lora_names(self, family: Family | None = None) -> list[str]:
+        return [
+            n
+            for n, lora in self.loras.items()
+            if lora.error is None and (family is None or lora.family == family)
+        ]
+
+
+def _resolve_source(raw: str, base: Path, where: str) -> tuple[str, str]:
+    if raw in BUILTIN_SOURCES:
+        return raw, "builtin"
+    if raw.startswith("builtin:"):
+        raise RegistryError(
+            f"{where}.source: unknown builtin {raw!r}; use one of {sorted(BUILTIN_SOURCES)}"
+        )
+    expanded = Path(raw).expanduser()
+    local = expanded if expanded.is_absolute() else base / expanded
+    looks_local = raw.startswith(("/", ".", "~")) or local.exists()
+    if looks_local:
+        if not local.is_dir():
+            raise RegistryError(
+                f"{where}.source: {local} is not a folder; give a diffusers model folder "
+                "(with model_index.json) or a Hugging Face repo id such as "
+                "stabilityai/stable-diffusion-xl-base-1.0"
+            )
+        if not (local / "model_index.json").is_file():
+            raise RegistryError(
+                f"{where}.source: {local} has no model_index.json; point it at a diffusers "
+                "folder (as saved by pipeline.save_pretrained)"
+            )
+        return str(local.resolve()), "local"
+    if _REPO_ID.match(raw):
+        return raw, "hub"
+    raise RegistryError(
+        f"{where}.source: {raw!r} is neither an existing folder nor a Hugging Face repo id "
+        "(owner/name); relative folders resolve against the models file's folder"
+    )
+
+
+def _family_from_index(index_file: Path | str | None) -> Family | None:
+    if not index_file:
+        return None
+    try:
+        class_name = json.loads(Path(index_file).read_text(encoding="utf-8")).get("_class_name")
+    except (OSError, ValueError):
+        return None
+    return _PIPELINE_FAMILY.get(class_name)
+
+
+def _detect_family(source: str, kind: str) -> Family | None:
+    if kind == "builtin":
+        return BUILTIN_SOURCES[source]  # type: ignore[return-value]
+    if kind == "local":
+        return _family_from_index(Path(source) / "model_index.json")
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = try_to_load_from_cache(source, "model_index.json")
+    except Exception:  # noqa: BLE001 - a broken cache only means "unknown"
+        cached = None
+    return _family_from_index(cached if isinstance(cached, str) else None)
+
+
+def _model_spec(name: str, entry: _ModelEntry, base: Path, file: Path) -> ModelSpec:
+    where = f"{file}: models.{name}"
+    source, kind = _resolve_source(entry.source, base, where)
+    detected = _detect_family(source, kind)
+    family = entry.family or detected
+    known = family is not None
+    if family is None:
+        family = "sdxl" if "xl" in f"{name} {source}".lower() else "sd15"
+        logger.warning(
+            "%s: family not declared and not readable before download; assuming %s "
+            "(set `family:` to be sure)",
+            where,
+            family,
+        )
+    elif entry.family and detected and entry.family != detected:
+        raise RegistryError(
+            f"{where}.family: declared {entry.family} but the checkpoint is {detected}; "
+            "remove `family:` or correct it"
+        )
+    if entry.default_sampler is not None:
+        _check_sampler(entry.default_sampler, f"{where}.default_sampler")
+    return ModelSpec(
+        name=name,
+        source=source,
+        kind=kind,  # type: ignore[arg-type]
+        family=family,
+        family_known=known,
+        default_sampler=entry.default_sampler,
+        dtype=entry.dtype,
+        vae=entry.vae,
+        preload=entry.preload,
+        description=entry.description,
+    )
+
+
+def _check_sampler(name: str, where: str) -> None:
+    from app.engine.samplers import resolve_sampler
+    from app.errors import CraftError
+
+    try:
+        resolve_sampler(name)
+    except CraftError as exc:
+        raise RegistryError(f"{where}: {exc.message}") from None
+
+
+def _lora_spec(name: str, path: Path, family: Family | None) -> LoraSpec:
+    from app.engine.loras import LoraError, detect_lora_family
+
+    spec = LoraSpec(name=name, path=path, family=family)
+    try:
+        detected = detect_lora_family(path)
+    except LoraError as exc:
+        spec.error = exc.message
+        logger.warning("LoRA %r (%s) cannot be used: %s", name, path, exc.message)
+        return spec
+    if family and family != detected:
+        logger.warning(
+            "LoRA %r: declared family %s but its keys look like %s; using the declaration",
+            name,
+            family,
+            detected,
+        )
+    spec.family = family or detected
+    return spec
+
+
+def _collect_loras(data: _File, base: Path, file: Path) -> dict[str, LoraSpec]:
+    loras: dict[str, LoraSpec] = {}
+    for folder_raw in data.lora_dirs:
+        folder = Path(folder_raw).expanduser()
+        folder = folder if folder.is_absolute() else base / folder
+        if not folder.is_dir():
+            raise RegistryError(
+                f"{file}: lora_dirs: {folder} is not a folder; create it or remove the entry"
+            )
+        for path in sorted(folder.glob("*.safetensors")):
+            loras[path.stem] = _lora_spec(path.stem, path.resolve(), None)
+    for name, entry in data.loras.items():
+        path = Path(entry.path).expanduser()
+        path = path if path.is_absolute() else base / path
+        if not path.is_file():
+            raise RegistryError(
+                f"{file}: loras.{name}.path: {path} does not exist; fix the path "
+                "(relative paths resolve against the models file's folder) or remove the entry"
+            )
+        loras[name] = _lora_spec(name, path.resolve(), entry.family)
+    return loras
+
+
+def _format_validation(exc: ValidationError, file: Path) -> str:
+    lines = []
+    for err in exc.errors():
+        key = ".".join(str(p) for p in err["loc"])
+        if err["type"] == "extra_forbidden":
+            lines.append(f"{file}: {key}: unknown key; remove it or check its spelling")
+        else:
+            lines.append(f"{file}: {key}: {err['msg']}")
+    return "\n".join(lines)
+
+
+def load_registry(path: Path) -> Registry:
+    """Read and validate a models file. Raises RegistryError with a message fit for a user."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise RegistryError(
+            f"{path}: no such models file; pass --models PATH or set CRAFTSERVE_MODELS"
+        ) from None
+    except yaml.YAMLError as exc:
+        raise RegistryError(f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(raw, dict):
+        raise RegistryError(f"{path}: expected a mapping with a `models:` key")
+    try:
+        data = _File.model_validate(raw)
+    except ValidationError as exc:
+        raise RegistryError(_format_validation(exc, path)) from None
+    if not data.models:
+        raise RegistryError(f"{path}: models: is empty; declare at least one model")
+    base = path.resolve().parent
+    models = {name: _model_spec(name, e, base, path) for name, e in data.models.items()}
+    return Registry(path=path, models=models, loras=_collect_loras(data, base, path))

@@ -1,0 +1,185 @@
+#!/usr/bin/env python3
+"""HTTP serving benchmark on the offline tiny-sdxl model.
+
+Starts `craftserve serve` as a real subprocess on loopback, drives it with C concurrent
+clients (64×64, 8 steps by default), and runs the same jobs directly on the pipeline
+in-process. In one run it measures, with batching on (max batch B) and off (max batch 1):
+
+  - 1 client:  p50/p95 latency and images/s
+  - C clients: p50/p95 latency and images/s
+
+and prints the ratios the targets are stated in:
+
+  - single-client server p50 / direct pipeline p50       target ≤ 1.10
+  - C-client images/s, batching on / off                  target ≥ 2.5
+  - single-client p50, batching on / off                  target within ±10 %
+
+Absolute times on a shared CPU mean little; the ratios are measured in the same run.
+Usage: .venv/bin/python scripts/bench_http.py [--clients 8] [--requests 48] [--steps 8]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parent.parent
+KEY = "bench-key"
+MODELS = "models:\n  tiny-sdxl: {source: builtin:tiny-sdxl, preload: true}\n"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    def __init__(self, max_batch: int, window_ms: float, workdir: Path) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        models = workdir / "models.yaml"
+        models.write_text(MODELS, encoding="utf-8")
+        env = dict(os.environ, CRAFTSERVE_API_KEYS=KEY, CRAFTSERVE_MAX_BATCH=str(max_batch),
+                   CRAFTSERVE_BATCH_WINDOW_MS=str(window_ms), CRAFTSERVE_LOG_LEVEL="warning",
+                   CRAFTSERVE_MAX_QUEUE="256")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "app.cli", "serve", "--port", str(self.port),
+             "--models", str(models)],
+            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+
+    def wait_ready(self, timeout: float = 180) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError("server exited during start-up")
+            try:
+                if httpx.get(self.url + "/ready", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.1)
+        raise RuntimeError("server not ready in time")
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+
+def job(seed: int, args: argparse.Namespace) -> dict:
+    return {"token": KEY, "model": "tiny-sdxl", "prompt": f"a lighthouse, variant {seed}",
+            "sampler": "Euler", "steps": args.steps, "width": args.size, "height": args.size,
+            "cfg_scale": 7, "seed": seed}
+
+
+def drive(url: str, clients: int, requests: int, args: argparse.Namespace) -> dict:
+    latencies: list[float] = []
+    with httpx.Client(base_url=url, timeout=300, limits=httpx.Limits(max_connections=64)) as c:
+        for seed in range(2):  # warm-up, not timed
+            c.post("/sd", json=job(seed, args)).raise_for_status()
+
+        def one(seed: int) -> None:
+            started = time.perf_counter()
+            answer = c.post("/sd", json=job(seed, args))
+            answer.raise_for_status()
+            latencies.append(time.perf_counter() - started)
+
+        started = time.perf_counter()
+        with ThreadPoolExecutor(clients) as pool:
+            list(pool.map(one, range(1000, 1000 + requests)))
+        wall = time.perf_counter() - started
+    return summary(latencies, wall)
+
+
+def summary(latencies: list[float], wall: float) -> dict:
+    ordered = sorted(latencies)
+    p95 = ordered[min(len(ordered) - 1, int(round(0.95 * (len(ordered) - 1))))]
+    return {"p50": statistics.median(ordered), "p95": p95, "ips": len(ordered) / wall,
+            "n": len(ordered)}
+
+
+def direct(requests: int, args: argparse.Namespace) -> dict:
+    """The same jobs straight on the pipeline, in this process: the floor for the server."""
+    import torch
+
+    from app.engine.samplers import make_scheduler, resolve_sampler
+    from app.engine.tiny import build_tiny_sdxl
+
+    pipe = build_tiny_sdxl()
+    pipe.set_progress_bar_config(disable=True)
+    config = dict(pipe.scheduler.config)
+    choice = resolve_sampler("Euler")
+    latencies = []
+    started_all = time.perf_counter()
+    for seed in [0, 1] + list(range(1000, 1000 + requests)):
+        started = time.perf_counter()
+        pipe.scheduler = make_scheduler(choice, config, seed)
+        pipe(prompt=f"a lighthouse, variant {seed}", num_inference_steps=args.steps,
+             width=args.size, height=args.size, guidance_scale=7.0,
+             generator=torch.Generator("cpu").manual_seed(seed))
+        if seed >= 1000:
+            latencies.append(time.perf_counter() - started)
+        else:
+            started_all = time.perf_counter()
+    return summary(latencies, time.perf_counter() - started_all)
+
+
+def fmt(name: str, r: dict) -> str:
+    return (f"{name:<34} p50 {r['p50'] * 1000:8.1f} ms   p95 {r['p95'] * 1000:8.1f} ms   "
+            f"{r['ips']:7.2f} images/s   (n={r['n']})")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--clients", type=int, default=8)
+    parser.add_argument("--requests", type=int, default=48, help="timed requests per scenario")
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--size", type=int, default=64)
+    parser.add_argument("--max-batch", type=int, default=8)
+    parser.add_argument("--window-ms", type=float, default=10.0)
+    args = parser.parse_args()
+    started = time.perf_counter()
+    results: dict[str, dict] = {}
+    results["direct"] = direct(args.requests, args)
+    print(fmt("direct pipeline, 1 at a time", results["direct"]), flush=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        for label, max_batch in (("batching", args.max_batch), ("no batching", 1)):
+            server = Server(max_batch, args.window_ms, Path(tmp))
+            try:
+                server.wait_ready()
+                for clients in (1, args.clients):
+                    name = f"{label}, {clients} client{'s' if clients > 1 else ''}"
+                    results[name] = drive(server.url, clients, args.requests, args)
+                    print(fmt(f"server {name}", results[name]), flush=True)
+            finally:
+                server.stop()
+    c = args.clients
+    single = results["batching, 1 client"]["p50"] / results["direct"]["p50"]
+    speedup = results[f"batching, {c} clients"]["ips"] / results[f"no batching, {c} clients"]["ips"]
+    p50_change = results["batching, 1 client"]["p50"] / results["no batching, 1 client"]["p50"]
+    print()
+    print(f"single-client server p50 / direct p50:       {single:5.3f}   (target ≤ 1.10)")
+    print(f"{c}-client images/s, batching on / off:       {speedup:5.2f}x  (target ≥ 2.5)")
+    print(f"single-client p50, batching on / off:        {p50_change:5.3f}   (target 0.90–1.10)")
+    print(f"settings: {args.size}x{args.size}, {args.steps} steps, max batch {args.max_batch}, "
+          f"window {args.window_ms:g} ms, {os.cpu_count()} CPUs; total "
+          f"{time.perf_counter() - started:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,117 @@
+"""models.yaml: validation at start-up, local diffusers folders, SD 1.x, the shipped file."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from app.registry import RegistryError, load_registry
+from tests.conftest import body, png
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "models.yaml"
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("models: {}\n", "models: is empty"),
+        ("models:\n  a: {source: builtin:tiny-sdxl, colour: red}\n", "models.a.colour: unknown key"),
+        ("models:\n  a: {source: builtin:tiny-sdxl, family: sd3}\n", "models.a.family"),
+        ("models:\n  a: {source: builtin:huge}\n", "unknown builtin"),
+        ("models:\n  a: {source: ./missing-folder}\n", "is not a folder"),
+        ("models:\n  a: {source: 'not a repo id!'}\n", "neither an existing folder"),
+        ("models:\n  a: {source: builtin:tiny-sdxl}\nloras:\n  x: {path: none.safetensors}\n",
+         "loras.x.path"),
+        ("models:\n  a: {source: builtin:tiny-sdxl}\nlora_dirs: [nowhere]\n", "lora_dirs"),
+        ("models: [1, 2\n", "not valid YAML"),
+        ("models:\n  a: {source: builtin:tiny-sdxl, default_sampler: Eulr}\n",
+         "models.a.default_sampler"),
+    ],
+)
+def test_bad_models_file_fails_fast_naming_file_and_key(tmp_path: Path, text: str,
+                                                        expected: str) -> None:
+    path = write(tmp_path, text)
+    with pytest.raises(RegistryError) as info:
+        load_registry(path)
+    assert str(path) in str(info.value)
+    assert expected in str(info.value)
+
+
+def test_missing_models_file_says_how_to_point_at_one(tmp_path: Path) -> None:
+    with pytest.raises(RegistryError, match="CRAFTSERVE_MODELS"):
+        load_registry(tmp_path / "nope.yaml")
+
+
+def test_family_is_read_from_a_local_checkpoint(tmp_path: Path, tiny_sd15_folder: Path) -> None:
+    registry = load_registry(write(tmp_path, f"models:\n  m: {{source: {tiny_sd15_folder}}}\n"))
+    assert registry.models["m"].family == "sd15"
+    assert registry.models["m"].kind == "local"
+    declared_wrong = write(tmp_path, f"models:\n  m: {{source: {tiny_sd15_folder}, family: sdxl}}\n")
+    with pytest.raises(RegistryError, match="declared sdxl but the checkpoint is sd15"):
+        load_registry(declared_wrong)
+
+
+def test_relative_sources_resolve_against_the_file(tmp_path: Path, tiny_sd15_folder: Path) -> None:
+    link = tmp_path / "models-dir"
+    link.symlink_to(tiny_sd15_folder, target_is_directory=True)
+    registry = load_registry(write(tmp_path, "models:\n  m: {source: models-dir}\n"))
+    assert registry.models["m"].source == str(tiny_sd15_folder.resolve())
+
+
+def test_local_sd15_folder_serves_images(make_server, tiny_sd15_folder: Path) -> None:
+    models = f"""
+models:
+  tiny-sdxl: {{source: builtin:tiny-sdxl}}
+  local-sd15:
+    source: {tiny_sd15_folder}
+    default_sampler: Euler a
+    preload: true
+"""
+    server = make_server(models)
+    with server.client() as c:
+        assert c.get("/sd/models-sd").json() == ["local-sd15"]
+        assert c.get("/sd/models-sdxl").json() == ["tiny-sdxl"]
+        answer = c.post("/sd", json=body(model="local-sd15", width=72, height=64))
+        assert png(answer).size == (72, 64)
+        assert answer.headers["x-sampler"] == "Euler a"
+        again = c.post("/sd", json=body(model="local-sd15", width=72, height=64))
+        assert again.content == answer.content
+        # a model that is not preloaded loads on its first request
+        png(c.post("/sd", json=body(model="tiny-sdxl")))
+
+
+def test_shipped_models_file_offline(make_server, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without network or weights: tiny-sdxl serves, and /ready says why sdxl-base can't."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    registry = load_registry(ROOT / "models.yaml")
+    assert {"sdxl-base", "tiny-sdxl"} <= set(registry.models)
+    assert registry.models["sdxl-base"].default_sampler == "DPM++ 2M Karras"
+    text = (ROOT / "models.yaml").read_text(encoding="utf-8")
+    server = make_server(text.replace("lora_dirs:\n  - loras\n", ""), wait_ready=False,
+                         allow_downloads=False)
+    with server.client() as c:
+        deadline = time.monotonic() + 60
+        while not all(w["preloaded"] for w in c.get("/ready").json()["workers"]):
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        ready = c.get("/ready")
+        assert ready.status_code == 503
+        assert "sdxl-base: unavailable" in " ".join(ready.json()["reasons"])
+        assert ready.json()["models"]["tiny-sdxl"] == "loaded"
+        png(c.post("/sd", json=body()))
+        refused = c.post("/sd", json=body(model="sdxl-base"))
+        assert refused.status_code == 503
+        assert "huggingface-cli download" in refused.json()["detail"]
+
+
+def test_models_listed_by_family(client: httpx.Client) -> None:
+    assert client.get("/sd/models-sdxl").json() == ["tiny-sdxl"]

@@ -1,0 +1,219 @@
+"""POST /sd through the real HTTP stack and the real (tiny) SDXL pipeline."""
+
+from __future__ import annotations
+
+import io
+import json
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+from PIL import Image
+
+from tests.conftest import API_KEY, body, png
+
+
+def detail(answer: httpx.Response) -> str:
+    data = answer.json()
+    assert set(data) >= {"detail"}
+    assert "Traceback" not in answer.text
+    return data["detail"]
+
+
+def test_seed_page_example_body_uses_the_contract_defaults(client: httpx.Client) -> None:
+    # The API page's Python example sends only model, prompt and token.
+    answer = client.post("/sd", json={"model": "tiny-sdxl", "prompt": "Beautiful landscape",
+                                      "token": API_KEY})
+    image = png(answer)
+    assert image.size == (1024, 1024)
+    text = image.text["parameters"]
+    assert "Steps: 30" in text and "CFG scale: 7" in text and "Size: 1024x1024" in text
+    assert "Sampler: DPM++ 2M" in text and "Schedule type: Karras" in text
+    assert answer.headers["x-sampler"] == "DPM++ 2M Karras"
+    assert answer.headers["x-model"] == "tiny-sdxl"
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("steps", 1), ("steps", 30), ("width", 64), ("height", 64), ("cfg_scale", 1),
+     ("cfg_scale", 30), ("cfg_scale", 7.5), ("loras", {}), ("seed", 0), ("seed", 2**32 - 1)],
+)
+def test_range_edges_are_accepted(client: httpx.Client, field: str, value: object) -> None:
+    image = png(client.post("/sd", json=body(**{field: value})))
+    assert image.size == (64, 64)
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "rule"),
+    [
+        ("steps", 0, "greater than or equal to 1"),
+        ("steps", 31, "less than or equal to 30"),
+        ("steps", 2.5, "integer"),
+        ("steps", "many", "integer"),
+        ("steps", True, "not a boolean"),
+        ("width", 63, "greater than or equal to 64"),
+        ("width", 1025, "less than or equal to 1024"),
+        ("height", 63, "greater than or equal to 64"),
+        ("height", 1025, "less than or equal to 1024"),
+        ("cfg_scale", 0.99, "greater than or equal to 1"),
+        ("cfg_scale", 31, "less than or equal to 30"),
+        ("cfg_scale", None, "number"),
+        ("seed", -2, "greater than or equal to -1"),
+        ("seed", 2**32, "less than or equal to"),
+        ("loras", [], "object"),
+        ("loras", {"a": "strong"}, "must be a number"),
+        ("prompt", 5, "string"),
+        ("model", ..., "required field is missing"),
+        ("prompt", ..., "required field is missing"),
+    ],
+)
+def test_bad_fields_are_422_naming_field_value_and_rule(
+    client: httpx.Client, field: str, value: object, rule: str
+) -> None:
+    answer = client.post("/sd", json=body(**{field: value}))
+    assert answer.status_code == 422, answer.text
+    message = detail(answer)
+    assert message.startswith(field), message
+    assert rule in message
+    if value is not ...:
+        assert repr(value)[:10] in message or str(value) in message
+
+
+@pytest.mark.parametrize("raw", ["NaN", "Infinity", "-Infinity"])
+def test_non_finite_numbers_are_422(client: httpx.Client, raw: str) -> None:
+    for text in (
+        json.dumps(body()).replace('"steps": 4', f'"cfg_scale": {raw}, "steps": 4'),
+        json.dumps(body()).replace('"steps": 4', f'"loras": {{"x": {raw}}}, "steps": 4'),
+    ):
+        answer = client.post("/sd", content=text, headers={"content-type": "application/json"})
+        assert answer.status_code == 422, answer.text
+        assert "finite" in detail(answer)
+
+
+def test_malformed_json_is_422(client: httpx.Client) -> None:
+    answer = client.post("/sd", content=b'{"model": "tiny-sdxl", "prompt": ',
+                         headers={"content-type": "application/json"})
+    assert answer.status_code == 422
+    assert "malformed JSON" in detail(answer)
+
+
+def test_over_long_prompt_is_422(client: httpx.Client) -> None:
+    answer = client.post("/sd", json=body(prompt="x" * 2001))
+    assert answer.status_code == 422
+    assert "prompt" in detail(answer) and "2000" in detail(answer)
+    answer = client.post("/sd", json=body(negative_prompt="y" * 5000))
+    assert answer.status_code == 422 and detail(answer).startswith("negative_prompt")
+
+
+def test_too_many_loras_is_422(client: httpx.Client) -> None:
+    answer = client.post("/sd", json=body(loras={f"l{i}": 1 for i in range(6)}))
+    assert answer.status_code == 422
+    assert "loras" in detail(answer) and "at most 5" in detail(answer)
+
+
+@pytest.mark.parametrize(
+    ("fields", "name"),
+    [({"model": "sdxl-turbo"}, "model"), ({"sampler": "Euler b"}, "sampler"),
+     ({"loras": {"nope": 0.5}}, "lora")],
+)
+def test_unknown_names_say_doesnt_have(client: httpx.Client, fields: dict, name: str) -> None:
+    answer = client.post("/sd", json=body(**fields))
+    assert answer.status_code == 422
+    message = detail(answer)
+    assert f"doesn't have {name} '" in message
+    assert "Available:" in message
+
+
+def test_unknown_model_lists_the_served_ones(client: httpx.Client) -> None:
+    message = detail(client.post("/sd", json=body(model="tiny-sdx")))
+    assert "This server doesn't have model 'tiny-sdx'" in message
+    assert "tiny-sdxl" in message
+
+
+@pytest.mark.parametrize(("width", "height"), [(100, 70), (65, 64), (64, 127), (200, 136)])
+def test_any_size_answers_exactly_that_size(client: httpx.Client, width: int, height: int) -> None:
+    image = png(client.post("/sd", json=body(width=width, height=height)))
+    assert image.size == (width, height)
+
+
+def test_unknown_fields_of_other_api_versions_are_ignored(client: httpx.Client) -> None:
+    answer = client.post("/sd", json=body(image_count=2, upscale=True, nsfw_filter=False,
+                                          scheduler="karras", sampler="DPM++ 2M"))
+    assert png(answer).size == (64, 64)
+
+
+def test_same_seed_same_bytes_other_seed_other_bytes(client: httpx.Client) -> None:
+    first = client.post("/sd", json=body(seed=42))
+    again = client.post("/sd", json=body(seed=42))
+    other = client.post("/sd", json=body(seed=43))
+    assert png(first) and first.content == again.content
+    assert png(other) and other.content != first.content
+    assert first.headers["x-seed"] == "42"
+
+
+def test_random_seed_is_reported_and_reproducible(client: httpx.Client) -> None:
+    first = client.post("/sd", json=body(seed=-1))
+    second = client.post("/sd", json=body(seed=...))
+    seeds = {int(first.headers["x-seed"]), int(second.headers["x-seed"])}
+    assert len(seeds) == 2  # two random draws (1 in 2**32 to collide)
+    replay = client.post("/sd", json=body(seed=int(first.headers["x-seed"])))
+    assert replay.content == first.content
+
+
+def test_headers_and_png_parameters_describe_the_generation(client: httpx.Client) -> None:
+    answer = client.post("/sd", json=body(prompt="red fox", negative_prompt="blurry",
+                                          sampler="Euler a", cfg_scale=5.5, seed=7))
+    image = png(answer)
+    for header in ("x-seed", "x-model", "x-sampler", "x-queue-wait-ms", "x-generation-ms",
+                   "x-job-id"):
+        assert header in answer.headers
+    assert float(answer.headers["x-generation-ms"]) > 0
+    assert answer.headers["x-sampler"] == "Euler a"
+    text = image.text["parameters"]
+    assert text.splitlines()[0] == "red fox"
+    assert "Negative prompt: blurry" in text
+    assert "Steps: 4, Sampler: Euler a" in text
+    assert "CFG scale: 5.5, Seed: 7, Size: 64x64, Model: tiny-sdxl" in text
+
+
+def test_image_is_not_blank(client: httpx.Client) -> None:
+    image = png(client.post("/sd", json=body()))
+    extrema = image.convert("L").getextrema()
+    assert extrema[0] != extrema[1]
+
+
+def test_concurrent_requests_are_all_answered(client: httpx.Client) -> None:
+    def one(seed: int) -> httpx.Response:
+        return client.post("/sd", json=body(seed=seed))
+
+    with ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(one, range(100, 112)))
+    for seed, answer in zip(range(100, 112), answers, strict=True):
+        assert png(answer).size == (64, 64)
+        assert answer.headers["x-seed"] == str(seed)
+    assert len({a.content for a in answers}) == 12
+
+
+def test_concurrent_jobs_do_not_disturb_each_other(make_server) -> None:
+    # One image at a time (no batching): every concurrent answer equals its job run alone.
+    server = make_server(max_batch=1)
+    with server.client() as c, ThreadPoolExecutor(6) as pool:
+        jobs = [body(seed=s, prompt=f"prompt {s}", sampler=n)
+                for s, n in zip(range(6), ["Euler", "Euler a", "DDIM"] * 2, strict=True)]
+        together = list(pool.map(lambda b: c.post("/sd", json=b).content, jobs))
+        alone = [c.post("/sd", json=b).content for b in jobs]
+    assert together == alone
+
+
+def test_september_route_allows_35_steps(client: httpx.Client) -> None:
+    answer = client.post("/image/generate", json=body(steps=35))
+    assert png(answer).size == (64, 64)
+    assert "Steps: 35" in Image.open(io.BytesIO(answer.content)).text["parameters"]
+    assert client.post("/image/generate", json=body(steps=36)).status_code == 422
+    assert client.post("/sd", json=body(steps=35)).status_code == 422
+
+
+def test_generate_xl_takes_sampler_and_scheduler(client: httpx.Client) -> None:
+    answer = client.post("/generate-xl", json=body(sampler="dpmpp_2m", scheduler="karras"))
+    assert png(answer).size == (64, 64)
+    assert answer.headers["x-sampler"] == "DPM++ 2M Karras"
