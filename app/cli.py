@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import threading
 from pathlib import Path
 
 import uvicorn
@@ -22,7 +23,14 @@ class _Server(uvicorn.Server):
         self._app = app
 
     def handle_exit(self, sig, frame) -> None:  # noqa: ANN001
-        self._app.state.engine.begin_shutdown()
+        engine = self._app.state.engine
+        if engine.accepting:
+            engine.begin_shutdown()
+            # Past the grace period, running jobs are answered 503 by us, before uvicorn
+            # (given a few seconds more) cancels whatever is still open.
+            timer = threading.Timer(engine.settings.shutdown_grace_s, engine.abort_running)
+            timer.daemon = True
+            timer.start()
         super().handle_exit(sig, frame)
 
 
@@ -71,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level,
-        timeout_graceful_shutdown=int(settings.shutdown_grace_s) or None,
+        timeout_graceful_shutdown=int(settings.shutdown_grace_s) + 5,
     )
     _Server(config, app).run()
     return 0

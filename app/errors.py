@@ -18,17 +18,23 @@ class CraftError(Exception):
     """Base of the deliberate errors. `status` is the HTTP status it maps to."""
 
     status: int = 500
+    kind: str = "error"  # the label of craftserve_errors_total
 
-    def __init__(self, message: str, *, headers: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, message: str, *, headers: dict[str, str] | None = None, kind: str | None = None
+    ) -> None:
         super().__init__(message)
         self.message = message
         self.headers = headers or {}
+        if kind:
+            self.kind = kind
 
 
 class InvalidParameter(CraftError):
     """A request field has a value the server refuses (422)."""
 
     status = 422
+    kind = "invalid_parameter"
 
     def __init__(self, field: str, value: object, rule: str) -> None:
         super().__init__(f"{field}: {value!r} is not accepted: {rule}")
@@ -40,6 +46,7 @@ class NotServed(CraftError):
     """A name (model, sampler, LoRA, ...) that this server does not serve (422)."""
 
     status = 422
+    kind = "not_served"
 
     def __init__(self, field: str, value: str, available: Iterable[str]) -> None:
         names = sorted(available)
@@ -59,14 +66,16 @@ class Forbidden(CraftError):
     """Missing or wrong API key (403)."""
 
     status = 403
+    kind = "forbidden"
 
 
 class Unavailable(CraftError):
     """The server cannot do this now; the client should retry later (503)."""
 
     status = 503
+    kind = "unavailable"
 
-    def __init__(self, message: str, *, retry_after: float = 5.0) -> None:
+    def __init__(self, message: str, *, retry_after: float = 5.0, kind: str | None = None) -> None:
         seconds = max(1, int(round(retry_after)))
-        super().__init__(message, headers={"Retry-After": str(seconds)})
+        super().__init__(message, headers={"Retry-After": str(seconds)}, kind=kind)
         self.retry_after = seconds

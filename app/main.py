@@ -49,12 +49,12 @@ def describe_validation_errors(errors: list[dict]) -> str:
 def _install_error_handlers(app: FastAPI, metrics: Metrics) -> None:
     @app.exception_handler(CraftError)
     async def craft_error(request: Request, exc: CraftError) -> JSONResponse:
-        metrics.errors.labels(type(exc).__name__).inc()
+        metrics.errors.labels(exc.kind).inc()
         return JSONResponse({"detail": exc.message}, status_code=exc.status, headers=exc.headers)
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
-        metrics.errors.labels("RequestValidationError").inc()
+        metrics.errors.labels("invalid_parameter").inc()
         errors = [
             {"loc": list(e.get("loc", ())), "msg": e.get("msg"), "type": e.get("type")}
             for e in exc.errors()

@@ -33,7 +33,13 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 logger = logging.getLogger(__name__)
 
 Family = Literal["sdxl", "sd15"]
-BUILTIN_SOURCES = {"builtin:tiny-sdxl": "sdxl", "builtin:tiny-sd15": "sd15"}
+# tiny-*: offline smoke-test models; random-sdxl: full-size SDXL architecture with random
+# weights, for speed measurements where no weights can be downloaded.
+BUILTIN_SOURCES = {
+    "builtin:tiny-sdxl": "sdxl",
+    "builtin:tiny-sd15": "sd15",
+    "builtin:random-sdxl": "sdxl",
+}
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _PIPELINE_FAMILY = {
     "StableDiffusionXLPipeline": "sdxl",

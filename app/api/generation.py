@@ -94,13 +94,13 @@ async def run_job(engine: Engine, job: Job, request: Request) -> JobResult:
                 return job.future.result()
             if watcher in done:
                 engine.cancel(job)
-                raise Unavailable("the client disconnected")
+                raise Unavailable("the client disconnected", kind="disconnected")
             if engine.queue.remove(job):  # still waiting after its deadline
-                engine.metrics.errors.labels("deadline").inc()
                 raise Unavailable(
                     f"the job waited {job.deadline_s:g} s in the queue, its deadline "
                     "(setting CRAFTSERVE_QUEUE_DEADLINE_S); the server is overloaded",
                     retry_after=engine.queue.retry_after(),
+                    kind="deadline",
                 )
             timeout = None  # running: wait for it to finish
     finally:
@@ -131,5 +131,6 @@ async def generate_png(
         "X-Queue-Wait-Ms": f"{result.queue_wait_s * 1000:.1f}",
         "X-Generation-Ms": f"{result.generation_s * 1000:.1f}",
         "X-Batch-Size": str(result.batch_size),
+        "X-Worker": result.worker,
     }
     return Response(png, media_type="image/png", headers=headers)

@@ -49,7 +49,6 @@ class Engine:
             max_queue=settings.max_queue,
             max_batch=settings.max_batch,
             batch_window_s=settings.batch_window_ms / 1000,
-            on_expired=lambda job: metrics.errors.labels("deadline").inc(),
         )
         self.workers = [
             Worker(f"worker-{i}-{d}", d, self) for i, d in enumerate(parse_devices(settings.devices))
@@ -73,9 +72,21 @@ class Engine:
         self.accepting = False
         left = self.queue.close()
         for job in left:
-            job.fail(Unavailable("the server is shutting down; retry shortly", retry_after=30))
+            job.fail(Unavailable("the server is shutting down; retry shortly", retry_after=30,
+                                 kind="shutdown"))
         if left:
             logger.info("shutdown: answered %d waiting jobs 503", len(left))
+
+    def abort_running(self) -> None:
+        """Answer the running jobs 503 and have their workers stop at the next step."""
+        for worker in self.workers:
+            for job in list(worker.running):
+                job.cancelled.set()
+                job.fail(Unavailable(
+                    "the server shut down before this job finished (grace period "
+                    f"{self.settings.shutdown_grace_s:g} s, setting CRAFTSERVE_SHUTDOWN_GRACE_S)",
+                    kind="shutdown",
+                ))
 
     def stop(self, grace_s: float | None = None) -> None:
         """Finish running jobs within the grace period; interrupt and answer the rest."""
@@ -84,16 +95,13 @@ class Engine:
         deadline = time.monotonic() + grace
         for worker in self.workers:
             worker.join(max(0.0, deadline - time.monotonic()))
-        for worker in self.workers:
-            if worker.alive:
-                for job in list(worker.running):
-                    job.cancelled.set()
-                    job.fail(Unavailable("the server shut down before this job finished"))
+        self.abort_running()
 
     # ---- requests ------------------------------------------------------------------
     def submit(self, params: GenParams, client: str) -> Job:
         if not self.accepting:
-            raise Unavailable("the server is shutting down; retry shortly", retry_after=30)
+            raise Unavailable("the server is shutting down; retry shortly", retry_after=30,
+                              kind="shutdown")
         self.raise_if_recently_failed(params.model)
         job = Job(
             params=params,
@@ -132,7 +140,7 @@ class Engine:
         when, error = failure
         remaining = self.settings.load_retry_s - (time.monotonic() - when)
         if remaining > 0:
-            raise Unavailable(error.message, retry_after=remaining)
+            raise Unavailable(error.message, retry_after=remaining, kind="model_unavailable")
 
     def load_failure(self, name: str) -> str | None:
         with self._lock:

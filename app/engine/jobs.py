@@ -77,6 +77,7 @@ class JobResult:
     queue_wait_s: float
     generation_s: float
     batch_size: int
+    worker: str = ""
 
 
 _job_ids = itertools.count(1)
@@ -96,6 +97,9 @@ class Job:
 
     def __post_init__(self) -> None:
         self.future = self.loop.create_future()
+        # A job can fail after its client left (interrupted, shut down): mark the
+        # exception as seen so asyncio does not log it as never retrieved.
+        self.future.add_done_callback(lambda f: f.cancelled() or f.exception())
 
     @property
     def expired(self) -> bool:
@@ -132,12 +136,10 @@ class JobQueue:
         max_queue: int,
         max_batch: int,
         batch_window_s: float,
-        on_expired: Callable[[Job], None] | None = None,
     ) -> None:
         self.max_queue = max_queue
         self.max_batch = max_batch
         self.batch_window_s = batch_window_s
-        self._on_expired = on_expired
         self._cond = threading.Condition()
         self._by_client: OrderedDict[str, deque[Job]] = OrderedDict()
         self._size = 0
@@ -162,12 +164,14 @@ class JobQueue:
     def submit(self, job: Job) -> None:
         with self._cond:
             if self._closed:
-                raise Unavailable("the server is shutting down; retry on another instance", retry_after=30)
+                raise Unavailable("the server is shutting down; retry shortly", retry_after=30,
+                                  kind="shutdown")
             if self._size >= self.max_queue:
                 raise Unavailable(
                     f"the queue is full ({self._size} jobs waiting, the limit is "
                     f"{self.max_queue}, setting CRAFTSERVE_MAX_QUEUE); retry later",
                     retry_after=self.retry_after(),
+                    kind="queue_full",
                 )
             self._by_client.setdefault(job.client, deque()).append(job)
             self._size += 1
@@ -283,9 +287,8 @@ class JobQueue:
                             f"queue, longer than its deadline of {job.deadline_s:g} s "
                             "(setting CRAFTSERVE_QUEUE_DEADLINE_S); the server is overloaded",
                             retry_after=self.retry_after(),
+                            kind="deadline",
                         )
                     )
-                    if self._on_expired is not None:
-                        self._on_expired(job)
 
 

@@ -52,7 +52,8 @@ def _unavailable(spec: ModelSpec, repo: str, exc: BaseException) -> Unavailable:
         )
     else:
         fix = f"loading {repo} failed ({reason}); check the folder and the server log"
-    return Unavailable(f"model '{spec.name}' cannot be served now: {fix}", retry_after=60)
+    return Unavailable(f"model '{spec.name}' cannot be served now: {fix}", retry_after=60,
+                       kind="model_unavailable")
 
 
 def _from_pretrained(cls: Any, source: str, allow_downloads: bool, **kwargs: Any) -> Any:
@@ -83,6 +84,10 @@ def _load_diffusers(spec: ModelSpec, dtype: torch.dtype, allow_downloads: bool) 
 
 
 def _build(spec: ModelSpec, dtype: torch.dtype, allow_downloads: bool) -> Any:
+    if spec.source == "builtin:random-sdxl":
+        from app.engine.random_sdxl import build_random_sdxl
+
+        return build_random_sdxl(dtype=dtype)
     if spec.kind == "builtin":
         from app.engine import tiny
 
@@ -115,10 +120,9 @@ def load_model(
     dtype = choose_dtype(spec, device)
     pipe = _build(spec, dtype, allow_downloads)
     family = _family_of(spec, pipe)
-    if spec.kind == "builtin":
-        pipe.to(device=device, dtype=dtype)
-    else:  # from_pretrained already chose the dtype (and kept fp32-only modules in fp32)
-        pipe.to(device)
+    pipe.to(device)
+    if spec.kind == "builtin" and dtype != pipe.unet.dtype:  # from_pretrained already chose
+        pipe.to(dtype=dtype)  # the dtype (keeping fp32-only modules in fp32)
     pipe.set_progress_bar_config(disable=True)
     seconds = time.perf_counter() - started
     logger.info("model %s loaded on %s (%s) in %.1f s", spec.name, device, dtype, seconds)

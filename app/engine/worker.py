@@ -35,6 +35,7 @@ class InternalError(CraftError):
     """A bug: the details are in the log under the job id, never in the answer."""
 
     status = 500
+    kind = "internal"
 
 
 class _Interrupted(Exception):
@@ -117,7 +118,8 @@ class Worker:
             logger.exception("%s: loading %s failed", self.name, name)
             error = Unavailable(
                 f"model '{name}' cannot be served now: loading it failed "
-                f"({type(exc).__name__}); the server log has the details"
+                f"({type(exc).__name__}); the server log has the details",
+                kind="model_unavailable",
             )
             self.engine.record_load_failure(name, error)
             raise error from exc
@@ -147,7 +149,8 @@ class Worker:
         live = [job for job in batch if not job.cancelled.is_set()]
         for job in batch:
             if job.cancelled.is_set():
-                job.fail(Unavailable("the client went away before its job started"))
+                self._fail([job], Unavailable("the client went away before its job started",
+                                              kind="cancelled"))
         if not live:
             return
         params = live[0].params
@@ -156,7 +159,8 @@ class Worker:
             model = self._model(params.model)
             images = self._generate_with_recovery(model, live)
         except _Interrupted:
-            self._fail(live, Unavailable("every client of this job went away; it was stopped"))
+            self._fail(live, Unavailable("every client of this job went away; it was stopped",
+                                         kind="interrupted"))
             return
         except CraftError as exc:
             self._fail(live, exc)
@@ -172,7 +176,8 @@ class Worker:
         self._report(model, live, images, seconds)
 
     def _fail(self, jobs: list[Job], error: CraftError) -> None:
-        self.engine.metrics.errors.labels(type(error).__name__).inc(len(jobs))
+        if error.kind in ("interrupted", "cancelled"):  # no answer reaches the edge: count here
+            self.engine.metrics.errors.labels(error.kind).inc(len(jobs))
         for job in jobs:
             job.fail(error)
 
@@ -201,6 +206,7 @@ class Worker:
                 queue_wait_s=wait,
                 generation_s=seconds,
                 batch_size=len(jobs),
+                worker=self.name,
             ))
 
     def _generate_with_recovery(self, model: LoadedModel, jobs: list[Job]) -> list:
@@ -219,6 +225,7 @@ class Worker:
                 f"out of memory on {self.device} even one image at a time with VAE tiling; "
                 "try a smaller size or retry when the server is less busy",
                 retry_after=30,
+                kind="out_of_memory",
             ) from None
         finally:
             model.pipe.disable_vae_tiling()

@@ -1,0 +1,359 @@
+"""The serving engine: fairness, batching, deadlines, cancellation, devices, failures, metrics.
+
+Queue-level tests use a fake job payload (the queue never looks inside); everything else
+runs the real server with the tiny pipelines.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+
+from app.engine.jobs import GenParams, Job, JobQueue, WorkerSlot
+from app.engine.samplers import resolve_sampler
+from tests.conftest import API_KEY, TINY_MODELS, body, png
+
+TWO_MODELS = """
+models:
+  tiny-sdxl: {source: builtin:tiny-sdxl, preload: true}
+  tiny-sd15: {source: builtin:tiny-sd15}
+"""
+
+
+def wait_for(condition, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        time.sleep(0.01)
+
+
+class HeldWorker:
+    """Holds a worker before each pipeline call until released, recording what it ran."""
+
+    def __init__(self, worker) -> None:
+        self.worker = worker
+        self.real = worker._generate
+        self.gate = threading.Event()
+        self.ran: list[list[str]] = []
+        worker._generate = self._generate
+
+    def _generate(self, model, jobs):
+        self.gate.wait(60)
+        self.ran.append([job.client for job in jobs])
+        return self.real(model, jobs)
+
+    def release(self) -> None:
+        self.gate.set()
+
+    def restore(self) -> None:
+        self.gate.set()
+        self.worker._generate = self.real
+
+
+# ---- the queue alone (fake payloads) ---------------------------------------------------
+def fake_params(seed: int, steps: int = 4) -> GenParams:
+    return GenParams(model="m", prompt="p", negative_prompt="", sampler=resolve_sampler("Euler"),
+                     steps=steps, width=64, height=64, cfg_scale=7.0, loras=(), seed=seed)
+
+
+@pytest.fixture()
+def loop():
+    loop = asyncio.new_event_loop()
+    yield loop
+    loop.close()
+
+
+def test_queue_serves_clients_in_turn(loop) -> None:
+    queue = JobQueue(max_queue=100, max_batch=1, batch_window_s=0)
+    slot = WorkerSlot("w")
+    for i in range(6):
+        queue.submit(Job(params=fake_params(i), client="flood", loop=loop, deadline_s=60))
+    for i in range(2):
+        queue.submit(Job(params=fake_params(100 + i), client="polite", loop=loop, deadline_s=60))
+    order = [queue.take(slot)[0].client for _ in range(8)]
+    assert order[:4] == ["flood", "polite", "flood", "polite"]
+    assert order[4:] == ["flood"] * 4
+
+
+def test_queue_batches_only_compatible_jobs(loop) -> None:
+    queue = JobQueue(max_queue=100, max_batch=3, batch_window_s=0)
+    slot = WorkerSlot("w")
+    jobs = [Job(params=fake_params(i, steps=4 if i % 2 == 0 else 5), client=f"c{i}", loop=loop,
+                deadline_s=60) for i in range(6)]
+    for job in jobs:
+        queue.submit(job)
+    first = queue.take(slot)
+    assert [j.params.seed for j in first] == [0, 2, 4]
+    second = queue.take(slot)
+    assert [j.params.seed for j in second] == [1, 3, 5]
+
+
+def test_full_queue_and_expired_jobs(loop) -> None:
+    queue = JobQueue(max_queue=2, max_batch=1, batch_window_s=0)
+    old = Job(params=fake_params(1), client="a", loop=loop, deadline_s=0.01)
+    queue.submit(old)
+    queue.submit(Job(params=fake_params(2), client="a", loop=loop, deadline_s=60))
+    with pytest.raises(Exception, match="queue is full") as info:
+        queue.submit(Job(params=fake_params(3), client="b", loop=loop, deadline_s=60))
+    assert info.value.headers["Retry-After"]
+    time.sleep(0.05)
+    taken = queue.take(WorkerSlot("w"))
+    assert [j.params.seed for j in taken] == [2]  # the expired one was answered, not run
+    loop.run_until_complete(asyncio.sleep(0))
+    assert "deadline" in str(old.future.exception())
+
+
+# ---- batching through the server ---------------------------------------------------------
+def test_batched_images_match_the_same_jobs_run_alone(make_server) -> None:
+    server = make_server(max_batch=4, batch_window_ms=200)
+    held = HeldWorker(server.app.state.engine.workers[0])
+    jobs = [body(seed=s, prompt=f"prompt {s}", sampler="Euler a") for s in (11, 12, 13, 14)]
+    try:
+        with server.client() as c, ThreadPoolExecutor(5) as pool:
+            blocker = pool.submit(c.post, "/sd", json=body(seed=1))
+            wait_for(lambda: held.worker.running)
+            futures = [pool.submit(c.post, "/sd", json=j) for j in jobs]
+            wait_for(lambda: len(server.app.state.engine.queue) == 4)
+            held.release()
+            png(blocker.result())
+            together = [f.result() for f in futures]
+            assert [a.headers["x-batch-size"] for a in together] == ["4"] * 4
+            alone_server = make_server(max_batch=1)
+            with alone_server.client() as solo:
+                alone = [solo.post("/sd", json=j) for j in jobs]
+    finally:
+        held.restore()
+    for a, b in zip(together, alone, strict=True):
+        assert b.headers["x-batch-size"] == "1"
+        assert a.content == b.content
+
+
+def test_flooding_client_cannot_starve_another(make_server) -> None:
+    server = make_server(max_batch=1)
+    held = HeldWorker(server.app.state.engine.workers[0])
+    other_key = "second-key"
+    server.app.state.auth._keys.append((other_key.encode(), "key-second"))
+    try:
+        with server.client() as c, ThreadPoolExecutor(10) as pool:
+            futures = [pool.submit(c.post, "/sd", json=body(seed=s)) for s in range(6)]
+            wait_for(lambda: len(server.app.state.engine.queue) >= 5)
+            futures += [pool.submit(c.post, "/sd", json=body(seed=50 + s, token=other_key))
+                        for s in range(2)]
+            wait_for(lambda: len(server.app.state.engine.queue) >= 7)
+            held.release()
+            assert all(f.result().status_code == 200 for f in futures)
+    finally:
+        held.restore()
+    order = [clients[0] for clients in held.ran]
+    assert order.index("key-second") <= 2
+    assert [i for i, c in enumerate(order) if c == "key-second"][1] <= 4
+
+
+# ---- deadlines and cancellation ----------------------------------------------------------
+def test_job_past_its_deadline_is_503_and_never_runs(make_server) -> None:
+    server = make_server(queue_deadline_s=0.5, max_batch=1)
+    held = HeldWorker(server.app.state.engine.workers[0])
+    try:
+        with server.client() as c, ThreadPoolExecutor(2) as pool:
+            first = pool.submit(c.post, "/sd", json=body(seed=1))
+            wait_for(lambda: held.worker.running)
+            late = c.post("/sd", json=body(seed=2))
+            assert late.status_code == 503
+            assert "deadline" in late.json()["detail"]
+            assert int(late.headers["retry-after"]) >= 1
+            held.release()
+            png(first.result())
+    finally:
+        held.restore()
+    assert len(held.ran) == 1
+
+
+def test_disconnected_client_leaves_the_queue(make_server) -> None:
+    server = make_server(max_batch=1)
+    engine = server.app.state.engine
+    held = HeldWorker(engine.workers[0])
+    try:
+        with server.client() as c, ThreadPoolExecutor(2) as pool:
+            first = pool.submit(c.post, "/sd", json=body(seed=1))
+            wait_for(lambda: held.worker.running)
+            with pytest.raises(httpx.ReadTimeout), server.client(timeout=0.5) as impatient:
+                impatient.post("/sd", json=body(seed=2))
+            wait_for(lambda: len(engine.queue) == 0, timeout=10)
+            held.release()
+            png(first.result())
+            png(c.post("/sd", json=body(seed=3)))
+    finally:
+        held.restore()
+    assert len(held.ran) == 2  # the seed-2 job never ran
+
+
+def test_running_job_whose_client_left_is_interrupted(make_server) -> None:
+    server = make_server(max_batch=1)
+    engine = server.app.state.engine
+    worker = engine.workers[0]
+    steps_seen: list[int] = []
+    real = worker._generate
+
+    def counting(model, jobs):
+        original = model.pipe.__class__.__call__
+
+        def call(pipe, *args, **kwargs):
+            inner = kwargs["callback_on_step_end"]
+
+            def cb(p, i, t, kw):
+                steps_seen.append(i)
+                time.sleep(0.05)
+                return inner(p, i, t, kw)
+
+            kwargs["callback_on_step_end"] = cb
+            return original(pipe, *args, **kwargs)
+
+        model.pipe.__class__.__call__ = call
+        try:
+            return real(model, jobs)
+        finally:
+            model.pipe.__class__.__call__ = original
+
+    worker._generate = counting
+    try:
+        with pytest.raises(httpx.ReadTimeout), server.client(timeout=0.6) as impatient:
+            impatient.post("/sd", json=body(steps=30))
+        wait_for(lambda: not worker.running, timeout=20)
+    finally:
+        worker._generate = real
+    assert 0 < len(steps_seen) < 30
+    with server.client() as c:
+        png(c.post("/sd", json=body()))
+        assert 'craftserve_errors_total{kind="interrupted"} 1.0' in c.get("/metrics").text
+
+
+# ---- devices and models ----------------------------------------------------------------
+def test_two_cpu_workers_share_the_load(make_server) -> None:
+    server = make_server(devices="cpu,cpu", max_batch=1)
+    assert len(server.app.state.engine.workers) == 2
+    with server.client() as c, ThreadPoolExecutor(6) as pool:
+        answers = list(pool.map(lambda s: c.post("/sd", json=body(seed=s, steps=8)), range(12)))
+    assert all(a.status_code == 200 for a in answers)
+    assert len({a.headers["x-worker"] for a in answers}) == 2
+
+
+def test_models_lru_per_device_and_affinity(make_server) -> None:
+    server = make_server(TWO_MODELS, devices="cpu,cpu", max_models_per_device=1, max_batch=1)
+    engine = server.app.state.engine
+    with server.client() as c:
+        first = c.post("/sd", json=body(model="tiny-sd15"))
+        png(first)
+        sd15_worker = first.headers["x-worker"]
+        holders = {w.name: list(w.models) for w in engine.workers}
+        assert holders[sd15_worker] == ["tiny-sd15"]  # tiny-sdxl was evicted there
+        for _ in range(3):
+            xl = c.post("/sd", json=body(model="tiny-sdxl"))
+            sd = c.post("/sd", json=body(model="tiny-sd15"))
+            assert xl.headers["x-worker"] != sd15_worker
+            assert sd.headers["x-worker"] == sd15_worker
+        metrics = c.get("/metrics").text
+        assert 'craftserve_model_load_seconds_count{model="tiny-sd15"} 1.0' in metrics
+
+
+# ---- failures ---------------------------------------------------------------------------
+def test_out_of_memory_retries_one_by_one_with_vae_tiling(make_server) -> None:
+    server = make_server(max_batch=4, batch_window_ms=300)
+    engine = server.app.state.engine
+    worker = engine.workers[0]
+    pipe = worker.models["tiny-sdxl"].pipe
+    calls: list[tuple[int, bool]] = []
+    original = type(pipe).__call__
+
+    def fragile(self, *args, **kwargs):
+        calls.append((len(kwargs["prompt"]), bool(self.vae.use_tiling)))
+        if len(kwargs["prompt"]) > 1:
+            raise torch.OutOfMemoryError("CUDA out of memory (injected)")
+        return original(self, *args, **kwargs)
+
+    held = HeldWorker(worker)
+    type(pipe).__call__ = fragile
+    try:
+        with server.client() as c, ThreadPoolExecutor(4) as pool:
+            blocker = pool.submit(c.post, "/sd", json=body(seed=1))
+            wait_for(lambda: worker.running)
+            futures = [pool.submit(c.post, "/sd", json=body(seed=s)) for s in (2, 3, 4)]
+            wait_for(lambda: len(engine.queue) == 3)
+            held.release()
+            png(blocker.result())
+            assert all(png(f.result()) for f in futures)
+    finally:
+        type(pipe).__call__ = original
+        held.restore()
+    assert calls[1:] == [(3, False), (1, True), (1, True), (1, True)]
+    assert not pipe.vae.use_tiling
+
+
+def test_out_of_memory_even_alone_is_503(server, client: httpx.Client) -> None:
+    pipe = server.app.state.engine.workers[0].models["tiny-sdxl"].pipe
+    original = type(pipe).__call__
+
+    def no_memory(self, *args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory (injected)")
+
+    type(pipe).__call__ = no_memory
+    try:
+        answer = client.post("/sd", json=body())
+    finally:
+        type(pipe).__call__ = original
+    assert answer.status_code == 503
+    assert "out of memory" in answer.json()["detail"]
+    png(client.post("/sd", json=body()))
+
+
+def test_failed_model_load_is_retried_later_not_every_request(
+    make_server, tmp_path: Path, tiny_sd15_folder: Path
+) -> None:
+    broken = tmp_path / "broken-model"
+    broken.mkdir()
+    (broken / "model_index.json").write_text('{"_class_name": "StableDiffusionPipeline"}')
+    models = TINY_MODELS + f"  flaky:\n    source: {broken}\n"
+    server = make_server(models, load_retry_s=1.0)
+    engine = server.app.state.engine
+    with server.client() as c:
+        first = c.post("/sd", json=body(model="flaky"))
+        assert first.status_code == 503
+        assert "model 'flaky' cannot be served now" in first.json()["detail"]
+        started = time.monotonic()
+        again = c.post("/sd", json=body(model="flaky"))
+        assert again.status_code == 503 and time.monotonic() - started < 0.5
+        assert engine.queue.retry_after() >= 1
+        shutil.rmtree(broken)
+        shutil.copytree(tiny_sd15_folder, broken)
+        time.sleep(1.1)
+        png(c.post("/sd", json=body(model="flaky")))
+
+
+def test_metrics_cover_queue_time_batches_images_errors(client: httpx.Client) -> None:
+    png(client.post("/sd", json=body()))
+    client.post("/sd", json=body(steps=99))
+    text = client.get("/metrics").text
+    for name in ("craftserve_queue_depth", "craftserve_queue_wait_seconds_bucket",
+                 "craftserve_generation_seconds_bucket", "craftserve_batch_size_bucket",
+                 'craftserve_images_total{model="tiny-sdxl",sampler="DPM++ 2M Karras"}',
+                 'craftserve_errors_total{kind="invalid_parameter"}',
+                 "craftserve_model_load_seconds_count", "craftserve_workers_ready"):
+        assert name in text, name
+
+
+def test_job_log_line_names_the_key_label_never_the_key(
+    client: httpx.Client, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level("INFO", logger="app.engine.worker"):
+        png(client.post("/sd", json=body(seed=77)))
+    lines = [r.getMessage() for r in caplog.records if "seed=77" in r.getMessage()]
+    assert len(lines) == 1
+    assert "client=key-" in lines[0] and "wait=" in lines[0] and "gen=" in lines[0]
+    assert API_KEY not in caplog.text
