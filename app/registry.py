@@ -109,11 +109,11 @@ class Registry:
         return [n for n, m in self.models.items() if family is None or m.family == family]
 
     def lora_names(self, family: Family | None = None) -> list[str]:
-        return [
+        return sorted(
             n
             for n, lora in self.loras.items()
             if lora.error is None and (family is None or lora.family == family)
-        ]
+        )
 
 
 def _resolve_source(raw: str, base: Path, where: str) -> tuple[str, str]:
@@ -223,8 +223,8 @@ def _lora_spec(name: str, path: Path, family: Family | None) -> LoraSpec:
     try:
         detected = detect_lora_family(path)
     except LoraError as exc:
-        spec.error = exc.message
-        logger.warning("LoRA %r (%s) cannot be used: %s", name, path, exc.message)
+        spec.error = exc.reason
+        logger.warning("LoRA %r (%s) cannot be used: %s", name, path, exc.reason)
         return spec
     if family and family != detected:
         logger.warning(

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import copy
 import re
+import weakref
 from pathlib import Path
 from typing import Literal
 
@@ -43,8 +44,18 @@ def _is_sdxl(pipe) -> bool:
     return getattr(pipe, "text_encoder_2", None) is not None
 
 
+_SHAPES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
 def _peft_layer_shapes(model: torch.nn.Module, targets: tuple[str, ...], rank: int):
     """(module path, lora_A shape, lora_B shape) for every targeted layer, named by PEFT."""
+    known = _SHAPES.setdefault(model, {})
+    if (targets, rank) not in known:
+        known[targets, rank] = _discover_layer_shapes(model, targets, rank)
+    return known[targets, rank]
+
+
+def _discover_layer_shapes(model: torch.nn.Module, targets: tuple[str, ...], rank: int):
     from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model
 
     clone = copy.deepcopy(model)
@@ -55,9 +66,7 @@ def _peft_layer_shapes(model: torch.nn.Module, targets: tuple[str, ...], rank: i
     for key in state:
         if key.endswith(".lora_A.weight"):
             module = key[: -len(".lora_A.weight")]
-            shapes.append(
-                (module, tuple(state[key].shape), tuple(state[f"{module}.lora_B.weight"].shape))
-            )
+            shapes.append((module, tuple(state[key].shape), tuple(state[f"{module}.lora_B.weight"].shape)))
     del clone
     return shapes
 
@@ -71,9 +80,7 @@ def random_lora_layers(
     scales it. The default visibly changes a 64x64 image of the tiny pipelines.
     """
     gen = torch.Generator().manual_seed(seed)
-    components: list[tuple[str, torch.nn.Module, tuple[str, ...]]] = [
-        ("unet", pipe.unet, UNET_TARGETS)
-    ]
+    components: list[tuple[str, torch.nn.Module, tuple[str, ...]]] = [("unet", pipe.unet, UNET_TARGETS)]
     if text_encoder:
         components += [(name, model, TEXT_TARGETS) for name, model in _text_encoders(pipe)]
     layers: dict[str, list[_Layer]] = {}
@@ -103,9 +110,7 @@ def write_peft_lora(
     """Write a diffusers/PEFT-format LoRA for `pipe` (SDXL or SD 1.x) to `path`."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    layers = random_lora_layers(
-        pipe, rank=rank, seed=seed, text_encoder=text_encoder, strength=strength
-    )
+    layers = random_lora_layers(pipe, rank=rank, seed=seed, text_encoder=text_encoder, strength=strength)
     kwargs = {}
     for component, found in layers.items():
         state = {}
@@ -160,9 +165,7 @@ def write_kohya_lora(
     if unet_naming == "auto":
         unet_naming = "sgm" if sdxl else "diffusers"
     alpha = float(rank if alpha is None else alpha)
-    layers = random_lora_layers(
-        pipe, rank=rank, seed=seed, text_encoder=text_encoder, strength=strength
-    )
+    layers = random_lora_layers(pipe, rank=rank, seed=seed, text_encoder=text_encoder, strength=strength)
     prefixes = {
         "unet": "lora_unet_",
         "text_encoder": "lora_te1_" if sdxl else "lora_te_",

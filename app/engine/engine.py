@@ -119,8 +119,12 @@ class Engine:
             job.cancelled.set()
         self.metrics.queue_depth.set(len(self.queue))
 
-    def lora_paths(self, loras: tuple[tuple[str, float], ...]) -> list[tuple[str, Path, float]]:
-        return [(name, self.registry.loras[name].path, weight) for name, weight in loras]
+    def lora_paths(
+        self, loras: tuple[tuple[str, float], ...]
+    ) -> list[tuple[str, Path, float, str | None]]:
+        """(name, file, weight, family) for the LoRA manager, from the registry."""
+        specs = self.registry.loras
+        return [(name, specs[name].path, weight, specs[name].family) for name, weight in loras]
 
     # ---- model availability --------------------------------------------------------
     def record_load_failure(self, name: str, error: Unavailable) -> None:

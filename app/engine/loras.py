@@ -18,6 +18,12 @@ keeps the PEFT wrapper layers (they cost nothing when no adapter is active).
 
 `detect_lora_family()` reads only the safetensors header (names, shapes and metadata, no
 tensor data) and tells SDXL from SD 1.x LoRAs; the manager checks it before loading a file.
+
+A LoRA must fit completely: diffusers loads whatever matches and merely logs layers or
+weights that did not, so after each load the manager counts the injected layers, reads what
+diffusers/transformers logged about this adapter's keys, and checks the weights are not all
+zero; anything short of a complete fit is deleted again and refused with a LoraError.
+Active adapters are ordered by LoRA name, so the image does not depend on request order.
 """
 
 from __future__ import annotations
@@ -62,6 +68,7 @@ _LORA_SUFFIX = re.compile(
 _DOWN_SUFFIX = re.compile(
     r"(?:\.lora_down|\.lora_A|\.lora\.down|_lora\.down|\.lora_linear_layer\.down)(?:\.[^.]+)?\.weight$"
 )
+_NAMED_ADAPTER = re.compile(r"\.lora_(?:A|B|down|up)\.[^.]+\.weight$")
 _LYCORIS_MARKERS = ("hada_w", "lokr_w", "lora_mid", ".oft_", ".ia3", "lokr_t")
 
 _MAX_REASON = 240
@@ -101,9 +108,7 @@ def _read_header(path: Path, name: str) -> _Header:
     except IsADirectoryError:
         raise LoraError(name, "the LoRA path is a directory, not a .safetensors file") from None
     except OSError as exc:
-        raise LoraError(
-            name, f"the LoRA file cannot be read ({exc.strerror or 'I/O error'})"
-        ) from None
+        raise LoraError(name, f"the LoRA file cannot be read ({exc.strerror or 'I/O error'})") from None
     except Exception as exc:  # safetensors raises its own SafetensorError for a bad header
         raise LoraError(
             name, f"the file is not a readable safetensors file ({_clip(str(exc), 120)})"
@@ -213,6 +218,12 @@ def _classify(header: _Header, name: str) -> str | None:
     lora_keys = [k for k in keys if _LORA_SUFFIX.search(k)]
     if not lora_keys:
         raise LoraError(name, "not a LoRA: the file holds no LoRA weights")
+    if any(_NAMED_ADAPTER.search(k) for k in lora_keys):
+        raise LoraError(
+            name,
+            "unsupported format: its keys carry a PEFT adapter name (lora_A.<name>.weight); "
+            "save it without the adapter name",
+        )
     parts: dict[str, list[str]] = {"unet": [], "te1": [], "te2": [], "?": []}
     for key in lora_keys:
         parts[_component(key)].append(key)
@@ -230,9 +241,7 @@ def _classify(header: _Header, name: str) -> str | None:
     meta = _metadata_family(header.metadata)
     if meta:
         return meta
-    if any(
-        re.search(r"(?:^|[._])(?:input_blocks|middle_block|output_blocks)[._]", k) for k in keys
-    ):
+    if any(re.search(r"(?:^|[._])(?:input_blocks|middle_block|output_blocks)[._]", k) for k in keys):
         return "sdxl"  # kohya names the UNet the SGM way only for SDXL
     return None
 
@@ -264,8 +273,7 @@ def detect_lora_family(path: Path, *, name: str | None = None) -> Family:
     if family is None:
         raise LoraError(
             label,
-            "cannot tell whether it is an SDXL or an SD 1.x LoRA; "
-            "declare its family in models.yaml",
+            "cannot tell whether it is an SDXL or an SD 1.x LoRA; declare its family in models.yaml",
         )
     return family  # type: ignore[return-value]
 
@@ -311,42 +319,69 @@ _quiet = threading.local()
 _ADAPTER_IDS = itertools.count(1)  # process-wide: adapter names never repeat, even across managers
 
 
-_NOISE = ("LOAD REPORT", "No LoRA keys associated to")
+_ROUTINE = ("No LoRA keys associated to",)
+_KEY_TROUBLE = ("unexpected keys", "missing keys", "LOAD REPORT")
 
 
-class _QuietLoadFilter(logging.Filter):
-    """Drops two kinds of routine warnings that our own loads (this thread only) cause.
+class _LoadDiagnostics(logging.Filter):
+    """Collects what diffusers/transformers log about the keys of a load made in this thread.
 
-    transformers' "LOAD REPORT" table after a text-encoder adapter load, and diffusers'
-    "No LoRA keys associated to CLIPTextModel ..." for a LoRA without text-encoder layers:
-    noise for a server that loads LoRAs on demand. Other warnings pass.
+    Both libraries load what they can and only *log* keys that matched no module or stayed
+    unloaded ("unexpected keys" / "missing keys" from diffusers, a "LOAD REPORT" table from
+    transformers for text encoders). During our loads those records are taken out of the log
+    and turned into a LoraError; diffusers' note that a LoRA has no text-encoder layers
+    ("No LoRA keys associated to ...") is routine and dropped. Other records pass.
     """
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if not getattr(_quiet, "on", False):
+        sink = getattr(_quiet, "sink", None)
+        if sink is None:
             return True
         message = record.getMessage()
-        return not any(noise in message for noise in _NOISE)
+        if any(text in message for text in _ROUTINE):
+            return False
+        if any(text in message for text in _KEY_TROUBLE):
+            sink.append(message)
+            return False
+        return True
 
 
-_FILTER = _QuietLoadFilter()
+def _is_key_trouble(message: str, adapter: str) -> bool:
+    """Whether a captured load message reports a key of *this* adapter that did not fit."""
+    if "LOAD REPORT" not in message:
+        return True  # diffusers' unexpected/missing keys, already limited to this adapter
+    # transformers' table also lists the *other* adapters' keys as MISSING (it counts every
+    # "lora" key it expects); only rows of this adapter, or keys the file brought, count.
+    for row in message.splitlines():
+        if "|" not in row:
+            continue
+        if any(status in row for status in ("UNEXPECTED", "MISMATCH", "CONVERSION")):
+            return True
+        if "MISSING" in row and f".{adapter}." in row:
+            return True
+    return False
+
+
+_FILTER = _LoadDiagnostics()
 for _logger_name in (
-    "transformers.utils.loading_report",
-    "transformers.integrations.peft",
+    "diffusers.utils.peft_utils",
     "diffusers.loaders.lora_base",
     "diffusers.loaders.peft",
+    "transformers.integrations.peft",
+    "transformers.utils.loading_report",
 ):
     logging.getLogger(_logger_name).addFilter(_FILTER)
 
 
 @contextlib.contextmanager
-def _quiet_load() -> Iterator[None]:
-    previous = getattr(_quiet, "on", False)
-    _quiet.on = True
+def _load_diagnostics() -> Iterator[list[str]]:
+    previous = getattr(_quiet, "sink", None)
+    sink: list[str] = []
+    _quiet.sink = sink
     try:
-        yield
+        yield sink
     finally:
-        _quiet.on = previous
+        _quiet.sink = previous
 
 
 class LoraManager:
@@ -355,9 +390,7 @@ class LoraManager:
     Not thread-safe: the worker thread that owns the pipeline is its only caller.
     """
 
-    def __init__(
-        self, pipe, family: Family, capacity: int = 8, *, model_name: str | None = None
-    ) -> None:
+    def __init__(self, pipe, family: Family, capacity: int = 8, *, model_name: str | None = None) -> None:
         if family not in ("sdxl", "sd15"):
             raise ValueError(f"unknown family {family!r}")
         if capacity < 1:
@@ -401,6 +434,7 @@ class LoraManager:
                 adapter = self._ensure_loaded(name, path, declared, keep=wanted)
                 if weight != 0.0:
                     active.append((name, adapter, weight))
+            self._trim(keep=wanted)
             if not active:
                 # all weights 0 (or nothing asked): a fresh load leaves its new adapter active
                 self._deactivate()
@@ -481,10 +515,7 @@ class LoraManager:
 
     def _wrong_family(self, found: str) -> str:
         model = f"model '{self.model_name}'" if self.model_name else "this model"
-        return (
-            f"it is an {FAMILY_LABELS.get(found, found)} LoRA; "
-            f"{model} is {FAMILY_LABELS[self.family]}"
-        )
+        return f"it is an {FAMILY_LABELS.get(found, found)} LoRA; {model} is {FAMILY_LABELS[self.family]}"
 
     def _ensure_loaded(self, name: str, path: Path, declared: str | None, keep: set[str]) -> str:
         signature = _signature(path)
@@ -514,7 +545,7 @@ class LoraManager:
             kwargs["unet_config"] = self.pipe.unet.config
         self._live = True  # a new adapter is active in the layers it creates
         try:
-            with _quiet_load():
+            with _load_diagnostics() as trouble:
                 self.pipe.load_lora_weights(str(path), **kwargs)
         except Exception as exc:
             log.warning("loading LoRA %r from %s failed: %s", name, path, _clip(str(exc), 400))
@@ -524,25 +555,44 @@ class LoraManager:
         except BaseException:
             self._purge(adapter)
             raise
-        # diffusers loads what matches and only logs a warning for layers that match no
-        # module of this model; a LoRA that does not fit completely is refused.
-        expected = _layer_count(header)
-        loaded = sum(1 for layer in self._lora_layers() if adapter in getattr(layer, "lora_A", {}))
-        if loaded < expected:
+        reason = self._check_loaded(adapter, _layer_count(header), trouble)
+        if reason:
+            details = " | ".join(m for m in trouble if _is_key_trouble(m, adapter))
+            log.warning("LoRA %r from %s refused: %s %s", name, path, reason, _clip(details, 600))
             self._purge(adapter)
-            if loaded == 0:
-                reason = "none of its layers match this model (is it for another base model?)"
-            else:
-                reason = (
-                    f"{expected - loaded} of its {expected} layers have no matching module in "
-                    "this model (is it for another base model?)"
-                )
             raise LoraError(name, reason)
         self._cache[name] = _Cached(adapter, path, signature)
         return adapter
 
+    def _check_loaded(self, adapter: str, expected: int, trouble: list[str]) -> str | None:
+        """Why a finished load is unusable, or None. diffusers loads what it can and only
+        logs the rest, so a LoRA that does not fit completely is refused here."""
+        ups = [
+            layer.lora_B[adapter].weight
+            for layer in self._lora_layers()
+            if adapter in getattr(layer, "lora_B", {})
+        ]
+        if not ups:
+            return "none of its layers match this model (is it for another base model?)"
+        if len(ups) < expected:
+            return (
+                f"{expected - len(ups)} of its {expected} layers have no matching module in "
+                "this model (is it for another base model?)"
+            )
+        if any(_is_key_trouble(message, adapter) for message in trouble):
+            return "some of its weights do not fit this model's layers (unexpected or missing keys)"
+        # Every up-projection still zero means no weight was read (PEFT starts B at zero).
+        if not bool(torch.stack([w.detach().abs().sum().float() for w in ups]).sum() > 0):
+            return "its weights could not be read into the model (every LoRA up-weight is zero)"
+        return None
+
     def _make_room(self, keep: set[str]) -> None:
-        while len(self._cache) >= self.capacity:
+        self._trim(keep, limit=self.capacity - 1)
+
+    def _trim(self, keep: set[str], limit: int | None = None) -> None:
+        """Evict least recently used adapters outside `keep` down to `limit` (the capacity)."""
+        limit = self.capacity if limit is None else limit
+        while len(self._cache) > limit:
             victim = next((n for n in self._cache if n not in keep), None)
             if victim is None:
                 return  # one request needs more adapters than the capacity: allow it
@@ -559,9 +609,7 @@ class LoraManager:
         try:
             self.pipe.delete_adapters(adapter)
         except Exception:
-            log.warning(
-                "delete_adapters(%r) failed; removing layer by layer", adapter, exc_info=True
-            )
+            log.warning("delete_adapters(%r) failed; removing layer by layer", adapter, exc_info=True)
             self._purge_layers(adapter)
 
     def _purge_layers(self, adapter: str) -> None:

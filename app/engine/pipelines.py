@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -42,13 +43,22 @@ def choose_dtype(spec: ModelSpec, device: torch.device) -> torch.dtype:
     return torch.float16
 
 
+def _hub_repos(spec: ModelSpec) -> list[str]:
+    repos = [spec.source] if spec.kind == "hub" else []
+    if spec.vae and not Path(spec.vae).expanduser().exists():
+        repos.append(spec.vae)
+    return repos
+
+
 def _unavailable(spec: ModelSpec, repo: str, exc: BaseException) -> Unavailable:
     reason = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
-    if spec.kind == "hub" or repo != spec.source:
+    repos = _hub_repos(spec)
+    if repo in repos:
+        commands = " and ".join(f"`huggingface-cli download {r}`" for r in repos)
         fix = (
             f"the weights of {repo} are not in the Hugging Face cache and could not be fetched "
-            f"({reason}). Download them where there is network (`huggingface-cli download "
-            f"{repo}`), or point models.yaml at a local diffusers folder"
+            f"({reason}). Download them where there is network ({commands}), or point "
+            "models.yaml at local diffusers folders"
         )
     else:
         fix = f"loading {repo} failed ({reason}); check the folder and the server log"
@@ -108,6 +118,19 @@ def _family_of(spec: ModelSpec, pipe: Any) -> str:
     )
 
 
+def _quiet_libraries() -> None:
+    """Progress bars and advice meant for notebooks do not belong in a server log."""
+    import warnings
+
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()
+    diffusers_logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", message=".*Already found a `peft_config`.*")
+    warnings.filterwarnings("ignore", message=".*was active which is now deleted.*")
+
+
 def load_model(
     spec: ModelSpec,
     device: torch.device,
@@ -116,6 +139,7 @@ def load_model(
     lora_cache_size: int,
 ) -> LoadedModel:
     """Build or load the pipeline for `spec` on `device`. Raises Unavailable on failure."""
+    _quiet_libraries()
     started = time.perf_counter()
     dtype = choose_dtype(spec, device)
     pipe = _build(spec, dtype, allow_downloads)
@@ -131,7 +155,7 @@ def load_model(
         pipe=pipe,
         family=family,
         scheduler_config=dict(pipe.scheduler.config),
-        loras=LoraManager(pipe, family, capacity=lora_cache_size),  # type: ignore[arg-type]
+        loras=LoraManager(pipe, family, capacity=lora_cache_size, model_name=spec.name),  # type: ignore[arg-type]
         device=device,
         dtype=dtype,
         load_seconds=seconds,
