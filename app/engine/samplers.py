@@ -269,8 +269,7 @@ SAMPLERS: tuple[_Sampler, ...] = (
         default="karras",
         exact=False,
         aliases=("k_dpmpp_2s_a",),
-        note="diffusers has no DPM++ 2S ancestral; the stochastic single-step DPM-Solver++(2) "
-        "is the closest",
+        note="no DPM++ 2S ancestral in diffusers; stochastic 1-step DPM-Solver++(2) is closest",
     ),
     _Sampler(
         "DPM++ 2M",
@@ -606,11 +605,12 @@ def _label(entry: _Sampler, schedule: str) -> str:
 def _choice(sampler: str, schedule: str) -> SamplerChoice:
     entry = _SAMPLER_BY_NAME[sampler]
     spec = _SCHEDULE_BY_NAME[schedule]
+    supported = _supports(entry, spec)
     return SamplerChoice(
         sampler=entry.name,
         schedule=schedule,
-        label=_label(entry, schedule),
-        exact=entry.exact and spec.faithful and _supports(entry, spec),
+        label=_label(entry, schedule if supported else "normal"),  # what actually runs
+        exact=entry.exact and spec.faithful and supported,
         seeded_scheduler=entry.seeded,
     )
 
@@ -771,17 +771,14 @@ def sampler_table_markdown() -> str:
         notes = [entry.note] if entry.note else []
         missing = [s.name for s in SCHEDULES if not _supports(entry, s)]
         if missing:
-            notes.append(
-                f"`{cls_name}` cannot do {', '.join(missing)}: its normal schedule serves (closest)"
-            )
-        lines.append(
-            f"| {a1111} | {comfy} | {aliases} | {default} | {runs} | {fidelity} | "
-            f"{'; '.join(notes) or ''} |"
-        )
+            cannot = ", ".join(missing)
+            notes.append(f"`{cls_name}` cannot do {cannot}: its normal schedule serves (closest)")
+        note = "; ".join(notes)
+        cells = (a1111, comfy, aliases, default, runs, fidelity, note)
+        lines.append("| " + " | ".join(cells) + " |")
     lines += [
         "",
-        "| Schedule (`scheduler` field) | A1111 name suffix | diffusers option | Fidelity | "
-        "Notes |",
+        "| Schedule (`scheduler` field) | A1111 suffix | diffusers option | Fidelity | Notes |",
         "|---|---|---|---|---|",
     ]
     for spec in SCHEDULES:
