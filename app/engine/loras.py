@@ -401,6 +401,7 @@ class LoraManager:
         self.model_name = model_name
         self._cache: OrderedDict[str, _Cached] = OrderedDict()
         self._live = False  # an adapter may be active: set before any load or activation
+        self._layer_cache: list | None = None  # the pipe's LoRA layers; None after a change
 
     # -- public -------------------------------------------------------------------------
 
@@ -444,8 +445,7 @@ class LoraManager:
                 # PEFT adds the LoRA deltas in this order; a fixed order (by LoRA name) makes
                 # the image independent of the order the request listed them in.
                 active.sort()
-                self.pipe.set_adapters([a for _, a, _ in active], [w for _, _, w in active])
-                self.pipe.enable_lora()
+                self._activate([a for _, a, _ in active], [w for _, _, w in active])
             except Exception as exc:
                 log.exception("activating LoRAs %s failed", sorted(wanted))
                 raise LoraError(
@@ -498,10 +498,22 @@ class LoraManager:
         # Disabled LoRA layers return their base layer's output untouched: the exact base
         # model. Emptying the active set as well means a later eviction never "re-activates"
         # a remaining adapter (PEFT picks a new active one when an active one is deleted).
-        self.pipe.disable_lora()
-        for layer in self._lora_layers():
+        for layer in self._layers():
             layer.set_adapter([])
         self._live = False
+
+    def _activate(self, adapters: list[str], weights: list[float]) -> None:
+        """What pipe.set_adapters does, over the cached list of LoRA layers instead of a walk
+        of every module of every component: a cached switch costs only this loop."""
+        for layer in self._layers():
+            layer.set_adapter(adapters)  # a layer skips the adapters it does not have
+            for adapter, weight in zip(adapters, weights, strict=True):
+                layer.set_scale(adapter, weight)
+
+    def _layers(self) -> list:
+        if self._layer_cache is None:
+            self._layer_cache = list(self._lora_layers())
+        return self._layer_cache
 
     def _lora_layers(self) -> Iterator:
         from peft.tuners.tuners_utils import BaseTunerLayer
@@ -544,6 +556,7 @@ class LoraManager:
             # gets the UNet config; SDXL loading passes it itself.
             kwargs["unet_config"] = self.pipe.unet.config
         self._live = True  # a new adapter is active in the layers it creates
+        self._layer_cache = None
         try:
             with _load_diagnostics() as trouble:
                 self.pipe.load_lora_weights(str(path), **kwargs)
@@ -606,6 +619,7 @@ class LoraManager:
 
     def _purge(self, adapter: str) -> None:
         """Delete `adapter` from every component, including a half-loaded one."""
+        self._layer_cache = None
         try:
             self.pipe.delete_adapters(adapter)
         except Exception:
