@@ -45,14 +45,15 @@ def free_port() -> int:
 
 
 class Server:
-    def __init__(self, max_batch: int, window_ms: float, workdir: Path) -> None:
+    def __init__(self, max_batch: int, window_ms: float, workdir: Path, models_text: str = MODELS,
+                 **settings: str) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         models = workdir / "models.yaml"
-        models.write_text(MODELS, encoding="utf-8")
+        models.write_text(models_text, encoding="utf-8")
         env = dict(os.environ, CRAFTSERVE_API_KEYS=KEY, CRAFTSERVE_MAX_BATCH=str(max_batch),
                    CRAFTSERVE_BATCH_WINDOW_MS=str(window_ms), CRAFTSERVE_LOG_LEVEL="warning",
-                   CRAFTSERVE_MAX_QUEUE="256")
+                   CRAFTSERVE_MAX_QUEUE="256", **{f"CRAFTSERVE_{k.upper()}": v for k, v in settings.items()})
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "app.cli", "serve", "--port", str(self.port),
              "--models", str(models)],

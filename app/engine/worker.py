@@ -110,6 +110,7 @@ class Worker:
                 self.device,
                 allow_downloads=self.engine.settings.allow_downloads,
                 lora_cache_size=self.engine.settings.lora_cache_size,
+                compile=self.engine.settings.compile,
             )
         except Unavailable as exc:
             self.engine.record_load_failure(name, exc)
@@ -216,7 +217,7 @@ class Worker:
             logger.warning("%s: out of memory on a batch of %d; retrying one by one with "
                            "VAE tiling", self.name, len(jobs))
         self._free_memory()
-        model.pipe.enable_vae_tiling()
+        model.pipe.vae.enable_tiling()
         try:
             return [image for job in jobs for image in self._generate(model, [job])]
         except OutOfMemory:
@@ -228,7 +229,7 @@ class Worker:
                 kind="out_of_memory",
             ) from None
         finally:
-            model.pipe.disable_vae_tiling()
+            model.pipe.vae.disable_tiling()
 
     def _generate(self, model: LoadedModel, jobs: list[Job]) -> list:
         params = jobs[0].params
