@@ -34,6 +34,9 @@ class Settings(BaseSettings):
     queue_deadline_s: float = Field(300.0, gt=0, description="a job waiting longer is answered 503")
     max_batch: int = Field(4, ge=1)
     batch_window_ms: float = Field(10.0, ge=0)
+    # On the CPU, run each job of a batch through the networks with its own rows, so its
+    # bytes equal the job run alone (CPU kernels round by batch shape). False: throughput.
+    cpu_exact_batches: bool = True
 
     # Devices and models.
     # 'auto' (every CUDA GPU, else the CPU) or a list such as 'cuda:0,cuda:1' or 'cpu,cpu'

@@ -194,15 +194,46 @@ def test_concurrent_requests_are_all_answered(client: httpx.Client) -> None:
     assert len({a.content for a in answers}) == 12
 
 
+SAMPLERS = ["Euler", "Euler a", "DDIM", "DPM++ 2M Karras", "DPM++ SDE", "DPM++ 2M SDE",
+            "LMS Karras", "UniPC"]
+
+
 def test_concurrent_jobs_do_not_disturb_each_other(make_server) -> None:
-    # One image at a time (no batching): every concurrent answer equals its job run alone.
-    server = make_server(max_batch=1)
-    with server.client() as c, ThreadPoolExecutor(6) as pool:
-        jobs = [body(seed=s, prompt=f"prompt {s}", sampler=n)
-                for s, n in zip(range(6), ["Euler", "Euler a", "DDIM"] * 2, strict=True)]
-        together = list(pool.map(lambda b: c.post("/sd", json=b).content, jobs))
+    # Eight samplers at once: every answer equals its job run alone (each job builds its own
+    # scheduler; ancestral and SDE samplers are seeded per job).
+    server = make_server()
+    jobs = [body(seed=s, prompt=f"prompt {s}", sampler=n) for s, n in enumerate(SAMPLERS)]
+    with server.client() as c, ThreadPoolExecutor(8) as pool:
+        together = [a.content for a in pool.map(lambda b: c.post("/sd", json=b), jobs)]
         alone = [c.post("/sd", json=b).content for b in jobs]
     assert together == alone
+    assert len(set(alone)) == len(SAMPLERS)
+
+
+def test_sampler_named_both_ways_gives_the_same_image(client: httpx.Client) -> None:
+    a1111 = client.post("/sd", json=body(sampler="DPM++ 2M Karras"))
+    comfy = client.post("/sd", json=body(sampler="dpmpp_2m", scheduler="karras"))
+    assert png(a1111) and pixels(a1111) == pixels(comfy)
+    euler = client.post("/sd", json=body(sampler="Euler"))
+    assert pixels(euler) == pixels(client.post("/sd", json=body(sampler="euler",
+                                                                 scheduler="normal")))
+
+
+def test_contradicting_suffix_and_scheduler_is_422(client: httpx.Client) -> None:
+    answer = client.post("/sd", json=body(sampler="DPM++ 2M Karras", scheduler="exponential"))
+    assert answer.status_code == 422
+    message = detail(answer)
+    assert "Karras" in message and "exponential" in message
+
+
+def test_unknown_sampler_suggests_close_names(client: httpx.Client) -> None:
+    message = detail(client.post("/sd", json=body(sampler="DPM++ 2M Karas")))
+    assert "doesn't have sampler 'DPM++ 2M Karas'" in message
+    assert "DPM++ 2M Karras" in message
+
+
+def pixels(answer: httpx.Response) -> bytes:
+    return Image.open(io.BytesIO(answer.content)).tobytes()
 
 
 def test_september_route_allows_35_steps(client: httpx.Client) -> None:

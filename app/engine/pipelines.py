@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from app.engine.determinism import make_batch_invariant
 from app.engine.loras import LoraManager
 from app.engine.optimize import optimize_pipeline, warm_up
 from app.errors import Unavailable
@@ -139,6 +140,7 @@ def load_model(
     allow_downloads: bool,
     lora_cache_size: int,
     compile: bool = False,
+    exact_batches: bool = True,
 ) -> LoadedModel:
     """Build or load the pipeline for `spec` on `device`. Raises Unavailable on failure."""
     _quiet_libraries()
@@ -153,6 +155,8 @@ def load_model(
     # CUDA only (no-ops on the CPU): half-precision-friendly VAE, fused QKV, channels-last,
     # optional torch.compile; the warm-up compiles/autotunes before the model counts as loaded.
     optimize_pipeline(pipe, device, compile=compile)
+    if device.type == "cpu" and exact_batches:
+        make_batch_invariant(pipe)
     warm_up(pipe, device, sizes=[(1024, 1024)] if family == "sdxl" else [(512, 512)],
             batch_sizes=[1])
     seconds = time.perf_counter() - started

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from app.engine.determinism import jobs_in_call
 from app.engine.jobs import Job, JobResult, WorkerSlot
 from app.engine.pipelines import LoadedModel, load_model
 from app.engine.samplers import make_scheduler
@@ -111,6 +112,7 @@ class Worker:
                 allow_downloads=self.engine.settings.allow_downloads,
                 lora_cache_size=self.engine.settings.lora_cache_size,
                 compile=self.engine.settings.compile,
+                exact_batches=self.engine.settings.cpu_exact_batches,
             )
         except Unavailable as exc:
             self.engine.record_load_failure(name, exc)
@@ -239,19 +241,25 @@ class Worker:
             model.loras.apply(loras)
             pipe.scheduler = make_scheduler(params.sampler, model.scheduler_config, params.seed)
             width, height = params.gen_size
-            output = pipe(
-                prompt=[job.params.prompt for job in jobs],
-                negative_prompt=[job.params.negative_prompt for job in jobs],
-                num_inference_steps=params.steps,
-                guidance_scale=params.cfg_scale,
-                width=width,
-                height=height,
-                generator=[torch.Generator("cpu").manual_seed(j.params.seed) for j in jobs],
-                callback_on_step_end=_stop_when_abandoned(jobs),
-            )
+            with jobs_in_call(pipe, len(jobs)):
+                output = self._call(pipe, jobs, width, height)
         finally:
             model.loras.reset()
         return [_crop(image, params.width, params.height) for image in output.images]
+
+    @staticmethod
+    def _call(pipe, jobs: list[Job], width: int, height: int):  # noqa: ANN001, ANN205
+        params = jobs[0].params
+        return pipe(
+            prompt=[job.params.prompt for job in jobs],
+            negative_prompt=[job.params.negative_prompt for job in jobs],
+            num_inference_steps=params.steps,
+            guidance_scale=params.cfg_scale,
+            width=width,
+            height=height,
+            generator=[torch.Generator("cpu").manual_seed(j.params.seed) for j in jobs],
+            callback_on_step_end=_stop_when_abandoned(jobs),
+        )
 
 
 def _stop_when_abandoned(jobs: list[Job]):
