@@ -89,23 +89,21 @@ def job(seed: int, args: argparse.Namespace) -> dict:
             "cfg_scale": 7, "seed": seed}
 
 
-def drive(url: str, clients: int, requests: int, args: argparse.Namespace) -> dict:
+def post(client: httpx.Client, seed: int, args: argparse.Namespace) -> float:
+    started = time.perf_counter()
+    client.post("/sd", json=job(seed, args)).raise_for_status()
+    return time.perf_counter() - started
+
+
+def drive(url: str, clients: int, requests: int, args: argparse.Namespace) -> tuple[list, float]:
+    """`requests` requests from `clients` concurrent clients: (latencies, wall seconds)."""
     latencies: list[float] = []
     with httpx.Client(base_url=url, timeout=300, limits=httpx.Limits(max_connections=64)) as c:
-        for seed in range(2):  # warm-up, not timed
-            c.post("/sd", json=job(seed, args)).raise_for_status()
-
-        def one(seed: int) -> None:
-            started = time.perf_counter()
-            answer = c.post("/sd", json=job(seed, args))
-            answer.raise_for_status()
-            latencies.append(time.perf_counter() - started)
-
         started = time.perf_counter()
         with ThreadPoolExecutor(clients) as pool:
-            list(pool.map(one, range(1000, 1000 + requests)))
-        wall = time.perf_counter() - started
-    return summary(latencies, wall)
+            latencies = list(pool.map(lambda seed: post(c, seed, args),
+                                      range(1000, 1000 + requests)))
+        return latencies, time.perf_counter() - started
 
 
 def summary(latencies: list[float], wall: float) -> dict:
@@ -115,8 +113,8 @@ def summary(latencies: list[float], wall: float) -> dict:
             "n": len(ordered)}
 
 
-def direct(requests: int, args: argparse.Namespace) -> dict:
-    """The same jobs straight on the pipeline, in this process: the floor for the server."""
+def direct_runner(args: argparse.Namespace):
+    """The same job straight on the pipeline, in this process: the floor for the server."""
     import torch
 
     from app.engine.samplers import make_scheduler, resolve_sampler
@@ -126,23 +124,20 @@ def direct(requests: int, args: argparse.Namespace) -> dict:
     pipe.set_progress_bar_config(disable=True)
     config = dict(pipe.scheduler.config)
     choice = resolve_sampler("Euler")
-    latencies = []
-    started_all = time.perf_counter()
-    for seed in [0, 1] + list(range(1000, 1000 + requests)):
+
+    def run(seed: int) -> float:
         started = time.perf_counter()
         pipe.scheduler = make_scheduler(choice, config, seed)
         pipe(prompt=f"a lighthouse, variant {seed}", num_inference_steps=args.steps,
              width=args.size, height=args.size, guidance_scale=7.0,
              generator=torch.Generator("cpu").manual_seed(seed))
-        if seed >= 1000:
-            latencies.append(time.perf_counter() - started)
-        else:
-            started_all = time.perf_counter()
-    return summary(latencies, time.perf_counter() - started_all)
+        return time.perf_counter() - started
+
+    return run
 
 
 def fmt(name: str, r: dict) -> str:
-    return (f"{name:<34} p50 {r['p50'] * 1000:8.1f} ms   p95 {r['p95'] * 1000:8.1f} ms   "
+    return (f"{name:<48} p50 {r['p50'] * 1000:8.1f} ms   p95 {r['p95'] * 1000:8.1f} ms   "
             f"{r['ips']:7.2f} images/s   (n={r['n']})")
 
 
@@ -156,30 +151,57 @@ def main() -> int:
     parser.add_argument("--window-ms", type=float, default=10.0)
     args = parser.parse_args()
     started = time.perf_counter()
-    results: dict[str, dict] = {"direct": direct(args.requests, args)}
-    print(fmt("direct pipeline, 1 at a time", results["direct"]), flush=True)
-    configs = [
-        ("batching", args.max_batch, "true", (1, args.clients)),
-        ("batching, CPU exactness off", args.max_batch, "false", (args.clients,)),
-        ("no batching", 1, "true", (1, args.clients)),
-    ]
+    run_direct = direct_runner(args)
+    configs = {  # name: (max batch, CPU exact batches)
+        "batching": (args.max_batch, "true"),
+        "batching, CPU exactness off": (args.max_batch, "false"),
+        "no batching": (1, "true"),
+    }
+    results: dict[str, dict] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for label, max_batch, exact, client_counts in configs:
-            server = Server(max_batch, args.window_ms, Path(tmp), cpu_exact_batches=exact)
-            try:
+        servers = {}
+        try:
+            for name, (max_batch, exact) in configs.items():
+                folder = Path(tmp) / str(len(servers))
+                folder.mkdir()
+                servers[name] = Server(max_batch, args.window_ms, folder,
+                                       cpu_exact_batches=exact)
+            for server in servers.values():
                 server.wait_ready()
-                for clients in client_counts:
-                    name = f"{label}, {clients} client{'s' if clients > 1 else ''}"
-                    results[name] = drive(server.url, clients, args.requests, args)
-                    print(fmt(f"server {name}", results[name]), flush=True)
-            finally:
+            clients = {n: httpx.Client(base_url=s.url, timeout=300) for n, s in servers.items()}
+            # One client: direct and servers interleaved, so drift in machine speed hits all.
+            single: dict[str, list[float]] = {"direct": [], "batching": [], "no batching": []}
+            for seed in range(-3, args.requests):
+                times = {"direct": run_direct(seed + 3000),
+                         "batching": post(clients["batching"], seed + 3000, args),
+                         "no batching": post(clients["no batching"], seed + 3000, args)}
+                if seed >= 0:  # the first three are warm-up
+                    for name, value in times.items():
+                        single[name].append(value)
+            for name, values in single.items():
+                label = "direct pipeline" if name == "direct" else f"server {name}"
+                results[f"{name}, 1"] = summary(values, sum(values))
+                print(fmt(f"{label}, 1 client", results[f"{name}, 1"]), flush=True)
+            # C clients: each configuration in turn, twice (ABCABC), to average drift.
+            many: dict[str, tuple[list, float]] = {name: ([], 0.0) for name in servers}
+            for _ in range(2):
+                for name, server in servers.items():
+                    lat, wall = drive(server.url, args.clients, args.requests // 2, args)
+                    many[name] = (many[name][0] + lat, many[name][1] + wall)
+            for name, (lat, wall) in many.items():
+                results[f"{name}, C"] = summary(lat, wall)
+                print(fmt(f"server {name}, {args.clients} clients", results[f"{name}, C"]))
+            for client in clients.values():
+                client.close()
+        finally:
+            for server in servers.values():
                 server.stop()
     c = args.clients
-    single = results["batching, 1 client"]["p50"] / results["direct"]["p50"]
-    none_ips = results[f"no batching, {c} clients"]["ips"]
-    speedup = results[f"batching, {c} clients"]["ips"] / none_ips
-    fast = results[f"batching, CPU exactness off, {c} clients"]["ips"] / none_ips
-    p50_change = results["batching, 1 client"]["p50"] / results["no batching, 1 client"]["p50"]
+    single = results["batching, 1"]["p50"] / results["direct, 1"]["p50"]
+    none_ips = results["no batching, C"]["ips"]
+    speedup = results["batching, C"]["ips"] / none_ips
+    fast = results["batching, CPU exactness off, C"]["ips"] / none_ips
+    p50_change = results["batching, 1"]["p50"] / results["no batching, 1"]["p50"]
     print()
     print(f"single-client server p50 / direct p50:       {single:5.3f}   (target ≤ 1.10)")
     print(f"{c}-client images/s, batching on / off:       {speedup:5.2f}x  (target ≥ 2.5)")

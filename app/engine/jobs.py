@@ -60,6 +60,7 @@ class GenParams:
         seed_part = self.seed if self.sampler.seeded_scheduler else None
         return (
             self.model,
+            bool(self.negative_prompt),  # an empty one is handled by the model's own rule
             self.sampler,
             self.steps,
             self.gen_size,
@@ -193,11 +194,11 @@ class JobQueue:
                 del self._by_client[job.client]
             return True
 
-    def finished(self, count: int, seconds: float) -> None:
-        """Workers report each finished batch: keeps the throughput estimate current."""
+    def finished(self, count: int, seconds: float | None = None) -> None:
+        """Workers report finished jobs; `seconds` (a generated batch) updates the estimate."""
         with self._cond:
             self._in_system -= count
-            if count:
+            if count and seconds is not None:
                 per_image = seconds / count
                 self._seconds_per_image = 0.8 * self._seconds_per_image + 0.2 * per_image
 

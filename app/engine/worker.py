@@ -77,15 +77,14 @@ class Worker:
             if not batch:
                 return
             self.running = batch
-            started = time.monotonic()
             try:
                 self._run_batch(batch)
             except BaseException:  # pragma: no cover - _run_batch answers everything itself
                 logger.exception("%s: unexpected error outside a batch", self.name)
+                self._finish(batch)
             finally:
                 self.running = []
                 self.slot.idle = True
-                queue.finished(len(batch), time.monotonic() - started)
 
     def _preload(self) -> None:
         wanted = [s for s in self.engine.registry.models.values() if s.preload]
@@ -178,13 +177,20 @@ class Worker:
         seconds = time.perf_counter() - started
         self._report(model, live, images, seconds)
 
+    def _finish(self, jobs: list[Job], seconds: float | None = None) -> None:
+        """Tell the queue these jobs are done, before answering them: a lone client's next
+        request must not find its previous job still counted as in flight."""
+        self.engine.queue.finished(len(jobs), seconds)
+
     def _fail(self, jobs: list[Job], error: CraftError) -> None:
+        self._finish(jobs)
         if error.kind in ("interrupted", "cancelled"):  # no answer reaches the edge: count here
             self.engine.metrics.errors.labels(error.kind).inc(len(jobs))
         for job in jobs:
             job.fail(error)
 
     def _report(self, model: LoadedModel, jobs: list[Job], images: list, seconds: float) -> None:
+        self._finish(jobs, seconds)
         metrics = self.engine.metrics
         params = jobs[0].params
         metrics.generation.labels(params.model).observe(seconds)
@@ -252,7 +258,10 @@ class Worker:
         params = jobs[0].params
         return pipe(
             prompt=[job.params.prompt for job in jobs],
-            negative_prompt=[job.params.negative_prompt for job in jobs],
+            # No negative prompt at all (not [""]) lets the pipeline do what the model's
+            # config asks for an empty one (SDXL base: zeros, skipping two encoder calls).
+            negative_prompt=[j.params.negative_prompt for j in jobs] if params.negative_prompt
+            else None,
             num_inference_steps=params.steps,
             guidance_scale=params.cfg_scale,
             width=width,
