@@ -785,3 +785,5 @@ def test_table_lists_every_name_and_is_in_the_docs():
     assert "closest" in table and "exact" in table
     docs = (ROOT / "docs" / "samplers.md").read_text()
     assert table.strip() in docs, "regenerate docs/samplers.md from sampler_table_markdown()"
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
+    assert table.strip() in readme, "regenerate README.md's table from sampler_table_markdown()"
