@@ -35,11 +35,9 @@ import gc
 import inspect
 import json
 import platform
-import socket
 import statistics
 import sys
 import tempfile
-import threading
 import time
 import warnings
 from collections.abc import Callable, Iterator
@@ -440,57 +438,11 @@ def count_syncs(run: Callable[[int], object]) -> dict:
 # ---- (c) the HTTP server -------------------------------------------------------------
 
 
-class _Server:
-    """The real app under real uvicorn on 127.0.0.1, in this process."""
-
-    def __init__(self, settings) -> None:  # noqa: ANN001
-        import uvicorn
-
-        from app.main import create_app
-
-        self.app = create_app(settings)
-        # IPPROTO_TCP explicitly: asyncio then sets TCP_NODELAY on the accepted connections,
-        # as on the socket `craftserve serve` lets uvicorn create. With protocol 0 it does not,
-        # and every keep-alive response (headers and body are two writes) waits ~40 ms for
-        # the client's delayed ACK (Nagle): measured here, 45 ms instead of 2 ms a request.
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.sock.bind(("127.0.0.1", 0))
-        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
-        config = uvicorn.Config(self.app, log_level="warning", timeout_graceful_shutdown=5)
-        self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(
-            target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True
-        )
-
-    def start(self, timeout: float = 60.0) -> None:
-        self.thread.start()
-        deadline = time.monotonic() + timeout
-        while not self.server.started:
-            if time.monotonic() > deadline or not self.thread.is_alive():
-                raise RuntimeError("the server did not start")
-            time.sleep(0.02)
-
-    def wait_ready(self, timeout: float) -> dict:
-        import httpx
-
-        deadline = time.monotonic() + timeout
-        while True:
-            state = httpx.get(self.url + "/ready", timeout=10)
-            body = state.json()
-            failed = [r for r in body.get("reasons", []) if "unavailable" in r]
-            if state.status_code == 200 or failed or time.monotonic() > deadline:
-                return body
-            time.sleep(0.2)
-
-    def stop(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(30)
-
-
 @contextlib.contextmanager
-def running_server(settings) -> Iterator[_Server]:  # noqa: ANN001
-    server = _Server(settings)
+def running_server(settings) -> Iterator:  # noqa: ANN001
+    from app.live import LiveServer
+
+    server = LiveServer(settings)
     server.start()
     try:
         yield server
@@ -589,7 +541,7 @@ def png_ms(png: bytes) -> float:
     return best * 1000
 
 
-def _server_optimizations(server: _Server, optimize) -> list[str]:  # noqa: ANN001
+def _server_optimizations(server, optimize) -> list[str]:  # noqa: ANN001
     for worker in server.app.state.engine.workers:
         loaded = worker.models.get(MODEL_NAME)
         if loaded is not None:

@@ -1,66 +1,23 @@
 """Shared fixtures: tiny models on disk, and real craftserve servers on loopback.
 
-Every server here is the real app under real uvicorn on 127.0.0.1 with a free port,
-driven over real HTTP with httpx.
+Every server here is the real app under real uvicorn on 127.0.0.1 with a free port
+(app.live.LiveServer), driven over real HTTP with httpx.
 """
 
 from __future__ import annotations
 
 import io
-import socket
-import threading
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
 import pytest
-import uvicorn
 from PIL import Image
 
 from app.config import Settings
-from app.main import create_app
+from app.live import LiveServer
 
 API_KEY = "test-key-123"
-
-
-class LiveServer:
-    def __init__(self, settings: Settings) -> None:
-        self.app = create_app(settings)
-        # IPPROTO_TCP (not 0) so asyncio sets TCP_NODELAY, as it does for uvicorn's own socket.
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.sock.bind(("127.0.0.1", 0))
-        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
-        config = uvicorn.Config(self.app, log_level="warning", timeout_graceful_shutdown=5)
-        self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(
-            target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True
-        )
-
-    def start(self, ready_timeout: float = 120.0) -> LiveServer:
-        self.thread.start()
-        deadline = time.monotonic() + ready_timeout
-        while not self.server.started:
-            if time.monotonic() > deadline or not self.thread.is_alive():
-                raise RuntimeError("server did not start")
-            time.sleep(0.02)
-        return self
-
-    def wait_ready(self, timeout: float = 120.0) -> dict:
-        deadline = time.monotonic() + timeout
-        while True:
-            answer = httpx.get(self.url + "/ready", timeout=10)
-            if answer.status_code == 200 or time.monotonic() > deadline:
-                return answer.json()
-            time.sleep(0.05)
-
-    def client(self, **kwargs) -> httpx.Client:
-        return httpx.Client(base_url=self.url, timeout=kwargs.pop("timeout", 120), **kwargs)
-
-    def stop(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(30)
 
 
 def write_models_file(folder: Path, text: str) -> Path:

@@ -19,6 +19,8 @@ _CATEGORIES = {"SD-1.5": "sd15", "SDXL-1.0": "sdxl", "SD-3.0": None, "Pony": Non
 
 
 @router.post("/sd", response_class=Response, responses=_PNG, summary="Generate an image")
+@router.post("/generate-xl", response_class=Response, responses=_PNG,
+             summary="Generate an image (spring 2024 SDXL route: sampler + scheduler)")
 async def sd(
     body: GenerateRequest,
     request: Request,
@@ -42,24 +44,7 @@ async def image_generate(
     settings: SettingsDep,
     auth: AuthDep,
 ) -> Response:
-    return await generate_png(
-        body, request, engine=engine, registry=registry, settings=settings, auth=auth
-    )
-
-
-@router.post("/generate-xl", response_class=Response, responses=_PNG,
-             summary="Generate an image (spring 2024 SDXL route: sampler + scheduler)")
-async def generate_xl(
-    body: GenerateRequest,
-    request: Request,
-    engine: EngineDep,
-    registry: RegistryDep,
-    settings: SettingsDep,
-    auth: AuthDep,
-) -> Response:
-    return await generate_png(
-        body, request, engine=engine, registry=registry, settings=settings, auth=auth
-    )
+    return await sd(body, request, engine, registry, settings, auth)
 
 
 # ---- discovery (GET, no token) -----------------------------------------------------

@@ -1,0 +1,64 @@
+"""craftserve in this process: the real app under real uvicorn on a loopback port, on a
+background thread. For tests and benchmarks that drive the server over real HTTP."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+
+import httpx
+import uvicorn
+
+from app.config import Settings
+from app.main import create_app
+
+
+class LiveServer:
+    def __init__(self, settings: Settings) -> None:
+        self.app = create_app(settings)
+        # IPPROTO_TCP explicitly: asyncio then sets TCP_NODELAY on accepted connections, as
+        # on the socket `craftserve serve` lets uvicorn create. With protocol 0 it does not,
+        # and each keep-alive response waits ~40 ms for the client's delayed ACK (Nagle).
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        config = uvicorn.Config(self.app, log_level="warning", timeout_graceful_shutdown=5)
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(
+            target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True
+        )
+
+    def start(self, timeout: float = 120.0) -> LiveServer:
+        self.thread.start()
+        deadline = time.monotonic() + timeout
+        while not self.server.started:
+            if time.monotonic() > deadline or not self.thread.is_alive():
+                raise RuntimeError("the server did not start")
+            time.sleep(0.02)
+        return self
+
+    def wait_ready(self, timeout: float = 120.0) -> dict:
+        """Poll /ready until 200, a model is reported unavailable, or the timeout."""
+        deadline = time.monotonic() + timeout
+        while True:
+            answer = httpx.get(self.url + "/ready", timeout=10)
+            state = answer.json()
+            failed = [r for r in state.get("reasons", []) if "unavailable" in r]
+            if answer.status_code == 200 or failed or time.monotonic() > deadline:
+                return state
+            time.sleep(0.05)
+
+    def client(self, **kwargs) -> httpx.Client:
+        return httpx.Client(base_url=self.url, timeout=kwargs.pop("timeout", 120), **kwargs)
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(30)
+
+    def __enter__(self) -> LiveServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
