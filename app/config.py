@@ -48,6 +48,8 @@ class Settings(BaseSettings):
     compile: bool = False  # torch.compile the UNet and VAE on CUDA (warm-up before /ready)
 
     shutdown_grace_s: float = Field(30.0, ge=0)
+    # PNGs kept for the URLs `POST /generate` answers with (oldest dropped first).
+    image_store_mb: int = Field(256, ge=1)
     log_level: str = "info"
 
     @field_validator("api_keys", mode="before")

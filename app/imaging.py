@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import io
+import secrets
+import threading
+from collections import OrderedDict
 
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
@@ -38,3 +41,28 @@ def encode_png(image: Image.Image, parameters: str) -> bytes:
     # Level 1: PNG compression is CPU time on the answer path; size matters less than latency.
     image.save(buffer, format="PNG", pnginfo=info, compress_level=1)
     return buffer.getvalue()
+
+
+class ImageStore:
+    """Recent PNGs served by URL, for the spring-2024 `POST /generate` route that answers
+    `{"images": [url, ...]}`. Bounded by total bytes; the oldest go first. Thread-safe."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self._images: OrderedDict[str, bytes] = OrderedDict()
+        self._bytes = 0
+        self._lock = threading.Lock()
+
+    def put(self, png: bytes) -> str:
+        key = secrets.token_urlsafe(16)  # unguessable: the URL is the only credential
+        with self._lock:
+            self._images[key] = png
+            self._bytes += len(png)
+            while self._bytes > self.max_bytes and len(self._images) > 1:
+                _, old = self._images.popitem(last=False)
+                self._bytes -= len(old)
+        return key
+
+    def get(self, key: str) -> bytes | None:
+        with self._lock:
+            return self._images.get(key)

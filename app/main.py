@@ -17,6 +17,7 @@ from app.auth import Authenticator
 from app.config import Settings, get_settings
 from app.engine.engine import Engine
 from app.errors import CraftError
+from app.imaging import ImageStore
 from app.metrics import Metrics
 from app.registry import load_registry
 
@@ -110,6 +111,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.auth = auth
     app.state.metrics = metrics
     app.state.engine = engine
+    app.state.images = ImageStore(settings.image_store_mb * 2**20)
     app.include_router(visioncraft.router)
     app.include_router(health.router)
     _install_error_handlers(app, metrics)

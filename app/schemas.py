@@ -69,3 +69,13 @@ class GenerateRequestV2(GenerateRequest):
     """Body of POST /image/generate (September 2024 docs): steps up to 35, default 35."""
 
     steps: Int = Field(35, ge=1, le=35)
+
+
+class GenerateRequestV0(GenerateRequest):
+    """Body of POST /generate (spring 2024 docs): up to 5 images, answered as URLs."""
+
+    image_count: Int = Field(1, ge=1, le=5)
+
+
+class ImageUrls(BaseModel):
+    images: list[str]

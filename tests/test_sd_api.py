@@ -248,3 +248,17 @@ def test_generate_xl_takes_sampler_and_scheduler(client: httpx.Client) -> None:
     answer = client.post("/generate-xl", json=body(sampler="dpmpp_2m", scheduler="karras"))
     assert png(answer).size == (64, 64)
     assert answer.headers["x-sampler"] == "DPM++ 2M Karras"
+
+
+def test_spring_2024_generate_answers_image_urls(client: httpx.Client) -> None:
+    answer = client.post("/generate", json=body(image_count=3, seed=500, upscale=False))
+    assert answer.status_code == 200, answer.text
+    urls = answer.json()["images"]
+    assert len(urls) == 3 and len(set(urls)) == 3
+    fetched = [httpx.get(url, timeout=30) for url in urls]
+    seeds = [png(f).text["parameters"].split("Seed: ")[1].split(",")[0] for f in fetched]
+    assert seeds == ["500", "501", "502"]
+    alone = client.post("/sd", json=body(seed=501))
+    assert pixels(alone) == Image.open(io.BytesIO(fetched[1].content)).tobytes()
+    assert client.post("/generate", json=body(image_count=6)).status_code == 422
+    assert client.get("/images/not-a-key.png").status_code == 404

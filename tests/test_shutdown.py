@@ -47,12 +47,16 @@ def test_sigterm_finishes_running_and_refuses_waiting(tmp_path: Path) -> None:
                 pass
             assert time.monotonic() < deadline
             time.sleep(0.1)
-        slow = body(steps=30, width=256, height=256, seed=1)
+        slow = body(steps=30, width=512, height=512, seed=1)  # seconds on a CPU
         with httpx.Client(base_url=url, timeout=120) as c, ThreadPoolExecutor(3) as pool:
             running = pool.submit(c.post, "/sd", json=slow)
-            time.sleep(1.0)  # the first job is now on the worker
+            time.sleep(0.5)  # the first job is now on the worker
             waiting = [pool.submit(c.post, "/sd", json=body(seed=s)) for s in (2, 3)]
-            time.sleep(0.5)
+            deadline = time.monotonic() + 30
+            while httpx.get(url + "/ready", timeout=5).json()["queue_depth"] < 2:
+                assert time.monotonic() < deadline and not running.done()
+                time.sleep(0.02)
+            assert not running.done()
             proc.send_signal(signal.SIGTERM)
             answers = [w.result() for w in waiting]
             finished = running.result()

@@ -9,6 +9,7 @@ from fastapi import Depends, Request
 from app.auth import Authenticator
 from app.config import Settings
 from app.engine.engine import Engine
+from app.imaging import ImageStore
 from app.registry import Registry
 
 
@@ -28,7 +29,12 @@ def _auth(request: Request) -> Authenticator:
     return request.app.state.auth
 
 
+def _images(request: Request) -> ImageStore:
+    return request.app.state.images
+
+
 EngineDep = Annotated[Engine, Depends(_engine)]
 RegistryDep = Annotated[Registry, Depends(_registry)]
 SettingsDep = Annotated[Settings, Depends(_settings)]
 AuthDep = Annotated[Authenticator, Depends(_auth)]
+ImagesDep = Annotated[ImageStore, Depends(_images)]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import secrets
+from dataclasses import replace
 
 from fastapi import Request
 from fastapi.responses import Response
@@ -81,30 +82,48 @@ async def _client_gone(request: Request) -> None:
             return
 
 
-async def run_job(engine: Engine, job: Job, request: Request) -> JobResult:
-    """Await the job; take it back if the client leaves or it outlives its queue deadline."""
+async def run_jobs(engine: Engine, jobs: list[Job], request: Request) -> list[JobResult]:
+    """Await the jobs of one request. If the client leaves, a job fails, or a job outlives
+    its queue deadline still waiting, the request fails and its other jobs are taken back."""
     watcher = asyncio.ensure_future(_client_gone(request))
     try:
-        timeout: float | None = job.deadline_s
-        while True:
+        timeout: float | None = max(job.deadline_s for job in jobs)
+        while not all(job.future.done() for job in jobs):
+            waiting = {job.future for job in jobs if not job.future.done()}
             done, _ = await asyncio.wait(
-                {job.future, watcher}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
+                waiting | {watcher}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
             )
-            if job.future in done:
-                return job.future.result()
             if watcher in done:
-                engine.cancel(job)
                 raise Unavailable("the client disconnected", kind="disconnected")
-            if engine.queue.remove(job):  # still waiting after its deadline
-                raise Unavailable(
-                    f"the job waited {job.deadline_s:g} s in the queue, its deadline "
+            for future in done:
+                future.result()  # raises the job's error
+            if not done and any(engine.queue.remove(job) for job in jobs):
+                raise Unavailable(  # still waiting after its deadline
+                    f"the job waited {jobs[0].deadline_s:g} s in the queue, its deadline "
                     "(setting CRAFTSERVE_QUEUE_DEADLINE_S); the server is overloaded",
                     retry_after=engine.queue.retry_after(),
                     kind="deadline",
                 )
-            timeout = None  # running: wait for it to finish
+            if not done:
+                timeout = None  # running: wait for it to finish
+        return [job.future.result() for job in jobs]
+    except BaseException:
+        for job in jobs:
+            if not job.future.done():
+                engine.cancel(job)
+        raise
     finally:
         watcher.cancel()
+
+
+def _client_label(body: GenerateRequest, request: Request, auth: Authenticator) -> str:
+    token = body.token or bearer_token(request.headers.get("authorization"))
+    return auth.authenticate(token, request.client.host if request.client else None)
+
+
+async def _encode(params: GenParams, result: JobResult) -> bytes:
+    text = parameters_text(params, result.seed, result.sampler_label)
+    return await asyncio.to_thread(encode_png, result.image, text)
 
 
 async def generate_png(
@@ -116,13 +135,11 @@ async def generate_png(
     settings: Settings,
     auth: Authenticator,
 ) -> Response:
-    token = body.token or bearer_token(request.headers.get("authorization"))
-    client = auth.authenticate(token, request.client.host if request.client else None)
+    client = _client_label(body, request, auth)
     params = to_params(body, registry, settings)
     job = engine.submit(params, client)
-    result = await run_job(engine, job, request)
-    text = parameters_text(params, result.seed, result.sampler_label)
-    png = await asyncio.to_thread(encode_png, result.image, text)
+    (result,) = await run_jobs(engine, [job], request)
+    png = await _encode(params, result)
     headers = {
         "X-Job-Id": job.id,
         "X-Seed": str(result.seed),
@@ -134,3 +151,31 @@ async def generate_png(
         "X-Worker": result.worker,
     }
     return Response(png, media_type="image/png", headers=headers)
+
+
+async def generate_many(
+    body: GenerateRequest,
+    count: int,
+    request: Request,
+    *,
+    engine: Engine,
+    registry: Registry,
+    settings: Settings,
+    auth: Authenticator,
+) -> list[bytes]:
+    """`count` images of one request, seeds seed, seed+1, ... (A1111's convention); they are
+    compatible jobs, so the engine batches them. Any failure fails the request."""
+    client = _client_label(body, request, auth)
+    first = to_params(body, registry, settings)
+    all_params = [replace(first, seed=(first.seed + i) % (MAX_SEED + 1)) for i in range(count)]
+    jobs: list[Job] = []
+    try:
+        for params in all_params:
+            jobs.append(engine.submit(params, client))
+    except BaseException:  # e.g. the queue filled up half-way: take back what went in
+        for job in jobs:
+            engine.cancel(job)
+        raise
+    results = await run_jobs(engine, jobs, request)
+    return list(await asyncio.gather(*(_encode(p, r) for p, r in zip(all_params, results,
+                                                                        strict=True))))
