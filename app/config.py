@@ -33,7 +33,7 @@ class Settings(BaseSettings):
     max_queue: int = Field(64, ge=1, description="jobs waiting at most; more answer 503")
     queue_deadline_s: float = Field(300.0, gt=0, description="a job waiting longer is answered 503")
     max_batch: int = Field(4, ge=1)
-    batch_window_ms: float = Field(10.0, ge=0)
+    batch_window_ms: float = Field(25.0, ge=0)
     # On the CPU, run each job of a batch through the networks with its own rows, so its
     # bytes equal the job run alone (CPU kernels round by batch shape). False: throughput.
     cpu_exact_batches: bool = True

@@ -148,7 +148,7 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--size", type=int, default=64)
     parser.add_argument("--max-batch", type=int, default=8)
-    parser.add_argument("--window-ms", type=float, default=10.0)
+    parser.add_argument("--window-ms", type=float, default=25.0)
     args = parser.parse_args()
     started = time.perf_counter()
     run_direct = direct_runner(args)
