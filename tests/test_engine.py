@@ -357,3 +357,24 @@ def test_job_log_line_names_the_key_label_never_the_key(
     assert len(lines) == 1
     assert "client=key-" in lines[0] and "wait=" in lines[0] and "gen=" in lines[0]
     assert API_KEY not in caplog.text
+
+
+def test_sizes_sharing_a_multiple_of_8_batch_and_keep_their_own_size(make_server) -> None:
+    server = make_server(max_batch=4, batch_window_ms=300)
+    held = HeldWorker(server.app.state.engine.workers[0])
+    sizes = [(100, 70), (104, 72), (97, 65)]  # all generated at 104x72
+    try:
+        with server.client() as c, ThreadPoolExecutor(4) as pool:
+            blocker = pool.submit(c.post, "/sd", json=body(seed=1))
+            wait_for(lambda: held.worker.running)
+            futures = [pool.submit(c.post, "/sd", json=body(width=w, height=h))
+                       for w, h in sizes]
+            wait_for(lambda: len(server.app.state.engine.queue) == 3)
+            held.release()
+            png(blocker.result())
+            answers = [f.result() for f in futures]
+    finally:
+        held.restore()
+    for (w, h), answer in zip(sizes, answers, strict=True):
+        assert answer.headers["x-batch-size"] == "3"
+        assert png(answer).size == (w, h)

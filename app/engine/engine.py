@@ -55,6 +55,14 @@ class Engine:
         ]
         for worker in self.workers:
             self.queue.register(worker.slot)
+        wanted = [name for name, spec in registry.models.items() if spec.preload]
+        self.preload = wanted[: settings.max_models_per_device]
+        if len(wanted) > len(self.preload):
+            logger.warning(
+                "models %s are marked preload but each device holds at most %d models "
+                "(CRAFTSERVE_MAX_MODELS_PER_DEVICE): they load on their first request instead",
+                wanted[len(self.preload):], settings.max_models_per_device,
+            )
         self._failures: dict[str, tuple[float, Unavailable]] = {}
         self._lock = threading.Lock()
         self.accepting = False
@@ -155,13 +163,13 @@ class Engine:
     def readiness(self) -> tuple[bool, dict]:
         models: dict[str, str] = {}
         loaded = {name for w in self.workers for name in w.models}
-        for name, spec in self.registry.models.items():
+        for name in self.registry.models:
             failure = self.load_failure(name)
             if name in loaded:
                 models[name] = "loaded"
             elif failure:
                 models[name] = f"unavailable: {failure}"
-            elif spec.preload:
+            elif name in self.preload:
                 models[name] = "loading"
             else:
                 models[name] = "loads on first request"
@@ -175,14 +183,11 @@ class Engine:
             }
             for w in self.workers
         ]
-        preload_ok = all(
-            models[name] == "loaded" for name, s in self.registry.models.items() if s.preload
-        )
+        preload_ok = all(models[name] == "loaded" for name in self.preload)
         workers_ok = all(w["alive"] and w["preloaded"] for w in workers)
         ready = self.accepting and workers_ok and preload_ok
         self.metrics.workers_ready.set(sum(1 for w in workers if w["alive"] and w["preloaded"]))
-        reasons = [f"{n}: {state}" for n, state in models.items()
-                   if self.registry.models[n].preload and state != "loaded"]
+        reasons = [f"{n}: {models[n]}" for n in self.preload if models[n] != "loaded"]
         if not self.accepting:
             reasons.append("the server is shutting down")
         reasons += [f"{w['name']}: not ready" for w in workers

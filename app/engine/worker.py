@@ -87,12 +87,11 @@ class Worker:
                 self.slot.idle = True
 
     def _preload(self) -> None:
-        wanted = [s for s in self.engine.registry.models.values() if s.preload]
-        for spec in wanted[: self.engine.settings.max_models_per_device]:
+        for name in self.engine.preload:
             try:
-                self._model(spec.name)
+                self._model(name)
             except CraftError as exc:
-                logger.warning("%s: preload of %s failed: %s", self.name, spec.name, exc.message)
+                logger.warning("%s: preload of %s failed: %s", self.name, name, exc.message)
 
     # ---- models --------------------------------------------------------------------
     def _model(self, name: str) -> LoadedModel:
@@ -251,7 +250,10 @@ class Worker:
                 output = self._call(pipe, jobs, width, height)
         finally:
             model.loras.reset()
-        return [_crop(image, params.width, params.height) for image in output.images]
+        # Jobs whose sizes round up to the same multiple of 8 share a batch: each is cropped
+        # to its own size.
+        return [_crop(image, job.params.width, job.params.height)
+                for job, image in zip(jobs, output.images, strict=True)]
 
     @staticmethod
     def _call(pipe, jobs: list[Job], width: int, height: int):  # noqa: ANN001, ANN205
