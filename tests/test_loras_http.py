@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import gc
 import io
+import os
 from pathlib import Path
 
 import httpx
@@ -146,3 +148,24 @@ def test_lora_count_is_a_setting(make_server, lora_folder: Path) -> None:
         answer = c.post("/sd", json=body(loras={"style-peft": 1, "style-kohya": 1}))
         assert answer.status_code == 422
         assert "at most 1" in answer.json()["detail"]
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/statm", encoding="ascii") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def test_200_requests_cycling_lora_sets_keep_memory_flat(c: httpx.Client) -> None:
+    sets = [{}, {"style-peft": 1.0}, {"style-kohya": 0.6}, {"style-peft": 0.4, "style-kohya": 1.0},
+            {"declared-style": 0.8}, {"style-peft": 0.0}]
+    fast = {"steps": 1, "width": 64, "height": 64}
+    for i in range(30):  # warm-up: every adapter loaded, allocator pools grown
+        image(c, loras=sets[i % len(sets)], seed=i, **fast)
+    gc.collect()
+    before = _rss_mb()
+    for i in range(200):
+        image(c, loras=sets[i % len(sets)], seed=i, **fast)
+    gc.collect()
+    growth = _rss_mb() - before
+    print(f"RSS growth over 200 requests: {growth:.1f} MB")
+    assert growth < 40, f"process memory grew {growth:.1f} MB over 200 requests"
