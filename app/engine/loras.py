@@ -134,23 +134,22 @@ def _component(key: str) -> str:
     return "?"
 
 
+# (metadata key, value prefix, family): modelspec first, then kohya's training metadata.
+_METADATA_FAMILIES = (
+    ("modelspec.architecture", "stable-diffusion-xl", "sdxl"),
+    ("modelspec.architecture", "stable-diffusion-v1", "sd15"),
+    ("modelspec.architecture", "stable-diffusion-v2", "sd2"),
+    ("ss_base_model_version", "sdxl", "sdxl"),
+    ("ss_base_model_version", "sd_v1", "sd15"),
+    ("ss_base_model_version", "sd_v2", "sd2"),
+    ("ss_v2", "true", "sd2"),
+)
+
+
 def _metadata_family(metadata: dict[str, str]) -> str | None:
-    arch = metadata.get("modelspec.architecture", "").lower()
-    if arch.startswith("stable-diffusion-xl"):
-        return "sdxl"
-    if arch.startswith("stable-diffusion-v1"):
-        return "sd15"
-    if arch.startswith("stable-diffusion-v2"):
-        return "sd2"
-    base = metadata.get("ss_base_model_version", "").lower()
-    if base.startswith("sdxl"):
-        return "sdxl"
-    if base.startswith("sd_v1"):
-        return "sd15"
-    if base.startswith("sd_v2"):
-        return "sd2"
-    if metadata.get("ss_v2", "").lower() == "true":
-        return "sd2"
+    for key, prefix, family in _METADATA_FAMILIES:
+        if metadata.get(key, "").lower().startswith(prefix):
+            return family
     return None
 
 
