@@ -207,8 +207,8 @@ def _model_spec(name: str, entry: _ModelEntry, base: Path, file: Path) -> ModelS
 
 
 def _check_sampler(name: str, where: str) -> None:
-    from app.engine.samplers import resolve_sampler
     from app.errors import CraftError
+    from app.samplers import resolve_sampler
 
     try:
         resolve_sampler(name)

@@ -332,7 +332,7 @@ def _is_full_size(pipe) -> bool:  # noqa: ANN001
 
 def make_jobs(args: argparse.Namespace, batch: int, steps: int, loop) -> list:  # noqa: ANN001
     from app.engine.jobs import GenParams, Job
-    from app.engine.samplers import resolve_sampler
+    from app.samplers import resolve_sampler
 
     sampler = resolve_sampler(args.sampler)
     return [

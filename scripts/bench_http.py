@@ -117,8 +117,8 @@ def direct_runner(args: argparse.Namespace):
     """The same job straight on the pipeline, in this process: the floor for the server."""
     import torch
 
-    from app.engine.samplers import make_scheduler, resolve_sampler
     from app.engine.tiny import build_tiny_sdxl
+    from app.samplers import make_scheduler, resolve_sampler
 
     pipe = build_tiny_sdxl()
     pipe.set_progress_bar_config(disable=True)

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from app.engine.jobs import GenParams, Job, JobQueue, WorkerSlot
-from app.engine.samplers import resolve_sampler
+from app.samplers import resolve_sampler
 from tests.conftest import API_KEY, TINY_MODELS, body, png
 
 TWO_MODELS = """

@@ -1,4 +1,4 @@
-"""Sampler names -> diffusers schedulers (app.engine.samplers)."""
+"""Sampler names -> diffusers schedulers (app.samplers)."""
 
 from __future__ import annotations
 
@@ -15,8 +15,10 @@ import pytest
 import torch
 from diffusers import StableDiffusionPipeline
 
-from app.engine import samplers as S
-from app.engine.samplers import (
+from app import samplers as S
+from app.engine.tiny import build_tiny_sd15, build_tiny_sdxl
+from app.errors import InvalidParameter, NotServed
+from app.samplers import (
     SamplerChoice,
     a1111_sampler_names,
     comfy_sampler_ids,
@@ -25,8 +27,6 @@ from app.engine.samplers import (
     resolve_sampler,
     sampler_table_markdown,
 )
-from app.engine.tiny import build_tiny_sd15, build_tiny_sdxl
-from app.errors import InvalidParameter, NotServed
 
 # torchsde's Brownian interval warns about float rounding at the end of the schedule
 pytestmark = pytest.mark.filterwarnings("ignore:Should have t:UserWarning")

@@ -14,10 +14,10 @@ from app.config import Settings
 from app.engine.engine import Engine
 from app.engine.jobs import GenParams, Job, JobResult
 from app.engine.loras import LoraError
-from app.engine.samplers import resolve_sampler
 from app.errors import InvalidParameter, NotServed, Unavailable
 from app.imaging import encode_png, parameters_text
 from app.registry import Registry
+from app.samplers import resolve_sampler
 from app.schemas import MAX_SEED, GenerateRequest
 
 DEFAULT_SAMPLER = "DPM++ 2M Karras"

@@ -7,8 +7,8 @@ from fastapi.responses import Response
 
 from app.api.deps import AuthDep, EngineDep, ImagesDep, RegistryDep, SettingsDep
 from app.api.generation import generate_many, generate_png
-from app.engine.samplers import a1111_sampler_names, comfy_sampler_ids, comfy_scheduler_names
 from app.errors import NotServed
+from app.samplers import a1111_sampler_names, comfy_sampler_ids, comfy_scheduler_names
 from app.schemas import GenerateRequest, GenerateRequestV0, GenerateRequestV2, ImageUrls
 
 router = APIRouter(tags=["visioncraft"])

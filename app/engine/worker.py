@@ -21,8 +21,8 @@ import torch
 from app.engine.determinism import jobs_in_call
 from app.engine.jobs import Job, JobResult, WorkerSlot
 from app.engine.pipelines import LoadedModel, load_model
-from app.engine.samplers import make_scheduler
 from app.errors import CraftError, Unavailable
+from app.samplers import make_scheduler
 
 if TYPE_CHECKING:
     from app.engine.engine import Engine
