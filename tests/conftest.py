@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 
 from app.config import Settings
-from app.live import LiveServer
+from tests.live import LiveServer
 
 API_KEY = "test-key-123"
 

@@ -1,5 +1,8 @@
 """craftserve in this process: the real app under real uvicorn on a loopback port, on a
-background thread. For tests and benchmarks that drive the server over real HTTP."""
+background thread. For tests and benchmarks that drive the server over real HTTP.
+
+A test helper, not part of the served package: scripts import it as `tests.live` with the
+repository root on sys.path."""
 
 from __future__ import annotations
 
