@@ -69,6 +69,13 @@ class Forbidden(CraftError):
     kind = "forbidden"
 
 
+class InternalError(CraftError):
+    """A bug: the details are in the log under the job id, never in the answer (500)."""
+
+    status = 500
+    kind = "internal"
+
+
 class Unavailable(CraftError):
     """The server cannot do this now; the client should retry later (503)."""
 

@@ -30,9 +30,12 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+from app.errors import CraftError
+from app.families import PIPELINE_FAMILIES, Family
+from app.samplers import resolve_sampler
+
 logger = logging.getLogger(__name__)
 
-Family = Literal["sdxl", "sd15"]
 # tiny-*: offline smoke-test models; random-sdxl: full-size SDXL architecture with random
 # weights, for speed measurements where no weights can be downloaded.
 BUILTIN_SOURCES = {
@@ -41,12 +44,6 @@ BUILTIN_SOURCES = {
     "builtin:random-sdxl": "sdxl",
 }
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-_PIPELINE_FAMILY = {
-    "StableDiffusionXLPipeline": "sdxl",
-    "StableDiffusionXLImg2ImgPipeline": "sdxl",
-    "StableDiffusionPipeline": "sd15",
-    "StableDiffusionImg2ImgPipeline": "sd15",
-}
 
 
 class RegistryError(Exception):
@@ -154,7 +151,7 @@ def _family_from_index(index_file: Path | str | None) -> Family | None:
         class_name = json.loads(Path(index_file).read_text(encoding="utf-8")).get("_class_name")
     except (OSError, ValueError):
         return None
-    return _PIPELINE_FAMILY.get(class_name)
+    return PIPELINE_FAMILIES.get(class_name)
 
 
 def _detect_family(source: str, kind: str) -> Family | None:
@@ -207,9 +204,6 @@ def _model_spec(name: str, entry: _ModelEntry, base: Path, file: Path) -> ModelS
 
 
 def _check_sampler(name: str, where: str) -> None:
-    from app.errors import CraftError
-    from app.samplers import resolve_sampler
-
     try:
         resolve_sampler(name)
     except CraftError as exc:

@@ -40,10 +40,10 @@ class HeldWorker:
 
     def __init__(self, worker) -> None:
         self.worker = worker
-        self.real = worker._generate
+        self.real = worker.generate
         self.gate = threading.Event()
         self.ran: list[list[str]] = []
-        worker._generate = self._generate
+        worker.generate = self._generate
 
     def _generate(self, model, jobs):
         self.gate.wait(60)
@@ -55,7 +55,7 @@ class HeldWorker:
 
     def restore(self) -> None:
         self.gate.set()
-        self.worker._generate = self.real
+        self.worker.generate = self.real
 
 
 # ---- the queue alone (fake payloads) ---------------------------------------------------
@@ -200,7 +200,7 @@ def test_running_job_whose_client_left_is_interrupted(make_server) -> None:
     engine = server.app.state.engine
     worker = engine.workers[0]
     steps_seen: list[int] = []
-    real = worker._generate
+    real = worker.generate
 
     def counting(model, jobs):
         original = model.pipe.__class__.__call__
@@ -222,13 +222,13 @@ def test_running_job_whose_client_left_is_interrupted(make_server) -> None:
         finally:
             model.pipe.__class__.__call__ = original
 
-    worker._generate = counting
+    worker.generate = counting
     try:
         with pytest.raises(httpx.ReadTimeout), server.client(timeout=0.6) as impatient:
             impatient.post("/sd", json=body(steps=30))
         wait_for(lambda: not worker.running, timeout=20)
     finally:
-        worker._generate = real
+        worker.generate = real
     assert 0 < len(steps_seen) < 30
     with server.client() as c:
         png(c.post("/sd", json=body()))
@@ -264,36 +264,55 @@ def test_models_lru_per_device_and_affinity(make_server) -> None:
 
 
 # ---- failures ---------------------------------------------------------------------------
-def test_out_of_memory_retries_one_by_one_with_vae_tiling(make_server) -> None:
+def test_out_of_memory_retries_with_sliced_and_tiled_decoding(make_server) -> None:
+    """After an OOM the batch is retried with VAE slicing and tiles half the VAE's default,
+    then one job at a time; the decode really takes the tiled path (diffusers' default tile
+    is the VAE's sample size, larger than any latent the API allows, so plain tiling would
+    change nothing), and the VAE is as before afterwards."""
     server = make_server(max_batch=4, batch_window_ms=300)
     engine = server.app.state.engine
     worker = engine.workers[0]
     pipe = worker.models["tiny-sdxl"].pipe
-    calls: list[tuple[int, bool]] = []
+    vae = pipe.vae
+    calls: list[tuple[int, bool, bool]] = []
+    tiled: list[tuple[int, ...]] = []
     original = type(pipe).__call__
+    original_tiled = vae.tiled_decode
+    defaults = (vae.tile_sample_min_size, vae.tile_latent_min_size)
 
     def fragile(self, *args, **kwargs):
-        calls.append((len(kwargs["prompt"]), bool(self.vae.use_tiling)))
+        calls.append((len(kwargs["prompt"]), bool(self.vae.use_slicing), bool(self.vae.use_tiling)))
         if len(kwargs["prompt"]) > 1:
             raise torch.OutOfMemoryError("CUDA out of memory (injected)")
         return original(self, *args, **kwargs)
 
+    def spy_tiled(z, *args, **kwargs):
+        tiled.append(tuple(z.shape))
+        return original_tiled(z, *args, **kwargs)
+
+    # 128 px: latents of 16, more than the tiny VAE's default tile (16) halved.
+    size = {"width": 128, "height": 128}
     held = HeldWorker(worker)
     type(pipe).__call__ = fragile
+    vae.tiled_decode = spy_tiled
     try:
         with server.client() as c, ThreadPoolExecutor(4) as pool:
-            blocker = pool.submit(c.post, "/sd", json=body(seed=1))
+            blocker = pool.submit(c.post, "/sd", json=body(seed=1, **size))
             wait_for(lambda: worker.running)
-            futures = [pool.submit(c.post, "/sd", json=body(seed=s)) for s in (2, 3, 4)]
+            futures = [pool.submit(c.post, "/sd", json=body(seed=s, **size)) for s in (2, 3, 4)]
             wait_for(lambda: len(engine.queue) == 3)
             held.release()
-            png(blocker.result())
-            assert all(png(f.result()) for f in futures)
+            assert png(blocker.result()).size == (128, 128)
+            assert all(png(f.result()).size == (128, 128) for f in futures)
     finally:
         type(pipe).__call__ = original
+        del vae.tiled_decode
         held.restore()
-    assert calls[1:] == [(3, False), (1, True), (1, True), (1, True)]
-    assert not pipe.vae.use_tiling
+    assert calls == [(1, False, False), (3, False, False), (3, True, True),
+                     (1, True, True), (1, True, True), (1, True, True)]
+    assert len(tiled) == 3 and all(shape[-2:] == (16, 16) for shape in tiled)
+    assert not vae.use_tiling and not vae.use_slicing
+    assert (vae.tile_sample_min_size, vae.tile_latent_min_size) == defaults
 
 
 def test_out_of_memory_even_alone_is_503(server, client: httpx.Client) -> None:
@@ -378,3 +397,81 @@ def test_sizes_sharing_a_multiple_of_8_batch_and_keep_their_own_size(make_server
     for (w, h), answer in zip(sizes, answers, strict=True):
         assert answer.headers["x-batch-size"] == "3"
         assert png(answer).size == (w, h)
+
+
+def test_jobs_waiting_for_a_model_whose_load_fails_are_answered_with_it(
+    make_server, tmp_path: Path
+) -> None:
+    """One load attempt for a burst: the jobs queued behind the failing one get its answer
+    at once instead of one more failing load each."""
+    broken = tmp_path / "broken-model"
+    broken.mkdir()
+    (broken / "model_index.json").write_text('{"_class_name": "StableDiffusionPipeline"}')
+    server = make_server(TINY_MODELS + f"  flaky:\n    source: {broken}\n", max_batch=1)
+    engine = server.app.state.engine
+    worker = engine.workers[0]
+    loads: list[str] = []
+    real_load = worker._load
+
+    def counting_load(spec):
+        loads.append(spec.name)
+        return real_load(spec)
+
+    held = HeldWorker(worker)
+    worker._load = counting_load
+    try:
+        with server.client() as c, ThreadPoolExecutor(4) as pool:
+            blocker = pool.submit(c.post, "/sd", json=body())
+            wait_for(lambda: worker.running)
+            futures = [pool.submit(c.post, "/sd", json=body(model="flaky", seed=s))
+                       for s in range(3)]
+            wait_for(lambda: len(engine.queue) == 3)
+            assert "craftserve_queue_depth 3.0" in c.get("/metrics").text
+            held.release()
+            png(blocker.result())
+            answers = [f.result() for f in futures]
+            assert "craftserve_queue_depth 0.0" in c.get("/metrics").text
+    finally:
+        held.restore()
+        del worker._load
+    assert loads == ["flaky"]
+    assert [a.status_code for a in answers] == [503, 503, 503]
+    assert all("model 'flaky' cannot be served now" in a.json()["detail"] for a in answers)
+
+
+def test_each_worker_thread_makes_its_gpu_the_current_device(monkeypatch) -> None:
+    """Without torch.cuda.set_device in the worker thread, anything that uses the current
+    device lands on cuda:0 whatever the worker's device. No GPU here: the call is recorded."""
+    from app.config import Settings
+    from app.engine.availability import LoadFailures
+    from app.engine.worker import Worker
+    from app.metrics import Metrics
+
+    calls: list[tuple[str, str]] = []
+    monkeypatch.setattr(torch.cuda, "set_device",
+                        lambda device: calls.append((threading.current_thread().name, str(device))))
+    queue = JobQueue(max_queue=4, max_batch=1, batch_window_s=0)
+    workers = [
+        Worker(f"w{i}", torch.device("cuda", i), queue=queue, settings=Settings(), specs={},
+               metrics=Metrics(), failures=LoadFailures(60))
+        for i in (0, 1)
+    ]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        assert worker.preloaded.wait(10)
+    queue.close()
+    assert all(worker.join(10) for worker in workers)
+    assert sorted(calls) == [("w0", "cuda:0"), ("w1", "cuda:1")]
+
+
+def test_queue_deadline_is_answered_by_the_queue_while_no_worker_takes_jobs(loop) -> None:
+    """The one deadline rule: a waiting job is answered 503 at its deadline by a timer on its
+    event loop, even when no worker calls take() (all busy)."""
+    queue = JobQueue(max_queue=4, max_batch=1, batch_window_s=0)
+    job = Job(params=fake_params(1), client="a", loop=loop, deadline_s=0.05)
+    queue.submit(job)
+    with pytest.raises(Exception, match="longer than its deadline of 0.05 s") as info:
+        loop.run_until_complete(asyncio.wait_for(job.future, 5))
+    assert info.value.kind == "deadline" and info.value.status == 503
+    assert len(queue) == 0

@@ -115,3 +115,77 @@ def test_shipped_models_file_offline(make_server, monkeypatch: pytest.MonkeyPatc
 
 def test_models_listed_by_family(client: httpx.Client) -> None:
     assert client.get("/sd/models-sdxl").json() == ["tiny-sdxl"]
+
+
+# ---- dtype and files chosen for a device (no GPU here: the device's answers are faked) ----
+def _spec(dtype: str = "auto"):
+    from app.registry import ModelSpec
+
+    return ModelSpec(name="m", source="owner/repo", kind="hub", family="sdxl", family_known=True,
+                     default_sampler=None, dtype=dtype, vae=None, preload=False)
+
+
+@pytest.mark.parametrize(("capability", "expected"), [
+    ((9, 0), "bfloat16"),  # H100 / H200
+    ((10, 0), "bfloat16"),  # Blackwell
+    ((8, 9), "float16"),  # Ada (L4, RTX 4090)
+    ((8, 0), "float16"),  # A100
+    ((7, 5), "float16"),  # T4
+])
+def test_auto_dtype_is_bf16_on_hopper_and_newer_fp16_before(monkeypatch, capability, expected):
+    import torch
+
+    from app.engine.pipelines import choose_dtype
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    assert choose_dtype(_spec(), torch.device("cuda", 0)) == getattr(torch, expected)
+    assert choose_dtype(_spec("float32"), torch.device("cuda", 0)) == torch.float32
+    assert choose_dtype(_spec(), torch.device("cpu")) == torch.float32
+
+
+class _FakeRepo:
+    """Records from_pretrained calls. `has` holds (cached, variant): (True, v) files are in
+    the cache (found with or without local_files_only), (False, v) only on the Hub."""
+
+    def __init__(self, has: set[tuple[bool, str | None]]) -> None:
+        self.has = has
+        self.calls: list[tuple[bool, str | None]] = []
+
+    def from_pretrained(self, source, *, local_files_only, variant=None, **kwargs):
+        self.calls.append((local_files_only, variant))
+        if (True, variant) in self.has or ((False, variant) in self.has and not local_files_only):
+            return f"{source}:{variant}"
+        raise OSError("not there")
+
+
+@pytest.mark.parametrize(("dtype", "allow", "has", "calls", "result"), [
+    # half precision: the fp16 variant first, in the cache, then from the Hub
+    ("float16", True, {(False, "fp16")}, [(True, "fp16"), (True, None), (False, "fp16")], "fp16"),
+    ("bfloat16", True, {(True, "fp16")}, [(True, "fp16")], "fp16"),
+    # a repo without fp16 files: the plain ones
+    ("float16", True, {(False, None)},
+     [(True, "fp16"), (True, None), (False, "fp16"), (False, None)], "None"),
+    ("float16", False, {(True, None)}, [(True, "fp16"), (True, None)], "None"),
+    # fp32 (the CPU) never asks for the half-precision files
+    ("float32", True, {(True, None)}, [(True, None)], "None"),
+])
+def test_hub_loads_ask_for_the_fp16_variant_first_in_half_precision(dtype, allow, has, calls, result):
+    import torch
+
+    from app.engine.pipelines import _from_pretrained
+
+    repo = _FakeRepo(has)
+    loaded = _from_pretrained(repo, "owner/repo", allow, torch_dtype=getattr(torch, dtype))
+    assert repo.calls == calls
+    assert loaded == f"owner/repo:{result}"
+
+
+def test_hub_load_failure_raises_the_last_error() -> None:
+    import torch
+
+    from app.engine.pipelines import _from_pretrained
+
+    repo = _FakeRepo(set())
+    with pytest.raises(OSError, match="not there"):
+        _from_pretrained(repo, "owner/repo", False, torch_dtype=torch.float16)
+    assert repo.calls == [(True, "fp16"), (True, None)]

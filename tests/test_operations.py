@@ -85,13 +85,13 @@ def test_full_queue_is_503_with_retry_after(make_server) -> None:
     engine = server.app.state.engine
     gate = threading.Event()
     worker = engine.workers[0]
-    real = worker._generate
+    real = worker.generate
 
     def held(model, jobs):  # a fake slow pipeline call: holds the worker until released
         gate.wait(30)
         return real(model, jobs)
 
-    worker._generate = held
+    worker.generate = held
     results: dict[str, httpx.Response] = {}
     try:
         with server.client() as c:
@@ -113,7 +113,7 @@ def test_full_queue_is_503_with_retry_after(make_server) -> None:
             second.join(30)
     finally:
         gate.set()
-        worker._generate = real
+        worker.generate = real
     assert results["running"].status_code == 200
     assert results["queued"].status_code == 200
 

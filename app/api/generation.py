@@ -15,6 +15,7 @@ from app.engine.engine import Engine
 from app.engine.jobs import GenParams, Job, JobResult
 from app.engine.loras import LoraError
 from app.errors import InvalidParameter, NotServed, Unavailable
+from app.families import family_label
 from app.imaging import encode_png, parameters_text
 from app.registry import Registry
 from app.samplers import resolve_sampler
@@ -52,8 +53,8 @@ def to_params(body: GenerateRequest, registry: Registry, settings: Settings) -> 
         if lora.family and lora.family != spec.family:
             raise LoraError(
                 name,
-                f"it is a {_family_name(lora.family)} LoRA and model '{spec.name}' is "
-                f"{_family_name(spec.family)}; pick a LoRA made for {_family_name(spec.family)}",
+                f"it is a {family_label(lora.family)} LoRA and model '{spec.name}' is "
+                f"{family_label(spec.family)}; pick a LoRA made for {family_label(spec.family)}",
             )
     seed = body.seed if body.seed is not None and body.seed >= 0 else secrets.randbelow(MAX_SEED + 1)
     return GenParams(
@@ -65,13 +66,10 @@ def to_params(body: GenerateRequest, registry: Registry, settings: Settings) -> 
         width=body.width,
         height=body.height,
         cfg_scale=float(body.cfg_scale),
-        loras=tuple(sorted(body.loras.items())),
+        loras=tuple(sorted((name, registry.loras[name].path, float(weight))
+                           for name, weight in body.loras.items())),
         seed=seed,
     )
-
-
-def _family_name(family: str) -> str:
-    return {"sdxl": "SDXL", "sd15": "SD 1.x"}.get(family, family)
 
 
 async def _client_gone(request: Request) -> None:
@@ -83,29 +81,17 @@ async def _client_gone(request: Request) -> None:
 
 
 async def run_jobs(engine: Engine, jobs: list[Job], request: Request) -> list[JobResult]:
-    """Await the jobs of one request. If the client leaves, a job fails, or a job outlives
-    its queue deadline still waiting, the request fails and its other jobs are taken back."""
+    """Await the jobs of one request. If the client leaves or a job fails (the queue answers
+    a job that outlives its deadline), the request fails and its other jobs are taken back."""
     watcher = asyncio.ensure_future(_client_gone(request))
     try:
-        timeout: float | None = max(job.deadline_s for job in jobs)
         while not all(job.future.done() for job in jobs):
             waiting = {job.future for job in jobs if not job.future.done()}
-            done, _ = await asyncio.wait(
-                waiting | {watcher}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
-            )
+            done, _ = await asyncio.wait(waiting | {watcher}, return_when=asyncio.FIRST_COMPLETED)
             if watcher in done:
                 raise Unavailable("the client disconnected", kind="disconnected")
             for future in done:
                 future.result()  # raises the job's error
-            if not done and any(engine.queue.remove(job) for job in jobs):
-                raise Unavailable(  # still waiting after its deadline
-                    f"the job waited {jobs[0].deadline_s:g} s in the queue, its deadline "
-                    "(setting CRAFTSERVE_QUEUE_DEADLINE_S); the server is overloaded",
-                    retry_after=engine.queue.retry_after(),
-                    kind="deadline",
-                )
-            if not done:
-                timeout = None  # running: wait for it to finish
         return [job.future.result() for job in jobs]
     except BaseException:
         for job in jobs:

@@ -23,6 +23,5 @@ def ready(engine: EngineDep) -> JSONResponse:
 
 
 @router.get("/metrics", summary="Prometheus metrics")
-def metrics(request: Request, engine: EngineDep) -> Response:
-    engine.metrics.queue_depth.set(len(engine.queue))
+def metrics(request: Request) -> Response:
     return Response(request.app.state.metrics.render(), media_type=CONTENT_TYPE_LATEST)

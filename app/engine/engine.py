@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import threading
 import time
-from pathlib import Path
 
 import torch
 
 from app.config import Settings
+from app.engine.availability import LoadFailures
 from app.engine.jobs import GenParams, Job, JobQueue
 from app.engine.worker import Worker
 from app.errors import InvalidParameter, Unavailable
@@ -41,6 +40,8 @@ def parse_devices(spec: str) -> list[torch.device]:
 
 
 class Engine:
+    """Owns the queue and the workers; the HTTP side talks to it, never to a worker."""
+
     def __init__(self, settings: Settings, registry: Registry, metrics: Metrics) -> None:
         self.settings = settings
         self.registry = registry
@@ -50,11 +51,8 @@ class Engine:
             max_batch=settings.max_batch,
             batch_window_s=settings.batch_window_ms / 1000,
         )
-        self.workers = [
-            Worker(f"worker-{i}-{d}", d, self) for i, d in enumerate(parse_devices(settings.devices))
-        ]
-        for worker in self.workers:
-            self.queue.register(worker.slot)
+        metrics.queue_depth.set_function(lambda: len(self.queue))
+        self.failures = LoadFailures(settings.load_retry_s)
         wanted = [name for name, spec in registry.models.items() if spec.preload]
         self.preload = wanted[: settings.max_models_per_device]
         if len(wanted) > len(self.preload):
@@ -63,8 +61,19 @@ class Engine:
                 "(CRAFTSERVE_MAX_MODELS_PER_DEVICE): they load on their first request instead",
                 wanted[len(self.preload):], settings.max_models_per_device,
             )
-        self._failures: dict[str, tuple[float, Unavailable]] = {}
-        self._lock = threading.Lock()
+        self.workers = [
+            Worker(
+                f"worker-{i}-{device}",
+                device,
+                queue=self.queue,
+                settings=settings,
+                specs=registry.models,
+                metrics=metrics,
+                failures=self.failures,
+                preload=self.preload,
+            )
+            for i, device in enumerate(parse_devices(settings.devices))
+        ]
         self.accepting = False
 
     # ---- life cycle ----------------------------------------------------------------
@@ -110,7 +119,7 @@ class Engine:
         if not self.accepting:
             raise Unavailable("the server is shutting down; retry shortly", retry_after=30,
                               kind="shutdown")
-        self.raise_if_recently_failed(params.model)
+        self.failures.check(params.model)
         job = Job(
             params=params,
             client=client,
@@ -118,53 +127,19 @@ class Engine:
             deadline_s=self.settings.queue_deadline_s,
         )
         self.queue.submit(job)
-        self.metrics.queue_depth.set(len(self.queue))
         return job
 
     def cancel(self, job: Job) -> None:
         """The client is gone: drop a waiting job, or flag a running one for interruption."""
         if not self.queue.remove(job):
             job.cancelled.set()
-        self.metrics.queue_depth.set(len(self.queue))
-
-    def lora_paths(
-        self, loras: tuple[tuple[str, float], ...]
-    ) -> list[tuple[str, Path, float, str | None]]:
-        """(name, file, weight, family) for the LoRA manager, from the registry."""
-        specs = self.registry.loras
-        return [(name, specs[name].path, weight, specs[name].family) for name, weight in loras]
-
-    # ---- model availability --------------------------------------------------------
-    def record_load_failure(self, name: str, error: Unavailable) -> None:
-        with self._lock:
-            self._failures[name] = (time.monotonic(), error)
-
-    def clear_load_failure(self, name: str) -> None:
-        with self._lock:
-            self._failures.pop(name, None)
-
-    def raise_if_recently_failed(self, name: str) -> None:
-        """A model whose load failed is not retried on every request, only after a pause."""
-        with self._lock:
-            failure = self._failures.get(name)
-        if failure is None:
-            return
-        when, error = failure
-        remaining = self.settings.load_retry_s - (time.monotonic() - when)
-        if remaining > 0:
-            raise Unavailable(error.message, retry_after=remaining, kind="model_unavailable")
-
-    def load_failure(self, name: str) -> str | None:
-        with self._lock:
-            failure = self._failures.get(name)
-        return failure[1].message if failure else None
 
     # ---- readiness -----------------------------------------------------------------
     def readiness(self) -> tuple[bool, dict]:
         models: dict[str, str] = {}
         loaded = {name for w in self.workers for name in w.models}
         for name in self.registry.models:
-            failure = self.load_failure(name)
+            failure = self.failures.reason(name)
             if name in loaded:
                 models[name] = "loaded"
             elif failure:

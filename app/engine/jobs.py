@@ -9,7 +9,9 @@ future; a worker blocks in `take()` for the next batch. The queue is
 - batching: a worker takes the fair-next job plus compatible waiting jobs (same batch
   key), up to `max_batch`, waiting up to `batch_window` for more only while several
   requests have been in flight recently (a lone client never pays the window);
-- deadline-aware: a job that waited past its deadline is answered 503 and never run;
+- deadline-aware: a job that waits past its deadline is answered 503 at that moment (a
+  timer on the job's event loop, so the answer is on time even while every worker is
+  busy) and never run; this is the only place a queue deadline is enforced;
 - affinity-aware: a worker prefers jobs whose model it already holds, and leaves a job to
   an idle worker that holds its model.
 """
@@ -25,10 +27,11 @@ import time
 from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
-from app.engine.samplers import SamplerChoice
 from app.errors import Unavailable
+from app.samplers import SamplerChoice
 
 
 def round_up8(value: int) -> int:
@@ -47,7 +50,7 @@ class GenParams:
     width: int
     height: int
     cfg_scale: float
-    loras: tuple[tuple[str, float], ...]  # sorted by name
+    loras: tuple[tuple[str, Path, float], ...]  # (name, file, weight), sorted by name
     seed: int
 
     @property
@@ -103,8 +106,13 @@ class Job:
         self.future.add_done_callback(lambda f: f.cancelled() or f.exception())
 
     @property
+    def expires_at(self) -> float:
+        """time.monotonic() past which the job is not run (asyncio's loop.time() clock too)."""
+        return self.enqueued_at + self.deadline_s
+
+    @property
     def expired(self) -> bool:
-        return time.monotonic() - self.enqueued_at > self.deadline_s
+        return time.monotonic() > self.expires_at
 
     def _settle(self, setter: Callable[[Any], None], value: Any) -> None:
         def apply() -> None:
@@ -141,7 +149,7 @@ class JobQueue:
         self.max_queue = max_queue
         self.max_batch = max_batch
         self.batch_window_s = batch_window_s
-        self._cond = threading.Condition()
+        self._cond = threading.Condition(threading.RLock())
         self._by_client: OrderedDict[str, deque[Job]] = OrderedDict()
         self._size = 0
         self._closed = False
@@ -157,6 +165,10 @@ class JobQueue:
     def register(self, slot: WorkerSlot) -> None:
         with self._cond:
             self._slots.append(slot)
+
+    @property
+    def slots(self) -> tuple[WorkerSlot, ...]:
+        return tuple(self._slots)
 
     def retry_after(self) -> float:
         workers = max(1, len(self._slots))
@@ -180,6 +192,11 @@ class JobQueue:
             if self._in_system > 1:
                 self._busy_until = time.monotonic() + 2.0
             self._cond.notify_all()
+        # Answer the job at its deadline even while every worker is busy (take() would only
+        # notice when a worker comes back). A job already taken by then is left alone.
+        delay = max(0.0, job.expires_at - time.monotonic())
+        with contextlib.suppress(RuntimeError):  # a closed loop: nobody is waiting any more
+            job.loop.call_soon_threadsafe(job.loop.call_later, delay, self._expire, job)
 
     def remove(self, job: Job) -> bool:
         """Take a waiting job out of the queue. False when a worker already has it."""
@@ -193,6 +210,24 @@ class JobQueue:
             if not jobs:
                 del self._by_client[job.client]
             return True
+
+    def remove_model(self, model: str) -> list[Job]:
+        """Take every waiting job for `model` out of the queue (the caller answers them)."""
+        with self._cond:
+            found = [j for jobs in self._by_client.values() for j in jobs if j.params.model == model]
+            return [job for job in found if self.remove(job)]
+
+    def _expire(self, job: Job) -> None:
+        """The deadline rule, the one place it is applied: a job still waiting at its
+        deadline is answered 503 and never run."""
+        if self.remove(job):
+            job.fail(Unavailable(
+                f"the job waited {time.monotonic() - job.enqueued_at:.0f} s in the queue, longer "
+                f"than its deadline of {job.deadline_s:g} s (setting CRAFTSERVE_QUEUE_DEADLINE_S); "
+                "the server is overloaded",
+                retry_after=self.retry_after(),
+                kind="deadline",
+            ))
 
     def finished(self, count: int, seconds: float | None = None) -> None:
         """Workers report finished jobs; `seconds` (a generated batch) updates the estimate."""
@@ -277,19 +312,7 @@ class JobQueue:
             self._cond.wait(remaining)
 
     def _drop_expired(self) -> None:
-        for client in list(self._by_client):
-            for job in list(self._by_client[client]):
-                if job.expired:
-                    self._pop(client, job)
-                    self._in_system -= 1
-                    job.fail(
-                        Unavailable(
-                            f"the job waited {time.monotonic() - job.enqueued_at:.0f} s in the "
-                            f"queue, longer than its deadline of {job.deadline_s:g} s "
-                            "(setting CRAFTSERVE_QUEUE_DEADLINE_S); the server is overloaded",
-                            retry_after=self.retry_after(),
-                            kind="deadline",
-                        )
-                    )
-
-
+        """Apply the deadline rule before picking, in case the timer has not fired yet (its
+        event loop busy or not running). Called with the lock held; the lock is reentrant."""
+        for job in [j for jobs in self._by_client.values() for j in jobs if j.expired]:
+            self._expire(job)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,19 +18,20 @@ from app.engine.determinism import make_batch_invariant
 from app.engine.loras import LoraManager
 from app.engine.optimize import optimize_pipeline, warm_up
 from app.errors import Unavailable
+from app.families import PIPELINE_FAMILIES, SERVED_PIPELINES, Family
 from app.registry import ModelSpec
 
 logger = logging.getLogger(__name__)
 
-_SDXL_CLASSES = {"StableDiffusionXLPipeline"}
-_SD15_CLASSES = {"StableDiffusionPipeline"}
+# The size each family was trained at, where a GPU warm-up pays for the shapes used most.
+DEFAULT_SIZES: dict[str, tuple[int, int]] = {"sdxl": (1024, 1024), "sd15": (512, 512)}
 
 
 @dataclass
 class LoadedModel:
     spec: ModelSpec
     pipe: Any  # a diffusers text-to-image pipeline
-    family: str
+    family: Family
     scheduler_config: dict  # pristine copy; every job builds its own scheduler from it
     loras: LoraManager
     device: torch.device
@@ -38,11 +40,15 @@ class LoadedModel:
 
 
 def choose_dtype(spec: ModelSpec, device: torch.device) -> torch.dtype:
+    """fp32 on the CPU; on CUDA the spec's dtype, or for `auto` bf16 on Hopper-class GPUs
+    and newer (as fast as fp16 there, and SDXL's VAE needs no fp32 upcast in bf16) and fp16
+    on older ones (bf16 is slower or emulated before Ampere; fp16 is the common ground)."""
     if device.type != "cuda":
         return torch.float32  # half precision on the CPU is slow and lossy
     if spec.dtype != "auto":
         return getattr(torch, spec.dtype)
-    return torch.float16
+    major, _ = torch.cuda.get_device_capability(device)
+    return torch.bfloat16 if major >= 9 else torch.float16
 
 
 def _hub_repos(spec: ModelSpec) -> list[str]:
@@ -69,13 +75,22 @@ def _unavailable(spec: ModelSpec, repo: str, exc: BaseException) -> Unavailable:
 
 
 def _from_pretrained(cls: Any, source: str, allow_downloads: bool, **kwargs: Any) -> Any:
-    """Load from the local cache first; reach the Hub only if that fails and it is allowed."""
-    try:
-        return cls.from_pretrained(source, local_files_only=True, **kwargs)
-    except Exception:  # noqa: BLE001 - not cached (the error type varies by library)
-        if not allow_downloads:
-            raise
-    return cls.from_pretrained(source, **kwargs)
+    """Load from the local cache first; reach the Hub only if that fails and it is allowed.
+
+    In half precision the repo's fp16 `variant` files are asked for first (half the bytes to
+    read or download; SDXL base ships them), then the plain files."""
+    half = kwargs.get("torch_dtype") in (torch.float16, torch.bfloat16)
+    variants = ["fp16", None] if half else [None]
+    attempts = [(local, v) for local in ([True, False] if allow_downloads else [True])
+                for v in variants]
+    for number, (local, variant) in enumerate(attempts, 1):
+        extra = {"variant": variant} if variant else {}
+        try:
+            return cls.from_pretrained(source, local_files_only=local, **extra, **kwargs)
+        except Exception:  # noqa: BLE001 - not there (the error type varies by library)
+            if number == len(attempts):
+                raise
+    raise AssertionError("unreachable")  # pragma: no cover
 
 
 def _load_diffusers(spec: ModelSpec, dtype: torch.dtype, allow_downloads: bool) -> Any:
@@ -107,12 +122,10 @@ def _build(spec: ModelSpec, dtype: torch.dtype, device: torch.device, allow_down
     return _load_diffusers(spec, dtype, allow_downloads)
 
 
-def _family_of(spec: ModelSpec, pipe: Any) -> str:
+def _family_of(spec: ModelSpec, pipe: Any) -> Family:
     name = type(pipe).__name__
-    if name in _SDXL_CLASSES:
-        return "sdxl"
-    if name in _SD15_CLASSES:
-        return "sd15"
+    if name in SERVED_PIPELINES:
+        return PIPELINE_FAMILIES[name]
     raise Unavailable(
         f"model '{spec.name}' cannot be served: {spec.source} is a {name}, and craftserve "
         "serves text-to-image StableDiffusionXLPipeline and StableDiffusionPipeline models",
@@ -141,8 +154,15 @@ def load_model(
     lora_cache_size: int,
     compile: bool = False,
     exact_batches: bool = True,
+    warm_batch_sizes: Iterable[int] = (1,),
 ) -> LoadedModel:
-    """Build or load the pipeline for `spec` on `device`. Raises Unavailable on failure."""
+    """Build or load the pipeline for `spec` on `device`. Raises Unavailable on failure.
+
+    Before it returns (so before /ready says 200) every batch size in `warm_batch_sizes` (the
+    engine passes 1..MAX_BATCH) runs once: on CUDA at the family's default size, which pays
+    for cuDNN autotuning and compilation of the shapes requests use most; on the CPU at a
+    tiny size, since CPU kernels need no per-shape tuning and only the first-call costs
+    (lazy imports, allocator and thread-pool start-up) are worth paying early."""
     _quiet_libraries()
     started = time.perf_counter()
     dtype = choose_dtype(spec, device)
@@ -157,8 +177,9 @@ def load_model(
     optimize_pipeline(pipe, device, compile=compile)
     if device.type == "cpu" and exact_batches:
         make_batch_invariant(pipe)
-    warm_up(pipe, device, sizes=[(1024, 1024)] if family == "sdxl" else [(512, 512)],
-            batch_sizes=[1])
+    default_size = DEFAULT_SIZES[family] if device.type == "cuda" else (64, 64)
+    warm_up(pipe, device, sizes=[default_size], batch_sizes=sorted(set(warm_batch_sizes)),
+            force=True)
     seconds = time.perf_counter() - started
     logger.info("model %s loaded on %s (%s) in %.1f s", spec.name, device, dtype, seconds)
     return LoadedModel(

@@ -5,38 +5,37 @@ most `max_models_per_device`), makes a fresh scheduler for every batch from the 
 pristine config, activates exactly the batch's LoRAs and resets them afterwards, and
 answers every job of the batch, whatever happens. It never dies with a job: deliberate
 errors go to their jobs, anything else is logged with its traceback and answered 500.
+
+It meets the rest of the server only through what it is given: the queue it takes from,
+the settings, the model specs, the metrics and the load-failure record.
 """
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import logging
 import threading
 import time
 from collections import OrderedDict
-from typing import TYPE_CHECKING
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
 
 import torch
 
+from app.config import Settings
+from app.engine.availability import LoadFailures
 from app.engine.determinism import jobs_in_call
-from app.engine.jobs import Job, JobResult, WorkerSlot
+from app.engine.jobs import Job, JobQueue, JobResult, WorkerSlot
 from app.engine.pipelines import LoadedModel, load_model
-from app.errors import CraftError, Unavailable
+from app.errors import CraftError, InternalError, Unavailable
+from app.metrics import Metrics
+from app.registry import ModelSpec
 from app.samplers import make_scheduler
-
-if TYPE_CHECKING:
-    from app.engine.engine import Engine
 
 logger = logging.getLogger(__name__)
 
 OutOfMemory = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
-
-
-class InternalError(CraftError):
-    """A bug: the details are in the log under the job id, never in the answer."""
-
-    status = 500
-    kind = "internal"
 
 
 class _Interrupted(Exception):
@@ -44,11 +43,28 @@ class _Interrupted(Exception):
 
 
 class Worker:
-    def __init__(self, name: str, device: torch.device, engine: Engine) -> None:
+    def __init__(
+        self,
+        name: str,
+        device: torch.device,
+        *,
+        queue: JobQueue,
+        settings: Settings,
+        specs: Mapping[str, ModelSpec],
+        metrics: Metrics,
+        failures: LoadFailures,
+        preload: Sequence[str] = (),
+    ) -> None:
         self.name = name
         self.device = device
-        self.engine = engine
+        self.queue = queue
+        self.settings = settings
+        self.specs = specs
+        self.metrics = metrics
+        self.failures = failures
+        self.preload = tuple(preload)
         self.slot = WorkerSlot(name)
+        queue.register(self.slot)
         self.models: OrderedDict[str, LoadedModel] = OrderedDict()
         self.preloaded = threading.Event()
         self.running: list[Job] = []
@@ -67,13 +83,16 @@ class Worker:
         return self._thread.is_alive()
 
     def _main(self) -> None:
+        if self.device.type == "cuda":
+            # Anything that uses "the current device" (streams, cuDNN handles, libraries
+            # that call torch.cuda.current_device()) must mean this worker's GPU, not cuda:0.
+            torch.cuda.set_device(self.device)
         try:
             self._preload()
         finally:
             self.preloaded.set()
-        queue = self.engine.queue
         while True:
-            batch = queue.take(self.slot)
+            batch = self.queue.take(self.slot)
             if not batch:
                 return
             self.running = batch
@@ -87,48 +106,65 @@ class Worker:
                 self.slot.idle = True
 
     def _preload(self) -> None:
-        for name in self.engine.preload:
+        for name in self.preload:
             try:
-                self._model(name)
+                self.model(name)
             except CraftError as exc:
                 logger.warning("%s: preload of %s failed: %s", self.name, name, exc.message)
 
     # ---- models --------------------------------------------------------------------
-    def _model(self, name: str) -> LoadedModel:
+    def model(self, name: str) -> LoadedModel:
+        """The loaded model `name`, loading it (and evicting the least recently used) if needed.
+        A failed load is recorded, so requests for it are answered 503 at once for a while."""
         loaded = self.models.get(name)
         if loaded is not None:
             self.models.move_to_end(name)
             return loaded
-        self.engine.raise_if_recently_failed(name)
-        while len(self.models) >= self.engine.settings.max_models_per_device:
+        while len(self.models) >= self.settings.max_models_per_device:
             self._evict(next(iter(self.models)))
-        spec = self.engine.registry.models[name]
         try:
-            loaded = load_model(
-                spec,
-                self.device,
-                allow_downloads=self.engine.settings.allow_downloads,
-                lora_cache_size=self.engine.settings.lora_cache_size,
-                compile=self.engine.settings.compile,
-                exact_batches=self.engine.settings.cpu_exact_batches,
-            )
+            loaded = self._load(self.specs[name])
         except Unavailable as exc:
-            self.engine.record_load_failure(name, exc)
+            self.failures.record(name, exc)
+            self._fail_waiting(name, exc)
             raise
-        except Exception as exc:
-            logger.exception("%s: loading %s failed", self.name, name)
-            error = Unavailable(
-                f"model '{name}' cannot be served now: loading it failed "
-                f"({type(exc).__name__}); the server log has the details",
-                kind="model_unavailable",
-            )
-            self.engine.record_load_failure(name, error)
-            raise error from exc
-        self.engine.clear_load_failure(name)
-        self.engine.metrics.model_load.labels(name).observe(loaded.load_seconds)
+        self.failures.clear(name)
+        self.metrics.model_load.labels(name).observe(loaded.load_seconds)
         self.models[name] = loaded
         self.slot.models.add(name)
         return loaded
+
+    def _load(self, spec: ModelSpec) -> LoadedModel:
+        settings = self.settings
+        try:
+            return load_model(
+                spec,
+                self.device,
+                allow_downloads=settings.allow_downloads,
+                lora_cache_size=settings.lora_cache_size,
+                compile=settings.compile,
+                exact_batches=settings.cpu_exact_batches,
+                warm_batch_sizes=range(1, settings.max_batch + 1),
+            )
+        except Unavailable:
+            raise
+        except Exception as exc:
+            logger.exception("%s: loading %s failed", self.name, spec.name)
+            raise Unavailable(
+                f"model '{spec.name}' cannot be served now: loading it failed "
+                f"({type(exc).__name__}); the server log has the details",
+                kind="model_unavailable",
+            ) from exc
+
+    def _fail_waiting(self, name: str, error: Unavailable) -> None:
+        """Jobs already queued for a model that just failed to load get the same answer now,
+        rather than one more load attempt each (unless another worker holds the model)."""
+        if any(name in slot.models for slot in self.queue.slots if slot is not self.slot):
+            return
+        waiting = self.queue.remove_model(name)
+        if waiting:
+            self._fail(waiting, Unavailable(error.message, retry_after=error.retry_after,
+                                            kind="model_unavailable"), finished=True)
 
     def _evict(self, name: str) -> None:
         self.models.pop(name, None)
@@ -146,18 +182,18 @@ class Worker:
         now = time.monotonic()
         for job in batch:
             job.started_at = now
-            self.engine.metrics.queue_wait.observe(now - job.enqueued_at)
+            self.metrics.queue_wait.observe(now - job.enqueued_at)
         live = [job for job in batch if not job.cancelled.is_set()]
-        for job in batch:
-            if job.cancelled.is_set():
-                self._fail([job], Unavailable("the client went away before its job started",
-                                              kind="cancelled"))
+        gone = [job for job in batch if job.cancelled.is_set()]
+        if gone:
+            self._fail(gone, Unavailable("the client went away before its job started",
+                                         kind="cancelled"))
         if not live:
             return
         params = live[0].params
         started = time.perf_counter()
         try:
-            model = self._model(params.model)
+            model = self.model(params.model)
             images = self._generate_with_recovery(model, live)
         except _Interrupted:
             self._fail(live, Unavailable("every client of this job went away; it was stopped",
@@ -179,18 +215,19 @@ class Worker:
     def _finish(self, jobs: list[Job], seconds: float | None = None) -> None:
         """Tell the queue these jobs are done, before answering them: a lone client's next
         request must not find its previous job still counted as in flight."""
-        self.engine.queue.finished(len(jobs), seconds)
+        self.queue.finished(len(jobs), seconds)
 
-    def _fail(self, jobs: list[Job], error: CraftError) -> None:
-        self._finish(jobs)
+    def _fail(self, jobs: list[Job], error: CraftError, *, finished: bool = False) -> None:
+        if not finished:
+            self._finish(jobs)
         if error.kind in ("interrupted", "cancelled"):  # no answer reaches the edge: count here
-            self.engine.metrics.errors.labels(error.kind).inc(len(jobs))
+            self.metrics.errors.labels(error.kind).inc(len(jobs))
         for job in jobs:
             job.fail(error)
 
     def _report(self, model: LoadedModel, jobs: list[Job], images: list, seconds: float) -> None:
         self._finish(jobs, seconds)
-        metrics = self.engine.metrics
+        metrics = self.metrics
         params = jobs[0].params
         metrics.generation.labels(params.model).observe(seconds)
         metrics.batch_size.observe(len(jobs))
@@ -218,32 +255,39 @@ class Worker:
             ))
 
     def _generate_with_recovery(self, model: LoadedModel, jobs: list[Job]) -> list:
+        """On out-of-memory, decode with less memory (VAE slicing and tiles half the VAE's
+        default size) and retry: the batch first, then one job at a time."""
         try:
-            return self._generate(model, jobs)
+            return self.generate(model, jobs)
         except OutOfMemory:
-            logger.warning("%s: out of memory on a batch of %d; retrying one by one with "
-                           "VAE tiling", self.name, len(jobs))
+            logger.warning("%s: out of memory on a batch of %d; retrying with VAE slicing and "
+                           "small VAE tiles", self.name, len(jobs))
+        attempts = [jobs] if len(jobs) == 1 else [jobs, None]
+        with _low_memory_decode(model.pipe.vae):
+            for attempt in attempts:
+                self._free_memory()
+                try:
+                    if attempt is not None:
+                        return self.generate(model, attempt)
+                    logger.warning("%s: out of memory again; one job at a time", self.name)
+                    return [image for job in jobs for image in self.generate(model, [job])]
+                except OutOfMemory:
+                    continue
         self._free_memory()
-        model.pipe.vae.enable_tiling()
-        try:
-            return [image for job in jobs for image in self._generate(model, [job])]
-        except OutOfMemory:
-            self._free_memory()
-            raise Unavailable(
-                f"out of memory on {self.device} even one image at a time with VAE tiling; "
-                "try a smaller size or retry when the server is less busy",
-                retry_after=30,
-                kind="out_of_memory",
-            ) from None
-        finally:
-            model.pipe.vae.disable_tiling()
+        raise Unavailable(
+            f"out of memory on {self.device} even one image at a time with VAE tiling; "
+            "try a smaller size or retry when the server is less busy",
+            retry_after=30,
+            kind="out_of_memory",
+        )
 
-    def _generate(self, model: LoadedModel, jobs: list[Job]) -> list:
+    def generate(self, model: LoadedModel, jobs: list[Job]) -> list:
+        """One pipeline call for a batch of compatible jobs: their images, each cropped to
+        its requested size. The batch's LoRAs are active only during the call."""
         params = jobs[0].params
-        loras = self.engine.lora_paths(params.loras)
         pipe = model.pipe
         try:
-            model.loras.apply(loras)
+            model.loras.apply(params.loras)
             pipe.scheduler = make_scheduler(params.sampler, model.scheduler_config, params.seed)
             width, height = params.gen_size
             with jobs_in_call(pipe, len(jobs)):
@@ -271,6 +315,23 @@ class Worker:
             generator=[torch.Generator("cpu").manual_seed(j.params.seed) for j in jobs],
             callback_on_step_end=_stop_when_abandoned(jobs),
         )
+
+
+@contextlib.contextmanager
+def _low_memory_decode(vae: Any) -> Iterator[None]:
+    """VAE slicing (one image of a batch at a time) and tiling with tiles half the VAE's
+    default: diffusers' default tile is the VAE's sample size (SDXL: 1024 px, 128 latents),
+    so plain tiling changes nothing for any size the API allows. Restored afterwards."""
+    saved = (vae.use_slicing, vae.use_tiling, vae.tile_sample_min_size, vae.tile_latent_min_size)
+    vae.use_slicing = True
+    vae.use_tiling = True
+    vae.tile_sample_min_size = max(64, vae.tile_sample_min_size // 2)
+    vae.tile_latent_min_size = max(8, vae.tile_latent_min_size // 2)
+    try:
+        yield
+    finally:
+        (vae.use_slicing, vae.use_tiling,
+         vae.tile_sample_min_size, vae.tile_latent_min_size) = saved
 
 
 def _stop_when_abandoned(jobs: list[Job]):

@@ -1,0 +1,44 @@
+"""Which models failed to load recently: such a model is not retried on every request.
+
+Shared by the engine (a request for a model that just failed is answered 503 at once, before
+it is queued; /ready names the reason) and the workers (they record what happened).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+from app.errors import Unavailable
+
+
+class LoadFailures:
+    def __init__(self, retry_s: float) -> None:
+        self.retry_s = retry_s
+        self._failures: dict[str, tuple[float, Unavailable]] = {}
+        self._lock = threading.Lock()
+
+    def record(self, name: str, error: Unavailable) -> None:
+        with self._lock:
+            self._failures[name] = (time.monotonic(), error)
+
+    def clear(self, name: str) -> None:
+        with self._lock:
+            self._failures.pop(name, None)
+
+    def check(self, name: str) -> None:
+        """Raise the recorded error while the retry pause (setting LOAD_RETRY_S) lasts."""
+        with self._lock:
+            failure = self._failures.get(name)
+        if failure is None:
+            return
+        when, error = failure
+        remaining = self.retry_s - (time.monotonic() - when)
+        if remaining > 0:
+            raise Unavailable(error.message, retry_after=remaining, kind="model_unavailable")
+
+    def reason(self, name: str) -> str | None:
+        """The message of the last failed load of `name`, if it has not loaded since."""
+        with self._lock:
+            failure = self._failures.get(name)
+        return failure[1].message if failure else None
