@@ -1,15 +1,20 @@
-"""From a validated request to PNG bytes: the shared core of every generation route."""
+"""The shared core of every generation route, whatever its dialect.
+
+A dialect (VisionCraft, A1111, OpenAI) checks its own body against its own ranges, turns it
+into an `ImageRequest` and calls `generate_images`; it only formats the answer. So the same
+request gives the same pixels through any route, and compatible jobs of different dialects
+batch together.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import secrets
-from dataclasses import replace
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
 
 from fastapi import Request
-from fastapi.responses import Response
 
-from app.auth import Authenticator, bearer_token
 from app.config import Settings
 from app.engine.engine import Engine
 from app.engine.jobs import GenParams, Job, JobResult
@@ -19,21 +24,63 @@ from app.families import family_label
 from app.imaging import encode_png, parameters_text
 from app.registry import Registry
 from app.samplers import resolve_sampler
-from app.schemas import MAX_SEED, GenerateRequest
+from app.schemas import MAX_SEED
 
 DEFAULT_SAMPLER = "DPM++ 2M Karras"
 
 
-def to_params(body: GenerateRequest, registry: Registry, settings: Settings) -> GenParams:
+@dataclass(frozen=True)
+class ImageRequest:
+    """One request for images, in no dialect's terms. Ranges were checked by the dialect;
+    names (model, sampler, LoRAs) and server-wide limits are checked by `to_params`."""
+
+    model: str
+    prompt: str
+    negative_prompt: str = ""
+    sampler: str | None = None  # None: the model's default sampler
+    scheduler: str | None = None
+    steps: int = 30
+    width: int = 1024
+    height: int = 1024
+    cfg_scale: float = 7.0
+    loras: Mapping[str, float] = field(default_factory=dict)
+    seed: int | None = None  # None or negative: random
+
+
+@dataclass(frozen=True)
+class Generated:
+    """One image as generated: its PNG (with the A1111 `parameters` text chunk) and facts."""
+
+    png: bytes
+    params: GenParams
+    result: JobResult
+    job_id: str
+
+    def headers(self) -> dict[str, str]:
+        """The X-* facts craftserve adds to every answer with one image."""
+        result = self.result
+        return {
+            "X-Job-Id": self.job_id,
+            "X-Seed": str(result.seed),
+            "X-Model": self.params.model,
+            "X-Sampler": result.sampler_label,
+            "X-Queue-Wait-Ms": f"{result.queue_wait_s * 1000:.1f}",
+            "X-Generation-Ms": f"{result.generation_s * 1000:.1f}",
+            "X-Batch-Size": str(result.batch_size),
+            "X-Worker": result.worker,
+        }
+
+
+def to_params(body: ImageRequest, registry: Registry, settings: Settings) -> GenParams:
     """Check the request against the registry and the settings; resolve every name."""
     spec = registry.models.get(body.model)
     if spec is None:
         raise NotServed("model", body.model, registry.models)
-    for field in ("prompt", "negative_prompt"):
-        text = getattr(body, field)
+    for name in ("prompt", "negative_prompt"):
+        text = getattr(body, name)
         if len(text) > settings.max_prompt_length:
             raise InvalidParameter(
-                field,
+                name,
                 f"<{len(text)} characters>",
                 f"at most {settings.max_prompt_length} characters "
                 "(setting CRAFTSERVE_MAX_PROMPT_LENGTH)",
@@ -102,56 +149,24 @@ async def run_jobs(engine: Engine, jobs: list[Job], request: Request) -> list[Jo
         watcher.cancel()
 
 
-def _client_label(body: GenerateRequest, request: Request, auth: Authenticator) -> str:
-    token = body.token or bearer_token(request.headers.get("authorization"))
-    return auth.authenticate(token, request.client.host if request.client else None)
-
-
 async def _encode(params: GenParams, result: JobResult) -> bytes:
     text = parameters_text(params, result.seed, result.sampler_label)
     return await asyncio.to_thread(encode_png, result.image, text)
 
 
-async def generate_png(
-    body: GenerateRequest,
-    request: Request,
-    *,
-    engine: Engine,
-    registry: Registry,
-    settings: Settings,
-    auth: Authenticator,
-) -> Response:
-    client = _client_label(body, request, auth)
-    params = to_params(body, registry, settings)
-    job = engine.submit(params, client)
-    (result,) = await run_jobs(engine, [job], request)
-    png = await _encode(params, result)
-    headers = {
-        "X-Job-Id": job.id,
-        "X-Seed": str(result.seed),
-        "X-Model": params.model,
-        "X-Sampler": result.sampler_label,
-        "X-Queue-Wait-Ms": f"{result.queue_wait_s * 1000:.1f}",
-        "X-Generation-Ms": f"{result.generation_s * 1000:.1f}",
-        "X-Batch-Size": str(result.batch_size),
-        "X-Worker": result.worker,
-    }
-    return Response(png, media_type="image/png", headers=headers)
-
-
-async def generate_many(
-    body: GenerateRequest,
+async def generate_images(
+    body: ImageRequest,
     count: int,
     request: Request,
     *,
+    client: str,
     engine: Engine,
     registry: Registry,
     settings: Settings,
-    auth: Authenticator,
-) -> list[bytes]:
-    """`count` images of one request, seeds seed, seed+1, ... (A1111's convention); they are
-    compatible jobs, so the engine batches them. Any failure fails the request."""
-    client = _client_label(body, request, auth)
+) -> list[Generated]:
+    """`count` images of one request for the authenticated `client` (a key label), seeds
+    seed, seed+1, ... (A1111's convention); they are compatible jobs, so the engine batches
+    them. Any failure fails the request and takes back its other jobs."""
     first = to_params(body, registry, settings)
     all_params = [replace(first, seed=(first.seed + i) % (MAX_SEED + 1)) for i in range(count)]
     jobs: list[Job] = []
@@ -163,5 +178,6 @@ async def generate_many(
             engine.cancel(job)
         raise
     results = await run_jobs(engine, jobs, request)
-    return list(await asyncio.gather(*(_encode(p, r) for p, r in zip(all_params, results,
-                                                                        strict=True))))
+    pngs = await asyncio.gather(*(_encode(p, r) for p, r in zip(all_params, results, strict=True)))
+    return [Generated(png, params, result, job.id)
+            for png, params, result, job in zip(pngs, all_params, results, jobs, strict=True)]

@@ -6,7 +6,8 @@ from fastapi import APIRouter, HTTPException, Request
 from fastapi.responses import Response
 
 from app.api.deps import AuthDep, EngineDep, ImagesDep, RegistryDep, SettingsDep
-from app.api.generation import generate_many, generate_png
+from app.api.generation import Generated, ImageRequest, generate_images
+from app.auth import Authenticator, bearer_token
 from app.errors import NotServed
 from app.samplers import a1111_sampler_names, comfy_sampler_ids, comfy_scheduler_names
 from app.schemas import GenerateRequest, GenerateRequestV0, GenerateRequestV2, ImageUrls
@@ -16,6 +17,27 @@ router = APIRouter(tags=["visioncraft"])
 _PNG = {200: {"content": {"image/png": {}}, "description": "the image, PNG bytes"}}
 # September 2024 categories; those of families craftserve does not serve list nothing.
 _CATEGORIES = {"SD-1.5": "sd15", "SDXL-1.0": "sdxl", "SD-3.0": None, "Pony": None, "FLUX.1": None}
+
+
+def _image_request(body: GenerateRequest) -> ImageRequest:
+    return ImageRequest(
+        model=body.model, prompt=body.prompt, negative_prompt=body.negative_prompt,
+        sampler=body.sampler, scheduler=body.scheduler, steps=body.steps, width=body.width,
+        height=body.height, cfg_scale=float(body.cfg_scale), loras=body.loras, seed=body.seed,
+    )
+
+
+def _client(body: GenerateRequest, request: Request, auth: Authenticator) -> str:
+    token = body.token or bearer_token(request.headers.get("authorization"))
+    return auth.authenticate(token, request.client.host if request.client else None)
+
+
+async def _generate(body: GenerateRequest, count: int, request: Request, engine: EngineDep,
+                    registry: RegistryDep, settings: SettingsDep, auth: AuthDep) -> list[Generated]:
+    return await generate_images(
+        _image_request(body), count, request, client=_client(body, request, auth),
+        engine=engine, registry=registry, settings=settings,
+    )
 
 
 @router.post("/sd", response_class=Response, responses=_PNG, summary="Generate an image")
@@ -29,9 +51,8 @@ async def sd(
     settings: SettingsDep,
     auth: AuthDep,
 ) -> Response:
-    return await generate_png(
-        body, request, engine=engine, registry=registry, settings=settings, auth=auth
-    )
+    (image,) = await _generate(body, 1, request, engine, registry, settings, auth)
+    return Response(image.png, media_type="image/png", headers=image.headers())
 
 
 @router.post("/image/generate", response_class=Response, responses=_PNG,
@@ -58,10 +79,9 @@ async def generate(
     auth: AuthDep,
     images: ImagesDep,
 ) -> ImageUrls:
-    pngs = await generate_many(body, body.image_count, request, engine=engine,
-                               registry=registry, settings=settings, auth=auth)
+    generated = await _generate(body, body.image_count, request, engine, registry, settings, auth)
     return ImageUrls(images=[
-        str(request.url_for("stored_image", key=images.put(png))) for png in pngs
+        str(request.url_for("stored_image", key=images.put(image.png))) for image in generated
     ])
 
 
