@@ -9,10 +9,12 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from app import __version__
 from app.api import health, visioncraft
+from app.api.errors import ErrorInfo, ErrorRenderers
 from app.auth import Authenticator
 from app.config import Settings, get_settings
 from app.engine.engine import Engine
@@ -29,12 +31,16 @@ def _short(value: object, limit: int = 80) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+def _field_of(err: dict) -> str:
+    loc = [str(p) for p in err.get("loc", ())]
+    return ".".join(loc[1:] if loc and loc[0] == "body" else loc) or "body"
+
+
 def describe_validation_errors(errors: list[dict]) -> str:
     """One readable sentence per error: the field, the value and the rule."""
     parts = []
     for err in errors:
-        loc = [str(p) for p in err.get("loc", ())]
-        field = ".".join(loc[1:] if loc and loc[0] == "body" else loc) or "body"
+        field = _field_of(err)
         kind = err.get("type", "")
         if kind == "missing":
             parts.append(f"{field}: required field is missing")
@@ -47,29 +53,38 @@ def describe_validation_errors(errors: list[dict]) -> str:
     return "; ".join(parts)
 
 
-def _install_error_handlers(app: FastAPI, metrics: Metrics) -> None:
+def _install_error_handlers(app: FastAPI, metrics: Metrics, renderers: ErrorRenderers) -> None:
     @app.exception_handler(CraftError)
-    async def craft_error(request: Request, exc: CraftError) -> JSONResponse:
+    async def craft_error(request: Request, exc: CraftError) -> Response:
         metrics.errors.labels(exc.kind).inc()
-        return JSONResponse({"detail": exc.message}, status_code=exc.status, headers=exc.headers)
+        info = ErrorInfo(exc.status, exc.message, exc.kind, getattr(exc, "field", None), exc.headers)
+        return renderers.render(request, info)
 
     @app.exception_handler(RequestValidationError)
-    async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
+    async def invalid_request(request: Request, exc: RequestValidationError) -> Response:
         metrics.errors.labels("invalid_parameter").inc()
         errors = [
             {"loc": list(e.get("loc", ())), "msg": e.get("msg"), "type": e.get("type")}
             for e in exc.errors()
         ]
-        detail = describe_validation_errors(list(exc.errors()))
-        return JSONResponse({"detail": detail, "errors": errors}, status_code=422)
+        fields = [_field_of(e) for e in exc.errors()]
+        info = ErrorInfo(422, describe_validation_errors(list(exc.errors())), "invalid_parameter",
+                         fields[0] if fields else None, errors=errors)
+        return renderers.render(request, info)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        kind = "not_found" if exc.status_code == 404 else "http"
+        metrics.errors.labels(kind).inc()
+        info = ErrorInfo(exc.status_code, str(exc.detail), kind, headers=dict(exc.headers or {}))
+        return renderers.render(request, info)
 
     @app.exception_handler(Exception)
-    async def bug(request: Request, exc: Exception) -> JSONResponse:
+    async def bug(request: Request, exc: Exception) -> Response:
         logger.exception("unhandled error on %s %s", request.method, request.url.path)
         metrics.errors.labels("internal").inc()
-        return JSONResponse(
-            {"detail": "internal server error; the server log has the details"}, status_code=500
-        )
+        info = ErrorInfo(500, "internal server error; the server log has the details", "internal")
+        return renderers.render(request, info)
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -114,5 +129,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.images = ImageStore(settings.image_store_mb * 2**20)
     app.include_router(visioncraft.router)
     app.include_router(health.router)
-    _install_error_handlers(app, metrics)
+    app.state.error_renderers = renderers = ErrorRenderers()
+    _install_error_handlers(app, metrics, renderers)
     return app

@@ -17,7 +17,7 @@ def test_missing_token_is_403(client: httpx.Client) -> None:
 def test_wrong_token_is_403(client: httpx.Client) -> None:
     answer = client.post("/sd", json=body(token="not-the-key"))
     assert answer.status_code == 403
-    assert answer.json() == {"detail": "Invalid API key"}
+    assert answer.json() == {"detail": "Invalid API key", "error": {"message": "Invalid API key"}}
     assert "not-the-key" not in answer.text
 
 

@@ -1,0 +1,55 @@
+"""Error answers in each dialect's shape: one error, one status, rendered by the dialect.
+
+Every deliberate error (app.errors.CraftError), every body that fails validation and every
+HTTP error (unknown route, ...) becomes an `ErrorInfo`; the renderer registered for the
+request's path prefix (`/sdapi/` A1111, `/v1/` OpenAI) turns it into a response, and the
+VisionCraft shape serves every other path.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+from fastapi import Request
+from fastapi.responses import JSONResponse, Response
+
+
+@dataclasses.dataclass(frozen=True)
+class ErrorInfo:
+    status: int
+    message: str  # one readable sentence (or several, "; "-joined) naming field, value and rule
+    kind: str  # the label of craftserve_errors_total
+    field: str | None = None  # the request field at fault, when there is one
+    headers: dict[str, str] = dataclasses.field(default_factory=dict)
+    errors: list[dict] | None = None  # validation details: [{loc, msg, type}]
+
+
+Renderer = Callable[[Request, ErrorInfo], Response]
+
+
+def visioncraft_error(request: Request, info: ErrorInfo) -> Response:
+    """`detail` (a string) as craftserve always answered, plus `error.message` with the same
+    text, which the published VisionCraft wrapper reads first."""
+    body: dict = {"detail": info.message, "error": {"message": info.message}}
+    if info.errors is not None:
+        body["errors"] = info.errors
+    return JSONResponse(body, status_code=info.status, headers=info.headers)
+
+
+class ErrorRenderers:
+    """Path prefix → renderer; the VisionCraft shape when no prefix matches."""
+
+    def __init__(self) -> None:
+        self._by_prefix: list[tuple[str, Renderer]] = []
+
+    def register(self, prefix: str, renderer: Renderer) -> None:
+        self._by_prefix.append((prefix, renderer))
+        self._by_prefix.sort(key=lambda item: -len(item[0]))  # the longest prefix wins
+
+    def render(self, request: Request, info: ErrorInfo) -> Response:
+        path = request.url.path
+        for prefix, renderer in self._by_prefix:
+            if path.startswith(prefix):
+                return renderer(request, info)
+        return visioncraft_error(request, info)
