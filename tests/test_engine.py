@@ -475,3 +475,37 @@ def test_queue_deadline_is_answered_by_the_queue_while_no_worker_takes_jobs(loop
         loop.run_until_complete(asyncio.wait_for(job.future, 5))
     assert info.value.kind == "deadline" and info.value.status == 503
     assert len(queue) == 0
+
+
+def test_jobs_of_a_client_and_their_progress(make_server) -> None:
+    """What progress routes read: a client's own running and waiting jobs, and the steps done."""
+    from app.auth import key_label
+
+    server = make_server(max_batch=1, api_keys=[API_KEY, "other-key"])
+    engine = server.app.state.engine
+    held = HeldWorker(engine.workers[0])
+    seen: list = []
+    real = held.real
+
+    def recording(model, jobs):
+        seen.extend(jobs)
+        return real(model, jobs)
+
+    held.real = recording
+    try:
+        with server.client() as c, ThreadPoolExecutor(3) as pool:
+            mine = pool.submit(c.post, "/sd", json=body(seed=1, steps=5))
+            wait_for(lambda: held.worker.running)
+            queued = pool.submit(c.post, "/sd", json=body(seed=2, steps=3))
+            wait_for(lambda: len(engine.queue) == 1)
+            theirs = pool.submit(c.post, "/sd", json=body(seed=3, token="other-key"))
+            wait_for(lambda: len(engine.queue) == 2)
+            assert [j.params.seed for j in engine.jobs_of(key_label(API_KEY))] == [1, 2]
+            assert [j.params.seed for j in engine.jobs_of(key_label("other-key"))] == [3]
+            assert engine.jobs_of("key-nobody") == []
+            held.release()
+            for future in (mine, queued, theirs):
+                png(future.result())
+    finally:
+        held.restore()
+    assert [(j.params.seed, j.step, j.params.steps) for j in seen] == [(1, 5, 5), (2, 3, 3), (3, 4, 4)]

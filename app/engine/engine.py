@@ -129,6 +129,11 @@ class Engine:
         self.queue.submit(job)
         return job
 
+    def jobs_of(self, client: str) -> list[Job]:
+        """The client's running jobs, then its waiting ones in the order they will run."""
+        running = [job for w in self.workers for job in list(w.running) if job.client == client]
+        return running + self.queue.waiting(client)
+
     def cancel(self, job: Job) -> None:
         """The client is gone: drop a waiting job, or flag a running one for interruption."""
         if not self.queue.remove(job):

@@ -98,6 +98,7 @@ class Job:
     enqueued_at: float = field(default_factory=time.monotonic)
     started_at: float | None = None
     cancelled: threading.Event = field(default_factory=threading.Event)
+    step: int = 0  # denoising steps done (written by the worker thread after each step)
 
     def __post_init__(self) -> None:
         self.future = self.loop.create_future()
@@ -210,6 +211,11 @@ class JobQueue:
             if not jobs:
                 del self._by_client[job.client]
             return True
+
+    def waiting(self, client: str) -> list[Job]:
+        """The client's waiting jobs, in the order they will run."""
+        with self._cond:
+            return list(self._by_client.get(client, ()))
 
     def remove_model(self, model: str) -> list[Job]:
         """Take every waiting job for `model` out of the queue (the caller answers them)."""

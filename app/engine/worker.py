@@ -335,7 +335,10 @@ def _low_memory_decode(vae: Any) -> Iterator[None]:
 
 
 def _stop_when_abandoned(jobs: list[Job]):
+    """The step callback: records progress, and stops the call once every job is cancelled."""
     def callback(pipe, step, timestep, callback_kwargs):  # noqa: ANN001 - diffusers' signature
+        for job in jobs:
+            job.step = step + 1
         if all(job.cancelled.is_set() for job in jobs):
             raise _Interrupted()
         return callback_kwargs
