@@ -5,6 +5,7 @@ Every tunable of the server lives here, validated once at start-up.
 
 from __future__ import annotations
 
+import json
 from functools import lru_cache
 from pathlib import Path
 from typing import Annotated
@@ -47,6 +48,16 @@ class Settings(BaseSettings):
     allow_downloads: bool = True  # fetch missing weights from the Hugging Face Hub
     compile: bool = False  # torch.compile the UNet and VAE on CUDA (warm-up before /ready)
 
+    # AUTOMATIC1111 dialect (/sdapi/v1): its own limits, wider than VisionCraft's ranges.
+    a1111_max_size: int = Field(2048, ge=64, description="pixels, width and height")
+    a1111_max_steps: int = Field(150, ge=1)
+    a1111_max_images: int = Field(8, ge=1, description="batch_size x n_iter of one request")
+
+    # OpenAI images dialect (/v1): images a request (`n`), and other model names (e.g.
+    # dall-e-3) mapped to served models: "dall-e-3=sdxl-base,dall-e-2=sd15" or a JSON object.
+    openai_max_images: int = Field(4, ge=1)
+    openai_model_aliases: Annotated[dict[str, str], NoDecode] = Field(default_factory=dict)
+
     shutdown_grace_s: float = Field(30.0, ge=0)
     # PNGs kept for the URLs `POST /generate` answers with (oldest dropped first).
     image_store_mb: int = Field(256, ge=1)
@@ -57,6 +68,19 @@ class Settings(BaseSettings):
     def _split_keys(cls, value: object) -> object:
         if isinstance(value, str):
             return [k.strip() for k in value.split(",") if k.strip()]
+        return value
+
+    @field_validator("openai_model_aliases", mode="before")
+    @classmethod
+    def _parse_aliases(cls, value: object) -> object:
+        if isinstance(value, str):
+            text = value.strip()
+            if text.startswith("{"):
+                return json.loads(text)
+            pairs = [p.split("=", 1) for p in text.split(",") if p.strip()]
+            if any(len(p) != 2 for p in pairs):
+                raise ValueError("use name=model pairs, comma-separated, or a JSON object")
+            return {k.strip(): v.strip() for k, v in pairs}
         return value
 
     def all_api_keys(self) -> list[str]:

@@ -13,7 +13,7 @@ from fastapi.responses import Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from app import __version__
-from app.api import health, visioncraft
+from app.api import a1111, health, openai_images, visioncraft
 from app.api.errors import ErrorInfo, ErrorRenderers
 from app.auth import Authenticator
 from app.config import Settings, get_settings
@@ -128,6 +128,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.engine = engine
     app.state.images = ImageStore(settings.image_store_mb * 2**20)
     app.include_router(visioncraft.router)
+    app.include_router(a1111.router)
+    app.include_router(openai_images.router)
     app.include_router(health.router)
     app.state.error_renderers = renderers = ErrorRenderers()
     _install_error_handlers(app, metrics, renderers)
