@@ -69,6 +69,26 @@ class Forbidden(CraftError):
     kind = "forbidden"
 
 
+class Unauthorized(CraftError):
+    """Missing or wrong credentials in dialects whose clients expect 401 (A1111, OpenAI); the
+    dialect sets the challenge header (e.g. `WWW-Authenticate: Basic`)."""
+
+    status = 401
+    kind = "unauthorized"
+
+
+class RateLimited(CraftError):
+    """A key past its request rate limit (429, with Retry-After)."""
+
+    status = 429
+    kind = "rate_limited"
+
+    def __init__(self, message: str, *, retry_after: float) -> None:
+        seconds = max(1, int(round(retry_after + 0.499)))  # never early: round up
+        super().__init__(message, headers={"Retry-After": str(seconds)})
+        self.retry_after = seconds
+
+
 class InternalError(CraftError):
     """A bug: the details are in the log under the job id, never in the answer (500)."""
 
