@@ -2,16 +2,16 @@
 
 No GPU here: the CPU path must stay exactly as it was (optimize_pipeline and warm_up do
 nothing), and the GPU path's steps that the CPU can run (SDPA check, fused QKV with LoRAs,
-channels-last, the VAE upcast switch, the timestep cast in front of the compiled UNet) are
-forced onto the tiny pipeline and compared with the unoptimised one. The full-size SDXL is
-built on the meta device only: its parameter counts are checked against the published ones.
+channels-last, the VAE fp16 check, the timestep cast in front of the compiled UNet, eager
+LoRA batches on a compiled pipeline) are forced onto the tiny pipeline and compared with the
+unoptimised one. The full-size SDXL is built on the meta device only: its parameter counts
+are checked against the published figures, written here as literals.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import re
 import subprocess
 import sys
 from pathlib import Path
@@ -100,33 +100,44 @@ def storage_bytes(model: torch.nn.Module) -> int:
 
 # ---- the full-size architecture ------------------------------------------------------
 
+# SDXL 1.0 base (stabilityai/stable-diffusion-xl-base-1.0) as published: parameters per
+# component. Written here, not taken from the module under test.
+PUBLISHED_PARAMETERS = {
+    "unet": 2_567_463_684,
+    "text_encoder": 123_060_480,  # CLIP ViT-L/14 text encoder
+    "text_encoder_2": 694_659_840,  # OpenCLIP ViT-bigG/14 text encoder with projection
+    "vae": 83_653_863,
+}
 
-def _readme_counts() -> dict[str, int] | None:
-    """The figures of shared/sdxl-configs/README.md, where that folder is beside the repo."""
-    readme = ROOT.parent / "shared" / "sdxl-configs" / "README.md"
-    if not readme.is_file():
-        return None
-    text = readme.read_text(encoding="utf-8")
-    found = {}
-    for name, pattern in (
-        ("unet", r"UNet ([\d,]+)"),
-        ("vae", r"VAE ([\d,]+)"),
-        ("text_encoder", r"text_encoder \(CLIP[^)]*\) ([\d,]+)"),
-        ("text_encoder_2", r"text_encoder_2 \(OpenCLIP[^)]*\) ([\d,]+)"),
-    ):
-        match = re.search(pattern, text)
-        if match:
-            found[name] = int(match[1].replace(",", ""))
-    return found
+
+def fused_qkv_extra_parameters(model: torch.nn.Module) -> int:
+    """Parameters that fusing QKV adds to `model` (the fused copies), without fusing it."""
+    from diffusers.models.attention_processor import Attention
+
+    extra = 0
+    for module in model.modules():
+        if isinstance(module, Attention):
+            layers = [module.to_k, module.to_v]
+            if not module.is_cross_attention:
+                layers.append(module.to_q)
+            extra += sum(p.numel() for layer in layers for p in layer.parameters())
+    return extra
+
+
+def sdxl_fused_qkv_extra() -> int:
+    """The fused copies of SDXL's UNet, from its architecture: transformer blocks of width
+    640 (down 2 x 2, up 3 x 2) and 1280 (down 2 x 10, mid 10, up 3 x 10), each with a self-
+    attention (q, k, v: 3 d x d) and a cross-attention on the 2048-wide text (k, v: 2 x 2048
+    x d), no biases."""
+    blocks = {640: 2 * 2 + 3 * 2, 1280: 2 * 10 + 10 + 3 * 10}
+    return sum(n * (3 * d * d + 2 * 2048 * d) for d, n in blocks.items())
 
 
 def test_full_size_parameter_counts_on_meta():
     pipe = build_random_sdxl(device="meta")
-    counts = {name: count_parameters(getattr(pipe, name)) for name in EXPECTED_PARAMETERS}
-    assert counts == EXPECTED_PARAMETERS
-    readme = _readme_counts()
-    if readme is not None:
-        assert readme == EXPECTED_PARAMETERS
+    counts = {name: count_parameters(getattr(pipe, name)) for name in PUBLISHED_PARAMETERS}
+    assert counts == PUBLISHED_PARAMETERS
+    assert EXPECTED_PARAMETERS == PUBLISHED_PARAMETERS  # what the benchmark relies on
     assert pipe.unet.device.type == "meta"
     assert pipe.tokenizer.model_max_length == 77 and len(pipe.tokenizer) < 49_408
     assert type(pipe.scheduler).__name__ == "EulerDiscreteScheduler"
@@ -138,9 +149,10 @@ def test_full_size_parameter_counts_on_meta():
     # fp16-fix VAE config by default; the base model's own config on request
     assert pipe.vae.config.force_upcast is False
     assert build_random_sdxl(device="meta", fp16_fix_vae=False).vae.config.force_upcast is True
-    # diffusers alone would keep 648 M parameters twice (1.3 GB in fp16): see optimize.py
-    extra = optimize.fused_qkv_extra_parameters(pipe.unet)
-    assert extra == 647_987_200
+    # diffusers' fusion alone would keep 648 M parameters twice (1.3 GB in fp16): why
+    # optimize.share_fused_weights exists (docs/gpu-path.md)
+    assert sdxl_fused_qkv_extra() == 647_987_200
+    assert fused_qkv_extra_parameters(pipe.unet) == 647_987_200
 
 
 def test_materialize_gives_finite_reproducible_weights():
@@ -192,7 +204,8 @@ def test_optimize_and_warm_up_do_nothing_on_the_cpu(base):
 def test_forced_fast_path_keeps_images(base, lora_file):
     pipe = tiny()
     optimize.optimize_pipeline(pipe, CPU, compile=False, force=True)
-    assert optimize.applied_optimizations(pipe) == ("sdpa", "fused-qkv", "channels-last")
+    # diffusers' processors are already SDPA ones: "sdpa" is not reported as applied
+    assert optimize.applied_optimizations(pipe) == ("fused-qkv", "channels-last")
     assert {type(p).__name__ for p in pipe.unet.attn_processors.values()} == {
         "LoraAwareFusedAttnProcessor"
     }
@@ -242,21 +255,87 @@ def test_fused_qkv_is_exact_with_and_without_loras(base, lora_file):
         pipe.unet.set_attn_processor(aware)
 
 
-def test_fp16_fix_vae_stops_upcasting_and_others_keep_it():
-    def pipe_with_vae(name: str):
-        pipe = tiny()
-        pipe.vae.to(torch.float16)
-        pipe.vae.register_to_config(force_upcast=True, _name_or_path=name)
-        optimize.optimize_pipeline(
-            pipe, CPU, compile=False, force=True, fuse_qkv=False, channels_last=False
-        )
-        return pipe
+def test_sdpa_is_reported_only_where_processors_were_replaced():
+    from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
 
-    fixed = pipe_with_vae("madebyollin/sdxl-vae-fp16-fix")
-    assert fixed.vae.config.force_upcast is False
-    assert "vae-no-upcast" in optimize.applied_optimizations(fixed)
-    original = pipe_with_vae("stabilityai/stable-diffusion-xl-base-1.0")
-    assert original.vae.config.force_upcast is True
+    pipe = tiny()
+    pipe.vae.set_attn_processor(AttnProcessor())
+    optimize.optimize_pipeline(pipe, CPU, compile=False, force=True, fuse_qkv=False,
+                               channels_last=False)
+    assert optimize.applied_optimizations(pipe) == ("sdpa",)
+    assert {type(p) for p in pipe.vae.attn_processors.values()} == {AttnProcessor2_0}
+    optimize.optimize_pipeline(pipe, CPU, compile=False, force=True)  # once per pipeline
+    assert optimize.applied_optimizations(pipe) == ("sdpa",)
+
+    untouched = tiny()
+    optimize.optimize_pipeline(untouched, CPU, compile=False, force=True, fuse_qkv=False,
+                               channels_last=False)
+    assert optimize.applied_optimizations(untouched) == ()
+
+
+@pytest.fixture()
+def small_vae_check(monkeypatch):
+    """An 8x8 latent for the VAE check: fp16 convolutions are slow on the CPU."""
+    monkeypatch.setattr(optimize, "VAE_CHECK_LATENT_SIZE", 8)
+
+
+def fp16_vae_pipe(*, force_upcast: bool, weight_scale: float = 1.0):
+    pipe = tiny()
+    pipe.vae.to(torch.float16)
+    pipe.vae.register_to_config(force_upcast=force_upcast)
+    if weight_scale != 1.0:
+        with torch.no_grad():
+            pipe.vae.decoder.conv_in.weight.mul_(weight_scale)
+    return pipe
+
+
+def optimize_vae_only(pipe, **kwargs) -> tuple[str, ...]:
+    optimize.optimize_pipeline(pipe, CPU, compile=False, force=True, fuse_qkv=False,
+                               channels_last=False, **kwargs)
+    return optimize.applied_optimizations(pipe)
+
+
+def test_vae_declared_fp16_safe_by_its_config_is_left_alone(monkeypatch):
+    def no_check(vae):
+        raise AssertionError("a VAE declared fp16-safe is not test-decoded")
+
+    monkeypatch.setattr(optimize, "vae_fp16_peak", no_check)
+    pipe = fp16_vae_pipe(force_upcast=False)
+    assert optimize_vae_only(pipe) == ()
+    assert pipe.vae.config.force_upcast is False
+
+
+def test_vae_that_decodes_fine_in_fp16_stops_upcasting(small_vae_check):
+    pipe = fp16_vae_pipe(force_upcast=True)  # e.g. an fp16-fix copy with an old config
+    assert 0 < optimize.vae_fp16_peak(pipe.vae) < 100
+    assert optimize_vae_only(pipe) == ("vae-no-upcast",)
+    assert pipe.vae.config.force_upcast is False
+
+
+@pytest.mark.parametrize("scale", [5e4, 1e4], ids=["overflows", "within-headroom"])
+def test_vae_that_overflows_in_fp16_keeps_upcasting(small_vae_check, scale):
+    # conv_in's weights scaled up (still finite in fp16): the decoder's activations pass
+    # fp16's 65,504 (inf, then NaN), or come within a factor 2 of it; either way the
+    # pipeline must keep decoding in fp32
+    pipe = fp16_vae_pipe(force_upcast=True, weight_scale=scale)
+    assert torch.isfinite(pipe.vae.decoder.conv_in.weight).all()
+    peak = optimize.vae_fp16_peak(pipe.vae)
+    assert peak == float("inf") if scale == 5e4 else 65_504 / 2 < peak < 65_504
+    assert optimize.vae_fp16_overflows(pipe.vae)
+    assert optimize_vae_only(pipe) == ()
+    assert pipe.vae.config.force_upcast is True
+    # the pipeline decodes in fp32, where the same VAE gives a finite image
+    out = pipe(prompt=["a"], num_inference_steps=1, width=SIZE, height=SIZE, output_type="np",
+               generator=[torch.Generator("cpu").manual_seed(7)])
+    assert np.isfinite(out.images).all()
+
+
+def test_vae_check_can_be_overridden(small_vae_check):
+    pipe = fp16_vae_pipe(force_upcast=True, weight_scale=5e4)
+    assert optimize_vae_only(pipe, vae_fp16_safe=True) == ("vae-no-upcast",)
+    pipe = fp16_vae_pipe(force_upcast=True)
+    assert optimize_vae_only(pipe, vae_fp16_safe=False) == ()
+    assert pipe.vae.config.force_upcast is True
 
 
 def test_int_timesteps_become_float_before_the_compiled_unet(base):
@@ -278,6 +357,101 @@ def test_int_timesteps_become_float_before_the_compiled_unet(base):
         as_int = unet(timestep=torch.tensor(999), **inputs).sample
         as_float = unet(timestep=torch.tensor(999.0), **inputs).sample
     assert torch.equal(as_int, as_float)
+
+
+class RecordingCompile:
+    """Stands in for torch.compile: the "compiled" function counts its calls, then runs the
+    original. Shows which forward ran without invoking dynamo or inductor."""
+
+    def __init__(self) -> None:
+        self.calls: dict[str, int] = {}
+        self.options: list[dict] = []
+
+    def __call__(self, fn, **options):
+        self.options.append(options)
+        name = type(fn.__self__).__name__
+
+        def compiled(*args, **kwargs):
+            self.calls[name] = self.calls.get(name, 0) + 1
+            return fn(*args, **kwargs)
+
+        return compiled
+
+
+def test_eager_runs_the_original_forward_of_a_compiled_pipeline(base, monkeypatch):
+    recorder = RecordingCompile()
+    monkeypatch.setattr(torch, "compile", recorder)
+    pipe = tiny()
+    with torch._dynamo.config.patch(recompile_limit=8):
+        optimize.optimize_pipeline(pipe, CPU, compile=True, force=True, fuse_qkv=False,
+                                   channels_last=False)
+        assert torch._dynamo.config.recompile_limit == optimize.RECOMPILE_LIMIT
+    assert optimize.applied_optimizations(pipe) == ("compile:default",)
+    assert optimize.compiled_modules(pipe) == ["unet", "vae.decoder"]
+    assert [o["dynamic"] for o in recorder.options] == [False, False]  # static shapes
+    compiled_forward = pipe.unet.forward
+
+    assert np.array_equal(render(pipe), base[1])
+    assert recorder.calls == {"UNet2DConditionModel": STEPS, "Decoder": 1}  # CFG: one call a step
+    recorder.calls.clear()
+    with optimize.eager(pipe):
+        assert pipe.unet.forward == type(pipe.unet).forward.__get__(pipe.unet)
+        assert np.array_equal(render(pipe), base[1])
+        with optimize.eager(pipe):  # nests
+            pass
+        assert recorder.calls == {}
+    assert pipe.unet.forward is compiled_forward
+    with pytest.raises(RuntimeError), optimize.eager(pipe):
+        raise RuntimeError("a failed batch")
+    assert pipe.unet.forward is compiled_forward  # restored after a failure too
+    render(pipe)
+    assert recorder.calls == {"UNet2DConditionModel": STEPS, "Decoder": 1}
+    # compiling again leaves compiled parts alone
+    assert optimize.compile_pipeline(pipe) is False and pipe.unet.forward is compiled_forward
+
+
+def test_eager_is_a_no_op_for_an_uncompiled_pipeline(base):
+    pipe = tiny()
+    with optimize.eager(pipe):
+        assert "forward" not in vars(pipe.unet) and "forward" not in vars(pipe.vae.decoder)
+        assert np.array_equal(render(pipe), base[1])
+    assert "forward" not in vars(pipe.unet)
+
+
+def test_lora_batches_under_eager_never_compile(base, lora_file):
+    """With dynamo itself (backend "eager": tracing without inductor, seconds on the CPU)."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+
+    def graphs() -> int:
+        return counters["stats"]["unique_graphs"]
+
+    reference = with_lora(tiny(), lora_file)
+    pipe = tiny()
+    optimize.optimize_pipeline(pipe, CPU, compile=True, force=True, fuse_qkv=False,
+                               channels_last=False, compile_backend="eager")
+    before = graphs()
+    assert np.abs(render(pipe) - base[1]).max() <= 1
+    warmed = graphs()
+    assert warmed == before + 2  # the UNet and the VAE decoder, at this shape
+    with optimize.eager(pipe):
+        assert np.array_equal(with_lora(pipe, lora_file), reference)
+    assert graphs() == warmed  # the LoRA batch compiled nothing
+    # The LoRA's PEFT layers stay in the UNet (inactive): the next batch without LoRAs
+    # compiles the UNet once more for that structure (docs/gpu-path.md), then never again.
+    assert np.abs(render(pipe) - base[1]).max() <= 1
+    rewarmed = graphs()
+    assert rewarmed <= warmed + 1
+    manager = pipe._test_loras
+    manager.apply([("style", lora_file, 0.5)])  # another LoRA state
+    try:
+        with optimize.eager(pipe):
+            render(pipe)
+    finally:
+        manager.reset()
+    assert np.abs(render(pipe) - base[1]).max() <= 1
+    assert graphs() == rewarmed
 
 
 @pytest.mark.slow

@@ -1,73 +1,21 @@
 """The GPU fast path of a loaded pipeline: what diffusers and PyTorch offer, applied once.
 
 `optimize_pipeline(pipe, device, compile=...)` right after a model is loaded on its device,
-then `warm_up(pipe, device, ...)` before the model counts as loaded (so before /ready says
-200). Both run on the worker thread that owns the device, and both do nothing on the CPU:
-the CPU path, its images and its tests stay exactly as they are (`force=True` applies the
-GPU path on any device, for tests).
+then `warm_up(pipe, device, ...)` before the model counts as loaded; `eager(pipe)` around a
+batch that carries LoRAs, so a compiled pipeline never recompiles for a LoRA state. All run
+on the worker thread that owns the device; on the CPU they do nothing (`force=True`: tests).
 
-What is applied on CUDA, and why:
-
-- SDPA attention. diffusers' default processor is already `AttnProcessor2_0`
-  (`F.scaled_dot_product_attention`: flash / memory-efficient kernels); any classic
-  `AttnProcessor` left over is replaced by it.
-- Fused QKV projections (`pipe.fuse_qkv_projections()`): one matmul for q, k and v in
-  self-attention and one for k and v in cross-attention, in the UNet and the VAE. The
-  separate `to_q`/`to_k`/`to_v` layers stay, because LoRAs live there, as views into the
-  fused weights (`share_fused_weights`): diffusers' fusion alone would keep both copies,
-  648 M parameters (1.3 GB in fp16) more for SDXL's UNet.
-  LoRA: PEFT wraps `to_q`/`to_k`/`to_v`, which diffusers' fused processor never calls, so
-  with plain fusion an active LoRA would silently lose its q/k/v part (loading still works).
-  The UNet therefore gets `LoraAwareFusedAttnProcessor`: fused while no LoRA is active on a
-  layer's q/k/v (and no LoRA is merged into them), the unfused SDPA path of the very same
-  layers as soon as one is. LoRA loading, `set_adapters`, `disable_lora` and
-  `delete_adapters` work unchanged.
-- channels-last memory format for the UNet and VAE (their convolutions are NHWC-native on
-  tensor cores), and `torch.backends.cudnn.benchmark` (convolution algorithms autotuned per
-  shape; warm-up pays for the sizes it runs).
-- No VAE upcast. In fp16 diffusers' SDXL pipeline decodes in fp32 when the VAE config says
-  `force_upcast: true`, converting the VAE's weights to fp32 and back on every call. The
-  SDXL base VAE needs that (it overflows in fp16); madebyollin/sdxl-vae-fp16-fix, which the
-  shipped models.yaml uses, does not and ships `force_upcast: false`. A VAE recognised as
-  the fp16-fix one (its name) that still says true is set to false here; a genuine SDXL VAE
-  in fp16 keeps upcasting and is logged once (use the fp16-fix VAE, or bfloat16, which
-  never upcasts).
-- Optional `torch.compile` of the UNet and the VAE decoder (setting `compile`), mode
-  `COMPILE_MODE`, `dynamic=False`: one graph per (width, height, batch, CFG on/off), made on
-  first use of that shape; `warm_up` makes the ones it is given. A new shape later costs one
-  recompile (tens of seconds) on that request; after `torch._dynamo.config.recompile_limit`
-  (8) shapes per function, further new shapes run eagerly instead of compiling. Activating
-  or deactivating LoRAs also changes the graphs (PEFT layers are new modules): the first
-  request of each such state recompiles. The UNet's timestep is cast to float32 before the
-  compiled region (samplers give int64 or float32 timesteps; the UNet turns them into float
-  either way, so results are identical) so that one graph serves every sampler.
-
-Why the inductor "default" mode and not "max-autotune-no-cudagraphs" or "reduce-overhead":
-SDXL's heavy convolutions and matmuls already go to cuDNN/cuBLAS, which max-autotune's
-Triton templates rarely beat on an H100; the gain of compiling is the fusion of the many
-pointwise and normalisation ops, which the default mode does. max-autotune compiles for
-minutes per shape, too long for start-up and for a benchmark that compiles several batch
-sizes. reduce-overhead adds CUDA graphs: little gain where the GPU is busy (1024x1024 SDXL
-steps are tens of milliseconds), one static memory pool per shape, and graph outputs that
-the next replay overwrites, which breaks samplers that keep past model outputs. The mode is
-a parameter (`compile_mode`) for those who want to measure the others.
-
-Host-device synchronisation: the diffusers SDXL denoising loop makes none per step with the
-served samplers (their sigmas live on the CPU by design; the pipeline sets the scheduler's
-begin index, so no `nonzero().item()` lookup). The engine's step callback reads only a
-threading.Event. Per call there are a few unavoidable ones: prompt ids and the CPU-seeded
-initial noise go to the device, the decoded image comes back. scripts/bench_gpu.py counts
-them with `torch.cuda.set_sync_debug_mode`. Samplers that draw fresh noise every step from
-the CPU generators the engine passes (Euler a, DPM++ 2M SDE and the like) copy that noise to
-the device on every step: a small copy, but a synchronising one.
+What is applied and why, what compilation costs and when: docs/gpu-path.md.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
+import math
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -76,8 +24,17 @@ logger = logging.getLogger(__name__)
 
 COMPILE_MODE = "default"
 _MARK = "_craftserve_optimized"  # attribute on the pipeline: the tuple of what was applied
-_COMPILED = "_craftserve_compiled"  # attribute on a module whose forward is compiled
-_FP16_SAFE_VAE_TAGS = ("fp16-fix", "fp16_fix")
+# attribute on a module whose forward is compiled: its original (eager) bound forward
+_EAGER_FORWARD = "_craftserve_eager_forward"
+# The fp16 check of a VAE whose config asks for fp32 decoding: one random latent of this
+# side (16: a 128x128 image for SDXL), and the headroom below fp16's largest value that
+# every activation of the decoder must keep (2: within a factor 2 of overflow is unsafe).
+VAE_CHECK_LATENT_SIZE = 16
+VAE_CHECK_HEADROOM = 2.0
+# torch._dynamo's recompile limit per compiled function is raised to at least this: the
+# engine warms one graph per batch size, and inserting LoRA layers makes each shape compile
+# once more, which would use up the default 8 (docs/gpu-path.md).
+RECOMPILE_LIMIT = 32
 
 
 def applied_optimizations(pipe: Any) -> tuple[str, ...]:
@@ -95,23 +52,24 @@ def optimize_pipeline(
     fuse_qkv: bool = True,
     channels_last: bool = True,
     vae_fp16_safe: bool | None = None,
+    compile_backend: str = "inductor",
 ) -> None:
     """Apply the GPU fast path to a pipeline already on `device`. A no-op on the CPU.
 
     `force=True` applies it on any device (tests: the CPU runs every step except cuDNN).
     `fuse_qkv` and `channels_last` switch those steps off (for measuring them one by one).
-    `vae_fp16_safe`: whether the VAE may decode in fp16 (None: recognise the fp16-fix VAE
-    by name). Calling it again on the same pipeline does nothing.
+    `vae_fp16_safe`: whether an fp16 VAE whose config says `force_upcast` may decode in fp16
+    anyway (None: decide by one test decode, see `vae_fp16_overflows`). Calling it again on
+    the same pipeline does nothing. `applied_optimizations` then lists what was changed.
     """
     if device.type != "cuda" and not force:
         return
-    if applied_optimizations(pipe):
+    if hasattr(pipe, _MARK):
         return
     applied: list[str] = []
     models = [m for m in (getattr(pipe, "unet", None), getattr(pipe, "vae", None)) if m is not None]
-    for model in models:
-        _use_sdpa(model)
-    applied.append("sdpa")
+    if any([_use_sdpa(model) for model in models]):  # a list: every model is looked at
+        applied.append("sdpa")
     if fuse_qkv and _fuse_qkv(pipe):
         applied.append("fused-qkv")
     if channels_last:
@@ -123,8 +81,7 @@ def optimize_pipeline(
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
         applied.append("cudnn-benchmark")
-    if compile:
-        compile_pipeline(pipe, compile_mode)
+    if compile and compile_pipeline(pipe, compile_mode, backend=compile_backend):
         applied.append(f"compile:{compile_mode}")
     setattr(pipe, _MARK, tuple(applied))
     logger.info("optimized pipeline on %s: %s", device, ", ".join(applied))
@@ -262,20 +219,6 @@ def share_fused_weights(model: torch.nn.Module) -> int:
     return shared
 
 
-def fused_qkv_extra_parameters(model: torch.nn.Module) -> int:
-    """Parameters that fusing QKV adds to `model` (the fused copies), without fusing it."""
-    from diffusers.models.attention_processor import Attention
-
-    extra = 0
-    for module in model.modules():
-        if isinstance(module, Attention):
-            layers = [module.to_k, module.to_v]
-            if not module.is_cross_attention:
-                layers.append(module.to_q)
-            extra += sum(p.numel() for layer in layers for p in layer.parameters())
-    return extra
-
-
 def _tuner_layer_class() -> type | None:
     try:
         from peft.tuners.tuners_utils import BaseTunerLayer
@@ -336,22 +279,77 @@ class LoraAwareFusedAttnProcessor:
 
 
 def _avoid_vae_upcast(pipe: Any, fp16_safe: bool | None) -> bool:
+    """Clear `force_upcast` of an fp16 VAE that is safe in fp16. True if it was cleared.
+
+    A VAE whose config already says `force_upcast: false` is declared safe and left alone.
+    Only diffusers' SDXL pipelines upcast (they have `upcast_vae`), so only they are checked.
+    """
     vae = getattr(pipe, "vae", None)
     if vae is None or vae.dtype != torch.float16 or not getattr(vae.config, "force_upcast", False):
         return False
+    if fp16_safe is None and not hasattr(pipe, "upcast_vae"):
+        return False  # the pipeline never upcasts: nothing to win, no check to pay
+    peak = None
     if fp16_safe is None:
-        name = str(getattr(vae.config, "_name_or_path", "") or "").lower()
-        fp16_safe = any(tag in name for tag in _FP16_SAFE_VAE_TAGS)
+        peak = vae_fp16_peak(vae)
+        fp16_safe = peak < torch.finfo(torch.float16).max / VAE_CHECK_HEADROOM
     if fp16_safe:
         vae.register_to_config(force_upcast=False)
+        if peak is not None:
+            logger.info("the VAE decodes in fp16 (its config says force_upcast, but a test "
+                        "decode peaked at %.0f, far from fp16's limit)", peak)
         return True
-    if hasattr(pipe, "text_encoder_2"):  # only diffusers' SDXL pipelines upcast
-        logger.warning(
-            "the VAE of this SDXL model is decoded in fp32 on every call (its config says "
-            "force_upcast): use vae: madebyollin/sdxl-vae-fp16-fix in models.yaml, or "
-            "dtype: bfloat16, for an fp16 decoder"
-        )
+    logger.warning(
+        "the VAE of this SDXL model is decoded in fp32 on every call: its config says "
+        "force_upcast%s. Use vae: madebyollin/sdxl-vae-fp16-fix in models.yaml, or "
+        "dtype: bfloat16, for an fp16 decoder",
+        "" if peak is None else f" and a test decode in fp16 reached {peak:.0f}",
+    )
     return False
+
+
+def vae_fp16_overflows(vae: Any) -> bool:
+    """Whether one fp16 decode of a random latent overflows (or comes within the headroom)."""
+    return not vae_fp16_peak(vae) < torch.finfo(torch.float16).max / VAE_CHECK_HEADROOM
+
+
+@torch.no_grad()
+def vae_fp16_peak(vae: Any, latent_size: int | None = None) -> float:
+    """The largest |activation| of one decode of a random latent by `vae` as it is (fp16).
+
+    inf when any activation or the image is not finite. The latent is unit normal, scaled
+    the way the SDXL pipeline scales the denoised latents before decoding; it is drawn from
+    a seeded CPU generator, so the check gives the same answer on every run and device.
+    Every output tensor of the decoder's modules is looked at, not only the image: a VAE
+    that overflows inside its decoder gives NaN or black images.
+    """
+    side = latent_size or VAE_CHECK_LATENT_SIZE
+    config = vae.config
+    device = next(vae.parameters()).device
+    latent = torch.randn(1, config.latent_channels, side, side,
+                         generator=torch.Generator("cpu").manual_seed(0))
+    mean, std = getattr(config, "latents_mean", None), getattr(config, "latents_std", None)
+    if mean is not None and std is not None:
+        latent = (latent * torch.tensor(std).view(1, -1, 1, 1) / config.scaling_factor
+                  + torch.tensor(mean).view(1, -1, 1, 1))
+    else:
+        latent = latent / config.scaling_factor
+    peaks: list[torch.Tensor] = []
+
+    def record(module: Any, args: Any, output: Any) -> None:
+        for tensor in output if isinstance(output, tuple) else (output,):
+            if isinstance(tensor, torch.Tensor) and tensor.is_floating_point() and tensor.numel():
+                peaks.append(tensor.detach().abs().amax().float())
+
+    hooks = [m.register_forward_hook(record) for m in vae.decoder.modules()]
+    try:
+        image = vae.decode(latent.to(device=device, dtype=vae.dtype), return_dict=False)[0]
+    finally:
+        for hook in hooks:
+            hook.remove()
+    peaks.append(image.detach().abs().amax().float())
+    peak = torch.stack(peaks).amax().item()  # NaN anywhere makes the maximum NaN
+    return peak if math.isfinite(peak) else float("inf")
 
 
 # ---- torch.compile -------------------------------------------------------------------
@@ -370,33 +368,73 @@ def _is_int_tensor(value: object) -> bool:
     return isinstance(value, torch.Tensor) and not value.is_floating_point()
 
 
-def compile_pipeline(pipe: Any, mode: str = COMPILE_MODE) -> None:
-    """Compile the UNet's and the VAE decoder's forward in place (modules stay themselves).
+def compile_pipeline(
+    pipe: Any, mode: str = COMPILE_MODE, *, backend: str = "inductor", dynamic: bool | None = False
+) -> bool:
+    """Compile the UNet's and the VAE decoder's forward in place. True if anything was compiled.
 
     Only `forward` is compiled, so module hooks, LoRA loading and attribute access work as
-    before; the timestep pre-hook runs outside the compiled region. Parts already compiled
-    are left alone. Compilation itself happens on the first call of each shape.
+    before; the timestep pre-hook runs outside the compiled region. The original forward is
+    kept on the module, for `eager`. Parts already compiled are left alone. Compilation
+    itself happens on the first call of each shape (docs/gpu-path.md). `backend` and
+    `dynamic` are torch.compile's (tests use backend="eager"; the engine compiles with
+    inductor and static shapes).
     """
-    options: dict[str, Any] = {"dynamic": False, "fullgraph": False}
+    options: dict[str, Any] = {"dynamic": dynamic, "fullgraph": False, "backend": backend}
     if mode != "default":
         options["mode"] = mode
-    done = set(compiled_modules(pipe))
-    unet = pipe.unet
-    if "unet" not in done:
-        unet.register_forward_pre_hook(_float_timestep, with_kwargs=True)
-        unet.forward = torch.compile(unet.forward, **options)
-        setattr(unet, _COMPILED, True)
-    decoder = getattr(getattr(pipe, "vae", None), "decoder", None)
-    if decoder is not None and "vae.decoder" not in done:
-        decoder.forward = torch.compile(decoder.forward, **options)
-        setattr(decoder, _COMPILED, True)
+    _raise_recompile_limit(RECOMPILE_LIMIT)
+    compiled = False
+    for name, module in _compilable(pipe):
+        if getattr(module, _EAGER_FORWARD, None) is not None:
+            continue
+        if name == "unet":
+            module.register_forward_pre_hook(_float_timestep, with_kwargs=True)
+        original = module.forward
+        setattr(module, _EAGER_FORWARD, original)
+        module.forward = torch.compile(original, **options)
+        compiled = True
+    return compiled
+
+
+def _raise_recompile_limit(limit: int) -> None:
+    config = torch._dynamo.config
+    name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
+    if getattr(config, name) < limit:
+        setattr(config, name, limit)
 
 
 def compiled_modules(pipe: Any) -> Sequence[str]:
     """Names of the pipeline parts whose forward is compiled (for logs and the benchmark)."""
-    found = []
-    for name, module in (("unet", getattr(pipe, "unet", None)),
-                         ("vae.decoder", getattr(getattr(pipe, "vae", None), "decoder", None))):
-        if module is not None and getattr(module, _COMPILED, False):
-            found.append(name)
-    return found
+    return [name for name, module in _compilable(pipe)
+            if getattr(module, _EAGER_FORWARD, None) is not None]
+
+
+@contextlib.contextmanager
+def eager(pipe: Any) -> Iterator[None]:
+    """While active, the compiled parts of `pipe` run their original, uncompiled forward.
+
+    For batches with LoRAs: their layers would make the compiled functions recompile on the
+    request path for every new LoRA state, and fall back to eager anyway after
+    torch._dynamo's recompile limit. A no-op for a pipeline that is not compiled. Restores
+    the compiled forward on exit, also after an exception; nests. Per pipeline, not
+    process-wide (unlike torch.compiler.set_stance), so other workers are not affected.
+    Use it on the thread that owns the pipeline.
+    """
+    swapped = []
+    for _, module in _compilable(pipe):
+        original = getattr(module, _EAGER_FORWARD, None)
+        if original is not None:
+            swapped.append((module, module.forward))
+            module.forward = original
+    try:
+        yield
+    finally:
+        for module, forward in reversed(swapped):
+            module.forward = forward
+
+
+def _compilable(pipe: Any) -> list[tuple[str, Any]]:
+    parts = (("unet", getattr(pipe, "unet", None)),
+             ("vae.decoder", getattr(getattr(pipe, "vae", None), "decoder", None)))
+    return [(name, module) for name, module in parts if module is not None]
