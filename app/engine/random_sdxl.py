@@ -38,7 +38,7 @@ from torch import nn
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 RANDOM_SEED = 0
 
-# SDXL 1.0 base, as published (shared/sdxl-configs/README.md).
+# SDXL 1.0 base, as published (tests/test_optimize.py checks these against its own literals).
 EXPECTED_PARAMETERS = {
     "unet": 2_567_463_684,
     "vae": 83_653_863,
@@ -49,7 +49,6 @@ EXPECTED_PARAMETERS = {
 # madebyollin/sdxl-vae-fp16-fix has the SDXL VAE's architecture and ships `force_upcast: false`
 # (its activations were scaled down so fp16 does not overflow); the base model's own VAE
 # config (configs/vae.json) says `force_upcast: true`, so diffusers decodes it in fp32.
-FP16_FIX_VAE_NAME = "madebyollin/sdxl-vae-fp16-fix (architecture; random weights)"
 
 
 @cache
@@ -80,8 +79,6 @@ def build_vae(*, fp16_fix: bool = True):
         config["force_upcast"] = False
     with torch.device("meta"):
         vae = AutoencoderKL.from_config(config)
-    if fp16_fix:
-        vae.register_to_config(_name_or_path=FP16_FIX_VAE_NAME)
     return _finish(vae)
 
 
