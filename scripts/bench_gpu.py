@@ -7,12 +7,17 @@ text-to-image generation (default 1024x1024, 30 steps, CFG 7):
 
   (a) plain diffusers defaults, as a user writes them: StableDiffusionXLPipeline in fp16,
       eager, the base model's VAE config (force_upcast: fp32 decode), batch 1;
-  (b) craftserve's engine path on the same weights: the model as the engine loads it
-      (app.engine.pipelines.load_model with source builtin:random-sdxl), the engine's GPU
-      fast path (app.engine.optimize), and the very pipeline call the worker makes per
-      batch (Worker._generate), at batch 1, 2 and 4;
+  (b) craftserve's engine as it is: a real Engine built from a models file (source
+      builtin:random-sdxl) and the engine's settings (CRAFTSERVE_* variables apply, e.g.
+      CRAFTSERVE_MAX_BATCH is set from --batches); the model is loaded by the engine's
+      worker (`worker.model`: load, GPU fast path, warm-up), and each batch is the worker's
+      own pipeline call (`worker.generate`), at batch 1, 2 and 4;
   (c) one request at a time end to end through the real HTTP server (create_app under
       uvicorn on 127.0.0.1, POST /sd, PNG received), after a warm-up request.
+
+Nothing is applied or compiled here: on CUDA the run stops with exit status 2 and says what
+is missing when the engine did not apply its fast path (fused QKV, channels-last, cuDNN
+autotuning, an fp16-safe VAE, compilation when asked) or did not build the full-size model.
 
 It prints ms per image, images/s, peak GPU memory, the ratios (a)/(b) and HTTP/(b) with the
 targets, the host-device synchronisations of one engine call, and the elapsed total.
@@ -32,7 +37,6 @@ import asyncio
 import contextlib
 import datetime as dt
 import gc
-import inspect
 import json
 import platform
 import statistics
@@ -121,18 +125,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--sampler", default="Euler",
                         help="engine sampler; Euler is what (a) runs (default Euler)")
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                        help="torch.compile in the engine path (default: on for CUDA)")
-    parser.add_argument("--compile-mode", default=None,
-                        help="torch.compile mode (default: app.engine.optimize.COMPILE_MODE)")
-    parser.add_argument("--force-optimize", action="store_true",
-                        help="apply the GPU fast path on the CPU too (code-path check only)")
+                        help="the engine's compile setting (default: on for CUDA)")
     parser.add_argument("--skip-http", action="store_true", help="skip (c), the HTTP server")
     parser.add_argument("--skip-baseline", action="store_true", help="skip (a)")
     parser.add_argument("--sync-check", action=argparse.BooleanOptionalAction, default=True,
                         help="count host-device syncs of one engine call (CUDA; default on)")
-    parser.add_argument("--budget-s", type=float, default=TARGET_TOTAL_S,
-                        help="skip the larger engine batch sizes when the run would pass this "
-                             "many seconds (default 480, the 8-minute budget; 0: never)")
     parser.add_argument("--threads", type=int,
                         help="torch CPU threads (default: 1 with --tiny, where more threads only "
                              "spin-wait on a busy machine; else torch's default)")
@@ -254,74 +251,64 @@ def bench_baseline(args: argparse.Namespace, device, report: Report) -> None:  #
 # ---- (b) the engine path -------------------------------------------------------------
 
 
-class _NoLoraEngine:
-    """A fake Engine with what Worker._generate reads from it (no LoRAs in a benchmark)."""
-
-    def __init__(self, settings) -> None:  # noqa: ANN001
-        self.settings = settings
-
-    def lora_paths(self, loras) -> list:  # noqa: ANN001
-        return []
+class EngineCheckFailed(Exception):
+    """The engine did not do on CUDA what it should: its figures would be mislabelled."""
 
 
-def _spec(source: str, sampler: str):
-    from app.registry import ModelSpec
+def write_models(folder: Path, source: str, sampler: str) -> Path:
+    models = folder / "models.yaml"
+    models.write_text(
+        f"models:\n  {MODEL_NAME}:\n    source: {source}\n    family: sdxl\n"
+        f"    default_sampler: {sampler}\n    preload: true\n",
+        encoding="utf-8",
+    )
+    return models
 
-    return ModelSpec(
-        name=MODEL_NAME, source=source, kind="builtin", family="sdxl", family_known=True,
-        default_sampler=sampler, dtype="auto", vae=None, preload=True,
+
+def engine_settings(args: argparse.Namespace, device, models: Path, **overrides):  # noqa: ANN001, ANN201
+    from app.config import Settings
+
+    return Settings(
+        models=models, api_keys=[API_KEY], devices=str(device), compile=bool(args.compile),
+        allow_downloads=False, log_level="warning", **overrides,
     )
 
 
-def load_engine_model(args: argparse.Namespace, device, report: Report):  # noqa: ANN001
-    """The model as the engine loads it; the random one built here if the engine can't yet."""
+def engine_shortfalls(args: argparse.Namespace, device, pipe) -> list[str]:  # noqa: ANN001
+    """What the engine should have done to `pipe` on CUDA and did not (empty: all done)."""
     import torch
 
     from app.engine import optimize
-    from app.engine.pipelines import LoadedModel, load_model
-    from app.registry import BUILTIN_SOURCES
 
-    source = TINY_SOURCE if args.tiny else RANDOM_SOURCE
-    model = None
-    if source in BUILTIN_SOURCES:
-        kwargs: dict = {"allow_downloads": False, "lora_cache_size": 8}
-        if "compile" in inspect.signature(load_model).parameters:
-            kwargs["compile"] = args.compile
-        model = load_model(_spec(source, args.sampler), device, **kwargs)
-        if not args.tiny and not _is_full_size(model.pipe):
-            report.note(f"load_model({source}) did not build the full-size SDXL; built here")
-            del model
-            model = None
-            free_memory(device)
-    else:
-        report.note(f"{source} is not a builtin source of this checkout yet; the model is "
-                    "built here with app.engine.random_sdxl and wrapped like load_model does")
-    if model is None:
-        from app.engine.loras import LoraManager
-        from app.engine.random_sdxl import build_random_sdxl
+    if device.type != "cuda":
+        return []  # the CPU path applies nothing, by design
+    missing = []
+    applied = set(optimize.applied_optimizations(pipe))
+    for name in ("fused-qkv", "channels-last", "cudnn-benchmark"):
+        if name not in applied:
+            missing.append(f"{name} was not applied (applied: {sorted(applied) or 'nothing'})")
+    if args.compile:
+        compiled = set(optimize.compiled_modules(pipe))
+        for part in ("unet", "vae.decoder"):
+            if part not in compiled:
+                missing.append(f"compile is on but the {part} is not compiled")
+    if pipe.unet.dtype == torch.float32:
+        missing.append("the model runs in float32 on CUDA")
+    vae = pipe.vae
+    if vae.dtype == torch.float16 and vae.config.force_upcast:
+        missing.append("the VAE is decoded in fp32 on every call (force_upcast)")
+    if not args.tiny and not _is_full_size(pipe):
+        missing.append(f"{RANDOM_SOURCE} did not build the full-size SDXL")
+    return missing
 
-        started = time.perf_counter()
-        dtype = torch.float16 if device.type == "cuda" else torch.float32
-        pipe = build_random_sdxl(dtype=dtype, device=device)
-        pipe.set_progress_bar_config(disable=True)
-        model = LoadedModel(
-            spec=_spec(source, args.sampler), pipe=pipe, family="sdxl",
-            scheduler_config=dict(pipe.scheduler.config),
-            loras=LoraManager(pipe, "sdxl", capacity=8), device=device, dtype=dtype,
-            load_seconds=time.perf_counter() - started,
+
+def require_engine_did_its_job(args: argparse.Namespace, device, pipe, where: str) -> None:  # noqa: ANN001
+    missing = engine_shortfalls(args, device, pipe)
+    if missing:
+        raise EngineCheckFailed(
+            f"{where}: the engine did not apply its GPU fast path as it should on {device}, so "
+            "its figures would not be craftserve's:\n  - " + "\n  - ".join(missing)
         )
-    mode = args.compile_mode or optimize.COMPILE_MODE
-    apply = device.type == "cuda" or args.force_optimize
-    if apply and not optimize.applied_optimizations(model.pipe):
-        if device.type == "cuda":
-            report.note("the engine's load_model did not apply optimize_pipeline; applied here")
-        optimize.optimize_pipeline(
-            model.pipe, device, compile=args.compile, compile_mode=mode, force=True
-        )
-    if args.compile and not optimize.compiled_modules(model.pipe):
-        report.note("the engine did not compile the model; compiled here")
-        optimize.compile_pipeline(model.pipe, mode)
-    return model
 
 
 def _is_full_size(pipe) -> bool:  # noqa: ANN001
@@ -349,67 +336,60 @@ def make_jobs(args: argparse.Namespace, batch: int, steps: int, loop) -> list:  
 
 
 def bench_engine(args: argparse.Namespace, device, report: Report) -> None:  # noqa: ANN001
-    from app.config import Settings
-    from app.engine import optimize
-    from app.engine.worker import Worker
+    import torch
 
-    log("(b) loading the model the engine's way")
-    model = load_engine_model(args, device, report)
+    from app.engine import optimize
+    from app.engine.engine import Engine
+    from app.metrics import Metrics
+    from app.registry import load_registry
+
+    source = TINY_SOURCE if args.tiny else RANDOM_SOURCE
+    models = write_models(Path(tempfile.mkdtemp(prefix="craftserve-bench-")), source, args.sampler)
+    # MAX_BATCH as the largest measured batch: the engine warms up 1..MAX_BATCH at load
+    settings = engine_settings(args, device, models, max_batch=max(args.batch_sizes))
+    engine = Engine(settings, load_registry(models), Metrics())
+    worker = engine.workers[0]
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # as the worker's own thread does
+    log(f"(b) loading {source} through the engine's worker (warm-up of batches "
+        f"1..{settings.max_batch} included)")
+    started = time.perf_counter()
+    model = worker.model(MODEL_NAME)
+    report.warmup_s[f"(b) model load by the engine, warm-up of batches 1..{settings.max_batch} "
+                    "at the default size included"] = round(time.perf_counter() - started, 1)
     report.optimizations = list(optimize.applied_optimizations(model.pipe))
-    log(f"(b) fast path: {', '.join(report.optimizations) or 'none (CPU path)'}")
-    settings = Settings(compile=bool(args.compile))
-    worker = Worker("bench-worker", device, _NoLoraEngine(settings))  # type: ignore[arg-type]
+    report.config["engine_dtype"] = str(model.dtype).removeprefix("torch.")
+    log(f"(b) fast path: {', '.join(report.optimizations) or 'none (CPU path)'}; "
+        f"{report.config['engine_dtype']}")
+    require_engine_did_its_job(args, device, model.pipe, "(b)")
     loop = asyncio.new_event_loop()  # Jobs need one for their futures; never run
-    first_warm = per_image = None
     try:
         for batch in args.batch_sizes:
-            if first_warm is not None and per_image is not None:
-                needed = (first_warm + min(args.max_case_s, args.reps * batch * per_image)
-                          + http_reserve(args, device, first_warm, per_image))
-                if args.budget_s and elapsed() + needed > args.budget_s:
-                    report.note(f"(b) batch {batch} and larger skipped: about {needed:.0f} s "
-                                f"more would pass the {args.budget_s:.0f} s budget")
-                    break
-            # untimed: compilation and cuDNN autotuning for this shape (the engine's
-            # warm_up), then one engine call (first-call allocations)
+            # untimed: the first call at this shape (what a first request pays after /ready:
+            # compilation or autotuning only where the engine's warm-up did not reach)
             started = time.perf_counter()
-            warm = optimize.warm_up(
-                model.pipe, device, sizes=[(args.width, args.height)], batch_sizes=[batch],
-                guidance_scale=args.cfg, force=args.force_optimize,
-            )
-            worker._generate(model, make_jobs(args, batch, 2, loop))
+            worker.generate(model, make_jobs(args, batch, 2, loop))
             sync(device)
             spent = time.perf_counter() - started
-            report.warmup_s[f"(b) warm-up batch {batch} (warm_up {warm:.1f} s)"] = round(spent, 1)
-            first_warm = spent if first_warm is None else first_warm
-            log(f"(b) warm-up of batch {batch}: {spent:.1f} s")
+            report.warmup_s[f"(b) first call at batch {batch}, 2 steps"] = round(spent, 1)
+            log(f"(b) first call at batch {batch}: {spent:.1f} s")
 
             jobs = make_jobs(args, batch, args.steps, loop)
             reset_peak(device)
             seconds = timed(
-                lambda jobs=jobs: worker._generate(model, jobs), device, args.reps,
+                lambda jobs=jobs: worker.generate(model, jobs), device, args.reps,
                 args.max_case_s,
             )
             result = Result("(b) craftserve engine", batch, seconds, peak_gib(device))
             report.results.append(result)
-            per_image = per_image or result.ms_per_image / 1000
             log(f"(b) batch {batch}: {result.ms_per_image:.0f} ms/image")
         if args.sync_check and device.type == "cuda":
-            report.sync = count_syncs(lambda steps: worker._generate(
+            report.sync = count_syncs(lambda steps: worker.generate(
                 model, make_jobs(args, 1, steps, loop)))
             log(f"(b) host-device syncs: {report.sync}")
     finally:
         loop.close()
-
-
-def http_reserve(args: argparse.Namespace, device, warm: float, per_image: float) -> float:  # noqa: ANN001
-    """Seconds (c) will likely take: server start and load, its warm-up, the requests."""
-    if args.skip_http:
-        return 0.0
-    load = 30.0 if device.type == "cuda" and not args.tiny else 5.0
-    # the server compiles batch 1 again; inductor's on-disk cache makes that cheaper
-    recompile = 0.5 * warm if args.compile else 0.0
-    return load + recompile + (args.reps + 2) * per_image * 1.1
+        worker.models.clear()  # the engine's model goes before (c) loads its own
 
 
 def elapsed() -> float:
@@ -440,7 +420,7 @@ def count_syncs(run: Callable[[int], object]) -> dict:
 
 @contextlib.contextmanager
 def running_server(settings) -> Iterator:  # noqa: ANN001
-    from app.live import LiveServer
+    from tests.live import LiveServer
 
     server = LiveServer(settings)
     server.start()
@@ -453,27 +433,13 @@ def running_server(settings) -> Iterator:  # noqa: ANN001
 def bench_http(args: argparse.Namespace, device, report: Report) -> None:  # noqa: ANN001
     import httpx
 
-    from app.config import Settings
     from app.engine import optimize
-    from app.registry import BUILTIN_SOURCES
 
     source = TINY_SOURCE if args.tiny else RANDOM_SOURCE
-    if source not in BUILTIN_SOURCES:
-        report.note(f"(c) skipped: {source} is not a builtin source of this checkout yet")
-        return
-    folder = Path(tempfile.mkdtemp(prefix="craftserve-bench-"))
-    models = folder / "models.yaml"
-    models.write_text(
-        f"models:\n  {MODEL_NAME}:\n    source: {source}\n    family: sdxl\n"
-        f"    default_sampler: {args.sampler}\n    preload: true\n",
-        encoding="utf-8",
-    )
-    # max_batch=1: the requests come one at a time anyway, and an engine that warms up
-    # every batch size up to max_batch compiles only batch 1 here
-    settings = Settings(
-        models=models, api_keys=[API_KEY], devices=str(device), compile=bool(args.compile),
-        max_batch=1, log_level="warning",
-    )
+    models = write_models(Path(tempfile.mkdtemp(prefix="craftserve-bench-")), source, args.sampler)
+    # max_batch=1: the requests come one at a time anyway, and the engine then warms up
+    # (and compiles) batch 1 only
+    settings = engine_settings(args, device, models, max_batch=1)
     body = {
         "token": API_KEY, "model": MODEL_NAME, "prompt": PROMPT, "negative_prompt": NEGATIVE,
         "sampler": args.sampler, "steps": args.steps, "width": args.width,
@@ -488,10 +454,11 @@ def bench_http(args: argparse.Namespace, device, report: Report) -> None:  # noq
     with running_server(settings) as server:
         state = server.wait_ready(timeout=420)
         if not state.get("ready"):
-            report.note(f"(c) skipped: the server did not become ready: {state.get('reasons')}")
-            return
-        report.server_optimizations = _server_optimizations(server, optimize)
+            raise EngineCheckFailed(f"(c): the server did not become ready: {state.get('reasons')}")
+        loaded = _server_model(server)
+        report.server_optimizations = list(optimize.applied_optimizations(loaded.pipe))
         log(f"(c) ready; server fast path: {', '.join(report.server_optimizations) or 'none'}")
+        require_engine_did_its_job(args, device, loaded.pipe, "(c)")
         with httpx.Client(base_url=server.url, timeout=600) as client:
 
             def post(seed: int) -> httpx.Response:
@@ -541,12 +508,12 @@ def png_ms(png: bytes) -> float:
     return best * 1000
 
 
-def _server_optimizations(server, optimize) -> list[str]:  # noqa: ANN001
+def _server_model(server):  # noqa: ANN001, ANN202
     for worker in server.app.state.engine.workers:
         loaded = worker.models.get(MODEL_NAME)
         if loaded is not None:
-            return list(optimize.applied_optimizations(loaded.pipe))
-    return []
+            return loaded
+    raise EngineCheckFailed("(c): the server is ready but holds no loaded model")
 
 
 # ---- report ------------------------------------------------------------------------------
@@ -562,7 +529,8 @@ def print_report(report: Report, total: float) -> None:
     print(f"  model:   {config['model']}")
     print(f"  run:     {config['width']}x{config['height']}, {config['steps']} steps, "
           f"cfg {config['cfg']}, sampler {config['sampler']}, compile {config['compile']}")
-    print(f"  fast path (b): {', '.join(report.optimizations) or 'none (CPU path)'}")
+    print(f"  fast path (b): {', '.join(report.optimizations) or 'none (CPU path)'}"
+          f"  (engine dtype {config.get('engine_dtype', '-')})")
     if report.server_optimizations is not None:
         print(f"  fast path (c): {', '.join(report.server_optimizations) or 'none'}")
     print()
@@ -629,6 +597,8 @@ def describe(args: argparse.Namespace, device) -> dict:  # noqa: ANN001
     import diffusers
     import torch
 
+    from app.engine.optimize import COMPILE_MODE
+
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else (
         f"CPU ({platform.processor() or platform.machine()}, "
         f"{torch.get_num_threads()} threads)"
@@ -647,7 +617,7 @@ def describe(args: argparse.Namespace, device) -> dict:  # noqa: ANN001
         "width": args.width, "height": args.height, "steps": args.steps, "cfg": args.cfg,
         "sampler": args.sampler, "batches": args.batch_sizes, "reps": args.reps,
         "compile": bool(args.compile),
-        "compile_mode": args.compile_mode,
+        "compile_mode": COMPILE_MODE if args.compile else None,
     }
 
 
@@ -675,10 +645,15 @@ def main(argv: list[str] | None = None) -> int:
     if not args.skip_baseline:
         bench_baseline(args, device, report)
         free_memory(device)  # the phase's pipeline is gone with its frame
-    bench_engine(args, device, report)
-    free_memory(device)
-    if not args.skip_http:
-        bench_http(args, device, report)
+    try:
+        bench_engine(args, device, report)
+        free_memory(device)
+        if not args.skip_http:
+            bench_http(args, device, report)
+    except EngineCheckFailed as exc:
+        print(f"\nbench_gpu: FAILED, nothing is reported as the engine's speed.\n{exc}",
+              file=sys.stderr, flush=True)
+        return 2
     total = elapsed()
     print_report(report, total)
     if args.out:

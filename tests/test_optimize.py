@@ -491,3 +491,41 @@ def test_bench_gpu_tiny_runs_on_the_cpu(tmp_path):
     cases = {(r["case"][:3], r["batch"]) for r in data["results"]}
     assert cases == {("(a)", 1), ("(b)", 1), ("(b)", 2)}
     assert all(r["ms_per_image"] > 0 for r in data["results"])
+
+
+def load_bench_gpu():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_gpu", ROOT / "scripts" / "bench_gpu.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["bench_gpu"] = module  # its dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_bench_gpu_refuses_an_engine_that_did_not_apply_its_fast_path(monkeypatch):
+    bench = load_bench_gpu()
+    args = bench.parse_args(["--tiny", "--compile"])
+    cuda = torch.device("cuda", 0)  # only its type is read: no GPU needed
+    plain = tiny()
+    missing = bench.engine_shortfalls(args, cuda, plain)
+    assert any("fused-qkv" in m for m in missing) and any("channels-last" in m for m in missing)
+    assert any("unet is not compiled" in m for m in missing)
+    assert any("float32" in m for m in missing)
+    assert bench.engine_shortfalls(args, CPU, plain) == []  # the CPU path applies nothing
+
+    monkeypatch.setattr(torch, "compile", RecordingCompile())
+    done = tiny()
+    optimize.optimize_pipeline(done, CPU, compile=True, force=True)
+    missing = bench.engine_shortfalls(args, cuda, done)
+    assert [m for m in missing if "float32" not in m] == [
+        "cudnn-benchmark was not applied (applied: ['channels-last', 'compile:default', "
+        "'fused-qkv'])"
+    ]
+
+    def broken_engine(args, device, report):
+        bench.require_engine_did_its_job(args, cuda, plain, "(b)")
+
+    monkeypatch.setattr(bench, "bench_engine", broken_engine)
+    assert bench.main(["--tiny", "--skip-baseline", "--skip-http"]) == 2
+
