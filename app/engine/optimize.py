@@ -31,10 +31,12 @@ _EAGER_FORWARD = "_craftserve_eager_forward"
 # every activation of the decoder must keep (2: within a factor 2 of overflow is unsafe).
 VAE_CHECK_LATENT_SIZE = 16
 VAE_CHECK_HEADROOM = 2.0
-# torch._dynamo's recompile limit per compiled function is raised to at least this: the
-# engine warms one graph per batch size, and inserting LoRA layers makes each shape compile
-# once more, which would use up the default 8 (docs/gpu-path.md).
-RECOMPILE_LIMIT = 32
+# torch._dynamo's recompile limit per compiled function is raised to at least this when a
+# pipeline is compiled. The function (UNet / decoder forward) is shared by every pipeline of
+# that class: one graph per shape, per GPU, per set of LoRA-wrapped layers, and the engine
+# warms MAX_BATCH shapes per model. Past the limit new shapes run eagerly (docs/gpu-path.md).
+# An engine with many GPUs can raise it before loading: read when compiling.
+RECOMPILE_LIMIT = 64
 
 
 def applied_optimizations(pipe: Any) -> tuple[str, ...]:
