@@ -317,7 +317,7 @@ def vae_fp16_overflows(vae: Any) -> bool:
 
 @torch.no_grad()
 def vae_fp16_peak(vae: Any, latent_size: int | None = None) -> float:
-    """The largest |activation| of one decode of a random latent by `vae` as it is (fp16).
+    """The largest |activation| of one decode of a random latent by `vae`, in its own dtype.
 
     inf when any activation or the image is not finite. The latent is unit normal, scaled
     the way the SDXL pipeline scales the denoised latents before decoding; it is drawn from
@@ -400,6 +400,8 @@ def compile_pipeline(
 
 
 def _raise_recompile_limit(limit: int) -> None:
+    import torch._dynamo
+
     config = torch._dynamo.config
     name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
     if getattr(config, name) < limit:
