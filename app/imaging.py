@@ -1,4 +1,5 @@
-"""Image encoding (run off the worker thread) and the A1111-style `parameters` text."""
+"""Image encoding (run off the worker thread), the A1111-style `parameters` text, and the
+store of recent images answered by URL."""
 
 from __future__ import annotations
 
@@ -43,26 +44,61 @@ def encode_png(image: Image.Image, parameters: str) -> bytes:
     return buffer.getvalue()
 
 
+# Formats an answer can be encoded in (OpenAI's `output_format` names) → media type.
+MEDIA_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
+_EXIF_IFD = 0x8769
+_USER_COMMENT = 0x9286
+
+
+def _exif_with_parameters(parameters: str) -> bytes:
+    """EXIF whose UserComment holds the `parameters` text, where A1111 puts it in a JPEG or
+    WebP (UNICODE prefix, UTF-16 big-endian, as piexif writes it)."""
+    exif = Image.Exif()
+    exif.get_ifd(_EXIF_IFD)[_USER_COMMENT] = b"UNICODE\x00" + parameters.encode("utf-16-be")
+    return exif.tobytes()
+
+
+def encode_image(image: Image.Image, output_format: str, parameters: str, quality: int = 100) -> bytes:
+    """The image as `output_format` (png, jpeg or webp), carrying the `parameters` text (a PNG
+    text chunk, or the EXIF UserComment of a JPEG or WebP). `quality` (0-100, OpenAI's
+    `output_compression`) applies to jpeg and webp; PNG is lossless."""
+    if output_format == "png":
+        return encode_png(image, parameters)
+    if output_format not in MEDIA_TYPES:
+        raise ValueError(f"unknown output format {output_format!r}; use one of {', '.join(MEDIA_TYPES)}")
+    buffer = io.BytesIO()
+    image.convert("RGB").save(buffer, format=output_format.upper(), quality=quality,
+                              exif=_exif_with_parameters(parameters))
+    return buffer.getvalue()
+
+
 class ImageStore:
-    """Recent PNGs served by URL, for the spring-2024 `POST /generate` route that answers
-    `{"images": [url, ...]}`. Bounded by total bytes; the oldest go first. Thread-safe."""
+    """Recent images served by URL: the PNGs of the spring-2024 `POST /generate` route that
+    answers `{"images": [url, ...]}`, and the images `/v1/images/generations` answers by URL
+    (PNG, JPEG or WebP: each kept with its media type). Bounded by total bytes; the oldest go
+    first. Thread-safe."""
 
     def __init__(self, max_bytes: int) -> None:
         self.max_bytes = max_bytes
-        self._images: OrderedDict[str, bytes] = OrderedDict()
+        self._images: OrderedDict[str, tuple[bytes, str]] = OrderedDict()
         self._bytes = 0
         self._lock = threading.Lock()
 
-    def put(self, png: bytes) -> str:
+    def put(self, data: bytes, media_type: str = "image/png") -> str:
         key = secrets.token_urlsafe(16)  # unguessable: the URL is the only credential
         with self._lock:
-            self._images[key] = png
-            self._bytes += len(png)
+            self._images[key] = (data, media_type)
+            self._bytes += len(data)
             while self._bytes > self.max_bytes and len(self._images) > 1:
-                _, old = self._images.popitem(last=False)
+                _, (old, _) = self._images.popitem(last=False)
                 self._bytes -= len(old)
         return key
 
-    def get(self, key: str) -> bytes | None:
+    def get(self, key: str, media_type: str = "image/png") -> bytes | None:
+        """The image stored under `key` if it has this media type (so a URL ending in .png
+        never answers a JPEG), else None."""
         with self._lock:
-            return self._images.get(key)
+            found = self._images.get(key)
+        if found is None or found[1] != media_type:
+            return None
+        return found[0]
