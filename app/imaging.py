@@ -17,7 +17,7 @@ from app.engine.jobs import GenParams
 
 def parameters_text(params: GenParams, seed: int, sampler_label: str) -> str:
     """Generation parameters in AUTOMATIC1111's `parameters` convention (civitai etc. read it)."""
-    lora_tags = "".join(f" <lora:{name}:{weight:g}>" for name, weight in params.loras)
+    lora_tags = "".join(f" <lora:{name}:{weight:g}>" for name, _file, weight in params.loras)
     fields = [
         f"Steps: {params.steps}",
         f"Sampler: {params.sampler.sampler}",

@@ -169,3 +169,24 @@ def test_200_requests_cycling_lora_sets_keep_memory_flat(c: httpx.Client) -> Non
     growth = _rss_mb() - before
     print(f"RSS growth over 200 requests: {growth:.1f} MB")
     assert growth < 40, f"process memory grew {growth:.1f} MB over 200 requests"
+
+
+def test_batches_with_loras_run_the_uncompiled_forward(c: httpx.Client, monkeypatch) -> None:
+    """On a compiled pipe a LoRA batch must not recompile on the request path: the worker runs
+    it inside optimize.eager(pipe) (a no-op here, uncompiled; recorded instead), and only it."""
+    import contextlib
+
+    from app.engine import worker as worker_module
+
+    entered: list[bool] = []
+
+    @contextlib.contextmanager
+    def recording(pipe):
+        entered.append(True)
+        yield
+
+    monkeypatch.setattr(worker_module, "eager", recording)
+    image(c, seed=5)
+    assert entered == []
+    image(c, seed=5, loras={"style-peft": 0.7})
+    assert entered == [True]

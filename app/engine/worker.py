@@ -27,6 +27,7 @@ from app.config import Settings
 from app.engine.availability import LoadFailures
 from app.engine.determinism import jobs_in_call
 from app.engine.jobs import Job, JobQueue, JobResult, WorkerSlot
+from app.engine.optimize import eager
 from app.engine.pipelines import LoadedModel, load_model
 from app.errors import CraftError, InternalError, Unavailable
 from app.metrics import Metrics
@@ -290,7 +291,10 @@ class Worker:
             model.loras.apply(params.loras)
             pipe.scheduler = make_scheduler(params.sampler, model.scheduler_config, params.seed)
             width, height = params.gen_size
-            with jobs_in_call(pipe, len(jobs)):
+            # A compiled pipe runs batches with LoRAs eagerly: their adapter layers would
+            # otherwise recompile on the request path for every new LoRA state.
+            uncompiled = eager(pipe) if params.loras else contextlib.nullcontext()
+            with jobs_in_call(pipe, len(jobs)), uncompiled:
                 output = self._call(pipe, jobs, width, height)
         finally:
             model.loras.reset()
