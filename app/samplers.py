@@ -1,9 +1,10 @@
-"""Sampler names clients send -> fresh diffusers schedulers.
+"""Sampler names clients send -> what diffusers scheduler runs them.
 
 Clients name samplers the AUTOMATIC1111 way (``"DPM++ 2M Karras"``, ``"Euler a"``) or the
 ComfyUI way (``"dpmpp_2m"`` plus a separate ``scheduler`` field such as ``"karras"``). This
 module turns either form into a :class:`SamplerChoice` (hashable, part of the engine's
-batching key) and builds a fresh diffusers scheduler for a choice.
+batching key) and a choice into a :class:`SchedulerPlan` (diffusers class name and options);
+``app.engine.schedulers.make_scheduler`` builds the scheduler itself.
 
 Everything is driven by two tables of data:
 
@@ -14,36 +15,30 @@ Everything is driven by two tables of data:
 * ``SCHEDULES``: one row per schedule (the ComfyUI ``scheduler`` values): its A1111 name
   suffix and the diffusers option that produces it.
 
-Nothing here imports torch or diffusers until a scheduler is actually built, so the name
-functions are cheap to call from the API layer.
+Nothing here imports torch or diffusers, so the name functions are cheap to call from the API
+layer.
 """
 
 from __future__ import annotations
 
-import copy
 import importlib.util
-import inspect
-import json
-import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import cache
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Any
+from typing import Any, NamedTuple
 
 from app.errors import InvalidParameter, NotServed
 
-if TYPE_CHECKING:  # pragma: no cover
-    from diffusers import SchedulerMixin
-
 __all__ = [
     "SamplerChoice",
+    "SchedulerPlan",
     "a1111_sampler_names",
     "comfy_sampler_ids",
     "comfy_scheduler_names",
-    "make_scheduler",
     "resolve_sampler",
     "sampler_table_markdown",
+    "scheduler_plan",
 ]
 
 
@@ -203,6 +198,10 @@ class _Sampler:
     a1111: bool = True  # `name` is an A1111 sampler name (takes schedule suffixes)
     aliases: tuple[str, ...] = ()  # further A1111-style names (A1111's own aliases)
     note: str = ""
+
+
+# DPMSolverSDEScheduler's constructor argument that seeds its Brownian tree.
+_SEED_OPTION = "noise_sampler_seed"
 
 
 def _opts(**kwargs: Any) -> Mapping[str, Any]:
@@ -642,13 +641,28 @@ def resolve_sampler(name: str, scheduler: str | None = None) -> SamplerChoice:
 
 
 # --------------------------------------------------------------------------------------
-# Public: schedulers
+# Public: what runs a choice
 # --------------------------------------------------------------------------------------
 
 
+class SchedulerPlan(NamedTuple):
+    """What runs a choice: the diffusers class (by name) and the options it is built with."""
+
+    cls_name: str
+    options: Mapping[str, Any]  # table options; the model's config supplies everything else
+    seed_option: str | None  # constructor argument that takes the job seed, for seeded samplers
+
+
+def scheduler_plan(choice: SamplerChoice) -> SchedulerPlan:
+    """The diffusers class and options that run `choice` (app.engine.schedulers builds them)."""
+    try:
+        return _plan(choice.sampler, choice.schedule)
+    except KeyError:
+        raise ValueError(f"unknown sampler choice {choice!r}") from None
+
+
 @cache
-def _plan(sampler: str, schedule: str) -> tuple[str, Mapping[str, Any]]:
-    """(diffusers class name, options) for a choice; options exclude the seed."""
+def _plan(sampler: str, schedule: str) -> SchedulerPlan:
     entry = _SAMPLER_BY_NAME[sampler]
     spec = _SCHEDULE_BY_NAME[schedule]
     takes_sigmas, honours_spacing = _CLASS_CAPS[entry.cls]
@@ -668,75 +682,8 @@ def _plan(sampler: str, schedule: str) -> tuple[str, Mapping[str, Any]]:
         options["timestep_spacing"] = spacing
         if spacing == "leading":
             options["steps_offset"] = 1
-    return entry.cls, MappingProxyType(options)
-
-
-@cache
-def _init_params(cls: type) -> frozenset[str]:
-    return frozenset(inspect.signature(cls.__init__).parameters) - {"self"}
-
-
-def _scheduler_config(cls: type, base_config: Mapping[str, Any]) -> dict[str, Any]:
-    """A new dict of the base config's keys that `cls` takes.
-
-    Keys of other classes are dropped so diffusers does not log a warning per job; the private
-    "_" keys are metadata from_config understands.
-    """
-    params = _init_params(cls)
-    return {k: v for k, v in dict(base_config).items() if k in params or k.startswith("_")}
-
-
-def _config_key(config: Mapping[str, Any]) -> str:
-    def plain(value: Any) -> Any:
-        return value.tolist() if hasattr(value, "tolist") else repr(value)
-
-    return json.dumps(config, sort_keys=True, default=plain)
-
-
-# Some diffusers schedulers compute a full 1000-step schedule in __init__ (KDPM2 takes ~0.3 s
-# on a CPU), so each (class, options, model config) is built once with from_config and every
-# job gets a deep copy of that never-handed-out prototype: a fresh instance in the same state.
-_PROTOTYPES: dict[tuple[str, str, str, str], Any] = {}
-_PROTOTYPES_LOCK = threading.Lock()
-_MAX_PROTOTYPES = 512
-
-
-def make_scheduler(
-    choice: SamplerChoice, base_config: Mapping[str, Any], seed: int | None = None
-) -> SchedulerMixin:
-    """A fresh scheduler for `choice`, configured from the model's scheduler config.
-
-    `base_config` (e.g. ``pipe.scheduler.config``) is read, never changed; model settings
-    (beta schedule, prediction type, ...) come from it, sampler settings from the table:
-    the result is what ``Cls.from_config(config, **options)`` builds. `seed` seeds samplers
-    whose scheduler holds its own noise (DPM++ SDE's Brownian tree, `noise_sampler_seed`).
-    """
-    import diffusers
-
-    try:
-        cls_name, options = _plan(choice.sampler, choice.schedule)
-    except KeyError:
-        raise ValueError(f"unknown sampler choice {choice!r}") from None
-    cls = getattr(diffusers, cls_name)
-    config = _scheduler_config(cls, base_config)
-    key = (cls_name, choice.sampler, choice.schedule, _config_key(config))
-    with _PROTOTYPES_LOCK:
-        prototype = _PROTOTYPES.get(key)
-    if prototype is None:
-        kwargs = dict(options)
-        if _SAMPLER_BY_NAME[choice.sampler].seeded:
-            kwargs["noise_sampler_seed"] = None  # set per job below
-        prototype = cls.from_config(config, **kwargs)
-        with _PROTOTYPES_LOCK:
-            if len(_PROTOTYPES) >= _MAX_PROTOTYPES:
-                _PROTOTYPES.clear()
-            prototype = _PROTOTYPES.setdefault(key, prototype)
-    scheduler = copy.deepcopy(prototype)
-    if _SAMPLER_BY_NAME[choice.sampler].seeded:
-        # what DPMSolverSDEScheduler.__init__ does with its noise_sampler_seed argument
-        scheduler.register_to_config(noise_sampler_seed=seed)
-        scheduler.noise_sampler_seed = seed
-    return scheduler
+    seed_option = _SEED_OPTION if entry.seeded else None
+    return SchedulerPlan(entry.cls, MappingProxyType(options), seed_option)
 
 
 # --------------------------------------------------------------------------------------
@@ -760,13 +707,13 @@ def sampler_table_markdown() -> str:
         comfy = ", ".join(f"`{c}`" for c in entry.comfy) or "—"
         aliases = ", ".join(f"`{a}`" for a in entry.aliases) or "—"
         default = f"{entry.default} / normal" if entry.a1111 else "normal"
-        cls_name, options = _plan(entry.name, "normal")
+        cls_name, options, seed_option = _plan(entry.name, "normal")
         runs = f"`{cls_name}`"
         fixed = {k: v for k, v in options.items() if not k.startswith("use_")}
         if fixed:
             runs += f" ({_fmt_options(fixed)})"
-        if entry.seeded:
-            runs += ", noise_sampler_seed=job seed"
+        if seed_option is not None:
+            runs += f", {seed_option}=job seed"
         fidelity = "exact" if entry.exact else "closest"
         notes = [entry.note] if entry.note else []
         missing = [s.name for s in SCHEDULES if not _supports(entry, s)]

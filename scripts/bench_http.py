@@ -117,8 +117,9 @@ def direct_runner(args: argparse.Namespace):
     """The same job straight on the pipeline, in this process: the floor for the server."""
     import torch
 
+    from app.engine.schedulers import make_scheduler
     from app.engine.tiny import build_tiny_sdxl
-    from app.samplers import make_scheduler, resolve_sampler
+    from app.samplers import resolve_sampler
 
     pipe = build_tiny_sdxl()
     pipe.set_progress_bar_config(disable=True)

@@ -16,6 +16,8 @@ import torch
 from diffusers import StableDiffusionPipeline
 
 from app import samplers as S
+from app.engine import schedulers
+from app.engine.schedulers import make_scheduler
 from app.engine.tiny import build_tiny_sd15, build_tiny_sdxl
 from app.errors import InvalidParameter, NotServed
 from app.samplers import (
@@ -23,9 +25,9 @@ from app.samplers import (
     a1111_sampler_names,
     comfy_sampler_ids,
     comfy_scheduler_names,
-    make_scheduler,
     resolve_sampler,
     sampler_table_markdown,
+    scheduler_plan,
 )
 
 # torchsde's Brownian interval warns about float rounding at the end of the schedule
@@ -202,9 +204,12 @@ def _choice_id(choice: SamplerChoice) -> str:
     return f"{choice.sampler}-{choice.schedule}"
 
 
+def _entry_choice(entry, scheduler: str | None = None) -> SamplerChoice:
+    return resolve_sampler(entry.name if entry.a1111 else entry.comfy[0], scheduler)
+
+
 def _all_choices() -> list[SamplerChoice]:
-    names = [e.name if e.a1111 else e.comfy[0] for e in S.SAMPLERS]
-    return [resolve_sampler(name, s) for name in names for s in SCHEDULERS]
+    return [_entry_choice(e, s) for e in S.SAMPLERS for s in SCHEDULERS]
 
 
 # --- names ----------------------------------------------------------------------------
@@ -364,16 +369,17 @@ def test_table_matches_diffusers_signatures():
             source = inspect.getsource(cls.set_timesteps)
             assert "self.config.timestep_spacing" in source, entry.cls
         for schedule in SCHEDULERS:
-            cls_name, options = S._plan(entry.name, schedule)
-            assert set(options) <= params, (entry.name, schedule, set(options) - params)
-        if entry.seeded:
-            assert "noise_sampler_seed" in params
+            plan = scheduler_plan(_entry_choice(entry, schedule))
+            assert plan.cls_name == entry.cls
+            assert set(plan.options) <= params, (entry.name, schedule, set(plan.options) - params)
+            assert (plan.seed_option is not None) is entry.seeded
+            assert plan.seed_option is None or plan.seed_option in params
 
 
 @pytest.mark.parametrize("choice", _all_choices(), ids=_choice_id)
 def test_every_choice_builds_a_sane_schedule(choice):
     sched = make_scheduler(choice, SDXL_CONFIG, seed=5)
-    for key, value in S._plan(choice.sampler, choice.schedule)[1].items():
+    for key, value in scheduler_plan(choice).options.items():
         assert sched.config[key] == value, key
     for steps in (2, 4, 7, 30):  # 1 step: see test_one_step_needs_trailing_spacing
         sched.set_timesteps(steps)
@@ -473,19 +479,19 @@ def _same_state(a, b) -> None:
 
 def _equivalence_choices() -> list[SamplerChoice]:
     """Every sampler at its default schedule, and every schedule on three classes."""
-    chosen = [resolve_sampler(e.name if e.a1111 else e.comfy[0]) for e in S.SAMPLERS]
+    chosen = [_entry_choice(e) for e in S.SAMPLERS]
     chosen += [resolve_sampler(n, s) for n in ("Euler", "DPM++ SDE", "DPM2") for s in SCHEDULERS]
     return list(dict.fromkeys(chosen))
 
 
 @pytest.mark.parametrize("choice", _equivalence_choices(), ids=_choice_id)
 def test_make_scheduler_is_what_from_config_builds(choice):
-    cls_name, options = S._plan(choice.sampler, choice.schedule)
+    cls_name, options, seed_option = scheduler_plan(choice)
     cls = getattr(diffusers, cls_name)
     kwargs = dict(options)
     if choice.seeded_scheduler:
-        kwargs["noise_sampler_seed"] = 9
-    direct = cls.from_config(S._scheduler_config(cls, SDXL_CONFIG), **kwargs)
+        kwargs[seed_option] = 9
+    direct = cls.from_config(schedulers._scheduler_config(cls, SDXL_CONFIG), **kwargs)
     used = make_scheduler(choice, SDXL_CONFIG, seed=9)
     used.set_timesteps(5)  # a job runs on one instance...
     made = make_scheduler(choice, SDXL_CONFIG, seed=9)  # ...and the next one starts clean
@@ -510,7 +516,8 @@ def test_make_scheduler_is_fresh_and_leaves_the_config_alone():
             assert make_scheduler(choice, base, seed=1).config == b.config
         assert dict(base) == before
     # the seed reaches the Brownian tree, and the table's options stay untouched
-    cls_name, options = S._plan("DPM++ SDE", "karras")
+    cls_name, options, seed_option = scheduler_plan(resolve_sampler("DPM++ SDE", "karras"))
+    assert seed_option == "noise_sampler_seed"
     assert "noise_sampler_seed" not in options
     sde = resolve_sampler("DPM++ SDE")
     assert make_scheduler(sde, SDXL_CONFIG, seed=42).noise_sampler_seed == 42
@@ -655,7 +662,7 @@ def _check_image(image):
 
 
 def _plan_key(choice: SamplerChoice) -> tuple:
-    cls_name, options = S._plan(choice.sampler, choice.schedule)
+    cls_name, options, _ = scheduler_plan(choice)
     return cls_name, tuple(sorted(options.items()))
 
 

@@ -29,10 +29,10 @@ from app.engine.determinism import jobs_in_call
 from app.engine.jobs import Job, JobQueue, JobResult, WorkerSlot
 from app.engine.optimize import eager
 from app.engine.pipelines import LoadedModel, load_model
+from app.engine.schedulers import make_scheduler
 from app.errors import CraftError, InternalError, Unavailable
 from app.metrics import Metrics
 from app.registry import ModelSpec
-from app.samplers import make_scheduler
 
 logger = logging.getLogger(__name__)
 
