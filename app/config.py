@@ -13,6 +13,8 @@ from typing import Annotated
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from app.ratelimit import parse_rate_limit
+
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="CRAFTSERVE_", extra="ignore")
@@ -25,6 +27,9 @@ class Settings(BaseSettings):
     api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list)
     api_keys_file: Path | None = None
     allow_anonymous: bool = False
+    # Requests per period for every key without its own limit in the keys file (`KEY  10/60s`):
+    # e.g. "10/60s", "100/1h"; unset or "unlimited": no limit.
+    rate_limit: str | None = None
 
     # Request limits.
     max_prompt_length: int = Field(2000, ge=1, description="characters, prompt and negative prompt")
@@ -68,6 +73,13 @@ class Settings(BaseSettings):
     def _split_keys(cls, value: object) -> object:
         if isinstance(value, str):
             return [k.strip() for k in value.split(",") if k.strip()]
+        return value
+
+    @field_validator("rate_limit")
+    @classmethod
+    def _check_rate_limit(cls, value: str | None) -> str | None:
+        if value is not None:
+            parse_rate_limit(value)  # ValueError: the format, with examples
         return value
 
     @field_validator("openai_model_aliases", mode="before")

@@ -11,6 +11,7 @@ The messages follow the VisionCraft client convention: an unknown name is report
 from __future__ import annotations
 
 import difflib
+import math
 from collections.abc import Iterable
 
 
@@ -77,6 +78,11 @@ class Unauthorized(CraftError):
     kind = "unauthorized"
 
 
+def retry_after_seconds(seconds: float) -> int:
+    """A wait as the whole seconds of a Retry-After header: rounded up (never early), >= 1."""
+    return max(1, math.ceil(seconds - 1e-9))
+
+
 class RateLimited(CraftError):
     """A key past its request rate limit (429, with Retry-After)."""
 
@@ -84,7 +90,7 @@ class RateLimited(CraftError):
     kind = "rate_limited"
 
     def __init__(self, message: str, *, retry_after: float) -> None:
-        seconds = max(1, int(round(retry_after + 0.499)))  # never early: round up
+        seconds = retry_after_seconds(retry_after)
         super().__init__(message, headers={"Retry-After": str(seconds)})
         self.retry_after = seconds
 

@@ -91,8 +91,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     """Build the app. Fails fast (RegistryError, ValueError) on a bad models file or settings."""
     settings = settings or get_settings()
     registry = load_registry(settings.models)
-    auth = Authenticator(settings.all_api_keys(), allow_anonymous=settings.allow_anonymous)
     metrics = Metrics()
+    auth = Authenticator(settings.all_api_keys(), allow_anonymous=settings.allow_anonymous,
+                         rate_limit=settings.rate_limit, metrics=metrics)
     engine = Engine(settings, registry, metrics)
 
     @asynccontextmanager

@@ -29,6 +29,10 @@ class Metrics:
         self.errors = Counter(
             "craftserve_errors_total", "Requests answered with an error", ["kind"], registry=r
         )
+        self.rate_limited = Counter(
+            "craftserve_rate_limited_total", "Requests refused past their key's rate limit",
+            ["key"], registry=r,  # the key's label (key-<hash>, anonymous-<address>), never the key
+        )
         self.model_load = Histogram(
             "craftserve_model_load_seconds", "Time to load a model", ["model"],
             buckets=(0.1, 0.5, 1, 5, 10, 30, 60, 120, 300), registry=r,

@@ -28,8 +28,12 @@ def _image_request(body: GenerateRequest) -> ImageRequest:
 
 
 def _client(body: GenerateRequest, request: Request, auth: Authenticator) -> str:
+    """The caller's key label (403 without a valid key); the request counts against the key's
+    rate limit (429 past it)."""
     token = body.token or bearer_token(request.headers.get("authorization"))
-    return auth.authenticate(token, request.client.host if request.client else None)
+    client = auth.authenticate(token, request.client.host if request.client else None)
+    auth.admit(client)
+    return client
 
 
 async def _generate(body: GenerateRequest, count: int, request: Request, engine: EngineDep,
