@@ -9,9 +9,8 @@ from __future__ import annotations
 import copy
 import inspect
 import json
-import threading
 from collections.abc import Mapping
-from functools import cache
+from functools import cache, lru_cache
 from typing import Any
 
 import diffusers
@@ -44,12 +43,29 @@ def _config_key(config: Mapping[str, Any]) -> str:
     return json.dumps(config, sort_keys=True, default=plain)
 
 
+class _Config:
+    """A scheduler config as a cache key: equal when the configs are (compared as JSON)."""
+
+    __slots__ = ("config", "_key")
+
+    def __init__(self, config: dict[str, Any]) -> None:
+        self.config = config
+        self._key = _config_key(config)
+
+    def __hash__(self) -> int:
+        return hash(self._key)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, _Config) and other._key == self._key
+
+
 # Some diffusers schedulers compute a full 1000-step schedule in __init__ (KDPM2 takes ~0.3 s
-# on a CPU), so each (class, options, model config) is built once with from_config and every
-# job gets a deep copy of that never-handed-out prototype: a fresh instance in the same state.
-_PROTOTYPES: dict[tuple[str, str, str, str], Any] = {}
-_PROTOTYPES_LOCK = threading.Lock()
-_MAX_PROTOTYPES = 512
+# on a CPU), so each (choice, model config) is built once with from_config and every job gets a
+# deep copy of that never-handed-out prototype: a fresh instance in the same state.
+@lru_cache(maxsize=512)
+def _prototype(choice: SamplerChoice, config: _Config) -> SchedulerMixin:
+    cls_name, options, _ = scheduler_plan(choice)
+    return getattr(diffusers, cls_name).from_config(config.config, **options)
 
 
 def make_scheduler(
@@ -60,26 +76,14 @@ def make_scheduler(
     `base_config` (e.g. ``pipe.scheduler.config``) is read, never changed; model settings
     (beta schedule, prediction type, ...) come from it, sampler settings from the table:
     the result is what ``Cls.from_config(config, **options)`` builds. `seed` seeds samplers
-    whose scheduler holds its own noise (DPM++ SDE's Brownian tree, `noise_sampler_seed`).
+    whose scheduler holds its own noise (DPM++ SDE's Brownian tree): those are built with
+    the seed as their constructor argument, every time (see scripts/bench_samplers.py: tens of
+    ms, small beside the Brownian-tree sampling itself); the others are copied from a cached
+    prototype.
     """
     cls_name, options, seed_option = scheduler_plan(choice)
     cls = getattr(diffusers, cls_name)
     config = _scheduler_config(cls, base_config)
-    key = (cls_name, choice.sampler, choice.schedule, _config_key(config))
-    with _PROTOTYPES_LOCK:
-        prototype = _PROTOTYPES.get(key)
-    if prototype is None:
-        kwargs = dict(options)
-        if seed_option is not None:
-            kwargs[seed_option] = None  # set per job below
-        prototype = cls.from_config(config, **kwargs)
-        with _PROTOTYPES_LOCK:
-            if len(_PROTOTYPES) >= _MAX_PROTOTYPES:
-                _PROTOTYPES.clear()
-            prototype = _PROTOTYPES.setdefault(key, prototype)
-    scheduler = copy.deepcopy(prototype)
     if seed_option is not None:
-        # what DPMSolverSDEScheduler.__init__ does with its noise_sampler_seed argument
-        scheduler.register_to_config(**{seed_option: seed})
-        setattr(scheduler, seed_option, seed)
-    return scheduler
+        return cls.from_config(config, **options, **{seed_option: seed})
+    return copy.deepcopy(_prototype(choice, _Config(config)))
