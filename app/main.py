@@ -133,6 +133,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(openai_images.router)
     app.include_router(health.router)
     app.state.error_renderers = renderers = ErrorRenderers()
+    renderers.register("/sdapi/", a1111.render_error)
     renderers.register("/v1/", openai_images.render_error)
     _install_error_handlers(app, metrics, renderers)
     return app
