@@ -11,7 +11,8 @@ Everything is driven by two tables of data:
 * ``SAMPLERS``: one row per sampler: its names, the diffusers class and options that run it,
   A1111's default schedule for it, and whether diffusers is a faithful equivalent or only the
   closest one. The rows follow diffusers' scheduler overview (its table of A1111 names) and
-  A1111 / k-diffusion behaviour.
+  A1111 / k-diffusion behaviour. Each class, with what it can do with a schedule, is written
+  once above the rows.
 * ``SCHEDULES``: one row per schedule (the ComfyUI ``scheduler`` values): its A1111 name
   suffix and the diffusers option that produces it.
 
@@ -164,44 +165,52 @@ _FIELD_ALIASES: dict[str, str | None] = {
 # Samplers
 # --------------------------------------------------------------------------------------
 
-# What each diffusers class can do with a schedule (verified against the __init__
-# signatures and set_timesteps of diffusers 0.42 by tests/test_samplers.py):
-# (takes use_karras/exponential/beta_sigmas, honours timestep_spacing).
-_CLASS_CAPS: dict[str, tuple[bool, bool]] = {
-    "EulerDiscreteScheduler": (True, True),
-    "EulerAncestralDiscreteScheduler": (False, True),
-    "LMSDiscreteScheduler": (True, True),
-    "HeunDiscreteScheduler": (True, True),
-    "KDPM2DiscreteScheduler": (True, True),
-    "KDPM2AncestralDiscreteScheduler": (True, True),
-    "DPMSolverMultistepScheduler": (True, True),
-    "DPMSolverSinglestepScheduler": (True, False),
-    "DPMSolverSDEScheduler": (True, True),
-    "DDIMScheduler": (False, True),
-    "PNDMScheduler": (False, True),
-    "UniPCMultistepScheduler": (True, True),
-    "LCMScheduler": (False, False),
-    "DEISMultistepScheduler": (True, True),
-}
+
+@dataclass(frozen=True)
+class _SchedulerClass:
+    """A diffusers scheduler class (by name: diffusers is not imported here) and what it can do
+    with a schedule; verified against the __init__ signatures and set_timesteps of diffusers
+    0.42 by tests/test_samplers.py."""
+
+    name: str
+    takes_sigmas: bool  # takes use_karras_sigmas / use_exponential_sigmas / use_beta_sigmas
+    honours_spacing: bool  # set_timesteps follows timestep_spacing
+    seed_option: str | None = None  # constructor argument seeding the scheduler's own noise
+
+
+_EULER = _SchedulerClass("EulerDiscreteScheduler", True, True)
+_EULER_ANCESTRAL = _SchedulerClass("EulerAncestralDiscreteScheduler", False, True)
+_LMS = _SchedulerClass("LMSDiscreteScheduler", True, True)
+_HEUN = _SchedulerClass("HeunDiscreteScheduler", True, True)
+_KDPM2 = _SchedulerClass("KDPM2DiscreteScheduler", True, True)
+_KDPM2_ANCESTRAL = _SchedulerClass("KDPM2AncestralDiscreteScheduler", True, True)
+_DPM_MULTISTEP = _SchedulerClass("DPMSolverMultistepScheduler", True, True)
+_DPM_SINGLESTEP = _SchedulerClass("DPMSolverSinglestepScheduler", True, False)
+_DPM_SDE = _SchedulerClass("DPMSolverSDEScheduler", True, True, seed_option="noise_sampler_seed")
+_DDIM = _SchedulerClass("DDIMScheduler", False, True)
+_PNDM = _SchedulerClass("PNDMScheduler", False, True)
+_UNIPC = _SchedulerClass("UniPCMultistepScheduler", True, True)
+_LCM = _SchedulerClass("LCMScheduler", False, False)
+_DEIS = _SchedulerClass("DEISMultistepScheduler", True, True)
 
 
 @dataclass(frozen=True)
 class _Sampler:
     name: str  # canonical name (A1111 name; ComfyUI id where A1111 has none)
     comfy: tuple[str, ...]  # ComfyUI ids that mean this sampler
-    cls: str  # diffusers scheduler class
+    cls: _SchedulerClass  # the diffusers scheduler class that runs it
     options: Mapping[str, Any]  # fixed diffusers options (immutable values only)
     default: str = "normal"  # A1111 (>= 1.9) schedule when neither suffix nor field is given
     exact: bool = True  # diffusers runs the same algorithm
     spacing: str = "linspace"  # timestep_spacing of the plain ("normal") schedule
-    seeded: bool = False  # scheduler seeded from the job seed (noise_sampler_seed)
     a1111: bool = True  # `name` is an A1111 sampler name (takes schedule suffixes)
     aliases: tuple[str, ...] = ()  # further A1111-style names (A1111's own aliases)
     note: str = ""
 
-
-# DPMSolverSDEScheduler's constructor argument that seeds its Brownian tree.
-_SEED_OPTION = "noise_sampler_seed"
+    @property
+    def seeded(self) -> bool:
+        """Whether the scheduler is seeded from the job seed (its class holds its own noise)."""
+        return self.cls.seed_option is not None
 
 
 def _opts(**kwargs: Any) -> Mapping[str, Any]:
@@ -223,23 +232,23 @@ SAMPLERS: tuple[_Sampler, ...] = (
     _Sampler(
         "Euler",
         ("euler",),
-        "EulerDiscreteScheduler",
+        _EULER,
         _opts(interpolation_type="linear", final_sigmas_type="zero"),
         aliases=("k_euler",),
     ),
     _Sampler(
         "Euler a",
         ("euler_ancestral",),
-        "EulerAncestralDiscreteScheduler",
+        _EULER_ANCESTRAL,
         _opts(),
         aliases=("k_euler_a", "k_euler_ancestral"),
     ),
-    _Sampler("LMS", ("lms",), "LMSDiscreteScheduler", _opts(), aliases=("k_lms",)),
-    _Sampler("Heun", ("heun",), "HeunDiscreteScheduler", _opts(), aliases=("k_heun",)),
+    _Sampler("LMS", ("lms",), _LMS, _opts(), aliases=("k_lms",)),
+    _Sampler("Heun", ("heun",), _HEUN, _opts(), aliases=("k_heun",)),
     _Sampler(
         "DPM2",
         ("dpm_2",),
-        "KDPM2DiscreteScheduler",
+        _KDPM2,
         _opts(),
         default="karras",
         aliases=("k_dpm_2",),
@@ -248,7 +257,7 @@ SAMPLERS: tuple[_Sampler, ...] = (
     _Sampler(
         "DPM2 a",
         ("dpm_2_ancestral",),
-        "KDPM2AncestralDiscreteScheduler",
+        _KDPM2_ANCESTRAL,
         _opts(),
         default="karras",
         aliases=("k_dpm_2_a",),
@@ -257,7 +266,7 @@ SAMPLERS: tuple[_Sampler, ...] = (
     _Sampler(
         "DPM++ 2S a",
         ("dpmpp_2s_ancestral",),
-        "DPMSolverSinglestepScheduler",
+        _DPM_SINGLESTEP,
         _opts(
             solver_order=2,
             algorithm_type="sde-dpmsolver++",
@@ -273,7 +282,7 @@ SAMPLERS: tuple[_Sampler, ...] = (
     _Sampler(
         "DPM++ 2M",
         ("dpmpp_2m",),
-        "DPMSolverMultistepScheduler",
+        _DPM_MULTISTEP,
         _opts(**_DPM_MULTI, algorithm_type="dpmsolver++"),
         default="karras",
         aliases=("k_dpmpp_2m",),
@@ -281,10 +290,9 @@ SAMPLERS: tuple[_Sampler, ...] = (
     _Sampler(
         "DPM++ SDE",
         ("dpmpp_sde", "dpmpp_sde_gpu"),
-        "DPMSolverSDEScheduler",
+        _DPM_SDE,
         _opts(),
         default="karras",
-        seeded=True,
         aliases=("k_dpmpp_sde",),
         note="k-diffusion's Brownian-tree sampler (needs torchsde); the tree is seeded from the "
         "job seed via `noise_sampler_seed`",
@@ -292,7 +300,7 @@ SAMPLERS: tuple[_Sampler, ...] = (
     _Sampler(
         "DPM++ 2M SDE",
         ("dpmpp_2m_sde", "dpmpp_2m_sde_gpu"),
-        "DPMSolverMultistepScheduler",
+        _DPM_MULTISTEP,
         _opts(**_DPM_MULTI, algorithm_type="sde-dpmsolver++"),
         default="exponential",
         aliases=("k_dpmpp_2m_sde",),
@@ -301,7 +309,7 @@ SAMPLERS: tuple[_Sampler, ...] = (
     _Sampler(
         "DPM++ 2M SDE Heun",
         ("dpmpp_2m_sde_heun", "dpmpp_2m_sde_heun_gpu"),
-        "DPMSolverMultistepScheduler",
+        _DPM_MULTISTEP,
         _opts(**{**_DPM_MULTI, "solver_type": "heun"}, algorithm_type="sde-dpmsolver++"),
         default="exponential",
         aliases=("k_dpmpp_2m_sde_heun",),
@@ -310,7 +318,7 @@ SAMPLERS: tuple[_Sampler, ...] = (
     _Sampler(
         "DPM++ 3M SDE",
         ("dpmpp_3m_sde", "dpmpp_3m_sde_gpu"),
-        "DPMSolverMultistepScheduler",
+        _DPM_MULTISTEP,
         _opts(**{**_DPM_MULTI, "solver_order": 3}, algorithm_type="sde-dpmsolver++"),
         default="exponential",
         exact=False,
@@ -320,7 +328,7 @@ SAMPLERS: tuple[_Sampler, ...] = (
     _Sampler(
         "DPM fast",
         ("dpm_fast",),
-        "DPMSolverSinglestepScheduler",
+        _DPM_SINGLESTEP,
         _opts(
             solver_order=3,
             algorithm_type="dpmsolver++",
@@ -336,7 +344,7 @@ SAMPLERS: tuple[_Sampler, ...] = (
     _Sampler(
         "DPM adaptive",
         ("dpm_adaptive",),
-        "DPMSolverSinglestepScheduler",
+        _DPM_SINGLESTEP,
         _opts(
             solver_order=3,
             algorithm_type="dpmsolver++",
@@ -352,7 +360,7 @@ SAMPLERS: tuple[_Sampler, ...] = (
     _Sampler(
         "Restart",
         (),
-        "HeunDiscreteScheduler",
+        _HEUN,
         _opts(),
         default="karras",
         exact=False,
@@ -362,7 +370,7 @@ SAMPLERS: tuple[_Sampler, ...] = (
     _Sampler(
         "DDIM",
         ("ddim",),
-        "DDIMScheduler",
+        _DDIM,
         _opts(set_alpha_to_one=False, clip_sample=False),
         spacing="leading",
         note="eta from the request (0 = deterministic)",
@@ -370,7 +378,7 @@ SAMPLERS: tuple[_Sampler, ...] = (
     _Sampler(
         "PLMS",
         (),
-        "PNDMScheduler",
+        _PNDM,
         _opts(skip_prk_steps=True, set_alpha_to_one=False),
         spacing="leading",
         aliases=("plms",),
@@ -378,7 +386,7 @@ SAMPLERS: tuple[_Sampler, ...] = (
     _Sampler(
         "UniPC",
         ("uni_pc",),
-        "UniPCMultistepScheduler",
+        _UNIPC,
         _opts(
             solver_order=3,
             solver_type="bh1",
@@ -393,7 +401,7 @@ SAMPLERS: tuple[_Sampler, ...] = (
     _Sampler(
         "LCM",
         ("lcm",),
-        "LCMScheduler",
+        _LCM,
         _opts(),
         aliases=("k_lcm",),
         note="needs an LCM model or LCM-LoRA for good images (few steps, low CFG)",
@@ -402,7 +410,7 @@ SAMPLERS: tuple[_Sampler, ...] = (
     _Sampler(
         "heunpp2",
         ("heunpp2",),
-        "HeunDiscreteScheduler",
+        _HEUN,
         _opts(),
         exact=False,
         a1111=False,
@@ -411,7 +419,7 @@ SAMPLERS: tuple[_Sampler, ...] = (
     _Sampler(
         "uni_pc_bh2",
         ("uni_pc_bh2",),
-        "UniPCMultistepScheduler",
+        _UNIPC,
         _opts(
             solver_order=3,
             solver_type="bh2",
@@ -424,7 +432,7 @@ SAMPLERS: tuple[_Sampler, ...] = (
     _Sampler(
         "deis",
         ("deis",),
-        "DEISMultistepScheduler",
+        _DEIS,
         _opts(solver_order=3, algorithm_type="deis", lower_order_final=True),
         exact=False,
         a1111=False,
@@ -433,28 +441,10 @@ SAMPLERS: tuple[_Sampler, ...] = (
 )
 _SAMPLER_BY_NAME: dict[str, _Sampler] = {s.name: s for s in SAMPLERS}
 
-# The names exactly as shared/api/samplers.md lists them.
-_A1111_BASE: tuple[str, ...] = (
-    "Euler",
-    "Euler a",
-    "LMS",
-    "Heun",
-    "DPM2",
-    "DPM2 a",
-    "DPM++ 2S a",
-    "DPM++ 2M",
-    "DPM++ SDE",
-    "DPM++ 2M SDE",
-    "DPM++ 2M SDE Heun",
-    "DPM++ 3M SDE",
-    "DPM fast",
-    "DPM adaptive",
-    "Restart",
-    "DDIM",
-    "PLMS",
-    "UniPC",
-    "LCM",
-)
+# The listings (GET /sd/samplers, /samplers-xl) follow shared/api/samplers.md. The table's rows
+# are in A1111's order, so the A1111 names are read from it.
+_A1111_BASE: tuple[str, ...] = tuple(entry.name for entry in SAMPLERS if entry.a1111)
+# A1111's legacy names with the schedule in them (before 1.9), listed after the base names.
 _A1111_LEGACY: tuple[str, ...] = (
     "DPM++ 2M Karras",
     "DPM++ SDE Karras",
@@ -468,29 +458,44 @@ _A1111_LEGACY: tuple[str, ...] = (
     "DPM2 a Karras",
     "Euler Karras",
 )
-_COMFY_IDS: tuple[str, ...] = (
-    "euler",
-    "euler_ancestral",
-    "heun",
-    "heunpp2",
-    "dpm_2",
-    "dpm_2_ancestral",
-    "lms",
-    "dpm_fast",
-    "dpm_adaptive",
-    "dpmpp_2s_ancestral",
-    "dpmpp_sde",
-    "dpmpp_sde_gpu",
-    "dpmpp_2m",
-    "dpmpp_2m_sde",
-    "dpmpp_2m_sde_gpu",
-    "dpmpp_3m_sde",
-    "dpmpp_3m_sde_gpu",
-    "ddim",
-    "uni_pc",
-    "uni_pc_bh2",
-    "lcm",
-    "deis",
+
+
+def _comfy_listing(ids: tuple[str, ...]) -> tuple[str, ...]:
+    """`ids`, once each checked to be ComfyUI ids of the table."""
+    unknown = sorted(set(ids) - {comfy_id for entry in SAMPLERS for comfy_id in entry.comfy})
+    if unknown or len(set(ids)) != len(ids):
+        raise RuntimeError(f"the ComfyUI listing has ids the sampler table lacks, or twice: {unknown}")
+    return ids
+
+
+# ComfyUI lists its ids in its own order, not A1111's (lms after dpm_2_ancestral, dpmpp_sde before
+# dpmpp_2m), and the table cannot follow both, so this order is written here; what each id runs
+# is the table's. The table also accepts a few ids the listing leaves out.
+_COMFY_IDS: tuple[str, ...] = _comfy_listing(
+    (
+        "euler",
+        "euler_ancestral",
+        "heun",
+        "heunpp2",
+        "dpm_2",
+        "dpm_2_ancestral",
+        "lms",
+        "dpm_fast",
+        "dpm_adaptive",
+        "dpmpp_2s_ancestral",
+        "dpmpp_sde",
+        "dpmpp_sde_gpu",
+        "dpmpp_2m",
+        "dpmpp_2m_sde",
+        "dpmpp_2m_sde_gpu",
+        "dpmpp_3m_sde",
+        "dpmpp_3m_sde_gpu",
+        "ddim",
+        "uni_pc",
+        "uni_pc_bh2",
+        "lcm",
+        "deis",
+    )
 )
 
 _A1111_STYLE = "a1111"
@@ -584,13 +589,12 @@ def _field_schedule(scheduler: str | None) -> str | None:
 
 def _supports(entry: _Sampler, schedule: _Schedule) -> bool:
     """Whether entry's class produces `schedule` (else its plain schedule serves)."""
-    takes_sigmas, honours_spacing = _CLASS_CAPS[entry.cls]
     if schedule.sigmas_option is not None:
         if schedule.name == "beta" and importlib.util.find_spec("scipy") is None:
             return False
-        return takes_sigmas
+        return entry.cls.takes_sigmas
     if schedule.spacing is not None:
-        return honours_spacing
+        return entry.cls.honours_spacing
     return True
 
 
@@ -665,9 +669,8 @@ def scheduler_plan(choice: SamplerChoice) -> SchedulerPlan:
 def _plan(sampler: str, schedule: str) -> SchedulerPlan:
     entry = _SAMPLER_BY_NAME[sampler]
     spec = _SCHEDULE_BY_NAME[schedule]
-    takes_sigmas, honours_spacing = _CLASS_CAPS[entry.cls]
     options = dict(entry.options)
-    if takes_sigmas:  # override whatever the model's own config says
+    if entry.cls.takes_sigmas:  # override whatever the model's own config says
         for other in SCHEDULES:
             if other.sigmas_option is not None:
                 options[other.sigmas_option] = False
@@ -678,12 +681,11 @@ def _plan(sampler: str, schedule: str) -> SchedulerPlan:
             spacing = spec.spacing  # linspace, so sigma_min..sigma_max spans the schedule
         elif spec.spacing is not None:
             spacing = spec.spacing
-    if honours_spacing:
+    if entry.cls.honours_spacing:
         options["timestep_spacing"] = spacing
         if spacing == "leading":
             options["steps_offset"] = 1
-    seed_option = _SEED_OPTION if entry.seeded else None
-    return SchedulerPlan(entry.cls, MappingProxyType(options), seed_option)
+    return SchedulerPlan(entry.cls.name, MappingProxyType(options), entry.cls.seed_option)
 
 
 # --------------------------------------------------------------------------------------

@@ -359,18 +359,17 @@ def test_listing_functions():
 
 def test_table_matches_diffusers_signatures():
     for entry in S.SAMPLERS:
-        cls = getattr(diffusers, entry.cls)
+        cls = getattr(diffusers, entry.cls.name)
         params = set(inspect.signature(cls.__init__).parameters)
-        takes_sigmas, honours_spacing = S._CLASS_CAPS[entry.cls]
         sigma_opts = {"use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas"}
-        assert takes_sigmas == (sigma_opts <= params), entry.cls
-        if honours_spacing:
+        assert entry.cls.takes_sigmas == (sigma_opts <= params), entry.cls
+        if entry.cls.honours_spacing:
             assert "timestep_spacing" in params
             source = inspect.getsource(cls.set_timesteps)
             assert "self.config.timestep_spacing" in source, entry.cls
         for schedule in SCHEDULERS:
             plan = scheduler_plan(_entry_choice(entry, schedule))
-            assert plan.cls_name == entry.cls
+            assert plan.cls_name == entry.cls.name
             assert set(plan.options) <= params, (entry.name, schedule, set(plan.options) - params)
             assert (plan.seed_option is not None) is entry.seeded
             assert plan.seed_option is None or plan.seed_option in params
@@ -786,7 +785,7 @@ def test_table_lists_every_name_and_is_in_the_docs():
         assert f"`{entry.name}`" in table or not entry.a1111
         for name in (*entry.comfy, *entry.aliases):
             assert f"`{name}`" in table
-        assert f"`{entry.cls}`" in table
+        assert f"`{entry.cls.name}`" in table
     for name in COMFY_IDS + A1111_NAMES:
         assert f"`{name}`" in table
     assert "closest" in table and "exact" in table
