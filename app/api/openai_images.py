@@ -37,8 +37,7 @@ from app.api.deps import AuthDep, EngineDep, ImagesDep, RegistryDep, SettingsDep
 from app.api.errors import ErrorInfo
 from app.api.generation import Generated, ImageRequest, generate_images
 from app.config import Settings
-from app.engine.loras import LoraError
-from app.errors import CraftError, Forbidden, InvalidParameter, Unauthorized
+from app.errors import CraftError, Forbidden, InvalidParameter, LoraError, Unauthorized
 from app.imaging import MEDIA_TYPES, encode_image, parameters_text
 from app.registry import Registry
 from app.schemas import MAX_SEED, Int, Loras, Number
@@ -54,7 +53,7 @@ _SIZE = re.compile(r"([0-9]{1,6})[xX]([0-9]{1,6})")
 
 
 # ---- request and answer shapes ---------------------------------------------------------------
-class ImageGenerationRequest(BaseModel):
+class OpenAIImageRequest(BaseModel):
     """Body of POST /v1/images/generations: OpenAI's fields plus craftserve extensions. Unknown
     fields and nulls are ignored."""
 
@@ -96,7 +95,7 @@ class ImageGenerationRequest(BaseModel):
     loras: Loras | None = Field(None, description="extension: {lora name: weight}")
 
 
-class ImageData(BaseModel):
+class OpenAIImage(BaseModel):
     b64_json: str | None = Field(None, description="the image, base64 without a data: prefix "
                                  "(response_format b64_json)")
     url: str | None = Field(None, description="where to fetch the image (response_format url); "
@@ -104,38 +103,38 @@ class ImageData(BaseModel):
     revised_prompt: None = None
 
 
-class ImagesResponse(BaseModel):
+class OpenAIImagesResponse(BaseModel):
     created: int
-    data: list[ImageData] = Field(description="one item per image, with `b64_json` or `url`")
+    data: list[OpenAIImage] = Field(description="one item per image, with `b64_json` or `url`")
     output_format: Literal["png", "jpeg", "webp"]
     size: str = Field(examples=["1024x1024"])
 
 
-class ModelObject(BaseModel):
+class OpenAIModel(BaseModel):
     id: str
     object: Literal["model"] = "model"
     created: int
     owned_by: str
 
 
-class ModelList(BaseModel):
+class OpenAIModelList(BaseModel):
     object: Literal["list"] = "list"
-    data: list[ModelObject]
+    data: list[OpenAIModel]
 
 
-class ErrorObject(BaseModel):
+class OpenAIError(BaseModel):
     message: str
     type: str = Field(examples=["invalid_request_error"])
     param: str | None = Field(examples=["size"])
     code: str | None = Field(examples=["invalid_value"])
 
 
-class ErrorBody(BaseModel):
-    error: ErrorObject
+class OpenAIErrorBody(BaseModel):
+    error: OpenAIError
 
 
 def _error(description: str) -> dict:
-    return {"model": ErrorBody, "description": description}
+    return {"model": OpenAIErrorBody, "description": description}
 
 
 _AUTH_ERRORS = {401: _error("missing or wrong API key (`code`: invalid_api_key)")}
@@ -145,6 +144,8 @@ _GENERATION_ERRORS = {
     **_AUTH_ERRORS,
     404: _error("`code` model_not_found: the model is neither served nor an alias; the message "
                 "names the served ones"),
+    429: _error("the key is past its rate limit (keys file or CRAFTSERVE_RATE_LIMIT), with "
+                "`Retry-After`; `code` rate_limit_exceeded"),
     500: _error("a bug (the server log has it); `x-should-retry: false`"),
     503: _error("the queue is full, a job outlived its queue deadline or the server is shutting "
                 "down (with `Retry-After`); the model cannot be served now or there is not enough "
@@ -274,7 +275,7 @@ def _size(value: str | None, family: str, settings: Settings) -> tuple[int, int]
     return width, height
 
 
-def _image_request(body: ImageGenerationRequest, model: str, size: tuple[int, int],
+def _image_request(body: OpenAIImageRequest, model: str, size: tuple[int, int],
                    settings: Settings) -> tuple[ImageRequest, int]:
     count = 1 if body.n is None else body.n
     if not 1 <= count <= settings.openai_max_images:
@@ -309,17 +310,19 @@ async def _encoded(image: Generated, output_format: str, quality: int) -> bytes:
 
 
 # ---- routes ----------------------------------------------------------------------------------
-@router.post("/images/generations", response_model=ImagesResponse, responses=_GENERATION_ERRORS,
+@router.post("/images/generations", response_model=OpenAIImagesResponse, responses=_GENERATION_ERRORS,
              summary="Create images (OpenAI images API)")
 async def create_images(
-    body: ImageGenerationRequest,
+    body: OpenAIImageRequest,
     request: Request,
     client: ClientDep,
+    auth: AuthDep,
     engine: EngineDep,
     registry: RegistryDep,
     settings: SettingsDep,
     images: ImagesDep,
 ) -> JSONResponse:
+    auth.admit(client)  # the key's rate limit (429 past it): generation requests only
     model = _model(body.model, registry, settings)
     width, height = _size(body.size, registry.models[model].family, settings)
     image_request, count = _image_request(body, model, (width, height), settings)
@@ -369,26 +372,26 @@ def _models_file_time(registry: Registry) -> int:
         return 0
 
 
-def _model_objects(registry: Registry, settings: Settings) -> list[ModelObject]:
+def _model_objects(registry: Registry, settings: Settings) -> list[OpenAIModel]:
     """The served models, then the alias names that map to one of them."""
     created = _models_file_time(registry)
     names = list(registry.models)
     names += [a for a, t in settings.openai_model_aliases.items()
               if t in registry.models and a not in registry.models]
-    return [ModelObject(id=name, created=created, owned_by="craftserve") for name in names]
+    return [OpenAIModel(id=name, created=created, owned_by="craftserve") for name in names]
 
 
-@router.get("/models", response_model=ModelList, responses=_AUTH_ERRORS,
+@router.get("/models", response_model=OpenAIModelList, responses=_AUTH_ERRORS,
             summary="The models /v1/images/generations accepts: served ones, then aliases")
-def list_models(client: ClientDep, registry: RegistryDep, settings: SettingsDep) -> ModelList:
-    return ModelList(data=_model_objects(registry, settings))
+def list_models(client: ClientDep, registry: RegistryDep, settings: SettingsDep) -> OpenAIModelList:
+    return OpenAIModelList(data=_model_objects(registry, settings))
 
 
-@router.get("/models/{model}", response_model=ModelObject,
+@router.get("/models/{model}", response_model=OpenAIModel,
             responses={**_AUTH_ERRORS, 404: _error("`code` model_not_found")},
             summary="One model (the SDK's models.retrieve)")
 def retrieve_model(model: str, client: ClientDep, registry: RegistryDep,
-                   settings: SettingsDep) -> ModelObject:
+                   settings: SettingsDep) -> OpenAIModel:
     for item in _model_objects(registry, settings):
         if item.id == model:
             return item
