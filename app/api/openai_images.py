@@ -249,7 +249,7 @@ def _model(requested: str | None, registry: Registry, settings: Settings) -> str
             f"Served models: {served}"
         )
     names = list(registry.models) + list(aliases)
-    close = difflib.get_close_matches(requested, names, n=3, cutoff=0.5)
+    close = difflib.get_close_matches(requested, names, n=3, cutoff=0.5) if len(requested) < 200 else []
     hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
     other = (f"; other names (setting CRAFTSERVE_OPENAI_MODEL_ALIASES): "
              f"{', '.join(f'{a} = {t}' for a, t in aliases.items())}" if aliases else "")
