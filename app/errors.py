@@ -32,13 +32,15 @@ class CraftError(Exception):
 
 
 class InvalidParameter(CraftError):
-    """A request field has a value the server refuses (422)."""
+    """A request field has a value the server refuses (422). The message reads
+    "This server doesn't have <field> <value>: <rule>", the phrase the VisionCraft wrapper
+    parses to name the parameter (`InvalidParam.param`)."""
 
     status = 422
     kind = "invalid_parameter"
 
     def __init__(self, field: str, value: object, rule: str) -> None:
-        super().__init__(f"{field}: {value!r} is not accepted: {rule}")
+        super().__init__(f"This server doesn't have {field} {value!r}: {rule}")
         self.field = field
         self.value = value
 

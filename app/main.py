@@ -36,20 +36,33 @@ def _field_of(err: dict) -> str:
     return ".".join(loc[1:] if loc and loc[0] == "body" else loc) or "body"
 
 
+def _rule(field: str, msg: str) -> str:
+    """Pydantic's message as a rule about the field: 'Input should be ...' → 'steps should be ...'."""
+    msg = msg.removeprefix("Value error, ")
+    if msg.startswith("Input "):
+        return field + msg.removeprefix("Input")
+    if msg.startswith(("must ", "should ")):
+        return f"{field} {msg}"
+    return msg
+
+
 def describe_validation_errors(errors: list[dict]) -> str:
-    """One readable sentence per error: the field, the value and the rule."""
+    """One readable sentence per error naming the field, the value and the rule, each with
+    "doesn't have <field>", the phrase the published VisionCraft wrapper parses to name the
+    parameter (its InvalidParam.param; a 422 without it crashes the wrapper)."""
     parts = []
     for err in errors:
         field = _field_of(err)
         kind = err.get("type", "")
         if kind == "missing":
-            parts.append(f"{field}: required field is missing")
+            parts.append(f"The request doesn't have {field}: {field} is a required field")
         elif kind == "json_invalid":
             reason = (err.get("ctx") or {}).get("error", "invalid JSON")
-            parts.append(f"body: malformed JSON ({reason}); send a JSON object")
+            parts.append(f"The request doesn't have body as valid JSON: malformed JSON ({reason}); "
+                         "send a JSON object")
         else:
-            msg = str(err.get("msg", "invalid")).removeprefix("Value error, ")
-            parts.append(f"{field}: {_short(err.get('input'))} is not accepted: {msg}")
+            rule = _rule(field, str(err.get("msg", "invalid")))
+            parts.append(f"This server doesn't have {field} {_short(err.get('input'))}: {rule}")
     return "; ".join(parts)
 
 

@@ -28,10 +28,22 @@ class ErrorInfo:
 Renderer = Callable[[Request, ErrorInfo], Response]
 
 
+def visioncraft_message(info: ErrorInfo) -> str:
+    """The message as the published VisionCraft wrapper (1.0.8) needs it. The wrapper takes
+    any 422 as an invalid parameter and names it by the word after "doesn't have"; a 422
+    without that phrase crashes it (IndexError). craftserve's own 422 messages all carry it;
+    one raised elsewhere without it (e.g. a LoRA file that cannot be used) gets it appended,
+    naming the field at fault when the error knows it."""
+    if info.status == 422 and "doesn't have" not in info.message:
+        return f"{info.message} (this server doesn't have {info.field or 'body'} as sent)"
+    return info.message
+
+
 def visioncraft_error(request: Request, info: ErrorInfo) -> Response:
     """`detail` (a string) as craftserve always answered, plus `error.message` with the same
-    text, which the published VisionCraft wrapper reads first."""
-    body: dict = {"detail": info.message, "error": {"message": info.message}}
+    text, which the published VisionCraft wrapper reads first (app.schemas.ErrorBody)."""
+    message = visioncraft_message(info)
+    body: dict = {"detail": message, "error": {"message": message}}
     if info.errors is not None:
         body["errors"] = info.errors
     return JSONResponse(body, status_code=info.status, headers=info.headers)
