@@ -45,7 +45,7 @@ Loras = Annotated[dict[str, float], BeforeValidator(_finite_weights)]
 
 
 class GenerateRequest(BaseModel):
-    """Body of POST /sd (and /generate-xl): the seed page's fields plus craftserve extensions."""
+    """Body of POST /sd: the seed page's fields plus craftserve extensions."""
 
     model_config = ConfigDict(extra="ignore", str_strip_whitespace=False)
 
@@ -72,10 +72,27 @@ class GenerateRequestV2(GenerateRequest):
 
 
 class GenerateRequestV0(GenerateRequest):
-    """Body of POST /generate (spring 2024 docs): up to 5 images, answered as URLs."""
+    """Body of POST /generate and /generate-xl (spring 2024 docs): up to 5 images, answered
+    as URLs."""
 
     image_count: Int = Field(1, ge=1, le=5)
 
 
 class ImageUrls(BaseModel):
     images: list[str]
+
+
+class ErrorMessage(BaseModel):
+    message: str = Field(..., description="the same text as `detail`")
+
+
+class ErrorBody(BaseModel):
+    """Every VisionCraft-route error: `detail` as the service answered, and `error.message`
+    with the same text, which the published VisionCraft wrapper reads first."""
+
+    detail: str = Field(..., examples=["This server doesn't have steps 31: steps should be less "
+                                       "than or equal to 30"])
+    error: ErrorMessage
+    errors: list[dict[str, Any]] | None = Field(
+        None, description="validation errors only (422): [{loc, msg, type}] of each field at fault"
+    )

@@ -252,10 +252,39 @@ def test_september_route_allows_35_steps(client: httpx.Client) -> None:
     assert client.post("/sd", json=body(steps=35)).status_code == 422
 
 
-def test_generate_xl_takes_sampler_and_scheduler(client: httpx.Client) -> None:
-    answer = client.post("/generate-xl", json=body(sampler="dpmpp_2m", scheduler="karras"))
-    assert png(answer).size == (64, 64)
-    assert answer.headers["x-sampler"] == "DPM++ 2M Karras"
+def test_generate_xl_answers_urls_like_generate(client: httpx.Client) -> None:
+    # The spring 2024 SDXL route: sampler + scheduler, image_count 1-5, {"images": [url, ...]}
+    # (the service's last README and the published wrapper both read it so).
+    answer = client.post("/generate-xl", json=body(sampler="dpmpp_2m", scheduler="karras",
+                                                   image_count=2, seed=77))
+    assert answer.status_code == 200, answer.text
+    urls = answer.json()["images"]
+    assert len(urls) == 2
+    images = [png(httpx.get(url, timeout=30)) for url in urls]
+    assert [i.size for i in images] == [(64, 64)] * 2
+    assert "Seed: 77," in images[0].text["parameters"]
+    assert "Seed: 78," in images[1].text["parameters"]
+    assert "Sampler: DPM++ 2M" in images[0].text["parameters"]
+    alone = client.post("/sd", json=body(sampler="DPM++ 2M Karras", seed=77))
+    assert pixels(alone) == images[0].tobytes()
+    assert client.post("/generate-xl", json=body(image_count=6)).status_code == 422
+    assert client.post("/generate-xl", json=body(image_count=0)).status_code == 422
+
+
+def test_openapi_documents_the_error_bodies(client: httpx.Client) -> None:
+    spec = client.get("/openapi.json").json()
+    error_ref = "#/components/schemas/ErrorBody"
+    for path in ("/sd", "/generate", "/generate-xl", "/image/generate"):
+        responses = spec["paths"][path]["post"]["responses"]
+        for status in ("403", "422", "429", "503"):
+            schema = responses[status]["content"]["application/json"]["schema"]
+            assert schema == {"$ref": error_ref}, (path, status)
+    assert spec["paths"]["/images/{key}.png"]["get"]["responses"]["404"]["content"][
+        "application/json"]["schema"] == {"$ref": error_ref}
+    body_schema = spec["components"]["schemas"]["ErrorBody"]
+    assert set(body_schema["required"]) == {"detail", "error"}
+    assert spec["paths"]["/generate-xl"]["post"]["responses"]["200"]["content"][
+        "application/json"]["schema"] == {"$ref": "#/components/schemas/ImageUrls"}
 
 
 def test_spring_2024_generate_answers_image_urls(client: httpx.Client) -> None:
