@@ -114,3 +114,16 @@ class Unavailable(CraftError):
         seconds = max(1, int(round(retry_after)))
         super().__init__(message, headers={"Retry-After": str(seconds)}, kind=kind)
         self.retry_after = seconds
+
+
+class LoraError(CraftError):
+    """A requested LoRA cannot be used (422): unreadable, not a LoRA, made for another model,
+    or it does not fit the model's layers. The message reads "lora '<name>': <reason>"."""
+
+    status = 422
+    kind = "invalid_lora"
+
+    def __init__(self, name: str, reason: str) -> None:
+        super().__init__(f"lora '{name}': {reason}")
+        self.name = name
+        self.reason = reason

@@ -42,7 +42,7 @@ from typing import Literal
 
 import torch
 
-from app.errors import CraftError
+from app.errors import LoraError
 
 log = logging.getLogger(__name__)
 
@@ -72,17 +72,6 @@ _NAMED_ADAPTER = re.compile(r"\.lora_(?:A|B|down|up)\.[^.]+\.weight$")
 _LYCORIS_MARKERS = ("hada_w", "lokr_w", "lora_mid", ".oft_", ".ia3", "lokr_t")
 
 _MAX_REASON = 240
-
-
-class LoraError(CraftError):
-    """A requested LoRA cannot be used (422): unreadable, not a LoRA, wrong family, ..."""
-
-    status = 422
-
-    def __init__(self, name: str, reason: str) -> None:
-        super().__init__(f"lora '{name}': {reason}")
-        self.name = name
-        self.reason = reason
 
 
 # --------------------------------------------------------------------------- detection
