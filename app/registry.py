@@ -30,8 +30,9 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from app.errors import CraftError
+from app.errors import CraftError, LoraError
 from app.families import PIPELINE_FAMILIES, Family
+from app.lora_files import detect_lora_family
 from app.samplers import resolve_sampler
 
 logger = logging.getLogger(__name__)
@@ -211,11 +212,9 @@ def _check_sampler(name: str, where: str) -> None:
 
 
 def _lora_spec(name: str, path: Path, family: Family | None) -> LoraSpec:
-    from app.engine.loras import LoraError, detect_lora_family
-
     spec = LoraSpec(name=name, path=path, family=family)
     try:
-        detected = detect_lora_family(path)
+        detected = detect_lora_family(path, name=name)
     except LoraError as exc:
         spec.error = exc.reason
         logger.warning("LoRA %r (%s) cannot be used: %s", name, path, exc.reason)

@@ -8,7 +8,7 @@ that checks diffusers' kohya conversion, alphas included.
 
 - `write_peft_lora`: the diffusers/PEFT layout (`unet.<module>.lora_A.weight`,
   `text_encoder.<module>.lora_B.weight`, `text_encoder_2.` for SDXL), saved with the
-  pipeline class's own `save_lora_weights`.
+  pipeline class's own `save_lora_weights`, optionally with diffusers' adapter metadata.
 - `write_kohya_lora`: the kohya-ss / A1111 layout (`lora_unet_<module>.lora_down.weight`,
   `.lora_up.weight`, `.alpha`; text encoders as `lora_te_` for SD 1.x and `lora_te1_` /
   `lora_te2_` for SDXL). UNet modules are named the diffusers way (what kohya writes for
@@ -106,8 +106,15 @@ def write_peft_lora(
     seed: int = 0,
     text_encoder: bool = True,
     strength: float = 1.0,
+    alpha: float | None = None,
 ) -> Path:
-    """Write a diffusers/PEFT-format LoRA for `pipe` (SDXL or SD 1.x) to `path`."""
+    """Write a diffusers/PEFT-format LoRA for `pipe` (SDXL or SD 1.x) to `path`.
+
+    With `alpha`, the file carries diffusers' LoRA adapter metadata (the LoraConfig: rank,
+    lora_alpha, target modules, as diffusers' training scripts save it) and lora_B is multiplied
+    by rank/alpha, so the effective weights equal those without `alpha` (and the kohya file's
+    with the same seed): an image that differs means the metadata was not used.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     layers = random_lora_layers(pipe, rank=rank, seed=seed, text_encoder=text_encoder, strength=strength)
@@ -116,8 +123,15 @@ def write_peft_lora(
         state = {}
         for module, a, b in found:
             state[f"{module}.lora_A.weight"] = a
-            state[f"{module}.lora_B.weight"] = b
+            state[f"{module}.lora_B.weight"] = b if alpha is None else (b * (rank / alpha)).contiguous()
         kwargs[f"{component}_lora_layers"] = state
+        if alpha is not None:
+            targets = UNET_TARGETS if component == "unet" else TEXT_TARGETS
+            kwargs[f"{component}_lora_adapter_metadata"] = {
+                "r": rank,
+                "lora_alpha": float(alpha),
+                "target_modules": list(targets),
+            }
     type(pipe).save_lora_weights(path.parent, weight_name=path.name, **kwargs)
     return path
 

@@ -1,4 +1,5 @@
-"""LoRA family detection and the per-pipeline LoRA manager, on the tiny CPU pipelines.
+"""LoRA files (header, family detection), the registry's LoRA specs and the per-pipeline LoRA
+manager, on the tiny CPU pipelines.
 
 The central promise is bit-exactness: after a LoRA was used and reset (or given weight 0, or
 is merely cached), the pipeline renders exactly (np.array_equal) the image of a pipeline that
@@ -7,18 +8,24 @@ never loaded a LoRA, for the same seed.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
+import struct
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from app.engine.loras import LoraError, LoraManager, detect_lora_family
+from app.engine.loras import LoraManager
 from app.engine.tiny import build_tiny_sd15, build_tiny_sdxl
-from app.errors import CraftError
+from app.errors import CraftError, LoraError
+from app.lora_files import LoraFamilyUnknown, detect_lora_family, read_header
 from tests.lora_files import (
     write_garbage_lora,
     write_kohya_lora,
@@ -90,6 +97,10 @@ def loras(tmp_path_factory, sdxl, sd15) -> dict[tuple[str, str], Path]:
         files[family, "kohya_other"] = write_kohya_lora(
             pipe, root / f"{family}_kohya_other.safetensors", unet_naming=other, alpha=2
         )
+        # same seed again, PEFT with diffusers' adapter metadata (lora_alpha 2 of rank 4)
+        files[family, "peft_alpha"] = write_peft_lora(
+            pipe, root / f"{family}_peft_alpha.safetensors", alpha=2
+        )
         files[family, "b"] = write_peft_lora(pipe, root / f"{family}_b.safetensors", seed=1)
         files[family, "c"] = write_kohya_lora(pipe, root / f"{family}_c.safetensors", seed=2)
         files[family, "unet_only"] = write_kohya_lora(
@@ -129,26 +140,124 @@ def managers():
 
 
 class LoadSpy:
+    """Records every LoRA file the manager reads (it reads each file once per load)."""
+
     def __init__(self, pipe, monkeypatch):
         self.calls: list[str] = []
-        original = pipe.load_lora_weights
+        original = pipe.lora_state_dict
 
         def spy(path, **kwargs):
             self.calls.append(str(path))
             return original(path, **kwargs)
 
-        monkeypatch.setattr(pipe, "load_lora_weights", spy)
+        monkeypatch.setattr(pipe, "lora_state_dict", spy)
 
 
 def _changed(image: np.ndarray, base: np.ndarray) -> bool:
     return float(np.abs(image - base).mean()) > 0.01
 
 
+# --------------------------------------------------------------------------- LoRA files
+
+
+@pytest.mark.parametrize("kind", ["peft", "peft_alpha", "kohya", "loha", "plain"])
+def test_header_agrees_with_safetensors(loras, kind):
+    """The torch-free header reader sees what safetensors itself sees."""
+    path = loras["any" if kind == "plain" else "sdxl", kind]
+    header = read_header(path)
+    with safe_open(str(path), framework="pt") as f:
+        keys = sorted(f.keys())
+        assert list(header.keys) == keys
+        assert {k: tuple(f.get_slice(k).get_shape()) for k in keys} == dict(header.shapes)
+        assert {k: f.get_slice(k).get_dtype() for k in keys} == dict(header.dtypes)
+        assert dict(f.metadata() or {}) == dict(header.metadata)
+
+
+def _rewrite(path: Path, header: dict, data: bytes) -> Path:
+    raw = json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw + data)
+    return path
+
+
+def _broken_files(good: Path, folder: Path) -> dict[str, tuple[Path, str]]:
+    raw = good.read_bytes()
+    (length,) = struct.unpack("<Q", raw[:8])
+    header, data = json.loads(raw[8 : 8 + length]), raw[8 + length :]
+    first = next(k for k in header if k != "__metadata__")
+
+    def changed(name: str, **fields) -> Path:
+        edited = dict(header)
+        edited[first] = {**header[first], **fields}
+        return _rewrite(folder / f"{name}.safetensors", edited, data)
+
+    def written(name: str, content: bytes) -> Path:
+        path = folder / f"{name}.safetensors"
+        path.write_bytes(content)
+        return path
+
+    return {
+        "empty": (written("empty", b""), "shorter than a safetensors header"),
+        "truncated data": (written("cut", raw[: len(raw) - 10]), "truncated"),
+        "truncated header": (written("cut-header", raw[: 8 + length // 2]), "truncated"),
+        "huge header length": (written("huge", struct.pack("<Q", 2**40) + raw[8:]), "not plausible"),
+        "not JSON": (written("text", struct.pack("<Q", 4) + b"\xff{x}" + data), "not JSON"),
+        "JSON list": (_rewrite(folder / "list.safetensors", [1], data), "not a JSON object"),  # type: ignore[arg-type]
+        "bad metadata": (
+            _rewrite(folder / "meta.safetensors", {**header, "__metadata__": {"a": 1}}, data),
+            "__metadata__",
+        ),
+        "offsets off": (changed("offsets", data_offsets=[0, 3]), "data_offsets"),
+        "shape off": (changed("shape", shape=[-1]), "invalid shape"),
+        "trailing bytes": (written("trailing", raw + b"\0" * 8), "after the tensor data"),
+    }
+
+
+def test_broken_files_are_named_not_readable(loras, tmp_path):
+    """Each broken file is refused by safetensors itself (the independent truth) and, with a
+    clear reason, by the header reader; the message never shows the server's path."""
+    for case, (path, says) in _broken_files(loras["sdxl", "peft"], tmp_path).items():
+        with pytest.raises(Exception):  # noqa: B017 - safetensors' own error type varies
+            load_file(str(path))
+        with pytest.raises(LoraError) as err:
+            read_header(path, name="bad")
+        message = str(err.value)
+        assert message.startswith("lora 'bad': the file is not a readable safetensors file ("), case
+        assert says in message, (case, message)
+        assert str(tmp_path) not in message
+        with pytest.raises(LoraError, match="not a readable safetensors file"):
+            detect_lora_family(path)
+
+
+def test_file_reading_is_torch_free(loras):
+    """The registry reads LoRA files before any model is loaded: no torch, diffusers, peft."""
+    code = (
+        "import sys\n"
+        "from app.lora_files import detect_lora_family, read_header\n"
+        f"assert detect_lora_family({str(loras['sdxl', 'kohya'])!r}) == 'sdxl'\n"
+        f"assert read_header({str(loras['sd15', 'peft'])!r}).keys\n"
+        "heavy = ('torch', 'diffusers', 'peft', 'safetensors', 'numpy')\n"
+        "print(sorted(m for m in heavy if m in sys.modules))\n"
+    )
+    root = Path(__file__).resolve().parent.parent
+    done = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]"
+
+
+def test_lora_error_is_its_own_kind():
+    error = LoraError("style", "not a LoRA")
+    assert isinstance(error, CraftError)
+    assert (error.status, error.kind) == (422, "invalid_lora")
+    assert str(error) == error.message == "lora 'style': not a LoRA"
+    assert (error.name, error.reason) == ("style", "not a LoRA")
+
+
 # --------------------------------------------------------------------------- detection
 
 
 @pytest.mark.parametrize("family", ["sdxl", "sd15"])
-@pytest.mark.parametrize("kind", ["peft", "kohya", "kohya_other", "unet_only", "peft_unet_only", "b", "c"])
+@pytest.mark.parametrize(
+    "kind", ["peft", "peft_alpha", "kohya", "kohya_other", "unet_only", "peft_unet_only", "b", "c"]
+)
 def test_detect_family_of_tiny_loras(loras, family, kind):
     assert detect_lora_family(loras[family, kind]) == family
 
@@ -175,6 +284,8 @@ def test_detect_rejects_lycoris_and_missing(loras, tmp_path):
     with pytest.raises(LoraError, match="missing") as err:
         detect_lora_family(tmp_path / "nowhere.safetensors", name="gone")
     assert str(tmp_path) not in str(err.value)  # no server paths in client messages
+    with pytest.raises(LoraError, match="directory"):
+        detect_lora_family(tmp_path)
 
 
 def _header_file(path: Path, layers: dict[str, tuple[int, int]], metadata=None) -> Path:
@@ -221,10 +332,11 @@ def test_detect_real_world_layouts(tmp_path, layers, metadata, family):
 
 def test_detect_refuses_sd2_and_undecidable(tmp_path):
     sd2 = _header_file(tmp_path / "sd2.safetensors", {_SD1_BLOCK0: (1024, 320)})
-    with pytest.raises(LoraError, match="SD 2.x"):
+    with pytest.raises(LoraError, match="SD 2.x") as err:
         detect_lora_family(sd2)
+    assert not isinstance(err.value, LoraFamilyUnknown)
     te_only = _header_file(tmp_path / "te.safetensors", {_TE1: (768, 768)})
-    with pytest.raises(LoraError, match="cannot tell"):
+    with pytest.raises(LoraFamilyUnknown, match="cannot tell"):
         detect_lora_family(te_only)
 
 
@@ -257,17 +369,19 @@ def test_apply_weight_zero_reset_and_cache(pipes, loras, managers, monkeypatch, 
 
 @pytest.mark.parametrize("family", ["sdxl", "sd15"])
 def test_kohya_conversion_matches_peft(pipes, loras, managers, family):
-    """Same weights written as PEFT, kohya (with either UNet naming and alpha) -> same image."""
+    """Same weights written as PEFT (plain, or with adapter metadata and alpha), kohya (with
+    either UNet naming and alpha) -> the same image: the file is read once and its alphas and
+    metadata reach PEFT."""
     pipe, base = pipes[family]
     manager = managers(pipe, family)
     images = {}
-    for kind in ("peft", "kohya", "kohya_other"):
+    for kind in ("peft", "peft_alpha", "kohya", "kohya_other"):
         manager.apply([(kind, loras[family, kind], 0.7)])
         images[kind] = render(pipe)
     manager.reset()
     assert _changed(images["peft"], base)
-    assert np.array_equal(images["peft"], images["kohya"])
-    assert np.array_equal(images["peft"], images["kohya_other"])
+    for kind in ("peft_alpha", "kohya", "kohya_other"):
+        assert np.array_equal(images["peft"], images[kind]), kind
 
 
 def test_cached_lora_survives_deleted_file(sdxl, loras, managers, tmp_path):
@@ -369,27 +483,29 @@ def test_one_request_may_exceed_capacity(sd15, loras, managers):
 
 
 @pytest.mark.parametrize(
-    ("model_family", "lora_family", "says"),
-    [
-        ("sdxl", "sd15", "it is an SD 1.x LoRA; model 'tiny' is SDXL"),
-        ("sd15", "sdxl", "it is an SDXL LoRA; model 'tiny' is SD 1.x"),
-    ],
+    ("model_family", "lora_family", "label"),
+    [("sdxl", "sd15", "SDXL"), ("sd15", "sdxl", "SD 1.x")],
 )
-def test_wrong_family_is_refused_before_loading(
-    pipes, loras, managers, monkeypatch, model_family, lora_family, says
+@pytest.mark.parametrize("kind", ["peft", "kohya"])
+def test_lora_for_another_family_fails_at_load(
+    pipes, loras, managers, model_family, lora_family, label, kind
 ):
+    """The family check itself is the registry's and the request's (test_loras_http); a file
+    that reaches the manager anyway fails to fit, with a reason, and leaves nothing behind."""
     pipe, base = pipes[model_family]
-    spy = LoadSpy(pipe, monkeypatch)
     manager = managers(pipe, model_family, model_name="tiny")
     with pytest.raises(LoraError) as err:
-        manager.apply([("other", loras[lora_family, "kohya"], 1.0)])
-    assert str(err.value) == f"lora 'other': {says}"
+        manager.apply([("other", loras[lora_family, kind], 1.0)])
+    message = str(err.value)
+    assert message.startswith("lora 'other': its layer")
+    assert f"model 'tiny' ({label}) (is it for another base model?)" in message
     assert err.value.status == 422
-    assert spy.calls == []
     assert manager.cached == []
+    assert not _adapters_in_pipe(pipe)
+    assert np.array_equal(render(pipe), base)
 
 
-def test_failures_leave_no_adapter_and_others_still_work(sdxl, loras, managers):
+def test_failures_leave_no_adapter_and_others_still_work(sdxl, loras, managers, tmp_path):
     pipe, base = sdxl
     manager = managers(pipe, "sdxl")
     good = loras["sdxl", "peft"]
@@ -399,18 +515,18 @@ def test_failures_leave_no_adapter_and_others_still_work(sdxl, loras, managers):
 
     bad_requests = {
         "garbage": (loras["any", "garbage"], "not a readable safetensors file"),
-        "plain": (loras["any", "plain"], "not a LoRA"),
-        "loha": (loras["sdxl", "loha"], "LyCORIS"),
+        "plain": (loras["any", "plain"], "not a LoRA: the file holds no LoRA weights"),
+        "loha": (loras["sdxl", "loha"], "unsupported format"),
+        "forced": (loras["sd15", "peft"], "another base model"),
+        "gone": (tmp_path / "gone.safetensors", "missing on the server"),
+        "folder": (tmp_path, "not a file"),
     }
     for name, (path, reason) in bad_requests.items():
         with pytest.raises(LoraError, match=reason) as err:
             manager.apply([("good", good, 1.0), (name, path, 1.0)])  # good first, then bad
         assert err.value.name == name
+        assert str(tmp_path) not in str(err.value)
         assert np.array_equal(render(pipe), base)
-    # a declared family skips detection; diffusers then fails on the shapes
-    with pytest.raises(LoraError, match="shapes do not match"):
-        manager.apply([("forced", loras["sd15", "peft"], 1.0, "sdxl")])
-    assert np.array_equal(render(pipe), base)
     assert manager.cached == ["good"]
     assert _adapters_in_pipe(pipe) == {manager.adapter_name("good")}
 
@@ -421,45 +537,109 @@ def test_failures_leave_no_adapter_and_others_still_work(sdxl, loras, managers):
 def test_partially_matching_lora_is_refused(sdxl, loras, managers, tmp_path):
     pipe, base = sdxl
     state = load_file(str(loras["sdxl", "peft_unet_only"]))
-    ghost = "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
+    layers = len([k for k in state if k.endswith("lora_A.weight")])
+    ghost = "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"  # no such module
     state[f"{ghost}.lora_A.weight"] = torch.ones(4, 32)
     state[f"{ghost}.lora_B.weight"] = torch.ones(32, 4)
     path = tmp_path / "partial.safetensors"
     save_file(state, str(path))
+    stray = tmp_path / "stray.safetensors"  # a layer of no pipeline part: diffusers skips it
+    vae_layer = "vae.decoder.conv_in"
+    extra = {f"{vae_layer}.lora_A.weight": torch.ones(4, 4), f"{vae_layer}.lora_B.weight": torch.ones(4, 4)}
+    save_file({**load_file(str(loras["sdxl", "peft"])), **extra}, str(stray))
     manager = managers(pipe, "sdxl")
-    with pytest.raises(LoraError, match=r"1 of its \d+ layers have no matching module"):
-        manager.apply([("partial", path, 1.0, "sdxl")])
+    with pytest.raises(LoraError, match=rf"1 of its {layers + 1} layers match no module of this SDXL model"):
+        manager.apply([("partial", path, 1.0)])
+    with pytest.raises(LoraError, match=r"1 of its \d+ layers match no module"):
+        manager.apply([("stray", stray, 1.0)])
     assert manager.cached == []
     assert not _adapters_in_pipe(pipe)
     assert np.array_equal(render(pipe), base)
 
 
-def test_loras_whose_weights_do_not_load_are_refused(sdxl, loras, managers, tmp_path):
-    """diffusers only logs keys it could not load; the manager turns that into an error."""
+def test_incomplete_layers_are_refused(sdxl, loras, managers, tmp_path):
+    """A layer with only one of its two matrices in the file: diffusers loads it with a
+    PEFT-initialised other half and only logs it."""
     pipe, base = sdxl
     manager = managers(pipe, "sdxl")
     state = load_file(str(loras["sdxl", "peft"]))
-
     manager.apply([("other", loras["sdxl", "b"], 1.0)])  # another adapter already present
-    for prefix, part in (("unet.", "lora_B"), ("text_encoder_2.", "lora_A")):
+    for prefix, part in (("unet.", "lora_B"), ("unet.", "lora_A"), ("text_encoder_2.", "lora_A"),
+                         ("text_encoder.", "lora_B")):
         broken = dict(state)
         del broken[next(k for k in state if k.startswith(prefix) and part in k)]
         save_file(broken, str(tmp_path / "missing.safetensors"))
-        with pytest.raises(LoraError, match="do not fit"):
+        with pytest.raises(LoraError, match=r"1 of its \d+ layers are incomplete"):
             manager.apply([(f"missing-{prefix}{part}", tmp_path / "missing.safetensors", 1.0)])
     manager.evict("other")
+    assert manager.cached == []
+    assert not _adapters_in_pipe(pipe)
+    assert np.array_equal(render(pipe), base)
 
-    all_zero = {k: torch.zeros_like(v) if "lora_B" in k else v for k, v in state.items()}
-    save_file(all_zero, str(tmp_path / "zero.safetensors"))
-    with pytest.raises(LoraError, match="every LoRA up-weight is zero"):
-        manager.apply([("zero", tmp_path / "zero.safetensors", 1.0)])
 
-    named = {k.replace(".weight", ".default.weight"): v for k, v in state.items()}
-    save_file(named, str(tmp_path / "named.safetensors"))
-    with pytest.raises(LoraError, match="PEFT adapter name"):
-        manager.apply([("named", tmp_path / "named.safetensors", 1.0)])
+def test_weights_that_silently_do_not_load_are_refused(sdxl, loras, managers, monkeypatch):
+    """If diffusers or transformers skip a weight without an error, the adapter holds a
+    PEFT-initialised matrix instead of the file's: simulated here in the UNet (a lora_B left
+    at its zero init) and in the second text encoder (a key dropped before loading)."""
+    pipe, base = sdxl
+    manager = managers(pipe, "sdxl")
+    path = loras["sdxl", "peft"]
+    load_into_unet = pipe.unet.load_lora_adapter
+
+    def unet_drops_one(*args, **kwargs):
+        load_into_unet(*args, **kwargs)
+        adapter = kwargs["adapter_name"]
+        layer = next(m for m in pipe.unet.modules() if adapter in getattr(m, "lora_B", {}))
+        fresh = torch.zeros_like(layer.lora_B[adapter].weight)
+        layer.lora_B[adapter].weight = torch.nn.Parameter(fresh, requires_grad=False)
+
+    monkeypatch.setattr(pipe.unet, "load_lora_adapter", unet_drops_one)
+    with pytest.raises(LoraError, match=r"1 of its \d+ weights did not load into the model's layers"):
+        manager.apply([("unet-drop", path, 1.0)])
+    monkeypatch.undo()
+
+    load_into_te2 = pipe.text_encoder_2.load_adapter
+
+    def te2_drops_one(*args, **kwargs):
+        state = dict(kwargs["adapter_state_dict"])
+        del state[sorted(state)[0]]
+        return load_into_te2(*args, **{**kwargs, "adapter_state_dict": state})
+
+    monkeypatch.setattr(pipe.text_encoder_2, "load_adapter", te2_drops_one)
+    with pytest.raises(LoraError, match=r"1 of its \d+ weights did not load"):
+        manager.apply([("te2-drop", path, 1.0)])
+    monkeypatch.undo()
 
     assert manager.cached == []
+    assert not _adapters_in_pipe(pipe)
+    assert np.array_equal(render(pipe), base)
+    manager.apply([("fine", path, 1.0)])  # the same file, loaded normally, fits
+    assert manager.cached == ["fine"]
+
+
+def test_zero_lora_loads_and_changes_nothing(sdxl, loras, managers, tmp_path):
+    """A LoRA whose up weights are all zero fits (its values are what the model holds) and
+    adds exactly nothing."""
+    pipe, base = sdxl
+    state = load_file(str(loras["sdxl", "peft"]))
+    zero = {k: torch.zeros_like(v) if "lora_B" in k else v for k, v in state.items()}
+    save_file(zero, str(tmp_path / "zero.safetensors"))
+    manager = managers(pipe, "sdxl")
+    manager.apply([("zero", tmp_path / "zero.safetensors", 1.0)])
+    assert np.array_equal(render(pipe), base)
+
+
+def test_adapter_named_keys_are_refused(sdxl, loras, managers, tmp_path):
+    pipe, base = sdxl
+    state = load_file(str(loras["sdxl", "peft"]))
+    named = {k.replace(".weight", ".default.weight"): v for k, v in state.items()}
+    path = tmp_path / "named.safetensors"
+    save_file(named, str(path))
+    with pytest.raises(LoraError, match="PEFT adapter name"):
+        detect_lora_family(path)  # what the registry says
+    manager = managers(pipe, "sdxl")
+    with pytest.raises(LoraError, match="not a LoRA"):
+        manager.apply([("named", path, 1.0)])
     assert not _adapters_in_pipe(pipe)
     assert np.array_equal(render(pipe), base)
 
@@ -478,6 +658,8 @@ def test_awkward_names_and_bad_requests(sd15, loras, managers):
         manager.apply([("x", loras["sd15", "b"], 1.0), ("x", loras["sd15", "b"], 0.5)])
     with pytest.raises(LoraError, match="not a finite number"):
         manager.apply([("y", loras["sd15", "b"], float("nan"))])
+    with pytest.raises(TypeError, match=r"\(name, path, weight\)"):
+        manager.apply([("z", loras["sd15", "b"], 1.0, "sd15")])  # the old declared-family form
     assert np.array_equal(render(pipe), base)
 
 
@@ -515,10 +697,40 @@ def test_memory_stays_bounded_under_churn(sd15, loras, managers, tmp_path):
 
 
 @pytest.mark.parametrize(("family", "build"), [("sdxl", build_tiny_sdxl), ("sd15", build_tiny_sd15)])
-def test_used_pipe_equals_a_never_touched_one(pipes, family, build):
-    """Runs last: after every test above loaded, switched and evicted LoRAs on the shared
-    pipe, it renders exactly what a freshly built pipe that never saw a LoRA renders."""
-    pipe, _ = pipes[family]
+def test_used_pipe_equals_a_never_touched_one(loras, managers, tmp_path, family, build):
+    """A pipe of its own goes through loads (both formats), switches, combinations, weight 0,
+    LRU evictions, a refused load, a reload after the file changed, evict() and clear(); then
+    it renders exactly what a freshly built pipe that never saw a LoRA renders."""
+    pipe = _prepare(build())
+    manager = managers(pipe, family, capacity=2)
+    peft, kohya, b, c = (loras[family, kind] for kind in ("peft", "kohya", "b", "c"))
+    other_family = loras["sd15" if family == "sdxl" else "sdxl", "peft"]
+    changing = Path(shutil.copy(loras[family, "unet_only"], tmp_path / "changing.safetensors"))
+
+    plans = [
+        [("peft", peft, 1.0)],
+        [("kohya", kohya, 0.5), ("peft", peft, -0.7)],
+        [("b", b, 1.0)],  # evicts kohya
+        [("b", b, 0.0), ("c", c, 0.8)],  # evicts peft
+        [("changing", changing, 1.0)],
+    ]
+    base = render(pipe)
+    for plan in plans:
+        manager.apply(plan)
+        assert _changed(render(pipe), base), plan
+        manager.reset()
+    with pytest.raises(LoraError):
+        manager.apply([("c", c, 1.0), ("other", other_family, 1.0)])
+    shutil.copy(loras[family, "peft_unet_only"], changing)
+    os.utime(changing, ns=(2, 2))
+    manager.apply([("changing", changing, 0.6), ("c", c, 0.3)])
+    render(pipe)
+    manager.evict("c")
+    manager.apply([("peft", peft, 1.0)])
+    render(pipe)
+    manager.reset()
+    manager.clear()
+
     from peft.tuners.tuners_utils import BaseTunerLayer
 
     assert any(isinstance(m, BaseTunerLayer) for m in pipe.unet.modules())  # wrappers stay

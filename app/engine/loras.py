@@ -1,29 +1,31 @@
-"""LoRA adapters on a live pipeline: family detection, a per-pipeline LRU cache, activation.
+"""LoRA adapters on a live pipeline: a per-pipeline LRU cache and activation.
 
 A request names up to five LoRAs with a weight each. The engine's worker thread, which owns
-the pipeline, calls `LoraManager.apply()` before the pipeline call and `LoraManager.reset()`
-after it (also after a failed one), so no LoRA outlives its request.
+the pipeline, calls `LoraManager.apply()` with the request's `(name, path, weight)` triples
+before the pipeline call and `LoraManager.reset()` after it (also after a failed one), so no
+LoRA outlives its request. Which LoRA fits which model was settled before: the registry read
+each file's family at start (app.lora_files) and the request was checked against it.
 
-How it stays exact: LoRAs are loaded as PEFT adapters (`pipe.load_lora_weights(...,
-adapter_name=...)`) and never fused into the base weights, because unfusing is not bit-exact.
-Switching is `set_adapters(names, weights)` + `enable_lora()`; "no LoRA" is `disable_lora()`,
-which makes every LoRA layer return its base layer's output untouched, so the image equals
-the one from a pipeline that never loaded a LoRA. A weight of 0 is left out of the active set
-rather than multiplied by zero. Adapters that are cached but not requested are not active and
-contribute nothing.
+How it stays exact: LoRAs are loaded as PEFT adapters (one adapter name per LoRA) and never
+fused into the base weights, because unfusing is not bit-exact. Switching sets the active
+adapters and their scales on every LoRA layer; "no LoRA" empties the active set, which makes
+every LoRA layer return its base layer's output untouched, so the image equals the one from a
+pipeline that never loaded a LoRA. A weight of 0 is left out of the active set rather than
+multiplied by zero. Adapters that are cached but not requested are not active and contribute
+nothing. Active adapters are ordered by LoRA name, so the image does not depend on request
+order.
 
 The cache holds at most `capacity` adapters (more only while one request needs more); the
 least recently used one is removed with `pipe.delete_adapters()`, which frees its weights but
-keeps the PEFT wrapper layers (they cost nothing when no adapter is active).
+keeps the PEFT wrapper layers (they cost nothing when no adapter is active). A cached LoRA
+whose file was replaced on disk (other size or mtime) is loaded again.
 
-`detect_lora_family()` reads only the safetensors header (names, shapes and metadata, no
-tensor data) and tells SDXL from SD 1.x LoRAs; the manager checks it before loading a file.
-
-A LoRA must fit completely: diffusers loads whatever matches and merely logs layers or
-weights that did not, so after each load the manager counts the injected layers, reads what
-diffusers/transformers logged about this adapter's keys, and checks the weights are not all
-zero; anything short of a complete fit is deleted again and refused with a LoraError.
-Active adapters are ordered by LoRA name, so the image does not depend on request order.
+A LoRA must fit completely. diffusers loads whatever matches and only logs layers or weights
+that did not, so after each load the manager compares the file's state dict (as diffusers
+converted it) with what PEFT holds for the new adapter in each component: every LoRA matrix of
+the file must sit in a layer of the model, with its shape and its values, and the adapter must
+hold no matrix the file did not bring. Anything less is deleted again and refused with a
+LoraError that says what did not fit.
 """
 
 from __future__ import annotations
@@ -33,240 +35,33 @@ import itertools
 import logging
 import math
 import re
-import threading
+import stat
 from collections import OrderedDict
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 import torch
 
 from app.errors import LoraError
+from app.families import Family, family_label
 
 log = logging.getLogger(__name__)
 
-Family = Literal["sdxl", "sd15"]
-
-FAMILY_LABELS: dict[str, str] = {"sdxl": "SDXL", "sd15": "SD 1.x", "sd2": "SD 2.x"}
-
-# Width of the cross-attention keys/values (= the text conditioning width) per family.
-# 2048 / 768 / 1024 are the real SDXL / SD 1.x / SD 2.x UNets; 64 and 32 are the tiny test
-# pipelines of app.engine.tiny (SDXL: two 32-wide text encoders concatenated; SD 1.x: one).
-_CROSS_ATTENTION_WIDTH: dict[int, str] = {
-    2048: "sdxl",
-    768: "sd15",
-    1024: "sd2",
-    64: "sdxl",
-    32: "sd15",
-}
-
-_LORA_SUFFIX = re.compile(
-    r"(?:\.|_)(?:lora_down|lora_up|lora_A|lora_B|lora\.down|lora\.up|lora_linear_layer\.(?:down|up))"
-    r"(?:\.[^.]+)?\.weight$"
-)
-_DOWN_SUFFIX = re.compile(
-    r"(?:\.lora_down|\.lora_A|\.lora\.down|_lora\.down|\.lora_linear_layer\.down)(?:\.[^.]+)?\.weight$"
-)
-_NAMED_ADAPTER = re.compile(r"\.lora_(?:A|B|down|up)\.[^.]+\.weight$")
-_LYCORIS_MARKERS = ("hada_w", "lokr_w", "lora_mid", ".oft_", ".ia3", "lokr_t")
+__all__ = ["LoraError", "LoraManager"]
 
 _MAX_REASON = 240
 
-
-# --------------------------------------------------------------------------- detection
-
-
-@dataclass(frozen=True)
-class _Header:
-    keys: list[str]
-    shapes: dict[str, tuple[int, ...]]
-    metadata: dict[str, str]
-
-
-def _read_header(path: Path, name: str) -> _Header:
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            keys = list(f.keys())
-            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in keys}
-            metadata = dict(f.metadata() or {})
-    except FileNotFoundError:
-        raise LoraError(name, "the LoRA file is missing on the server") from None
-    except IsADirectoryError:
-        raise LoraError(name, "the LoRA path is a directory, not a .safetensors file") from None
-    except OSError as exc:
-        raise LoraError(name, f"the LoRA file cannot be read ({exc.strerror or 'I/O error'})") from None
-    except Exception as exc:  # safetensors raises its own SafetensorError for a bad header
-        raise LoraError(
-            name, f"the file is not a readable safetensors file ({_clip(str(exc), 120)})"
-        ) from None
-    return _Header(keys, shapes, metadata)
-
-
-def _component(key: str) -> str:
-    """Which pipeline part a LoRA key belongs to: unet, te1, te2 or ? (unknown)."""
-    if key.startswith(("lora_te2_", "text_encoder_2.", "te2.")):
-        return "te2"
-    if key.startswith(("lora_te_", "lora_te1_", "text_encoder.", "te1.", "te.")):
-        return "te1"
-    if key.startswith(("lora_unet_", "unet.")):
-        return "unet"
-    flat = key.replace(".", "_")
-    if re.search(
-        r"(?:^|_)(?:down_blocks|up_blocks|mid_block|input_blocks|middle_block|output_blocks)_", flat
-    ):
-        return "unet"
-    if "text_model" in flat:
-        return "te1"
-    return "?"
-
-
-# (metadata key, value prefix, family): modelspec first, then kohya's training metadata.
-_METADATA_FAMILIES = (
-    ("modelspec.architecture", "stable-diffusion-xl", "sdxl"),
-    ("modelspec.architecture", "stable-diffusion-v1", "sd15"),
-    ("modelspec.architecture", "stable-diffusion-v2", "sd2"),
-    ("ss_base_model_version", "sdxl", "sdxl"),
-    ("ss_base_model_version", "sd_v1", "sd15"),
-    ("ss_base_model_version", "sd_v2", "sd2"),
-    ("ss_v2", "true", "sd2"),
+# A LoRA matrix in a state dict as diffusers' lora_state_dict returns it: PEFT names
+# (lora_A / lora_B), diffusers names (lora.down, lora_linear_layer.up) or old attention
+# processor names (to_k_lora.down).
+_FILE_MATRIX = re.compile(
+    r"[._](?:lora_A|lora_B|lora[._](?:down|up)|lora_linear_layer\.(?:down|up))\.weight$"
 )
+# The same, once diffusers converted the names for PEFT (what get_peft_model_state_dict names).
+_PEFT_MATRIX = re.compile(r"\.lora_[AB]\.weight$")
 
-
-def _metadata_family(metadata: dict[str, str]) -> str | None:
-    for key, prefix, family in _METADATA_FAMILIES:
-        if metadata.get(key, "").lower().startswith(prefix):
-            return family
-    return None
-
-
-def _structural_votes(unet_keys: list[str], has_te2: bool) -> set[str]:
-    """Family cues from layer names that hold for every real SDXL / SD 1.x UNet."""
-    votes: set[str] = set()
-    if has_te2:
-        votes.add("sdxl")  # SDXL is the only family with a second text encoder
-    for key in unet_keys:
-        flat = key.replace(".", "_")
-        if "add_embedding" in flat or "label_emb" in flat:
-            votes.add("sdxl")  # the added-conditioning MLP exists only in SDXL
-        depth = re.search(r"transformer_blocks_(\d+)_", flat)
-        if depth and int(depth[1]) >= 1:
-            votes.add("sdxl")  # SD 1.x/2.x transformers are one block deep; SDXL's 2 or 10
-        if re.search(r"(?:^|_)down_blocks_0_attentions_", flat) or re.search(
-            r"(?:^|_)(?:down|up)_blocks_3_", flat
-        ):
-            votes.add("sd15")  # SDXL has no attention in its first down block and 3 up blocks
-        sgm = re.search(r"(?:^|_)input_blocks_(\d+)_1_", flat)
-        if sgm and int(sgm[1]) in (1, 2):
-            votes.add("sd15")  # attention at SGM input block 1/2 only in SD 1.x/2.x
-        sgm = re.search(r"(?:^|_)output_blocks_(\d+)_1_", flat)
-        if sgm and int(sgm[1]) >= 9:
-            votes.add("sd15")  # SDXL has output blocks 0..8 only
-    return votes
-
-
-def _down_in_features(header: _Header, keys: list[str], pattern: str) -> set[int]:
-    found = set()
-    for key in keys:
-        if re.search(pattern, key) and _DOWN_SUFFIX.search(key):
-            shape = header.shapes.get(key, ())
-            if len(shape) == 2:
-                found.add(int(shape[1]))
-    return found
-
-
-def _size_vote(header: _Header, unet_keys: list[str], te1_keys: list[str]) -> str | None:
-    cross = _down_in_features(header, unet_keys, r"attn2[._](?:processor[._])?to[._]?[kv]")
-    te1 = _down_in_features(header, te1_keys, r"[._]q[._]?proj")
-    if len(cross) == 1:
-        width = next(iter(cross))
-        if width in _CROSS_ATTENTION_WIDTH:
-            return _CROSS_ATTENTION_WIDTH[width]
-        if len(te1) == 1:
-            hidden = next(iter(te1))
-            # SD 1.x conditions on its one text encoder; SDXL on two, concatenated.
-            return "sd15" if width == hidden else "sdxl" if width > hidden else None
-    if not cross and te1 == {1024}:
-        return "sd2"  # OpenCLIP-H, SD 2.x's only text encoder
-    return None
-
-
-def _classify(header: _Header, name: str) -> str | None:
-    """The family ("sdxl", "sd15", "sd2"), None when nothing tells; raises for a non-LoRA."""
-    keys = header.keys
-    lycoris = sorted({m.strip("._") for k in keys for m in _LYCORIS_MARKERS if m in k})
-    if lycoris:
-        raise LoraError(
-            name,
-            "unsupported format: LyCORIS adapter layers "
-            f"({', '.join(lycoris)}); only plain LoRA files (kohya/A1111 or diffusers/PEFT) load",
-        )
-    lora_keys = [k for k in keys if _LORA_SUFFIX.search(k)]
-    if not lora_keys:
-        raise LoraError(name, "not a LoRA: the file holds no LoRA weights")
-    if any(_NAMED_ADAPTER.search(k) for k in lora_keys):
-        raise LoraError(
-            name,
-            "unsupported format: its keys carry a PEFT adapter name (lora_A.<name>.weight); "
-            "save it without the adapter name",
-        )
-    parts: dict[str, list[str]] = {"unet": [], "te1": [], "te2": [], "?": []}
-    for key in lora_keys:
-        parts[_component(key)].append(key)
-
-    votes = _structural_votes(parts["unet"] + parts["?"], has_te2=bool(parts["te2"]))
-    size = _size_vote(header, parts["unet"] + parts["?"], parts["te1"])
-    if size == "sd2":
-        return "sd2"
-    if len(votes) > 1:
-        raise LoraError(name, "unsupported format: its layer names mix the SDXL and SD 1.x layouts")
-    if votes:
-        return next(iter(votes))
-    if size:
-        return size
-    meta = _metadata_family(header.metadata)
-    if meta:
-        return meta
-    if any(re.search(r"(?:^|[._])(?:input_blocks|middle_block|output_blocks)[._]", k) for k in keys):
-        return "sdxl"  # kohya names the UNet the SGM way only for SDXL
-    return None
-
-
-def _layer_count(header: _Header) -> int:
-    """How many LoRA layers (one down/A matrix each) the file holds."""
-    return sum(1 for k in header.keys if _DOWN_SUFFIX.search(k))
-
-
-def _family_of(path: Path, name: str) -> str | None:
-    return _classify(_read_header(Path(path), name), name)
-
-
-def detect_lora_family(path: Path, *, name: str | None = None) -> Family:
-    """SDXL ("sdxl") or SD 1.x ("sd15"), read from the file's safetensors header only.
-
-    Cues, strongest first: layer names that exist in only one family (a second text encoder,
-    SDXL's added-conditioning MLP, transformer depth > 1, attention in the first down block,
-    a fourth UNet block), then the cross-attention width (2048 SDXL, 768 SD 1.x, and the tiny
-    test pipelines' 64 / 32), then kohya/modelspec metadata, then SGM (`input_blocks_`) naming.
-    Raises LoraError (named `name`, default the file stem) for an unreadable file, a file
-    without LoRA weights, an unsupported format (LyCORIS, SD 2.x) or one that cannot be told.
-    """
-    path = Path(path)
-    label = name or path.stem
-    family = _family_of(path, label)
-    if family == "sd2":
-        raise LoraError(label, "unsupported: it is an SD 2.x LoRA; only SDXL and SD 1.x are served")
-    if family is None:
-        raise LoraError(
-            label,
-            "cannot tell whether it is an SDXL or an SD 1.x LoRA; declare its family in models.yaml",
-        )
-    return family  # type: ignore[return-value]
-
-
-# --------------------------------------------------------------------------- manager
+_ADAPTER_IDS = itertools.count(1)  # process-wide: adapter names never repeat, even across managers
 
 
 @dataclass
@@ -276,12 +71,22 @@ class _Cached:
     signature: tuple[int, int] | None
 
 
-def _signature(path: Path) -> tuple[int, int] | None:
+@dataclass(frozen=True)
+class _Read:
+    """A LoRA file as diffusers reads it: converted state dict, kohya alphas, PEFT metadata."""
+
+    state_dict: dict[str, torch.Tensor]
+    network_alphas: dict[str, float] | None
+    metadata: dict | None
+
+
+def _stat(path: Path) -> tuple[tuple[int, int] | None, bool]:
+    """(size, mtime) of the file, None when it is gone; and whether it is a regular file."""
     try:
         st = path.stat()
     except OSError:
-        return None
-    return (st.st_size, st.st_mtime_ns)
+        return None, False
+    return (st.st_size, st.st_mtime_ns), stat.S_ISREG(st.st_mode)
 
 
 def _clip(text: str, limit: int = _MAX_REASON) -> str:
@@ -289,93 +94,47 @@ def _clip(text: str, limit: int = _MAX_REASON) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
-def _load_failure_reason(exc: BaseException, path: Path) -> str:
-    text = str(exc) or type(exc).__name__
+def _without_path(text: str, path: Path) -> str:
     for secret in (str(path), str(path.parent)):
         if secret and secret != ".":
             text = text.replace(secret, "<file>")
+    return text
+
+
+def _read_failure_reason(exc: BaseException, path: Path, model: str) -> str:
+    from safetensors import SafetensorError
+
+    if isinstance(exc, FileNotFoundError):
+        return "the LoRA file is missing on the server"
+    if isinstance(exc, SafetensorError):
+        return f"the file is not a readable safetensors file ({_clip(_without_path(str(exc), path), 120)})"
+    if isinstance(exc, OSError):
+        return f"the LoRA file cannot be read ({exc.strerror or 'I/O error'})"
+    return _load_failure_reason(exc, path, model)
+
+
+def _load_failure_reason(exc: BaseException, path: Path, model: str) -> str:
+    """A load error in client words (diffusers/PEFT raise only for a few misfits)."""
+    text = _without_path(str(exc) or type(exc).__name__, path)
     if "size mismatch" in text or "shape" in text.lower():
-        return "its layer shapes do not match this model (is it for another base model?)"
+        return f"its layer shapes do not match {model} (is it for another base model?)"
     if "not found in the base model" in text or "Target modules" in text:
-        return "its layers match no module of this model (is it for another base model?)"
+        return f"its layers match no module of {model} (is it for another base model?)"
     if "have not been correctly renamed" in text or "Invalid LoRA checkpoint" in text:
         return "unsupported format: diffusers cannot convert its layer names"
     return f"cannot be loaded: {_clip(text, 160)}"
 
 
-_quiet = threading.local()
-_ADAPTER_IDS = itertools.count(1)  # process-wide: adapter names never repeat, even across managers
-
-
-_ROUTINE = ("No LoRA keys associated to",)
-_KEY_TROUBLE = ("unexpected keys", "missing keys", "LOAD REPORT")
-
-
-class _LoadDiagnostics(logging.Filter):
-    """Collects what diffusers/transformers log about the keys of a load made in this thread.
-
-    Both libraries load what they can and only *log* keys that matched no module or stayed
-    unloaded ("unexpected keys" / "missing keys" from diffusers, a "LOAD REPORT" table from
-    transformers for text encoders). During our loads those records are taken out of the log
-    and turned into a LoraError; diffusers' note that a LoRA has no text-encoder layers
-    ("No LoRA keys associated to ...") is routine and dropped. Other records pass.
-    """
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        sink = getattr(_quiet, "sink", None)
-        if sink is None:
-            return True
-        message = record.getMessage()
-        if any(text in message for text in _ROUTINE):
-            return False
-        if any(text in message for text in _KEY_TROUBLE):
-            sink.append(message)
-            return False
-        return True
-
-
-def _is_key_trouble(message: str, adapter: str) -> bool:
-    """Whether a captured load message reports a key of *this* adapter that did not fit."""
-    if "LOAD REPORT" not in message:
-        return True  # diffusers' unexpected/missing keys, already limited to this adapter
-    # transformers' table also lists the *other* adapters' keys as MISSING (it counts every
-    # "lora" key it expects); only rows of this adapter, or keys the file brought, count.
-    for row in message.splitlines():
-        if "|" not in row:
-            continue
-        if any(status in row for status in ("UNEXPECTED", "MISMATCH", "CONVERSION")):
-            return True
-        if "MISSING" in row and f".{adapter}." in row:
-            return True
-    return False
-
-
-_FILTER = _LoadDiagnostics()
-for _logger_name in (
-    "diffusers.utils.peft_utils",
-    "diffusers.loaders.lora_base",
-    "diffusers.loaders.peft",
-    "transformers.integrations.peft",
-    "transformers.utils.loading_report",
-):
-    logging.getLogger(_logger_name).addFilter(_FILTER)
-
-
-@contextlib.contextmanager
-def _load_diagnostics() -> Iterator[list[str]]:
-    previous = getattr(_quiet, "sink", None)
-    sink: list[str] = []
-    _quiet.sink = sink
-    try:
-        yield sink
-    finally:
-        _quiet.sink = previous
+def _layer(key: str) -> str:
+    """The layer (module path) a LoRA matrix key belongs to."""
+    return _FILE_MATRIX.sub("", key)
 
 
 class LoraManager:
     """The LoRA adapters of one pipeline: load on demand, LRU-cache, activate per request.
 
-    Not thread-safe: the worker thread that owns the pipeline is its only caller.
+    `family` and `model_name` only word the errors. Not thread-safe: the worker thread that
+    owns the pipeline is its only caller.
     """
 
     def __init__(self, pipe, family: Family, capacity: int = 8, *, model_name: str | None = None) -> None:
@@ -403,24 +162,24 @@ class LoraManager:
         entry = self._cache.get(name)
         return entry.adapter if entry else None
 
-    def apply(self, loras: Sequence[tuple]) -> None:
+    def apply(self, loras: Sequence[tuple[str, Path | str, float]]) -> None:
         """Make exactly these LoRAs active with these weights; an empty sequence: none.
 
-        Items are `(name, path, weight)` or `(name, path, weight, family)`, where a declared
-        family (from models.yaml) replaces detection. LoRAs not cached yet are loaded; on any
-        failure no adapter is left active or half-loaded and LoraError is raised.
+        Items are `(name, path, weight)` (GenParams.loras). LoRAs not cached yet are loaded
+        from `path`; on any failure no adapter is left active or half-loaded and LoraError is
+        raised.
         """
         self._deactivate()
         requests = [self._parse(item) for item in loras]
-        wanted = {name for name, _, _, _ in requests}
+        wanted = {name for name, _, _ in requests}
         if len(wanted) != len(requests):
             seen: set[str] = set()
-            twice = next(n for n, _, _, _ in requests if n in seen or seen.add(n))
+            twice = next(n for n, _, _ in requests if n in seen or seen.add(n))
             raise LoraError(twice, "requested more than once")
         active: list[tuple[str, str, float]] = []
         try:
-            for name, path, weight, declared in requests:
-                adapter = self._ensure_loaded(name, path, declared, keep=wanted)
+            for name, path, weight in requests:
+                adapter = self._ensure_loaded(name, path, keep=wanted)
                 if weight != 0.0:
                     active.append((name, adapter, weight))
             self._trim(keep=wanted)
@@ -437,7 +196,7 @@ class LoraManager:
             except Exception as exc:
                 log.exception("activating LoRAs %s failed", sorted(wanted))
                 raise LoraError(
-                    ", ".join(n for n, _, _, _ in requests),
+                    ", ".join(n for n, _, _ in requests),
                     f"cannot be activated: {_clip(str(exc), 160)}",
                 ) from exc
         except BaseException:
@@ -461,24 +220,20 @@ class LoraManager:
         for name in list(self._cache):
             self.evict(name)
 
-    # -- internals ----------------------------------------------------------------------
+    # -- activation -----------------------------------------------------------------------
 
     @staticmethod
-    def _parse(item: tuple) -> tuple[str, Path, float, str | None]:
-        if len(item) == 3:
-            name, path, weight = item
-            declared = None
-        elif len(item) == 4:
-            name, path, weight, declared = item
-        else:
-            raise TypeError("a LoRA request is (name, path, weight[, family])")
+    def _parse(item: tuple) -> tuple[str, Path, float]:
+        if not isinstance(item, tuple | list) or len(item) != 3:
+            raise TypeError(f"a LoRA request is (name, path, weight), not {item!r}")
+        name, path, weight = item
         try:
             value = float(weight)
         except (TypeError, ValueError):
             raise LoraError(str(name), f"weight {weight!r} is not a number") from None
         if not math.isfinite(value):
             raise LoraError(str(name), f"weight {weight!r} is not a finite number")
-        return str(name), Path(path), value, declared
+        return str(name), Path(path), value
 
     def _deactivate(self) -> None:
         if not self._live:
@@ -503,22 +258,25 @@ class LoraManager:
             self._layer_cache = list(self._lora_layers())
         return self._layer_cache
 
-    def _lora_layers(self) -> Iterator:
-        from peft.tuners.tuners_utils import BaseTunerLayer
-
+    def _components(self) -> Iterator[tuple[str, torch.nn.Module]]:
+        """The pipeline parts LoRAs load into (unet, text_encoder[, text_encoder_2])."""
         for component in getattr(self.pipe, "_lora_loadable_modules", ["unet", "text_encoder"]):
             model = getattr(self.pipe, component, None)
             if isinstance(model, torch.nn.Module):
-                for module in model.modules():
-                    if isinstance(module, BaseTunerLayer):
-                        yield module
+                yield component, model
 
-    def _wrong_family(self, found: str) -> str:
-        model = f"model '{self.model_name}'" if self.model_name else "this model"
-        return f"it is an {FAMILY_LABELS.get(found, found)} LoRA; {model} is {FAMILY_LABELS[self.family]}"
+    def _lora_layers(self) -> Iterator:
+        from peft.tuners.tuners_utils import BaseTunerLayer
 
-    def _ensure_loaded(self, name: str, path: Path, declared: str | None, keep: set[str]) -> str:
-        signature = _signature(path)
+        for _, model in self._components():
+            for module in model.modules():
+                if isinstance(module, BaseTunerLayer):
+                    yield module
+
+    # -- loading --------------------------------------------------------------------------
+
+    def _ensure_loaded(self, name: str, path: Path, keep: set[str]) -> str:
+        signature, regular = _stat(path)
         entry = self._cache.get(name)
         if entry is not None:
             same_file = entry.path == path and (signature is None or signature == entry.signature)
@@ -529,63 +287,191 @@ class LoraManager:
 
         if signature is None:
             raise LoraError(name, "the LoRA file is missing on the server")
-        # The header check runs even for a declared family: it names a bad file precisely.
-        header = _read_header(path, name)
-        detected = _classify(header, name)
-        family = declared if declared is not None else detected
-        if family is not None and family != self.family:
-            raise LoraError(name, self._wrong_family(family))
-
+        if not regular:
+            raise LoraError(name, "the LoRA path is not a file")
+        read = self._read(name, path)
         self._make_room(keep)
         adapter = self._new_adapter_name(name)
-        kwargs = {"adapter_name": adapter}
-        if self.family == "sd15":
-            # SD 1.x loading skips diffusers' SGM (input_blocks_*) block remapping unless it
-            # gets the UNet config; SDXL loading passes it itself.
-            kwargs["unet_config"] = self.pipe.unet.config
         self._live = True  # a new adapter is active in the layers it creates
         self._layer_cache = None
         try:
-            with _load_diagnostics() as trouble:
-                self.pipe.load_lora_weights(str(path), **kwargs)
+            self._load(read, adapter)
         except Exception as exc:
             log.warning("loading LoRA %r from %s failed: %s", name, path, _clip(str(exc), 400))
             log.debug("loading LoRA %r failed", name, exc_info=True)
             self._purge(adapter)
-            raise LoraError(name, _load_failure_reason(exc, path)) from exc
+            raise LoraError(name, _load_failure_reason(exc, path, self._model_words())) from exc
         except BaseException:
             self._purge(adapter)
             raise
-        reason = self._check_loaded(adapter, _layer_count(header), trouble)
+        try:
+            reason = self._misfit(read.state_dict, adapter)
+        except BaseException:
+            self._purge(adapter)
+            raise
         if reason:
-            details = " | ".join(m for m in trouble if _is_key_trouble(m, adapter))
-            log.warning("LoRA %r from %s refused: %s %s", name, path, reason, _clip(details, 600))
+            log.warning("LoRA %r from %s refused: %s", name, path, reason)
             self._purge(adapter)
             raise LoraError(name, reason)
         self._cache[name] = _Cached(adapter, path, signature)
         return adapter
 
-    def _check_loaded(self, adapter: str, expected: int, trouble: list[str]) -> str | None:
-        """Why a finished load is unusable, or None. diffusers loads what it can and only
-        logs the rest, so a LoRA that does not fit completely is refused here."""
-        ups = [
-            layer.lora_B[adapter].weight
-            for layer in self._lora_layers()
-            if adapter in getattr(layer, "lora_B", {})
-        ]
-        if not ups:
-            return "none of its layers match this model (is it for another base model?)"
-        if len(ups) < expected:
-            return (
-                f"{expected - len(ups)} of its {expected} layers have no matching module in "
-                "this model (is it for another base model?)"
+    def _read(self, name: str, path: Path) -> _Read:
+        """The file as diffusers converts it (kohya names → diffusers names, SGM UNet blocks →
+        diffusers blocks), read once; safetensors only, never a pickle."""
+        try:
+            out = self.pipe.lora_state_dict(
+                str(path),
+                unet_config=self.pipe.unet.config,  # maps SGM (input_blocks_*) names
+                use_safetensors=True,
+                return_lora_metadata=True,
             )
-        if any(_is_key_trouble(message, adapter) for message in trouble):
-            return "some of its weights do not fit this model's layers (unexpected or missing keys)"
-        # Every up-projection still zero means no weight was read (PEFT starts B at zero).
-        if not bool(torch.stack([w.detach().abs().sum().float() for w in ups]).sum() > 0):
-            return "its weights could not be read into the model (every LoRA up-weight is zero)"
+        except Exception as exc:
+            log.warning("reading LoRA %r from %s failed: %s", name, path, _clip(str(exc), 400))
+            raise LoraError(name, _read_failure_reason(exc, path, self._model_words())) from exc
+        state_dict, network_alphas = out[0], out[1]
+        metadata = out[2] if len(out) > 2 else None
+        if not any(_FILE_MATRIX.search(key) for key in state_dict):
+            raise LoraError(name, "not a LoRA: the file holds no LoRA weights")
+        if not all("lora" in key for key in state_dict):
+            raise LoraError(name, "unsupported format: diffusers cannot convert its layer names")
+        return _Read(dict(state_dict), network_alphas or None, metadata or None)
+
+    def _load(self, read: _Read, adapter: str) -> None:
+        """What pipe.load_lora_weights does after reading the file, for the state dict read
+        once: the kohya alphas and the PEFT metadata (rank, alpha) go along with it, which
+        they would not through load_lora_weights(dict)."""
+        from diffusers.loaders import lora_pipeline
+
+        pipe = self.pipe
+        common = {
+            "network_alphas": read.network_alphas,
+            "adapter_name": adapter,
+            "_pipeline": pipe,
+            "low_cpu_mem_usage": getattr(lora_pipeline, "_LOW_CPU_MEM_USAGE_DEFAULT_LORA", False),
+        }
+        if read.metadata is not None:
+            common["metadata"] = read.metadata
+        for component, model in self._components():
+            if component == "unet":
+                pipe.load_lora_into_unet(read.state_dict, unet=model, **common)
+            else:
+                pipe.load_lora_into_text_encoder(
+                    read.state_dict,
+                    text_encoder=model,
+                    prefix=component,
+                    lora_scale=pipe.lora_scale,
+                    **common,
+                )
+
+    # -- the fit check ----------------------------------------------------------------------
+
+    def _model_words(self) -> str:
+        if self.model_name:
+            return f"model '{self.model_name}' ({family_label(self.family)})"
+        return f"this {family_label(self.family)} model"
+
+    def _misfit(self, state_dict: Mapping[str, torch.Tensor], adapter: str) -> str | None:
+        """Why the adapter just loaded does not hold exactly the file's LoRA, or None.
+
+        Every LoRA matrix of the file must be one of the adapter's (same layer, same shape,
+        same values once cast to the adapter's dtype), and the adapter must hold no matrix the
+        file did not bring (PEFT initialises those itself).
+        """
+        expected: dict[tuple[str, str], torch.Tensor] = {}  # (component, PEFT key) → file matrix
+        stray: set[str] = set()  # layers of no component: diffusers skips them silently
+        matrices = {k: v for k, v in state_dict.items() if _FILE_MATRIX.search(k)}
+        claimed: set[str] = set()
+        components = list(self._components())
+        for component, model in components:
+            prefix = f"{component}."
+            part = {k.removeprefix(prefix): v for k, v in matrices.items() if k.startswith(prefix)}
+            claimed.update(f"{component}.{k}" for k in part)
+            for key, tensor in self._peft_names(component, model, part).items():
+                expected[component, key] = tensor
+        stray = {_layer(k) for k in matrices if k not in claimed}
+
+        loaded: dict[tuple[str, str], torch.Tensor] = {}
+        for component, model in components:
+            for key, tensor in self._adapter_matrices(model, adapter).items():
+                loaded[component, key] = tensor
+
+        file_layers = {(c, _layer(k)) for c, k in expected} | {("?", s) for s in stray}
+        unplaced = {(c, _layer(k)) for c, k in expected if (c, k) not in loaded} | {("?", s) for s in stray}
+        total = len(file_layers)
+        if unplaced:
+            model = self._model_words()
+            if len(unplaced) == total:
+                return f"its layers match no module of {model} (is it for another base model?)"
+            return (
+                f"{len(unplaced)} of its {total} layers match no module of {model} "
+                "(is it for another base model?)"
+            )
+        extra = {(c, _layer(k)) for c, k in loaded if (c, k) not in expected}
+        if extra:
+            return (
+                f"{len(extra)} of its {total} layers are incomplete: the file lacks their LoRA "
+                "down or up weight"
+            )
+        reshaped = [k for k, t in expected.items() if tuple(t.shape) != tuple(loaded[k].shape)]
+        if reshaped:
+            return (
+                f"{len(reshaped)} of its weights have shapes that do not fit this model's layers "
+                "(is it for another base model?)"
+            )
+        differ = self._differing(expected, loaded)
+        if differ:
+            return f"{differ} of its {len(expected)} weights did not load into the model's layers"
         return None
+
+    @staticmethod
+    def _peft_names(component: str, model: torch.nn.Module, part: dict) -> dict[str, torch.Tensor]:
+        """The file's matrices of one component under the names PEFT gives them in it: the
+        renaming diffusers applies when it loads them (UNet: load_lora_adapter; text encoders:
+        _load_lora_into_text_encoder)."""
+        if not part:
+            return {}
+        from diffusers.utils import (
+            convert_state_dict_to_diffusers,
+            convert_state_dict_to_peft,
+            convert_unet_state_dict_to_peft,
+        )
+
+        if component == "unet":
+            return convert_unet_state_dict_to_peft(part)
+        named = convert_state_dict_to_peft(convert_state_dict_to_diffusers(part))
+        if not hasattr(model, "text_model"):  # transformers 5 flattened CLIPTextModel
+            named = {k.removeprefix("text_model."): v for k, v in named.items()}
+        return named
+
+    @staticmethod
+    def _adapter_matrices(model: torch.nn.Module, adapter: str) -> dict[str, torch.Tensor]:
+        """The LoRA matrices PEFT holds for `adapter` in one component, adapter name removed."""
+        if adapter not in (getattr(model, "peft_config", None) or {}):
+            return {}
+        from peft import get_peft_model_state_dict
+
+        state = get_peft_model_state_dict(model, adapter_name=adapter, save_embedding_layers=False)
+        return {k: v for k, v in state.items() if _PEFT_MATRIX.search(k)}
+
+    @staticmethod
+    def _differing(expected: dict, loaded: dict) -> int:
+        """How many loaded matrices differ from the file's (cast to the loaded dtype and
+        device; NaN equals NaN). One device sync per device, not one per matrix."""
+        unloaded = 0  # still on the meta device: PEFT created it, nothing was read into it
+        flags: dict[torch.device, list[torch.Tensor]] = {}
+        with torch.no_grad():
+            for key, tensor in expected.items():
+                held = loaded[key].detach()
+                if held.is_meta:
+                    unloaded += 1
+                    continue
+                want = tensor.detach().to(device=held.device, dtype=held.dtype)
+                same = torch.isclose(held, want, rtol=0, atol=0, equal_nan=True).all()
+                flags.setdefault(held.device, []).append(same.logical_not())
+        return unloaded + sum(int(torch.stack(group).sum().item()) for group in flags.values())
+
+    # -- cache upkeep ---------------------------------------------------------------------
 
     def _make_room(self, keep: set[str]) -> None:
         self._trim(keep, limit=self.capacity - 1)
@@ -618,7 +504,7 @@ class LoraManager:
         for layer in self._lora_layers():
             with contextlib.suppress(Exception):
                 layer.delete_adapter(adapter)
-        for component in getattr(self.pipe, "_lora_loadable_modules", ["unet", "text_encoder"]):
-            config = getattr(getattr(self.pipe, component, None), "peft_config", None)
+        for _, model in self._components():
+            config = getattr(model, "peft_config", None)
             if isinstance(config, dict):
                 config.pop(adapter, None)
