@@ -32,7 +32,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from app.errors import CraftError, LoraError
 from app.families import PIPELINE_FAMILIES, Family
-from app.lora_files import detect_lora_family
+from app.lora_files import LoraFamilyUnknown, detect_lora_family
 from app.samplers import resolve_sampler
 
 logger = logging.getLogger(__name__)
@@ -212,10 +212,14 @@ def _check_sampler(name: str, where: str) -> None:
 
 
 def _lora_spec(name: str, path: Path, family: Family | None) -> LoraSpec:
+    """The LoRA's spec, its family read from the file; a declared family (models.yaml) wins,
+    and is the only way to serve a LoRA whose file does not tell its family."""
     spec = LoraSpec(name=name, path=path, family=family)
     try:
         detected = detect_lora_family(path, name=name)
     except LoraError as exc:
+        if family is not None and isinstance(exc, LoraFamilyUnknown):
+            return spec  # the declaration tells what the file does not
         spec.error = exc.reason
         logger.warning("LoRA %r (%s) cannot be used: %s", name, path, exc.reason)
         return spec

@@ -26,6 +26,7 @@ from app.engine.loras import LoraManager
 from app.engine.tiny import build_tiny_sd15, build_tiny_sdxl
 from app.errors import CraftError, LoraError
 from app.lora_files import LoraFamilyUnknown, detect_lora_family, read_header
+from app.registry import load_registry
 from tests.lora_files import (
     write_garbage_lora,
     write_kohya_lora,
@@ -338,6 +339,42 @@ def test_detect_refuses_sd2_and_undecidable(tmp_path):
     te_only = _header_file(tmp_path / "te.safetensors", {_TE1: (768, 768)})
     with pytest.raises(LoraFamilyUnknown, match="cannot tell"):
         detect_lora_family(te_only)
+
+
+# --------------------------------------------------------------------------- registry
+
+
+def test_declared_family_wins_where_the_file_cannot_tell(loras, tmp_path):
+    """The "cannot tell" error asks for a declaration in models.yaml; with one, the LoRA is
+    served. Declaring a family does not make a file that is no usable LoRA usable."""
+    te_only = _header_file(tmp_path / "te.safetensors", {_TE1: (768, 768)})
+    models = tmp_path / "models.yaml"
+    models.write_text(
+        "models:\n"
+        "  tiny: {source: builtin:tiny-sd15}\n"
+        "loras:\n"
+        f"  te-declared: {{path: {te_only}, family: sd15}}\n"
+        f"  te-undeclared: {{path: {te_only}}}\n"
+        f"  plain-declared: {{path: {loras['any', 'plain']}, family: sd15}}\n"
+        f"  loha-declared: {{path: {loras['sdxl', 'loha']}, family: sdxl}}\n"
+        f"  garbage-declared: {{path: {loras['any', 'garbage']}, family: sdxl}}\n"
+        f"  sd2-declared: {{path: {_header_file(tmp_path / 'sd2.safetensors', {_SD1_BLOCK0: (1024, 320)})}, "
+        "family: sd15}\n"
+        f"  kohya-declared-other: {{path: {loras['sdxl', 'kohya']}, family: sd15}}\n",
+        encoding="utf-8",
+    )
+    registry = load_registry(models)
+    specs = registry.loras
+    assert (specs["te-declared"].family, specs["te-declared"].error) == ("sd15", None)
+    assert "cannot tell" in specs["te-undeclared"].error
+    assert "not a LoRA" in specs["plain-declared"].error
+    assert "LyCORIS" in specs["loha-declared"].error
+    assert "not a readable safetensors file" in specs["garbage-declared"].error
+    assert "SD 2.x" in specs["sd2-declared"].error
+    # a declaration that contradicts the file still wins (with a warning in the log)
+    assert (specs["kohya-declared-other"].family, specs["kohya-declared-other"].error) == ("sd15", None)
+    assert registry.lora_names("sd15") == ["kohya-declared-other", "te-declared"]
+    assert registry.lora_names("sdxl") == []
 
 
 # --------------------------------------------------------------------------- manager
