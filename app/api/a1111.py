@@ -51,21 +51,21 @@ from app.api.a1111_schemas import (
     MAX_CFG,
     MIN_CFG,
     MIN_SIDE,
+    A1111Embeddings,
     A1111Error,
-    Embeddings,
-    LatentUpscaleMode,
-    Lora,
-    Options,
-    Progress,
-    ProgressState,
-    Sampler,
-    Scheduler,
-    ScriptsList,
-    SdModel,
-    SdVae,
-    Txt2ImgRequest,
-    Txt2ImgResponse,
-    Upscaler,
+    A1111LatentUpscaleMode,
+    A1111Lora,
+    A1111Options,
+    A1111Progress,
+    A1111ProgressState,
+    A1111Sampler,
+    A1111Scheduler,
+    A1111ScriptsList,
+    A1111SdModel,
+    A1111SdVae,
+    A1111Txt2ImgRequest,
+    A1111Txt2ImgResponse,
+    A1111Upscaler,
 )
 from app.api.deps import AuthDep, EngineDep, RegistryDep, SettingsDep
 from app.api.errors import ErrorInfo
@@ -377,7 +377,7 @@ class _Plan:
     send_images: bool
 
 
-def _not_applied(body: Txt2ImgRequest, clip_skip: int) -> dict[str, Any]:
+def _not_applied(body: A1111Txt2ImgRequest, clip_skip: int) -> dict[str, Any]:
     """The fields sent with a value that would change the image in A1111 and changes nothing here."""
     found: dict[str, Any] = {}
     for field in ("enable_hr", "restore_faces", "tiling"):
@@ -400,7 +400,7 @@ def _not_applied(body: Txt2ImgRequest, clip_skip: int) -> dict[str, Any]:
     return found
 
 
-def _plan(body: Txt2ImgRequest, state: A1111State, registry: Registry, settings: Settings) -> _Plan:
+def _plan(body: A1111Txt2ImgRequest, state: A1111State, registry: Registry, settings: Settings) -> _Plan:
     overrides = body.override_settings or {}
     checkpoint = overrides.get("sd_model_checkpoint")
     model = state.checkpoint if checkpoint is None else _model(
@@ -531,10 +531,10 @@ _A1111_DEFAULTS: dict[str, Any] = {
 
 
 # ---- routes: generation ----------------------------------------------------------------------
-@router.post("/txt2img", response_model=Txt2ImgResponse, responses=_GENERATION_ERRORS,
+@router.post("/txt2img", response_model=A1111Txt2ImgResponse, responses=_GENERATION_ERRORS,
              summary="Text to image (A1111)")
 async def txt2img(
-    body: Txt2ImgRequest,
+    body: A1111Txt2ImgRequest,
     request: Request,
     client: GeneratingClientDep,
     state: StateDep,
@@ -558,20 +558,22 @@ async def txt2img(
 
 
 def _running(engine: Engine, client: str) -> tuple[list[Job], list[Job]]:
-    """The caller's (running, waiting) jobs."""
+    """The caller's (running, waiting) jobs. A job already answered is neither, even while its
+    worker is still letting go of it (its future is settled on this loop before the answer)."""
     waiting = engine.queue.waiting(client)
-    running = [job for job in engine.jobs_of(client) if all(job is not w for w in waiting)]
+    running = [job for job in engine.jobs_of(client)
+               if not job.future.done() and all(job is not w for w in waiting)]
     return running, waiting
 
 
-@router.get("/progress", response_model=Progress, responses=_AUTH_ERRORS,
+@router.get("/progress", response_model=A1111Progress, responses=_AUTH_ERRORS,
             summary="The caller's current job (A1111's progress; no previews)")
 async def progress(client: ClientDep, engine: EngineDep, state: StateDep,
-                   skip_current_image: bool = False) -> Progress:
+                   skip_current_image: bool = False) -> A1111Progress:
     running, waiting = _running(engine, client)
     jobs = running + waiting
     if not jobs:
-        return Progress(progress=0.0, eta_relative=0.0, state=ProgressState())
+        return A1111Progress(progress=0.0, eta_relative=0.0, state=A1111ProgressState())
     job = jobs[0]
     steps = job.params.steps
     done = min(job.step, steps) if running else 0
@@ -582,9 +584,9 @@ async def progress(client: ClientDep, engine: EngineDep, state: StateDep,
         eta = elapsed * (steps - done) / done
     started = "0" if job.started_at is None else time.strftime(
         "%Y%m%d%H%M%S", time.localtime(time.time() - (time.monotonic() - job.started_at)))
-    return Progress(
+    return A1111Progress(
         progress=fraction, eta_relative=eta,
-        state=ProgressState(
+        state=A1111ProgressState(
             skipped=job in state.skipped, interrupted=job.cancelled.is_set(), job=job.id,
             job_count=len(jobs), job_no=0, sampling_step=done, sampling_steps=steps,
             job_timestamp=started,
@@ -602,7 +604,8 @@ def _stop(engine: Engine, job: Job) -> None:
 @router.post("/interrupt", response_model=dict[str, Any], responses=_AUTH_ERRORS,
              summary="Stop every job of the caller, running and waiting")
 async def interrupt(client: ClientDep, engine: EngineDep) -> dict[str, Any]:
-    for job in engine.jobs_of(client):
+    running, waiting = _running(engine, client)
+    for job in running + waiting:
         _stop(engine, job)
     return {}
 
@@ -617,7 +620,7 @@ async def skip(client: ClientDep, engine: EngineDep, state: StateDep) -> None:
 
 
 # ---- routes: options -------------------------------------------------------------------------
-@router.get("/options", response_model=None, responses={200: {"model": Options}, **_AUTH_ERRORS},
+@router.get("/options", response_model=None, responses={200: {"model": A1111Options}, **_AUTH_ERRORS},
             summary="A1111's options: the server's model for A1111 requests, and kept keys")
 async def get_options(client: ClientDep, state: StateDep) -> dict[str, Any]:
     return state.options()
@@ -636,70 +639,70 @@ async def set_options(
 
 
 # ---- routes: discovery -----------------------------------------------------------------------
-@router.get("/sd-models", response_model=list[SdModel], responses=_AUTH_ERRORS,
+@router.get("/sd-models", response_model=list[A1111SdModel], responses=_AUTH_ERRORS,
             summary="The served models (their `title` is what sd_model_checkpoint takes)")
-async def sd_models(client: ClientDep, registry: RegistryDep) -> list[SdModel]:
-    return [SdModel(title=name, model_name=name, filename=spec.source)
+async def sd_models(client: ClientDep, registry: RegistryDep) -> list[A1111SdModel]:
+    return [A1111SdModel(title=name, model_name=name, filename=spec.source)
             for name, spec in registry.models.items()]
 
 
 _ALIASES = {s.name: list(s.aliases) for s in SAMPLERS}
 
 
-@router.get("/samplers", response_model=list[Sampler], responses=_AUTH_ERRORS,
+@router.get("/samplers", response_model=list[A1111Sampler], responses=_AUTH_ERRORS,
             summary="Sampler names txt2img accepts")
-async def samplers(client: ClientDep) -> list[Sampler]:
-    return [Sampler(name=name, aliases=_ALIASES.get(name, []),
+async def samplers(client: ClientDep) -> list[A1111Sampler]:
+    return [A1111Sampler(name=name, aliases=_ALIASES.get(name, []),
                     options={"scheduler": resolve_sampler(name).schedule})
             for name in a1111_sampler_names()]
 
 
-@router.get("/schedulers", response_model=list[Scheduler], responses=_AUTH_ERRORS,
+@router.get("/schedulers", response_model=list[A1111Scheduler], responses=_AUTH_ERRORS,
             summary="Schedule names txt2img's `scheduler` accepts")
-async def schedulers(client: ClientDep) -> list[Scheduler]:
-    automatic = Scheduler(name="automatic", label="Automatic")
-    return [automatic] + [Scheduler(name=s.name, label=s.suffix,
+async def schedulers(client: ClientDep) -> list[A1111Scheduler]:
+    automatic = A1111Scheduler(name="automatic", label="Automatic")
+    return [automatic] + [A1111Scheduler(name=s.name, label=s.suffix,
                                     default_rho=7.0 if s.name == "karras" else -1)
                           for s in SCHEDULES]
 
 
-@router.get("/loras", response_model=list[Lora], responses=_AUTH_ERRORS,
+@router.get("/loras", response_model=list[A1111Lora], responses=_AUTH_ERRORS,
             summary="The LoRAs `<lora:NAME:WEIGHT>` tags may name")
-async def loras(client: ClientDep, registry: RegistryDep) -> list[Lora]:
+async def loras(client: ClientDep, registry: RegistryDep) -> list[A1111Lora]:
     table = registry.loras
-    return [Lora(name=name, alias=name, path=str(table[name].path),
+    return [A1111Lora(name=name, alias=name, path=str(table[name].path),
                  metadata={"family": table[name].family})
             for name in registry.lora_names()]
 
 
-@router.get("/sd-vae", response_model=list[SdVae], responses=_AUTH_ERRORS,
+@router.get("/sd-vae", response_model=list[A1111SdVae], responses=_AUTH_ERRORS,
             summary="Always empty: each model runs with its own VAE (models.yaml)")
-async def sd_vae(client: ClientDep) -> list[SdVae]:
+async def sd_vae(client: ClientDep) -> list[A1111SdVae]:
     return []
 
 
-@router.get("/upscalers", response_model=list[Upscaler], responses=_AUTH_ERRORS,
+@router.get("/upscalers", response_model=list[A1111Upscaler], responses=_AUTH_ERRORS,
             summary="Always empty: no hires fix or upscaling")
-async def upscalers(client: ClientDep) -> list[Upscaler]:
+async def upscalers(client: ClientDep) -> list[A1111Upscaler]:
     return []
 
 
-@router.get("/latent-upscale-modes", response_model=list[LatentUpscaleMode], responses=_AUTH_ERRORS,
+@router.get("/latent-upscale-modes", response_model=list[A1111LatentUpscaleMode], responses=_AUTH_ERRORS,
             summary="Always empty: no hires fix")
-async def latent_upscale_modes(client: ClientDep) -> list[LatentUpscaleMode]:
+async def latent_upscale_modes(client: ClientDep) -> list[A1111LatentUpscaleMode]:
     return []
 
 
-@router.get("/scripts", response_model=ScriptsList, responses=_AUTH_ERRORS,
+@router.get("/scripts", response_model=A1111ScriptsList, responses=_AUTH_ERRORS,
             summary="Always empty: no scripts run")
-async def scripts(client: ClientDep) -> ScriptsList:
-    return ScriptsList()
+async def scripts(client: ClientDep) -> A1111ScriptsList:
+    return A1111ScriptsList()
 
 
-@router.get("/embeddings", response_model=Embeddings, responses=_AUTH_ERRORS,
+@router.get("/embeddings", response_model=A1111Embeddings, responses=_AUTH_ERRORS,
             summary="Always empty: no textual-inversion embeddings")
-async def embeddings(client: ClientDep) -> Embeddings:
-    return Embeddings()
+async def embeddings(client: ClientDep) -> A1111Embeddings:
+    return A1111Embeddings()
 
 
 @router.post("/refresh-checkpoints", response_model=None, responses=_AUTH_ERRORS,

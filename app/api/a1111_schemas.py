@@ -24,7 +24,7 @@ def _ignored(description: str = "accepted; not applied") -> Any:
     return Field(None, description=description)
 
 
-class Txt2ImgRequest(BaseModel):
+class A1111Txt2ImgRequest(BaseModel):
     """Body of POST /sdapi/v1/txt2img: every field of A1111's model. Unknown fields and nulls are
     ignored. Fields marked "not applied" change nothing; when one is set to a value that would
     change the image in A1111 (hires fix, face restoration, tiling, styles, scripts, subseeds, a
@@ -107,7 +107,7 @@ class Txt2ImgRequest(BaseModel):
                                   "`override_settings.CLIP_stop_at_last_layers`")
 
 
-class Txt2ImgResponse(BaseModel):
+class A1111Txt2ImgResponse(BaseModel):
     images: list[str] = Field(description="base64 PNGs, no data: prefix; each carries A1111's "
                               "`parameters` text chunk")
     parameters: dict[str, Any] = Field(description="the request as it ran: A1111's fields, the "
@@ -118,7 +118,7 @@ class Txt2ImgResponse(BaseModel):
                       "craftserve_not_applied (fields sent that did not change the image)")
 
 
-class SdModel(BaseModel):
+class A1111SdModel(BaseModel):
     title: str = Field(description="the served model name; what `sd_model_checkpoint` takes")
     model_name: str
     hash: str | None = None
@@ -128,13 +128,13 @@ class SdModel(BaseModel):
     config: str | None = None
 
 
-class Sampler(BaseModel):
+class A1111Sampler(BaseModel):
     name: str
     aliases: list[str]
     options: dict[str, str] = Field(description="`scheduler`: the schedule the name gets by default")
 
 
-class Scheduler(BaseModel):
+class A1111Scheduler(BaseModel):
     name: str
     label: str
     aliases: list[str] | None = None
@@ -142,19 +142,19 @@ class Scheduler(BaseModel):
     need_inner_model: bool = False
 
 
-class Lora(BaseModel):
+class A1111Lora(BaseModel):
     name: str
     alias: str
     path: str
     metadata: dict[str, Any] = Field(description="`family`: sdxl or sd15")
 
 
-class SdVae(BaseModel):
+class A1111SdVae(BaseModel):
     model_name: str
     filename: str
 
 
-class Upscaler(BaseModel):
+class A1111Upscaler(BaseModel):
     name: str
     model_name: str | None = None
     model_path: str | None = None
@@ -162,21 +162,21 @@ class Upscaler(BaseModel):
     scale: float | None = None
 
 
-class LatentUpscaleMode(BaseModel):
+class A1111LatentUpscaleMode(BaseModel):
     name: str
 
 
-class ScriptsList(BaseModel):
+class A1111ScriptsList(BaseModel):
     txt2img: list[str] = Field(default_factory=list)
     img2img: list[str] = Field(default_factory=list)
 
 
-class Embeddings(BaseModel):
+class A1111Embeddings(BaseModel):
     loaded: dict[str, Any] = Field(default_factory=dict)
     skipped: dict[str, Any] = Field(default_factory=dict)
 
 
-class ProgressState(BaseModel):
+class A1111ProgressState(BaseModel):
     skipped: bool = False
     interrupted: bool = False
     stopping_generation: bool = False
@@ -188,15 +188,15 @@ class ProgressState(BaseModel):
     sampling_steps: int = 0
 
 
-class Progress(BaseModel):
+class A1111Progress(BaseModel):
     progress: float = Field(description="the caller's current job: steps done / steps, 0 to 1")
     eta_relative: float = Field(description="seconds the current job still needs (estimate)")
-    state: ProgressState
+    state: A1111ProgressState
     current_image: str | None = Field(None, description="always null: no previews")
     textinfo: str | None = None
 
 
-class Options(BaseModel):
+class A1111Options(BaseModel):
     """GET /sdapi/v1/options: these keys, plus every other key a client has POSTed (kept, not
     applied)."""
 
