@@ -18,8 +18,7 @@ from fastapi import Request
 from app.config import Settings
 from app.engine.engine import Engine
 from app.engine.jobs import GenParams, Job, JobResult
-from app.engine.loras import LoraError
-from app.errors import InvalidParameter, NotServed, Unavailable
+from app.errors import InvalidParameter, LoraError, NotServed, Unavailable
 from app.families import family_label
 from app.imaging import encode_png, parameters_text
 from app.registry import Registry
