@@ -456,20 +456,22 @@ class LoraManager:
 
     @staticmethod
     def _differing(expected: dict, loaded: dict) -> int:
-        """How many loaded matrices differ from the file's (cast to the loaded dtype and
-        device; NaN equals NaN). One device sync per device, not one per matrix."""
-        unloaded = 0  # still on the meta device: PEFT created it, nothing was read into it
-        flags: dict[torch.device, list[torch.Tensor]] = {}
+        """How many loaded matrices differ from the file's, cast to the loaded dtype and
+        device (NaN equals NaN). A matrix PEFT created but nothing was read into may still be
+        on the meta device: it differs."""
+        differ = 0
         with torch.no_grad():
             for key, tensor in expected.items():
                 held = loaded[key].detach()
                 if held.is_meta:
-                    unloaded += 1
+                    differ += 1
                     continue
                 want = tensor.detach().to(device=held.device, dtype=held.dtype)
-                same = torch.isclose(held, want, rtol=0, atol=0, equal_nan=True).all()
-                flags.setdefault(held.device, []).append(same.logical_not())
-        return unloaded + sum(int(torch.stack(group).sum().item()) for group in flags.values())
+                if torch.equal(held, want):
+                    continue
+                if not torch.isclose(held, want, rtol=0, atol=0, equal_nan=True).all():
+                    differ += 1
+        return differ
 
     # -- cache upkeep ---------------------------------------------------------------------
 
