@@ -379,7 +379,6 @@ class LoraManager:
         file did not bring (PEFT initialises those itself).
         """
         expected: dict[tuple[str, str], torch.Tensor] = {}  # (component, PEFT key) → file matrix
-        stray: set[str] = set()  # layers of no component: diffusers skips them silently
         matrices = {k: v for k, v in state_dict.items() if _FILE_MATRIX.search(k)}
         claimed: set[str] = set()
         components = list(self._components())
@@ -389,7 +388,7 @@ class LoraManager:
             claimed.update(f"{component}.{k}" for k in part)
             for key, tensor in self._peft_names(component, model, part).items():
                 expected[component, key] = tensor
-        stray = {_layer(k) for k in matrices if k not in claimed}
+        stray = {_layer(k) for k in matrices if k not in claimed}  # diffusers skips these silently
 
         loaded: dict[tuple[str, str], torch.Tensor] = {}
         for component, model in components:
