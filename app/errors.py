@@ -1,8 +1,9 @@
 """Every error the server answers on purpose, each with exactly one HTTP status.
 
-Code anywhere in the package raises these; the edge (app.main) turns them into a JSON
-`{"detail": message}` answer. Anything else that escapes is a bug: logged with its
-traceback and answered as a plain 500 without internals.
+Code anywhere in the package raises these; the edge (app.main, app.api.errors) renders each
+in the shape of the dialect the request came in (VisionCraft `{"detail", "error": {"message"}}`,
+A1111, OpenAI). Anything else that escapes is a bug: logged with its traceback and answered
+as a plain 500 without internals.
 
 The messages follow the VisionCraft client convention: an unknown name is reported as
 "This server doesn't have <field> '<value>'", which the published Python wrapper parses.
@@ -122,6 +123,7 @@ class LoraError(CraftError):
 
     status = 422
     kind = "invalid_lora"
+    field = "loras"  # the request field at fault, for the dialects' error shapes
 
     def __init__(self, name: str, reason: str) -> None:
         super().__init__(f"lora '{name}': {reason}")

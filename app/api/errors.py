@@ -35,12 +35,9 @@ def visioncraft_message(info: ErrorInfo) -> str:
     one raised elsewhere without it (e.g. a LoRA file that cannot be used) gets it appended,
     naming the field at fault when the error knows it."""
     if info.status == 422 and "doesn't have" not in info.message:
-        field = info.field or _FIELD_OF_KIND.get(info.kind, "body")
+        field = info.field or "body"
         return f"{info.message} (this server doesn't have {field} as sent)"
     return info.message
-
-
-_FIELD_OF_KIND = {"invalid_lora": "loras"}  # 422s that carry no field of their own
 
 
 def visioncraft_error(request: Request, info: ErrorInfo) -> Response:

@@ -170,6 +170,7 @@ _CODES = {
     "rate_limited": "rate_limit_exceeded",
     "invalid_parameter": "invalid_value",
     "not_served": "invalid_value",
+    "invalid_lora": "invalid_value",
 }
 # 5xx a retry of the same request cannot fix: a bug, a model that failed to load (retried by the
 # server after CRAFTSERVE_LOAD_RETRY_S), memory exhausted after the server's own retries.

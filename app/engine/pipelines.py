@@ -142,6 +142,12 @@ def _quiet_libraries() -> None:
 
     transformers_logging.disable_progress_bar()
     diffusers_logging.disable_progress_bar()
+    # A LoRA load makes transformers log a table listing every *other* cached adapter's keys
+    # as MISSING, and diffusers notes about encoders without LoRA keys: misleading in a
+    # server log. The LoRA manager checks the fit of every load itself (app.engine.loras).
+    for name in ("transformers.integrations.peft", "diffusers.loaders.peft",
+                 "diffusers.loaders.lora_base", "diffusers.utils.peft_utils"):
+        logging.getLogger(name).setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", message=".*Already found a `peft_config`.*")
     warnings.filterwarnings("ignore", message=".*was active which is now deleted.*")
 
