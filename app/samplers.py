@@ -228,6 +228,16 @@ _DPM_MULTI = dict(
     use_lu_lambdas=False,
 )
 
+# Third-order single-step DPM-Solver++: the closest diffusers has to k-diffusion's DPM fast and
+# DPM adaptive (both serve it).
+_DPM_SINGLESTEP_3 = _opts(
+    solver_order=3,
+    algorithm_type="dpmsolver++",
+    solver_type="midpoint",
+    lower_order_final=True,
+    final_sigmas_type="zero",
+)
+
 SAMPLERS: tuple[_Sampler, ...] = (
     _Sampler(
         "Euler",
@@ -329,13 +339,7 @@ SAMPLERS: tuple[_Sampler, ...] = (
         "DPM fast",
         ("dpm_fast",),
         _DPM_SINGLESTEP,
-        _opts(
-            solver_order=3,
-            algorithm_type="dpmsolver++",
-            solver_type="midpoint",
-            lower_order_final=True,
-            final_sigmas_type="zero",
-        ),
+        _DPM_SINGLESTEP_3,
         exact=False,
         aliases=("k_dpm_fast",),
         note="k-diffusion's DPM-Solver-fast has no diffusers port; single-step DPM-Solver++(3) "
@@ -345,13 +349,7 @@ SAMPLERS: tuple[_Sampler, ...] = (
         "DPM adaptive",
         ("dpm_adaptive",),
         _DPM_SINGLESTEP,
-        _opts(
-            solver_order=3,
-            algorithm_type="dpmsolver++",
-            solver_type="midpoint",
-            lower_order_final=True,
-            final_sigmas_type="zero",
-        ),
+        _DPM_SINGLESTEP_3,
         exact=False,
         aliases=("k_dpm_ad",),
         note="no adaptive step-size solver in diffusers; runs exactly `steps` steps of "
