@@ -129,3 +129,33 @@ class LoraError(CraftError):
         super().__init__(f"lora '{name}': {reason}")
         self.name = name
         self.reason = reason
+
+
+class LoraFamilyUnknown(LoraError):
+    """The file is a LoRA, but nothing in it tells which family it is for (declare it)."""
+
+
+class Interrupted(CraftError):
+    """The caller's POST /sdapi/v1/interrupt (or skip) stopped this request's jobs (409)."""
+
+    status = 409
+    kind = "interrupt"
+
+    def __init__(self) -> None:
+        super().__init__("interrupted: POST /sdapi/v1/interrupt (or skip) with this API key stopped "
+                         "this request before its images were done")
+
+
+class RefreshFailed(CraftError):
+    """The models file cannot be read again (500: the server's configuration, not the request)."""
+
+    status = 500
+    kind = "refresh_failed"
+
+
+class ModelNotFound(CraftError):
+    """The requested model is not served and no alias maps it (404, OpenAI's model_not_found)."""
+
+    status = 404
+    kind = "model_not_found"
+    field = "model"

@@ -24,11 +24,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from app.errors import LoraError
+from app.errors import LoraError, LoraFamilyUnknown
 from app.families import FAMILY_LABELS, Family
 
 __all__ = [
-    "LoraFamilyUnknown",
     "SafetensorsHeader",
     "detect_lora_family",
     "read_header",
@@ -68,10 +67,6 @@ _DOWN_SUFFIX = re.compile(
 )
 _NAMED_ADAPTER = re.compile(r"\.lora_(?:A|B|down|up)\.[^.]+\.weight$")
 _LYCORIS_MARKERS = ("hada_w", "lokr_w", "lora_mid", ".oft_", ".ia3", "lokr_t")
-
-
-class LoraFamilyUnknown(LoraError):
-    """The file is a LoRA, but nothing in it tells which family it is for (declare it)."""
 
 
 @dataclass(frozen=True)

@@ -30,9 +30,9 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from app.errors import CraftError, LoraError
+from app.errors import CraftError, LoraError, LoraFamilyUnknown
 from app.families import PIPELINE_FAMILIES, Family
-from app.lora_files import LoraFamilyUnknown, detect_lora_family
+from app.lora_files import detect_lora_family
 from app.samplers import resolve_sampler
 
 logger = logging.getLogger(__name__)

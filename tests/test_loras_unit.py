@@ -24,8 +24,8 @@ from safetensors.torch import load_file, save_file
 
 from app.engine.loras import LoraManager
 from app.engine.tiny import build_tiny_sd15, build_tiny_sdxl
-from app.errors import CraftError, LoraError
-from app.lora_files import LoraFamilyUnknown, detect_lora_family, read_header
+from app.errors import CraftError, LoraError, LoraFamilyUnknown
+from app.lora_files import detect_lora_family, read_header
 from app.registry import load_registry
 from tests.lora_files import (
     write_garbage_lora,

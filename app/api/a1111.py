@@ -73,7 +73,15 @@ from app.api.generation import Generated, ImageRequest, generate_images
 from app.config import Settings
 from app.engine.engine import Engine
 from app.engine.jobs import Job
-from app.errors import CraftError, Forbidden, InvalidParameter, NotServed, Unauthorized
+from app.errors import (
+    CraftError,
+    Forbidden,
+    Interrupted,
+    InvalidParameter,
+    NotServed,
+    RefreshFailed,
+    Unauthorized,
+)
 from app.imaging import parameters_text
 from app.registry import Registry, RegistryError, load_registry
 from app.samplers import SAMPLERS, SCHEDULES, a1111_sampler_names, resolve_sampler
@@ -90,24 +98,6 @@ _TITLE_HASH = re.compile(r"\s*\[[0-9a-fA-F]*\]\s*$")  # A1111 titles end with " 
 
 
 # ---- errors ----------------------------------------------------------------------------------
-class Interrupted(CraftError):
-    """The caller's POST /sdapi/v1/interrupt (or skip) stopped this request's jobs (409)."""
-
-    status = 409
-    kind = "interrupt"
-
-    def __init__(self) -> None:
-        super().__init__("interrupted: POST /sdapi/v1/interrupt (or skip) with this API key stopped "
-                         "this request before its images were done")
-
-
-class RefreshFailed(CraftError):
-    """The models file cannot be read again (500: the server's configuration, not the request)."""
-
-    status = 500
-    kind = "refresh_failed"
-
-
 _NAMES = {Interrupted.kind: "Interrupted"}
 
 

@@ -37,7 +37,7 @@ from app.api.deps import AuthDep, EngineDep, ImagesDep, RegistryDep, SettingsDep
 from app.api.errors import ErrorInfo
 from app.api.generation import Generated, ImageRequest, generate_images
 from app.config import Settings
-from app.errors import CraftError, Forbidden, InvalidParameter, LoraError, Unauthorized
+from app.errors import Forbidden, InvalidParameter, LoraError, ModelNotFound, Unauthorized
 from app.imaging import MEDIA_TYPES, encode_image, parameters_text
 from app.registry import Registry
 from app.schemas import MAX_SEED, Int, Loras, Number
@@ -154,14 +154,6 @@ _GENERATION_ERRORS = {
 
 
 # ---- errors ----------------------------------------------------------------------------------
-class ModelNotFound(CraftError):
-    """The requested model is not served and no alias maps it (404, OpenAI's model_not_found)."""
-
-    status = 404
-    kind = "model_not_found"
-    field = "model"
-
-
 _TYPES = {401: "invalid_request_error", 403: "permission_error", 429: "rate_limit_error"}
 _CODES = {
     "model_not_found": "model_not_found",
