@@ -585,10 +585,7 @@ async def progress(client: ClientDep, engine: EngineDep, state: StateDep,
 
 
 def _stop(engine: Engine, job: Job) -> None:
-    if engine.queue.remove(job):  # still waiting: answer it now
-        job.fail(Interrupted())
-    else:  # running (or just taken): the worker stops at the next step
-        job.cancelled.set()
+    engine.cancel(job, Interrupted())
 
 
 @router.post("/interrupt", response_model=dict[str, Any], responses=_AUTH_ERRORS,

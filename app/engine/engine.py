@@ -12,7 +12,7 @@ from app.config import Settings
 from app.engine.availability import LoadFailures
 from app.engine.jobs import GenParams, Job, JobQueue
 from app.engine.worker import Worker
-from app.errors import InvalidParameter, Unavailable
+from app.errors import CraftError, InvalidParameter, Unavailable
 from app.metrics import Metrics
 from app.registry import Registry
 
@@ -134,9 +134,14 @@ class Engine:
         running = [job for w in self.workers for job in list(w.running) if job.client == client]
         return running + self.queue.waiting(client)
 
-    def cancel(self, job: Job) -> None:
-        """The client is gone: drop a waiting job, or flag a running one for interruption."""
-        if not self.queue.remove(job):
+    def cancel(self, job: Job, answer: CraftError | None = None) -> None:
+        """Drop a waiting job, answering it with `answer` when one is given (a job whose own
+        request is not the one cancelling it still has a client waiting), or flag a running
+        one: its worker stops the batch at the next step once every job of it is flagged."""
+        if self.queue.remove(job):
+            if answer is not None:
+                job.fail(answer)
+        else:
             job.cancelled.set()
 
     # ---- readiness -----------------------------------------------------------------
