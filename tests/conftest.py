@@ -1,7 +1,7 @@
 """Shared fixtures: tiny models on disk, and real craftserve servers on loopback.
 
 Every server here is the real app under real uvicorn on 127.0.0.1 with a free port
-(app.live.LiveServer), driven over real HTTP with httpx.
+(tests.live.LiveServer), driven over real HTTP with httpx.
 """
 
 from __future__ import annotations
