@@ -16,12 +16,18 @@ def health() -> dict[str, str]:
     return {"status": "ok"}
 
 
-@router.get("/ready", summary="200 once every preload model is loaded; 503 with the reasons")
+_READINESS = {"description": "ready, reasons (empty when ready), models, workers, queue_depth",
+              "content": {"application/json": {}}}
+
+
+@router.get("/ready", summary="200 once every preload model is loaded; 503 with the reasons",
+            responses={200: _READINESS, 503: {**_READINESS, "description": "not ready: see reasons"}})
 def ready(engine: EngineDep) -> JSONResponse:
     ok, body = engine.readiness()
     return JSONResponse(body, status_code=200 if ok else 503)
 
 
-@router.get("/metrics", summary="Prometheus metrics")
+@router.get("/metrics", summary="Prometheus metrics", response_class=Response,
+            responses={200: {"content": {CONTENT_TYPE_LATEST: {}}, "description": "Prometheus text"}})
 def metrics(request: Request) -> Response:
     return Response(request.app.state.metrics.render(), media_type=CONTENT_TYPE_LATEST)
