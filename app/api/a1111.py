@@ -500,7 +500,7 @@ def _answer(plan: _Plan, generated: list[Generated], registry: Registry,
         "override_settings_restore_afterwards": restore_afterwards,
         "send_images": plan.send_images,
     }
-    images = [base64.b64encode(g.png).decode("ascii") for g in generated] if plan.send_images else []
+    images = [base64.b64encode(g.data).decode("ascii") for g in generated] if plan.send_images else []
     return {"images": images, "parameters": parameters, "info": json.dumps(info)}
 
 

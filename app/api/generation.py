@@ -20,7 +20,7 @@ from app.engine.engine import Engine
 from app.engine.jobs import GenParams, Job, JobResult
 from app.errors import InvalidParameter, LoraError, NotServed, Unavailable
 from app.families import family_label
-from app.imaging import encode_png, parameters_text
+from app.imaging import encode_image, parameters_text
 from app.registry import Registry
 from app.samplers import resolve_sampler
 from app.schemas import MAX_SEED
@@ -48,9 +48,10 @@ class ImageRequest:
 
 @dataclass(frozen=True)
 class Generated:
-    """One image as generated: its PNG (with the A1111 `parameters` text chunk) and facts."""
+    """One image as generated: its encoded bytes (PNG unless the dialect asked for another
+    format; the A1111 `parameters` text always inside) and facts."""
 
-    png: bytes
+    data: bytes
     params: GenParams
     result: JobResult
     job_id: str
@@ -148,9 +149,9 @@ async def run_jobs(engine: Engine, jobs: list[Job], request: Request) -> list[Jo
         watcher.cancel()
 
 
-async def _encode(params: GenParams, result: JobResult) -> bytes:
+async def _encode(params: GenParams, result: JobResult, output_format: str, quality: int) -> bytes:
     text = parameters_text(params, result.seed, result.sampler_label)
-    return await asyncio.to_thread(encode_png, result.image, text)
+    return await asyncio.to_thread(encode_image, result.image, output_format, text, quality)
 
 
 async def generate_images(
@@ -162,10 +163,13 @@ async def generate_images(
     engine: Engine,
     registry: Registry,
     settings: Settings,
+    output_format: str = "png",
+    quality: int = 100,
 ) -> list[Generated]:
     """`count` images of one request for the authenticated `client` (a key label), seeds
     seed, seed+1, ... (A1111's convention); they are compatible jobs, so the engine batches
-    them. Any failure fails the request and takes back its other jobs."""
+    them. Any failure fails the request and takes back its other jobs. Images are encoded as
+    `output_format` (png, jpeg, webp; `quality` for the lossy ones), off the event loop."""
     first = to_params(body, registry, settings)
     all_params = [replace(first, seed=(first.seed + i) % (MAX_SEED + 1)) for i in range(count)]
     jobs: list[Job] = []
@@ -177,6 +181,7 @@ async def generate_images(
             engine.cancel(job)
         raise
     results = await run_jobs(engine, jobs, request)
-    pngs = await asyncio.gather(*(_encode(p, r) for p, r in zip(all_params, results, strict=True)))
-    return [Generated(png, params, result, job.id)
-            for png, params, result, job in zip(pngs, all_params, results, jobs, strict=True)]
+    encoded = await asyncio.gather(*(_encode(p, r, output_format, quality)
+                                     for p, r in zip(all_params, results, strict=True)))
+    return [Generated(data, params, result, job.id)
+            for data, params, result, job in zip(encoded, all_params, results, jobs, strict=True)]

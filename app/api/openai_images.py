@@ -21,7 +21,6 @@ Choices (documented in README.md and docs/clients.md):
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import difflib
 import re
@@ -35,10 +34,10 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from app.api.deps import AuthDep, EngineDep, ImagesDep, RegistryDep, SettingsDep
 from app.api.errors import ErrorInfo
-from app.api.generation import Generated, ImageRequest, generate_images
+from app.api.generation import ImageRequest, generate_images
 from app.config import Settings
-from app.errors import Forbidden, InvalidParameter, LoraError, ModelNotFound, Unauthorized
-from app.imaging import MEDIA_TYPES, encode_image, parameters_text
+from app.errors import Forbidden, InvalidParameter, ModelNotFound, Unauthorized
+from app.imaging import MEDIA_TYPES
 from app.registry import Registry
 from app.schemas import MAX_SEED, Int, Loras, Number
 
@@ -295,13 +294,6 @@ def _image_request(body: OpenAIImageRequest, model: str, size: tuple[int, int],
     return request, count
 
 
-async def _encoded(image: Generated, output_format: str, quality: int) -> bytes:
-    if output_format == "png":
-        return image.png  # already encoded by the core, with the parameters text chunk
-    text = parameters_text(image.params, image.result.seed, image.result.sampler_label)
-    return await asyncio.to_thread(encode_image, image.result.image, output_format, text, quality)
-
-
 # ---- routes ----------------------------------------------------------------------------------
 @router.post("/images/generations", response_model=OpenAIImagesResponse, responses=_GENERATION_ERRORS,
              summary="Create images (OpenAI images API)")
@@ -325,13 +317,10 @@ async def create_images(
         response_format = "b64_json" if (body.model or "").startswith("gpt-image") else "url"
     output_format = body.output_format or "png"
     quality = 100 if body.output_compression is None else body.output_compression
-    try:
-        generated = await generate_images(image_request, count, request, client=client, engine=engine,
-                                          registry=registry, settings=settings)
-    except LoraError as exc:
-        exc.field = "loras"  # type: ignore[attr-defined]  # read by the error handler: `param`
-        raise
-    encoded = await asyncio.gather(*(_encoded(g, output_format, quality) for g in generated))
+    generated = await generate_images(image_request, count, request, client=client, engine=engine,
+                                      registry=registry, settings=settings,
+                                      output_format=output_format, quality=quality)
+    encoded = [image.data for image in generated]
     data: list[dict] = []
     for blob in encoded:
         if response_format == "b64_json":

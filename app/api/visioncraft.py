@@ -73,7 +73,7 @@ async def sd(
     auth: AuthDep,
 ) -> Response:
     (image,) = await _generate(body, 1, request, engine, registry, settings, auth)
-    return Response(image.png, media_type="image/png", headers=image.headers())
+    return Response(image.data, media_type="image/png", headers=image.headers())
 
 
 @router.post("/image/generate", response_class=Response, responses=_PNG,
@@ -105,7 +105,7 @@ async def generate(
 ) -> ImageUrls:
     generated = await _generate(body, body.image_count, request, engine, registry, settings, auth)
     return ImageUrls(images=[
-        str(request.url_for("stored_image", key=images.put(image.png))) for image in generated
+        str(request.url_for("stored_image", key=images.put(image.data))) for image in generated
     ])
 
 
