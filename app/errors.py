@@ -131,10 +131,6 @@ class LoraError(CraftError):
         self.reason = reason
 
 
-class LoraFamilyUnknown(LoraError):
-    """The file is a LoRA, but nothing in it tells which family it is for (declare it)."""
-
-
 class Interrupted(CraftError):
     """The caller's POST /sdapi/v1/interrupt (or skip) stopped this request's jobs (409)."""
 

@@ -9,7 +9,8 @@ name to {"dtype", "shape", "data_offsets": [begin, end]} (offsets into the data 
 the header) plus an optional "__metadata__" {str: str}, then the tensor data. `read_header`
 checks all of that, so a truncated or foreign file is named as such.
 
-`detect_lora_family` tells SDXL from SD 1.x LoRAs from layer names, shapes and metadata.
+`check_lora_file` refuses what is not a plain LoRA. Which model a LoRA fits is not guessed
+from the file: app.engine.lora_fit matches its layers against each model's architecture.
 """
 
 from __future__ import annotations
@@ -24,12 +25,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from app.errors import LoraError, LoraFamilyUnknown
-from app.families import FAMILY_LABELS, Family
+from app.errors import LoraError
 
 __all__ = [
     "SafetensorsHeader",
-    "detect_lora_family",
+    "check_lora_file",
     "read_header",
 ]
 
@@ -47,23 +47,9 @@ _DTYPE_BITS: dict[str, int] = {
     "F4": 4, "F6_E2M3": 6, "F6_E3M2": 6,
 }
 
-# Width of the cross-attention keys/values (= the text conditioning width) per family.
-# 2048 / 768 / 1024 are the real SDXL / SD 1.x / SD 2.x UNets; 64 and 32 are the tiny test
-# pipelines of app.engine.tiny (SDXL: two 32-wide text encoders concatenated; SD 1.x: one).
-_CROSS_ATTENTION_WIDTH: dict[int, str] = {
-    2048: "sdxl",
-    768: "sd15",
-    1024: "sd2",
-    64: "sdxl",
-    32: "sd15",
-}
-
 _LORA_SUFFIX = re.compile(
     r"(?:\.|_)(?:lora_down|lora_up|lora_A|lora_B|lora\.down|lora\.up|lora_linear_layer\.(?:down|up))"
     r"(?:\.[^.]+)?\.weight$"
-)
-_DOWN_SUFFIX = re.compile(
-    r"(?:\.lora_down|\.lora_A|\.lora\.down|_lora\.down|\.lora_linear_layer\.down)(?:\.[^.]+)?\.weight$"
 )
 _NAMED_ADAPTER = re.compile(r"\.lora_(?:A|B|down|up)\.[^.]+\.weight$")
 _LYCORIS_MARKERS = ("hada_w", "lokr_w", "lora_mid", ".oft_", ".ia3", "lokr_t")
@@ -196,99 +182,14 @@ def read_header(path: Path | str, *, name: str | None = None) -> SafetensorsHead
         raise LoraError(label, reason) from None
 
 
-# --------------------------------------------------------------------------- family
+# --------------------------------------------------------------------------- format
 
 
-def _component(key: str) -> str:
-    """Which pipeline part a LoRA key belongs to: unet, te1, te2 or ? (unknown)."""
-    if key.startswith(("lora_te2_", "text_encoder_2.", "te2.")):
-        return "te2"
-    if key.startswith(("lora_te_", "lora_te1_", "text_encoder.", "te1.", "te.")):
-        return "te1"
-    if key.startswith(("lora_unet_", "unet.")):
-        return "unet"
-    flat = key.replace(".", "_")
-    if re.search(
-        r"(?:^|_)(?:down_blocks|up_blocks|mid_block|input_blocks|middle_block|output_blocks)_", flat
-    ):
-        return "unet"
-    if "text_model" in flat:
-        return "te1"
-    return "?"
+def _check_format(header: SafetensorsHeader, name: str) -> None:
+    """Raise LoraError unless the file is a plain LoRA (kohya/A1111 or diffusers/PEFT names).
 
-
-# (metadata key, value prefix, family): modelspec first, then kohya's training metadata.
-_METADATA_FAMILIES = (
-    ("modelspec.architecture", "stable-diffusion-xl", "sdxl"),
-    ("modelspec.architecture", "stable-diffusion-v1", "sd15"),
-    ("modelspec.architecture", "stable-diffusion-v2", "sd2"),
-    ("ss_base_model_version", "sdxl", "sdxl"),
-    ("ss_base_model_version", "sd_v1", "sd15"),
-    ("ss_base_model_version", "sd_v2", "sd2"),
-    ("ss_v2", "true", "sd2"),
-)
-
-
-def _metadata_family(metadata: Mapping[str, str]) -> str | None:
-    for key, prefix, family in _METADATA_FAMILIES:
-        if metadata.get(key, "").lower().startswith(prefix):
-            return family
-    return None
-
-
-def _structural_votes(unet_keys: list[str], has_te2: bool) -> set[str]:
-    """Family cues from layer names that hold for every real SDXL / SD 1.x UNet."""
-    votes: set[str] = set()
-    if has_te2:
-        votes.add("sdxl")  # SDXL is the only family with a second text encoder
-    for key in unet_keys:
-        flat = key.replace(".", "_")
-        if "add_embedding" in flat or "label_emb" in flat:
-            votes.add("sdxl")  # the added-conditioning MLP exists only in SDXL
-        depth = re.search(r"transformer_blocks_(\d+)_", flat)
-        if depth and int(depth[1]) >= 1:
-            votes.add("sdxl")  # SD 1.x/2.x transformers are one block deep; SDXL's 2 or 10
-        if re.search(r"(?:^|_)down_blocks_0_attentions_", flat) or re.search(
-            r"(?:^|_)(?:down|up)_blocks_3_", flat
-        ):
-            votes.add("sd15")  # SDXL has no attention in its first down block and 3 up blocks
-        sgm = re.search(r"(?:^|_)input_blocks_(\d+)_1_", flat)
-        if sgm and int(sgm[1]) in (1, 2):
-            votes.add("sd15")  # attention at SGM input block 1/2 only in SD 1.x/2.x
-        sgm = re.search(r"(?:^|_)output_blocks_(\d+)_1_", flat)
-        if sgm and int(sgm[1]) >= 9:
-            votes.add("sd15")  # SDXL has output blocks 0..8 only
-    return votes
-
-
-def _down_in_features(header: SafetensorsHeader, keys: list[str], pattern: str) -> set[int]:
-    found = set()
-    for key in keys:
-        if re.search(pattern, key) and _DOWN_SUFFIX.search(key):
-            shape = header.shapes.get(key, ())
-            if len(shape) == 2:
-                found.add(int(shape[1]))
-    return found
-
-
-def _size_vote(header: SafetensorsHeader, unet_keys: list[str], te1_keys: list[str]) -> str | None:
-    cross = _down_in_features(header, unet_keys, r"attn2[._](?:processor[._])?to[._]?[kv]")
-    te1 = _down_in_features(header, te1_keys, r"[._]q[._]?proj")
-    if len(cross) == 1:
-        width = next(iter(cross))
-        if width in _CROSS_ATTENTION_WIDTH:
-            return _CROSS_ATTENTION_WIDTH[width]
-        if len(te1) == 1:
-            hidden = next(iter(te1))
-            # SD 1.x conditions on its one text encoder; SDXL on two, concatenated.
-            return "sd15" if width == hidden else "sdxl" if width > hidden else None
-    if not cross and te1 == {1024}:
-        return "sd2"  # OpenCLIP-H, SD 2.x's only text encoder
-    return None
-
-
-def _classify(header: SafetensorsHeader, name: str) -> str | None:
-    """The family ("sdxl", "sd15", "sd2"), None when nothing tells; raises for a non-LoRA."""
+    Which model it fits is not read from the file: app.engine.lora_fit matches its layers
+    against each model's architecture."""
     keys = header.keys
     lycoris = sorted({m.strip("._") for k in keys for m in _LYCORIS_MARKERS if m in k})
     if lycoris:
@@ -306,49 +207,14 @@ def _classify(header: SafetensorsHeader, name: str) -> str | None:
             "unsupported format: its keys carry a PEFT adapter name (lora_A.<name>.weight); "
             "save it without the adapter name",
         )
-    parts: dict[str, list[str]] = {"unet": [], "te1": [], "te2": [], "?": []}
-    for key in lora_keys:
-        parts[_component(key)].append(key)
-
-    votes = _structural_votes(parts["unet"] + parts["?"], has_te2=bool(parts["te2"]))
-    size = _size_vote(header, parts["unet"] + parts["?"], parts["te1"])
-    if size == "sd2":
-        return "sd2"
-    if len(votes) > 1:
-        raise LoraError(name, "unsupported format: its layer names mix the SDXL and SD 1.x layouts")
-    if votes:
-        return next(iter(votes))
-    if size:
-        return size
-    meta = _metadata_family(header.metadata)
-    if meta:
-        return meta
-    if any(re.search(r"(?:^|[._])(?:input_blocks|middle_block|output_blocks)[._]", k) for k in keys):
-        return "sdxl"  # kohya names the UNet the SGM way only for SDXL
-    return None
 
 
-def detect_lora_family(path: Path | str, *, name: str | None = None) -> Family:
-    """SDXL ("sdxl") or SD 1.x ("sd15"), read from the file's safetensors header only.
-
-    Cues, strongest first: layer names that exist in only one family (a second text encoder,
-    SDXL's added-conditioning MLP, transformer depth > 1, attention in the first down block,
-    a fourth UNet block), then the cross-attention width (2048 SDXL, 768 SD 1.x, and the tiny
-    test pipelines' 64 / 32), then kohya/modelspec metadata, then SGM (`input_blocks_`) naming.
-    Raises LoraError (named `name`, default the file stem) for an unreadable file, a file
-    without LoRA weights, an unsupported format (LyCORIS, SD 2.x), and its subclass
-    LoraFamilyUnknown for a LoRA whose family nothing tells.
-    """
+def check_lora_file(path: Path | str, *, name: str | None = None) -> SafetensorsHeader:
+    """The header of a LoRA file, read and checked. Raises LoraError (named `name`, default
+    the file stem) for an unreadable file, a file without LoRA weights and an unsupported
+    format (LyCORIS, adapter-named PEFT keys)."""
     path = Path(path)
     label = name or path.stem
-    family = _classify(read_header(path, name=label), label)
-    if family == "sd2":
-        raise LoraError(
-            label, f"unsupported: it is an {FAMILY_LABELS['sd2']} LoRA; only SDXL and SD 1.x are served"
-        )
-    if family is None:
-        raise LoraFamilyUnknown(
-            label,
-            "cannot tell whether it is an SDXL or an SD 1.x LoRA; declare its family in models.yaml",
-        )
-    return family  # type: ignore[return-value]
+    header = read_header(path, name=label)
+    _check_format(header, label)
+    return header

@@ -18,6 +18,7 @@ from app.api.errors import ErrorInfo, ErrorRenderers
 from app.auth import Authenticator
 from app.config import Settings, get_settings
 from app.engine.engine import Engine
+from app.engine.lora_fit import match_loras
 from app.errors import CraftError
 from app.imaging import ImageStore
 from app.metrics import Metrics
@@ -104,6 +105,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     """Build the app. Fails fast (RegistryError, ValueError) on a bad models file or settings."""
     settings = settings or get_settings()
     registry = load_registry(settings.models)
+    match_loras(registry)  # which LoRA fits which model, from their layers (no weights)
     metrics = Metrics()
     auth = Authenticator(settings.all_api_keys(), allow_anonymous=settings.allow_anonymous,
                          rate_limit=settings.rate_limit, metrics=metrics)

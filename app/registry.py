@@ -30,9 +30,9 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from app.errors import CraftError, LoraError, LoraFamilyUnknown
+from app.errors import CraftError, LoraError
 from app.families import PIPELINE_FAMILIES, Family
-from app.lora_files import detect_lora_family
+from app.lora_files import check_lora_file
 from app.samplers import resolve_sampler
 
 logger = logging.getLogger(__name__)
@@ -43,6 +43,12 @@ BUILTIN_SOURCES = {
     "builtin:tiny-sdxl": "sdxl",
     "builtin:tiny-sd15": "sd15",
     "builtin:random-sdxl": "sdxl",
+}
+# Diffusers-format config folders (no weights) of the stock architectures, by family.
+BUNDLED_CONFIGS: dict[str, Path] = {
+    family: folder
+    for family in ("sdxl", "sd15")
+    if (folder := Path(__file__).parent / "configs" / family).is_dir()
 }
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
@@ -93,8 +99,22 @@ class ModelSpec:
 class LoraSpec:
     name: str
     path: Path
-    family: Family | None
+    family: Family | None  # declared in models.yaml: only models of this family are tried
     error: str | None = None  # why the file cannot be used, found at registration
+    # model name → None (its layers fit that model) or why not; filled at start-up by
+    # app.engine.lora_fit against each model's architecture. A model missing here has an
+    # architecture that could not be read: the load-time check decides.
+    fits: dict[str, str | None] = field(default_factory=dict)
+
+    def misfit(self, model: ModelSpec) -> str | None:
+        """Why this LoRA cannot serve `model` (its own error first), or None."""
+        if self.error:
+            return self.error
+        if model.name in self.fits:
+            return self.fits[model.name]
+        if self.family is not None and self.family != model.family:
+            return f"is declared for another model family ({self.family})"
+        return None
 
 
 @dataclass
@@ -107,10 +127,11 @@ class Registry:
         return [n for n, m in self.models.items() if family is None or m.family == family]
 
     def lora_names(self, family: Family | None = None) -> list[str]:
+        """The usable LoRAs that fit at least one model (of `family`, if given)."""
+        models = [m for m in self.models.values() if family is None or m.family == family]
         return sorted(
-            n
-            for n, lora in self.loras.items()
-            if lora.error is None and (family is None or lora.family == family)
+            n for n, lora in self.loras.items()
+            if any(lora.misfit(m) is None for m in models)
         )
 
 
@@ -212,25 +233,15 @@ def _check_sampler(name: str, where: str) -> None:
 
 
 def _lora_spec(name: str, path: Path, family: Family | None) -> LoraSpec:
-    """The LoRA's spec, its family read from the file; a declared family (models.yaml) wins,
-    and is the only way to serve a LoRA whose file does not tell its family."""
+    """The LoRA's spec, its file checked to be a plain LoRA (header only). Which models it fits
+    is matched later against their architectures (app.engine.lora_fit); a declared family
+    limits it to the models of that family."""
     spec = LoraSpec(name=name, path=path, family=family)
     try:
-        detected = detect_lora_family(path, name=name)
+        check_lora_file(path, name=name)
     except LoraError as exc:
-        if family is not None and isinstance(exc, LoraFamilyUnknown):
-            return spec  # the declaration tells what the file does not
         spec.error = exc.reason
         logger.warning("LoRA %r (%s) cannot be used: %s", name, path, exc.reason)
-        return spec
-    if family and family != detected:
-        logger.warning(
-            "LoRA %r: declared family %s but its keys look like %s; using the declaration",
-            name,
-            family,
-            detected,
-        )
-    spec.family = family or detected
     return spec
 
 

@@ -1,4 +1,4 @@
-"""LoRA files (header, family detection), the registry's LoRA specs and the per-pipeline LoRA
+"""LoRA files (header, format check), the registry's LoRA specs and the per-pipeline LoRA
 manager, on the tiny CPU pipelines.
 
 The central promise is bit-exactness: after a LoRA was used and reset (or given weight 0, or
@@ -24,9 +24,8 @@ from safetensors.torch import load_file, save_file
 
 from app.engine.loras import LoraManager
 from app.engine.tiny import build_tiny_sd15, build_tiny_sdxl
-from app.errors import CraftError, LoraError, LoraFamilyUnknown
-from app.lora_files import detect_lora_family, read_header
-from app.registry import load_registry
+from app.errors import CraftError, LoraError
+from app.lora_files import check_lora_file, read_header
 from tests.lora_files import (
     write_garbage_lora,
     write_kohya_lora,
@@ -226,15 +225,15 @@ def test_broken_files_are_named_not_readable(loras, tmp_path):
         assert says in message, (case, message)
         assert str(tmp_path) not in message
         with pytest.raises(LoraError, match="not a readable safetensors file"):
-            detect_lora_family(path)
+            check_lora_file(path)
 
 
 def test_file_reading_is_torch_free(loras):
     """The registry reads LoRA files before any model is loaded: no torch, diffusers, peft."""
     code = (
         "import sys\n"
-        "from app.lora_files import detect_lora_family, read_header\n"
-        f"assert detect_lora_family({str(loras['sdxl', 'kohya'])!r}) == 'sdxl'\n"
+        "from app.lora_files import check_lora_file, read_header\n"
+        f"assert check_lora_file({str(loras['sdxl', 'kohya'])!r}).keys\n"
         f"assert read_header({str(loras['sd15', 'peft'])!r}).keys\n"
         "heavy = ('torch', 'diffusers', 'peft', 'safetensors', 'numpy')\n"
         "print(sorted(m for m in heavy if m in sys.modules))\n"
@@ -252,15 +251,15 @@ def test_lora_error_is_its_own_kind():
     assert (error.name, error.reason) == ("style", "not a LoRA")
 
 
-# --------------------------------------------------------------------------- detection
+# --------------------------------------------------------------------------- format
 
 
 @pytest.mark.parametrize("family", ["sdxl", "sd15"])
 @pytest.mark.parametrize(
     "kind", ["peft", "peft_alpha", "kohya", "kohya_other", "unet_only", "peft_unet_only", "b", "c"]
 )
-def test_detect_family_of_tiny_loras(loras, family, kind):
-    assert detect_lora_family(loras[family, kind]) == family
+def test_plain_loras_pass_the_format_check(loras, family, kind):
+    assert check_lora_file(loras[family, kind]).keys
 
 
 @pytest.mark.parametrize(
@@ -270,111 +269,23 @@ def test_detect_family_of_tiny_loras(loras, family, kind):
         ("plain", "not a LoRA"),
     ],
 )
-def test_detect_rejects_non_loras(loras, kind, reason):
+def test_format_check_rejects_non_loras(loras, kind, reason):
     with pytest.raises(LoraError) as err:
-        detect_lora_family(loras["any", kind], name="bad")
+        check_lora_file(loras["any", kind], name="bad")
     assert err.value.status == 422
     assert isinstance(err.value, CraftError)
     assert str(err.value).startswith("lora 'bad': ")
     assert reason in str(err.value)
 
 
-def test_detect_rejects_lycoris_and_missing(loras, tmp_path):
+def test_format_check_rejects_lycoris_and_missing(loras, tmp_path):
     with pytest.raises(LoraError, match="LyCORIS"):
-        detect_lora_family(loras["sdxl", "loha"])
+        check_lora_file(loras["sdxl", "loha"])
     with pytest.raises(LoraError, match="missing") as err:
-        detect_lora_family(tmp_path / "nowhere.safetensors", name="gone")
+        check_lora_file(tmp_path / "nowhere.safetensors", name="gone")
     assert str(tmp_path) not in str(err.value)  # no server paths in client messages
     with pytest.raises(LoraError, match="directory"):
-        detect_lora_family(tmp_path)
-
-
-def _header_file(path: Path, layers: dict[str, tuple[int, int]], metadata=None) -> Path:
-    """A LoRA file of zero tensors with real shapes: {kohya or PEFT layer name: (in, out)}."""
-    rank = 4
-    state = {}
-    for layer, (fan_in, fan_out) in layers.items():
-        if layer.startswith("lora_"):
-            state[f"{layer}.lora_down.weight"] = torch.zeros(rank, fan_in)
-            state[f"{layer}.lora_up.weight"] = torch.zeros(fan_out, rank)
-            state[f"{layer}.alpha"] = torch.tensor(float(rank))
-        else:
-            state[f"{layer}.lora_A.weight"] = torch.zeros(rank, fan_in)
-            state[f"{layer}.lora_B.weight"] = torch.zeros(fan_out, rank)
-    save_file(state, str(path), metadata=metadata)
-    return path
-
-
-_XL_KOHYA = "lora_unet_input_blocks_4_1_transformer_blocks_1_attn2_to_k"  # SGM names, depth > 1
-_XL_TE2 = "lora_te2_text_model_encoder_layers_0_self_attn_q_proj"
-_XL_PEFT = "unet.down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k"
-_SD1_BLOCK0 = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k"
-_SD1_UP1 = "lora_unet_up_blocks_1_attentions_0_transformer_blocks_0_attn2_to_v"
-_TE1 = "lora_te_text_model_encoder_layers_0_self_attn_q_proj"
-
-
-@pytest.mark.parametrize(
-    ("layers", "metadata", "family"),
-    [
-        ({_XL_KOHYA: (2048, 640)}, None, "sdxl"),
-        ({_XL_TE2: (1280, 1280)}, None, "sdxl"),
-        ({_XL_PEFT: (2048, 640)}, None, "sdxl"),
-        ({_SD1_BLOCK0: (768, 320)}, None, "sd15"),
-        ({_SD1_UP1: (768, 1280)}, None, "sd15"),  # no structural cue: the 768 width tells
-        ({_TE1: (768, 768)}, {"ss_base_model_version": "sd_v1"}, "sd15"),
-        ({_TE1: (768, 768)}, {"modelspec.architecture": "stable-diffusion-xl-v1-base/lora"}, "sdxl"),
-    ],
-)
-def test_detect_real_world_layouts(tmp_path, layers, metadata, family):
-    """Real SDXL / SD 1.x key names and widths (zero tensors, real shapes)."""
-    path = _header_file(tmp_path / "lora.safetensors", layers, metadata)
-    assert detect_lora_family(path) == family
-
-
-def test_detect_refuses_sd2_and_undecidable(tmp_path):
-    sd2 = _header_file(tmp_path / "sd2.safetensors", {_SD1_BLOCK0: (1024, 320)})
-    with pytest.raises(LoraError, match="SD 2.x") as err:
-        detect_lora_family(sd2)
-    assert not isinstance(err.value, LoraFamilyUnknown)
-    te_only = _header_file(tmp_path / "te.safetensors", {_TE1: (768, 768)})
-    with pytest.raises(LoraFamilyUnknown, match="cannot tell"):
-        detect_lora_family(te_only)
-
-
-# --------------------------------------------------------------------------- registry
-
-
-def test_declared_family_wins_where_the_file_cannot_tell(loras, tmp_path):
-    """The "cannot tell" error asks for a declaration in models.yaml; with one, the LoRA is
-    served. Declaring a family does not make a file that is no usable LoRA usable."""
-    te_only = _header_file(tmp_path / "te.safetensors", {_TE1: (768, 768)})
-    models = tmp_path / "models.yaml"
-    models.write_text(
-        "models:\n"
-        "  tiny: {source: builtin:tiny-sd15}\n"
-        "loras:\n"
-        f"  te-declared: {{path: {te_only}, family: sd15}}\n"
-        f"  te-undeclared: {{path: {te_only}}}\n"
-        f"  plain-declared: {{path: {loras['any', 'plain']}, family: sd15}}\n"
-        f"  loha-declared: {{path: {loras['sdxl', 'loha']}, family: sdxl}}\n"
-        f"  garbage-declared: {{path: {loras['any', 'garbage']}, family: sdxl}}\n"
-        f"  sd2-declared: {{path: {_header_file(tmp_path / 'sd2.safetensors', {_SD1_BLOCK0: (1024, 320)})}, "
-        "family: sd15}\n"
-        f"  kohya-declared-other: {{path: {loras['sdxl', 'kohya']}, family: sd15}}\n",
-        encoding="utf-8",
-    )
-    registry = load_registry(models)
-    specs = registry.loras
-    assert (specs["te-declared"].family, specs["te-declared"].error) == ("sd15", None)
-    assert "cannot tell" in specs["te-undeclared"].error
-    assert "not a LoRA" in specs["plain-declared"].error
-    assert "LyCORIS" in specs["loha-declared"].error
-    assert "not a readable safetensors file" in specs["garbage-declared"].error
-    assert "SD 2.x" in specs["sd2-declared"].error
-    # a declaration that contradicts the file still wins (with a warning in the log)
-    assert (specs["kohya-declared-other"].family, specs["kohya-declared-other"].error) == ("sd15", None)
-    assert registry.lora_names("sd15") == ["kohya-declared-other", "te-declared"]
-    assert registry.lora_names("sdxl") == []
+        check_lora_file(tmp_path)
 
 
 # --------------------------------------------------------------------------- manager
@@ -673,7 +584,7 @@ def test_adapter_named_keys_are_refused(sdxl, loras, managers, tmp_path):
     path = tmp_path / "named.safetensors"
     save_file(named, str(path))
     with pytest.raises(LoraError, match="PEFT adapter name"):
-        detect_lora_family(path)  # what the registry says
+        check_lora_file(path)  # what the registry says
     manager = managers(pipe, "sdxl")
     with pytest.raises(LoraError, match="not a LoRA"):
         manager.apply([("named", path, 1.0)])

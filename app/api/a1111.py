@@ -73,6 +73,7 @@ from app.api.generation import Generated, ImageRequest, generate_images
 from app.config import Settings
 from app.engine.engine import Engine
 from app.engine.jobs import Job
+from app.engine.lora_fit import match_loras
 from app.errors import (
     CraftError,
     Forbidden,
@@ -657,8 +658,9 @@ async def schedulers(client: ClientDep) -> list[A1111Scheduler]:
             summary="The LoRAs `<lora:NAME:WEIGHT>` tags may name")
 async def loras(client: ClientDep, registry: RegistryDep) -> list[A1111Lora]:
     table = registry.loras
+    models = registry.models.values()
     return [A1111Lora(name=name, alias=name, path=str(table[name].path),
-                 metadata={"family": table[name].family})
+                      metadata={"models": [m.name for m in models if table[name].misfit(m) is None]})
             for name in registry.lora_names()]
 
 
@@ -705,6 +707,7 @@ async def refresh_checkpoints(client: ClientDep) -> None:
 async def refresh_loras(client: ClientDep, registry: RegistryDep) -> None:
     try:
         fresh = await asyncio.to_thread(load_registry, registry.path)
+        await asyncio.to_thread(match_loras, fresh)
     except RegistryError as exc:
         raise RefreshFailed(f"the LoRAs stay as they were: {exc}") from None
     registry.loras = fresh.loras  # one assignment: readers see the old table or the new one

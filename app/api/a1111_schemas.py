@@ -146,7 +146,7 @@ class A1111Lora(BaseModel):
     name: str
     alias: str
     path: str
-    metadata: dict[str, Any] = Field(description="`family`: sdxl or sd15")
+    metadata: dict[str, Any] = Field(description="`models`: the served models whose layers it fits")
 
 
 class A1111SdVae(BaseModel):

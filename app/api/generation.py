@@ -19,7 +19,6 @@ from app.config import Settings
 from app.engine.engine import Engine
 from app.engine.jobs import GenParams, Job, JobResult
 from app.errors import InvalidParameter, LoraError, NotServed, Unavailable
-from app.families import family_label
 from app.imaging import encode_image, parameters_text
 from app.registry import Registry
 from app.samplers import resolve_sampler
@@ -95,14 +94,9 @@ def to_params(body: ImageRequest, registry: Registry, settings: Settings) -> Gen
         lora = registry.loras.get(name)
         if lora is None:
             raise NotServed("lora", name, registry.lora_names(spec.family))
-        if lora.error:
-            raise LoraError(name, lora.error)
-        if lora.family and lora.family != spec.family:
-            raise LoraError(
-                name,
-                f"it is a {family_label(lora.family)} LoRA and model '{spec.name}' is "
-                f"{family_label(spec.family)}; pick a LoRA made for {family_label(spec.family)}",
-            )
+        reason = lora.misfit(spec)
+        if reason:
+            raise LoraError(name, reason)
     seed = body.seed if body.seed is not None and body.seed >= 0 else secrets.randbelow(MAX_SEED + 1)
     return GenParams(
         model=spec.name,

@@ -3,8 +3,9 @@
 A request names up to five LoRAs with a weight each. The engine's worker thread, which owns
 the pipeline, calls `LoraManager.apply()` with the request's `(name, path, weight)` triples
 before the pipeline call and `LoraManager.reset()` after it (also after a failed one), so no
-LoRA outlives its request. Which LoRA fits which model was settled before: the registry read
-each file's family at start (app.lora_files) and the request was checked against it.
+LoRA outlives its request. Which LoRA fits which model was settled before: at start-up its
+layers were matched against each model's architecture (app.engine.lora_fit), and the request
+was checked against that.
 
 How it stays exact: LoRAs are loaded as PEFT adapters (one adapter name per LoRA) and never
 fused into the base weights, because unfusing is not bit-exact. Switching sets the active
@@ -43,6 +44,7 @@ from pathlib import Path
 
 import torch
 
+from app.engine.lora_fit import FILE_MATRIX, PEFT_MATRIX, peft_names
 from app.errors import LoraError
 from app.families import Family, family_label
 
@@ -52,14 +54,7 @@ __all__ = ["LoraError", "LoraManager"]
 
 _MAX_REASON = 240
 
-# A LoRA matrix in a state dict as diffusers' lora_state_dict returns it: PEFT names
-# (lora_A / lora_B), diffusers names (lora.down, lora_linear_layer.up) or old attention
-# processor names (to_k_lora.down).
-_FILE_MATRIX = re.compile(
-    r"[._](?:lora_A|lora_B|lora[._](?:down|up)|lora_linear_layer\.(?:down|up))\.weight$"
-)
-# The same, once diffusers converted the names for PEFT (what get_peft_model_state_dict names).
-_PEFT_MATRIX = re.compile(r"\.lora_[AB]\.weight$")
+_FILE_MATRIX, _PEFT_MATRIX = FILE_MATRIX, PEFT_MATRIX
 
 _ADAPTER_IDS = itertools.count(1)  # process-wide: adapter names never repeat, even across managers
 
@@ -425,23 +420,7 @@ class LoraManager:
 
     @staticmethod
     def _peft_names(component: str, model: torch.nn.Module, part: dict) -> dict[str, torch.Tensor]:
-        """The file's matrices of one component under the names PEFT gives them in it: the
-        renaming diffusers applies when it loads them (UNet: load_lora_adapter; text encoders:
-        _load_lora_into_text_encoder)."""
-        if not part:
-            return {}
-        from diffusers.utils import (
-            convert_state_dict_to_diffusers,
-            convert_state_dict_to_peft,
-            convert_unet_state_dict_to_peft,
-        )
-
-        if component == "unet":
-            return convert_unet_state_dict_to_peft(part)
-        named = convert_state_dict_to_peft(convert_state_dict_to_diffusers(part))
-        if not hasattr(model, "text_model"):  # transformers 5 flattened CLIPTextModel
-            named = {k.removeprefix("text_model."): v for k, v in named.items()}
-        return named
+        return peft_names(component, part, flat_text_model=not hasattr(model, "text_model"))
 
     @staticmethod
     def _adapter_matrices(model: torch.nn.Module, adapter: str) -> dict[str, torch.Tensor]:
