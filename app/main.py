@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
+import signal
 import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -13,7 +16,7 @@ from fastapi.responses import Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from app import __version__
-from app.api import a1111, health, openai_images, visioncraft
+from app.api import a1111, admin, health, openai_images, visioncraft
 from app.api.errors import ErrorInfo, ErrorRenderers
 from app.auth import Authenticator
 from app.config import Settings, get_settings
@@ -101,6 +104,16 @@ def _install_error_handlers(app: FastAPI, metrics: Metrics, renderers: ErrorRend
         return renderers.render(request, info)
 
 
+def reload_on_hangup(engine: Engine) -> None:
+    """SIGHUP rescans models.yaml and its folders, as POST /admin/reload does (where signals
+    can be handled: the main thread of a Unix process; tests run the server in a thread)."""
+    loop = asyncio.get_running_loop()
+    try:
+        loop.add_signal_handler(signal.SIGHUP, lambda: loop.run_in_executor(None, engine.reload))
+    except (ValueError, RuntimeError, NotImplementedError, AttributeError):
+        logger.debug("SIGHUP cannot be handled here; use POST /admin/reload")
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     """Build the app. Fails fast (RegistryError, ValueError) on a bad models file or settings."""
     settings = settings or get_settings()
@@ -120,6 +133,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 "  (use --allow-anonymous to open the server on a trusted network)\n\n"
             )
         engine.start()
+        reload_on_hangup(engine)
         logger.info(
             "craftserve %s serving %s on %s",
             __version__,
@@ -129,6 +143,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         try:
             yield
         finally:
+            with contextlib.suppress(Exception):
+                asyncio.get_running_loop().remove_signal_handler(signal.SIGHUP)
             engine.stop()
 
     app = FastAPI(
@@ -147,6 +163,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(a1111.router)
     app.include_router(openai_images.router)
     app.include_router(health.router)
+    app.include_router(admin.router)
     app.state.error_renderers = renderers = ErrorRenderers()
     renderers.register("/sdapi/", a1111.render_error)
     renderers.register("/v1/", openai_images.render_error)

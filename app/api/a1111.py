@@ -73,7 +73,6 @@ from app.api.generation import Generated, ImageRequest, generate_images
 from app.config import Settings
 from app.engine.engine import Engine
 from app.engine.jobs import Job
-from app.engine.lora_fit import match_loras
 from app.errors import (
     CraftError,
     Forbidden,
@@ -84,7 +83,7 @@ from app.errors import (
     Unauthorized,
 )
 from app.imaging import parameters_text
-from app.registry import Registry, RegistryError, load_registry
+from app.registry import Registry
 from app.samplers import SAMPLERS, SCHEDULES, a1111_sampler_names, resolve_sampler
 from app.schemas import MAX_LORA_WEIGHT, MAX_SEED
 
@@ -694,20 +693,24 @@ async def embeddings(client: ClientDep) -> A1111Embeddings:
     return A1111Embeddings()
 
 
-@router.post("/refresh-checkpoints", response_model=None, responses=_AUTH_ERRORS,
-             summary="Accepted; models are read from models.yaml at start-up (restart to change them)")
-async def refresh_checkpoints(client: ClientDep) -> None:
-    return None
+_REFRESH_FAILED = _error("`RefreshFailed`: the models file is no longer valid; nothing changed")
+
+
+@router.post("/refresh-checkpoints", response_model=None,
+             responses={**_AUTH_ERRORS, 500: _REFRESH_FAILED},
+             summary="Read models.yaml and its folders again (as POST /admin/reload does)")
+async def refresh_checkpoints(client: ClientDep, engine: EngineDep) -> None:
+    await _reload(engine)
 
 
 @router.post("/refresh-loras", response_model=None,
-             responses={**_AUTH_ERRORS, 500: _error("`RefreshFailed`: the models file is no longer "
-                                                     "valid; the LoRAs stay as they were")},
-             summary="Read models.yaml and its lora_dirs again: LoRAs added or removed since start-up")
-async def refresh_loras(client: ClientDep, registry: RegistryDep) -> None:
-    try:
-        fresh = await asyncio.to_thread(load_registry, registry.path)
-        await asyncio.to_thread(match_loras, fresh)
-    except RegistryError as exc:
-        raise RefreshFailed(f"the LoRAs stay as they were: {exc}") from None
-    registry.loras = fresh.loras  # one assignment: readers see the old table or the new one
+             responses={**_AUTH_ERRORS, 500: _REFRESH_FAILED},
+             summary="Read models.yaml and its folders again (as POST /admin/reload does)")
+async def refresh_loras(client: ClientDep, engine: EngineDep) -> None:
+    await _reload(engine)
+
+
+async def _reload(engine: Engine) -> None:
+    report = await asyncio.to_thread(engine.reload)
+    if report.error:
+        raise RefreshFailed(report.summary())

@@ -4,17 +4,20 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
+from collections.abc import Iterator, Mapping
 
 import torch
 
 from app.config import Settings
 from app.engine.availability import LoadFailures
 from app.engine.jobs import GenParams, Job, JobQueue
+from app.engine.reload import ReloadReport, fingerprint, plan_reload
 from app.engine.worker import Worker
 from app.errors import CraftError, InvalidParameter, Unavailable
 from app.metrics import Metrics
-from app.registry import Registry
+from app.registry import ModelSpec, Registry, RegistryError
 
 logger = logging.getLogger(__name__)
 
@@ -39,6 +42,23 @@ def parse_devices(spec: str) -> list[torch.device]:
     return devices
 
 
+class _LiveSpecs(Mapping[str, ModelSpec]):
+    """The registry's current model specs: a reload swaps `registry.models`, and the workers
+    see the new table through this view."""
+
+    def __init__(self, registry: Registry) -> None:
+        self._registry = registry
+
+    def __getitem__(self, name: str) -> ModelSpec:
+        return self._registry.models[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._registry.models)
+
+    def __len__(self) -> int:
+        return len(self._registry.models)
+
+
 class Engine:
     """Owns the queue and the workers; the HTTP side talks to it, never to a worker."""
 
@@ -53,21 +73,17 @@ class Engine:
         )
         metrics.queue_depth.set_function(lambda: len(self.queue))
         self.failures = LoadFailures(settings.load_retry_s)
-        wanted = [name for name, spec in registry.models.items() if spec.preload]
-        self.preload = wanted[: settings.max_models_per_device]
-        if len(wanted) > len(self.preload):
-            logger.warning(
-                "models %s are marked preload but each device holds at most %d models "
-                "(CRAFTSERVE_MAX_MODELS_PER_DEVICE): they load on their first request instead",
-                wanted[len(self.preload):], settings.max_models_per_device,
-            )
+        self.fingerprints = {name: fingerprint(spec) for name, spec in registry.models.items()}
+        self.last_reload: ReloadReport | None = None
+        self._reload_lock = threading.Lock()
+        self.preload = self._preload_list(registry)
         self.workers = [
             Worker(
                 f"worker-{i}-{device}",
                 device,
                 queue=self.queue,
                 settings=settings,
-                specs=registry.models,
+                specs=_LiveSpecs(registry),
                 metrics=metrics,
                 failures=self.failures,
                 preload=self.preload,
@@ -75,6 +91,17 @@ class Engine:
             for i, device in enumerate(parse_devices(settings.devices))
         ]
         self.accepting = False
+
+    def _preload_list(self, registry: Registry) -> list[str]:
+        wanted = [name for name, spec in registry.models.items() if spec.preload]
+        preload = wanted[: self.settings.max_models_per_device]
+        if len(wanted) > len(preload):
+            logger.warning(
+                "models %s are marked preload but each device holds at most %d models "
+                "(CRAFTSERVE_MAX_MODELS_PER_DEVICE): they load on their first request instead",
+                wanted[len(preload):], self.settings.max_models_per_device,
+            )
+        return preload
 
     # ---- life cycle ----------------------------------------------------------------
     def start(self) -> None:
@@ -144,6 +171,44 @@ class Engine:
         else:
             job.cancelled.set()
 
+    # ---- reload --------------------------------------------------------------------
+    def reload(self) -> ReloadReport:
+        """Read models.yaml and its folders again and serve what they say now (SIGHUP,
+        POST /admin/reload, A1111's refresh routes). Blocking: call it off the event loop.
+
+        Added models and LoRAs are served at once; waiting jobs of removed models are answered
+        503; removed and changed models (entry or files) are unloaded by their workers between
+        batches, so running jobs finish, and a changed model loads afresh on its next use.
+        An invalid file changes nothing and the report says why."""
+        with self._reload_lock:
+            try:
+                plan = plan_reload(self.registry, self.fingerprints)
+            except RegistryError as exc:
+                report = ReloadReport(error=str(exc))
+                logger.error("%s", report.summary())
+                self.last_reload = report
+                return report
+            report = plan.report
+            self.registry.models = plan.registry.models  # one assignment per table: readers
+            self.registry.loras = plan.registry.loras  # see the old one or the new one
+            self.fingerprints = plan.fingerprints
+            for name in report.changed + report.added:
+                self.failures.clear(name)  # a fixed file is tried again at once
+            gone = Unavailable("the model was removed from the models file by a reload",
+                               retry_after=3600, kind="model_unavailable")
+            for name in report.removed:
+                self.failures.clear(name)
+                for job in self.queue.remove_model(name):
+                    job.fail(gone)
+            self.preload = self._preload_list(self.registry)
+            for worker in self.workers:
+                worker.preload = tuple(self.preload)  # models added with preload: true load now
+                worker.mark_stale(report.removed + report.changed)
+            self.queue.nudge()
+            self.last_reload = report
+            logger.info("%s", report.summary())
+            return report
+
     # ---- readiness -----------------------------------------------------------------
     def readiness(self) -> tuple[bool, dict]:
         models: dict[str, str] = {}
@@ -177,5 +242,8 @@ class Engine:
             reasons.append("the server is shutting down")
         reasons += [f"{w['name']}: not ready" for w in workers
                     if not (w["alive"] and w["preloaded"])]
-        return ready, {"ready": ready, "reasons": reasons, "models": models, "workers": workers,
-                       "queue_depth": len(self.queue)}
+        body = {"ready": ready, "reasons": reasons, "models": models, "workers": workers,
+                "queue_depth": len(self.queue)}
+        if self.last_reload is not None:
+            body["last_reload"] = self.last_reload.as_dict()
+        return ready, body

@@ -137,6 +137,7 @@ class WorkerSlot:
         self.name = name
         self.idle = True
         self.models: set[str] = set()
+        self.nudged = False  # take() returns [] once, so the worker can tidy up (a reload)
 
 
 class JobQueue:
@@ -258,13 +259,25 @@ class JobQueue:
     def closed(self) -> bool:
         return self._closed
 
+    def nudge(self) -> None:
+        """Make every worker's take() return [] once (an idle worker tidies up, e.g. unloads
+        the models a reload removed), without closing the queue."""
+        with self._cond:
+            for slot in self._slots:
+                slot.nudged = True
+            self._cond.notify_all()
+
     # ---- the worker side -----------------------------------------------------------
     def take(self, slot: WorkerSlot, poll_s: float = 0.5) -> list[Job]:
-        """Block until a batch is available (or the queue closes: then [])."""
+        """Block until a batch is available (or the queue closes, or the slot was nudged:
+        then [])."""
         with self._cond:
             while True:
                 self._drop_expired()
                 if self._closed:
+                    return []
+                if slot.nudged:
+                    slot.nudged = False
                     return []
                 first = self._pick(slot)
                 if first is not None:

@@ -18,7 +18,7 @@ import logging
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -69,6 +69,9 @@ class Worker:
         self.models: OrderedDict[str, LoadedModel] = OrderedDict()
         self.preloaded = threading.Event()
         self.running: list[Job] = []
+        self._stale: set[str] = set()  # loaded models a reload removed or changed
+        self._recheck = False  # a reload happened: preload what is not loaded
+        self._stale_lock = threading.Lock()
         self._thread = threading.Thread(target=self._main, name=name, daemon=True)
 
     # ---- life cycle ----------------------------------------------------------------
@@ -95,7 +98,10 @@ class Worker:
         while True:
             batch = self.queue.take(self.slot)
             if not batch:
-                return
+                if self.queue.closed:
+                    return
+                self._tidy()  # nudged: a reload may have removed or changed models
+                continue
             self.running = batch
             try:
                 self._run_batch(batch)
@@ -108,15 +114,40 @@ class Worker:
 
     def _preload(self) -> None:
         for name in self.preload:
+            if name in self.models:
+                continue
             try:
                 self.model(name)
             except CraftError as exc:
                 logger.warning("%s: preload of %s failed: %s", self.name, name, exc.message)
 
     # ---- models --------------------------------------------------------------------
+    def mark_stale(self, names: Iterable[str]) -> None:
+        """Unload these models between batches (any thread may call this; a reload does)."""
+        with self._stale_lock:
+            self._stale.update(names)
+            self._recheck = True
+
+    def _tidy(self) -> None:
+        """Unload the models marked stale: on this thread, between batches, so a running job
+        finishes on the model it started with."""
+        with self._stale_lock:
+            stale, self._stale = self._stale, set()
+            recheck, self._recheck = self._recheck, False
+        for name in stale:
+            if name in self.models:
+                self._evict(name)
+        if recheck:
+            self._preload()  # a changed preload model loads again; one a reload added loads now
+
     def model(self, name: str) -> LoadedModel:
         """The loaded model `name`, loading it (and evicting the least recently used) if needed.
         A failed load is recorded, so requests for it are answered 503 at once for a while."""
+        self._tidy()
+        spec = self.specs.get(name)
+        if spec is None:
+            raise Unavailable(f"model '{name}' is no longer served: a reload removed it from the "
+                              "models file", retry_after=3600, kind="model_unavailable")
         loaded = self.models.get(name)
         if loaded is not None:
             self.models.move_to_end(name)
@@ -124,7 +155,7 @@ class Worker:
         while len(self.models) >= self.settings.max_models_per_device:
             self._evict(next(iter(self.models)))
         try:
-            loaded = self._load(self.specs[name])
+            loaded = self._load(spec)
         except Unavailable as exc:
             self.failures.record(name, exc)
             self._fail_waiting(name, exc)

@@ -1,0 +1,188 @@
+"""Rescanning models.yaml without a restart: POST /admin/reload, A1111's refresh routes, SIGHUP."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+
+from app.engine.tiny import build_tiny_sd15
+from tests.conftest import API_KEY, body, png
+from tests.test_shutdown import ROOT, free_port
+
+AUTH = {"Authorization": f"Bearer {API_KEY}"}
+
+
+@pytest.fixture()
+def setup(tmp_path: Path, tiny_sd15_folder: Path):
+    """A models file with the builtin tiny SDXL and a tiny SD 1.x diffusers folder (a copy,
+    so the test may change its files)."""
+    folder = tmp_path / "sd15"
+    shutil.copytree(tiny_sd15_folder, folder)
+    return tmp_path, folder
+
+
+def _models(folder: Path, *, extra: str = "", with_folder: bool = True) -> str:
+    text = "models:\n  tiny-sdxl: {source: builtin:tiny-sdxl, preload: true}\n"
+    if with_folder:
+        text += f"  folder-sd15: {{source: {folder}}}\n"
+    return text + extra
+
+
+def _write(models_file: Path, text: str) -> None:
+    models_file.write_text(text, encoding="utf-8")
+
+
+def _wait_unloaded(c: httpx.Client, name: str) -> dict:
+    deadline = time.monotonic() + 30
+    while True:
+        state = c.get("/ready").json()
+        if all(name not in w["models"] for w in state["workers"]):
+            return state
+        assert time.monotonic() < deadline, state
+        time.sleep(0.05)
+
+
+def test_reload_needs_a_key(make_server, setup):
+    _, folder = setup
+    server = make_server(_models(folder))
+    with server.client() as c:
+        answer = c.post("/admin/reload")
+        assert answer.status_code == 403
+        assert answer.json()["error"]["message"].startswith("Missing API key")
+        assert c.post("/admin/reload", headers={"Authorization": "Bearer nope"}).status_code == 403
+
+
+def test_added_changed_and_removed_models(make_server, setup):
+    _, folder = setup
+    server = make_server(_models(folder))
+    models_file = server.app.state.settings.models
+    with server.client() as c:
+        before = c.post("/sd", json=body(model="folder-sd15"))
+        png(before)
+        assert "folder-sd15" in c.get("/ready").json()["workers"][0]["models"]
+
+        # nothing changed
+        report = c.post("/admin/reload", headers=AUTH).json()
+        assert report["summary"] == "reload: nothing changed"
+
+        # a model added to the file is served at once
+        _write(models_file, _models(folder, extra="  late: {source: builtin:tiny-sd15}\n"))
+        report = c.post("/admin/reload", headers=AUTH).json()
+        assert (report["added"], report["removed"], report["changed"]) == (["late"], [], [])
+        assert "late" in c.get("/sd/models-sd").json()
+        png(c.post("/sd", json=body(model="late")))
+
+        # the files of a model change (other weights, same names): unloaded, and the next
+        # request loads the new weights
+        original = folder.parent / "original"
+        shutil.copytree(folder, original)
+        other = build_tiny_sd15()
+        with torch.no_grad():
+            for p in other.unet.parameters():
+                p.add_(0.05)
+        other.save_pretrained(folder)
+        report = c.post("/admin/reload", headers=AUTH).json()
+        assert report["changed"] == ["folder-sd15"], report
+        _wait_unloaded(c, "folder-sd15")
+        after = c.post("/sd", json=body(model="folder-sd15"))
+        png(after)
+        assert after.content != before.content
+        # the old files back: the old bytes back (nothing of the other weights lingers)
+        shutil.rmtree(folder)
+        shutil.copytree(original, folder)
+        assert c.post("/admin/reload", headers=AUTH).json()["changed"] == ["folder-sd15"]
+        assert c.post("/sd", json=body(model="folder-sd15")).content == before.content
+
+        # a removed model: unloaded, then unknown
+        _write(models_file, _models(folder, with_folder=False))
+        report = c.post("/admin/reload", headers=AUTH).json()
+        assert report["removed"] == ["folder-sd15", "late"]
+        state = _wait_unloaded(c, "folder-sd15")
+        assert state["last_reload"]["removed"] == ["folder-sd15", "late"]
+        gone = c.post("/sd", json=body(model="folder-sd15"))
+        assert gone.status_code == 422 and "doesn't have model" in gone.json()["detail"]
+        png(c.post("/sd", json=body()))  # the other model never stopped
+
+
+def test_removed_model_finishes_its_running_job_and_answers_its_waiting_ones(make_server, setup):
+    _, folder = setup
+    server = make_server(_models(folder), max_batch=1)
+    models_file = server.app.state.settings.models
+    with server.client() as c, ThreadPoolExecutor(2) as pool:
+        png(c.post("/sd", json=body(model="folder-sd15")))  # loaded
+        slow = body(model="folder-sd15", steps=30, width=768, height=768, seed=7)
+        running = pool.submit(c.post, "/sd", json=slow)
+        deadline = time.monotonic() + 30
+        while not c.get("/sdapi/v1/progress", auth=("u", API_KEY)).json()["state"]["job_count"]:
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        waiting = pool.submit(c.post, "/sd", json=body(model="folder-sd15", seed=8))
+        while c.get("/ready").json()["queue_depth"] < 1:
+            assert time.monotonic() < deadline and not running.done()
+            time.sleep(0.02)
+        _write(models_file, _models(folder, with_folder=False))
+        report = c.post("/admin/reload", headers=AUTH).json()
+        assert report["removed"] == ["folder-sd15"]
+        answer = waiting.result(timeout=60)
+        assert answer.status_code == 503
+        assert "removed from the models file" in answer.json()["detail"]
+        png(running.result(timeout=120))  # the running job finished on its model
+        _wait_unloaded(c, "folder-sd15")
+
+
+def test_invalid_file_changes_nothing(make_server, setup):
+    _, folder = setup
+    server = make_server(_models(folder))
+    with server.client() as c:
+        _write(server.app.state.settings.models, "models: [not, a, mapping]\n")
+        answer = c.post("/admin/reload", headers=AUTH)
+        assert answer.status_code == 500
+        assert "reload failed, nothing changed" in answer.json()["detail"]
+        a1111 = c.post("/sdapi/v1/refresh-checkpoints", auth=("u", API_KEY))
+        assert a1111.status_code == 500 and "nothing changed" in a1111.json()["detail"]
+        assert c.get("/ready").json()["last_reload"]["error"]
+        png(c.post("/sd", json=body(model="folder-sd15")))
+
+
+def test_sighup_reloads_the_real_process(tmp_path: Path):
+    models = tmp_path / "models.yaml"
+    _write(models, "models:\n  tiny-sdxl: {source: builtin:tiny-sdxl, preload: true}\n")
+    port = free_port()
+    env = dict(os.environ, CRAFTSERVE_API_KEYS=API_KEY, CRAFTSERVE_LOG_LEVEL="info")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "app.cli", "serve", "--port", str(port), "--models", str(models)],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert proc.poll() is None
+            try:
+                if httpx.get(url + "/ready", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        _write(models, "models:\n  tiny-sdxl: {source: builtin:tiny-sdxl, preload: true}\n"
+                       "  tiny-sd15: {source: builtin:tiny-sd15}\n")
+        proc.send_signal(signal.SIGHUP)
+        while "tiny-sd15" not in httpx.get(url + "/sd/models-sd", timeout=5).json():
+            assert time.monotonic() < deadline and proc.poll() is None
+            time.sleep(0.1)
+        assert httpx.get(url + "/ready", timeout=5).json()["last_reload"]["added"] == ["tiny-sd15"]
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=60)
+    assert "reload: models added: tiny-sd15" in out
