@@ -4,6 +4,12 @@ key's request rate limit.
 A key entry (a line of the keys file, or an item of CRAFTSERVE_API_KEYS) is the key alone, or
 the key, whitespace and its own rate limit: `KEY  10/60s`, `KEY  unlimited` (see
 app.ratelimit for the format). Keys without one get the server-wide CRAFTSERVE_RATE_LIMIT.
+
+The key may be written hashed, `sha256:<64 hex digits>` (what `craftserve hash-key` prints), so
+the keys file is not itself a secret. Only SHA-256 digests are kept in memory: a token is
+hashed and compared in constant time with every digest. API keys are long random strings, so
+an unsalted fast hash is enough (as for GitHub's or Stripe's tokens); a password would need a
+slow one.
 """
 
 from __future__ import annotations
@@ -11,10 +17,14 @@ from __future__ import annotations
 import hashlib
 import hmac
 import logging
+import re
 import secrets
+import threading
+import time
+from collections import OrderedDict, deque
 from typing import TYPE_CHECKING
 
-from app.errors import Forbidden
+from app.errors import Forbidden, RateLimited
 from app.ratelimit import RateLimit, RateLimiter, parse_rate_limit
 
 if TYPE_CHECKING:
@@ -23,9 +33,24 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 
+_HASHED = re.compile(r"^sha256:([0-9a-fA-F]{64})$")
+
+
+def key_digest(key: str) -> str:
+    """The SHA-256 hex digest a key is kept and compared as; `sha256:<hex>` is already one."""
+    hashed = _HASHED.match(key)
+    return hashed[1].lower() if hashed else hashlib.sha256(key.encode()).hexdigest()
+
+
+def hashed_entry(key: str) -> str:
+    """The keys-file line for `key` that does not reveal it (`craftserve hash-key`)."""
+    return "sha256:" + key_digest(key)
+
+
 def key_label(key: str) -> str:
-    """A stable, non-secret name for a key, for logs and fairness (never the key itself)."""
-    return "key-" + hashlib.sha256(key.encode()).hexdigest()[:8]
+    """A stable, non-secret name for a key, for logs and fairness (never the key itself); the
+    same for a key and its `sha256:` form."""
+    return "key-" + key_digest(key)[:8]
 
 
 def parse_key_entry(entry: str) -> tuple[str, RateLimit | None, bool]:
@@ -45,6 +70,61 @@ def parse_key_entry(entry: str) -> tuple[str, RateLimit | None, bool]:
         ) from None
 
 
+class AuthFailures:
+    """Failed key checks per client address in the last minute. Past `per_minute` of them the
+    address is refused 429 (every request, a valid key too: an answer that told a right key
+    from a wrong one would let guessing go on), until its oldest failure is a minute old.
+    Other addresses, and so valid keys elsewhere, are never affected. Memory is bounded: at
+    most `max_addresses` addresses are remembered (the least recently failing are forgotten)."""
+
+    WINDOW_S = 60.0
+
+    def __init__(self, per_minute: int, *, max_addresses: int = 65536) -> None:
+        self.per_minute = per_minute
+        self.max_addresses = max_addresses
+        self._lock = threading.Lock()
+        self._failures: OrderedDict[str, deque[float]] = OrderedDict()
+
+    def _recent(self, host: str, now: float) -> deque[float] | None:
+        times = self._failures.get(host)
+        if times is None:
+            return None
+        while times and times[0] <= now - self.WINDOW_S:
+            times.popleft()
+        if not times:
+            del self._failures[host]
+            return None
+        return times
+
+    def check(self, host: str | None) -> None:
+        if not self.per_minute or host is None:
+            return
+        now = time.monotonic()
+        with self._lock:
+            times = self._recent(host, now)
+            if times is None or len(times) < self.per_minute:
+                return
+            wait = times[0] + self.WINDOW_S - now
+        raise RateLimited(
+            f"Too many failed API key attempts from this address: at most {self.per_minute} a "
+            "minute (setting CRAFTSERVE_AUTH_FAILURES_PER_MINUTE). Retry in "
+            f"{max(1, round(wait + 0.5))} seconds.",
+            retry_after=wait,
+        )
+
+    def record(self, host: str | None) -> None:
+        if not self.per_minute or host is None:
+            return
+        now = time.monotonic()
+        with self._lock:
+            times = self._recent(host, now) or deque()
+            times.append(now)
+            self._failures[host] = times
+            self._failures.move_to_end(host)
+            while len(self._failures) > self.max_addresses:
+                self._failures.popitem(last=False)
+
+
 class Authenticator:
     """Accepts the configured keys. With none configured, a random key is made at start-up
     (shown once, like Jupyter's token) unless anonymous access was explicitly allowed.
@@ -60,8 +140,10 @@ class Authenticator:
         allow_anonymous: bool = False,
         rate_limit: str | RateLimit | None = None,
         metrics: Metrics | None = None,
+        auth_failures_per_minute: int = 0,
     ) -> None:
         self.allow_anonymous = allow_anonymous
+        self.failures = AuthFailures(auth_failures_per_minute)
         self.generated_key: str | None = None
         entries = [parse_key_entry(k) for k in keys]
         if not entries and not allow_anonymous:
@@ -71,7 +153,8 @@ class Authenticator:
         for key, limit, has_limit in entries:
             if has_limit:
                 own_limits[key_label(key)] = limit  # a later entry of the same key wins
-        self._keys = [(k.encode(), key_label(k)) for k in dict.fromkeys(k for k, _, _ in entries)]
+        digests = dict.fromkeys(key_digest(k) for k, _, _ in entries)
+        self._keys = [(bytes.fromhex(d), "key-" + d[:8]) for d in digests]
         default = parse_rate_limit(rate_limit) if isinstance(rate_limit, str) else rate_limit
         refused = metrics.rate_limited.labels if metrics is not None else None
         self.rate_limits = RateLimiter(
@@ -87,12 +170,16 @@ class Authenticator:
         self.rate_limits.admit(client)
 
     def authenticate(self, token: str | None, client_host: str | None = None) -> str:
-        """Return the client's label, or raise Forbidden."""
+        """Return the client's label, or raise Forbidden (RateLimited for an address past its
+        failed attempts)."""
+        if not self.allow_anonymous:
+            self.failures.check(client_host)
         label = self._match(token) if token else None
         if label is not None:
             return label
         if self.allow_anonymous:
             return f"anonymous-{client_host or 'unknown'}"
+        self.failures.record(client_host)
         if not token:
             raise Forbidden(
                 "Missing API key: send it as `token` in the JSON body or as "
@@ -101,7 +188,7 @@ class Authenticator:
         raise Forbidden("Invalid API key")
 
     def _match(self, token: str) -> str | None:
-        candidate = token.encode()
+        candidate = hashlib.sha256(token.encode()).digest()
         found = None
         for key, label in self._keys:  # no early exit: the time does not depend on which key
             if hmac.compare_digest(candidate, key):

@@ -1,9 +1,10 @@
-"""`craftserve serve ...`: run the server with uvicorn."""
+"""`craftserve serve ...`: run the server with uvicorn; `craftserve hash-key`: a keys-file line."""
 
 from __future__ import annotations
 
 import argparse
 import logging
+import secrets
 import sys
 import threading
 from pathlib import Path
@@ -34,6 +35,17 @@ class _Server(uvicorn.Server):
         super().handle_exit(sig, frame)
 
 
+def connection_limits(settings: Settings) -> dict:
+    """uvicorn's connection settings, from ours (documented in the README's settings table)."""
+    return {
+        "timeout_keep_alive": settings.keep_alive_s,
+        "limit_concurrency": settings.max_connections,
+        "backlog": settings.backlog,
+        # headers past this make h11 answer 431 itself (our middleware counts them too)
+        "h11_max_incomplete_event_size": settings.max_header_bytes + 8192,
+    }
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="craftserve", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -45,11 +57,41 @@ def _parser() -> argparse.ArgumentParser:
         "--allow-anonymous", action="store_true", default=None,
         help="accept requests without a key (trusted networks only)",
     )
+    hash_key = sub.add_parser(
+        "hash-key",
+        help="print the keys-file line (sha256:<hex>) for an API key, so the file is no secret",
+    )
+    hash_key.add_argument("key", nargs="?",
+                          help="the key; omitted: read from standard input (stays out of shell history)")
+    hash_key.add_argument("--new", action="store_true",
+                          help="make a new random key, print it once, then its keys-file line")
     return parser
+
+
+def _hash_key(args: argparse.Namespace) -> int:
+    from app.auth import hashed_entry
+
+    if args.new:
+        key = secrets.token_urlsafe(32)
+        sys.stdout.write(f"key (give it to the client; it is not stored): {key}\n")
+    elif args.key is not None:
+        key = args.key
+    else:
+        key = sys.stdin.readline().strip()
+    if not key:
+        sys.stderr.write("craftserve hash-key: no key given (argument, standard input or --new)\n")
+        return 2
+    if key.startswith("sha256:"):
+        sys.stderr.write("craftserve hash-key: that is already a hashed entry\n")
+        return 2
+    sys.stdout.write(hashed_entry(key) + "\n")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command == "hash-key":
+        return _hash_key(args)
     overrides = {
         k: v
         for k, v in {
@@ -80,6 +122,7 @@ def main(argv: list[str] | None = None) -> int:
         port=settings.port,
         log_level=settings.log_level,
         timeout_graceful_shutdown=int(settings.shutdown_grace_s) + 5,
+        **connection_limits(settings),
     )
     _Server(config, app).run()
     return 0

@@ -30,6 +30,21 @@ class Settings(BaseSettings):
     # Requests per period for every key without its own limit in the keys file (`KEY  10/60s`):
     # e.g. "10/60s", "100/1h"; unset or "unlimited": no limit.
     rate_limit: str | None = None
+    # Failed key checks one client address may make a minute before it is answered 429 for
+    # the rest of that minute (0: no limit). Other addresses are never affected.
+    auth_failures_per_minute: int = Field(30, ge=0)
+
+    # Limits at the edge (app.api.limits), before any parsing: body bytes (413), seconds for
+    # the body to arrive (408), URL bytes (414), header bytes in all (431).
+    max_body_bytes: int = Field(2 * 2**20, ge=1024)
+    body_timeout_s: float = Field(30.0, gt=0)
+    max_url_bytes: int = Field(8192, ge=256)
+    max_header_bytes: int = Field(16384, ge=1024)
+    # uvicorn: idle keep-alive connections close after this; more open connections than
+    # max_connections are answered 503 at once; the listen backlog (craftserve serve only).
+    keep_alive_s: float = Field(5.0, gt=0)
+    max_connections: int = Field(1024, ge=1)
+    backlog: int = Field(2048, ge=1)
 
     # Request limits.
     max_prompt_length: int = Field(2000, ge=1, description="characters, prompt and negative prompt")
@@ -67,6 +82,9 @@ class Settings(BaseSettings):
     # PNGs kept for the URLs `POST /generate` answers with (oldest dropped first).
     image_store_mb: int = Field(256, ge=1)
     log_level: str = "info"
+    # Prompts are users' data: the job log line carries them only when this is on. API keys
+    # are never logged (a hash label stands for them).
+    log_prompts: bool = False
 
     @field_validator("api_keys", mode="before")
     @classmethod

@@ -155,3 +155,32 @@ class ModelNotFound(CraftError):
     status = 404
     kind = "model_not_found"
     field = "model"
+
+
+class TooLarge(CraftError):
+    """A request over an edge limit before its body is read: URL (414), headers (431)."""
+
+    def __init__(self, status: int, kind: str, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.kind = kind
+
+
+class PayloadTooLarge(CraftError):
+    """A request body over the route's cap (413), refused before it is parsed."""
+
+    status = 413
+    kind = "body_too_large"
+    field = "body"
+
+    def __init__(self, size: int, cap: int, *, streamed: bool = False) -> None:
+        what = f"passed {cap} bytes while being sent" if streamed else f"is {size} bytes"
+        super().__init__(f"the request body {what}; at most {cap} bytes are accepted on this route "
+                         "(setting CRAFTSERVE_MAX_BODY_BYTES)")
+
+
+class RequestTimeout(CraftError):
+    """The request body did not arrive in time (408)."""
+
+    status = 408
+    kind = "body_timeout"

@@ -18,6 +18,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from app import __version__
 from app.api import a1111, admin, health, openai_images, visioncraft
 from app.api.errors import ErrorInfo, ErrorRenderers
+from app.api.limits import EdgeLimits
 from app.auth import Authenticator
 from app.config import Settings, get_settings
 from app.engine.engine import Engine
@@ -121,7 +122,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     match_loras(registry)  # which LoRA fits which model, from their layers (no weights)
     metrics = Metrics()
     auth = Authenticator(settings.all_api_keys(), allow_anonymous=settings.allow_anonymous,
-                         rate_limit=settings.rate_limit, metrics=metrics)
+                         rate_limit=settings.rate_limit, metrics=metrics,
+                         auth_failures_per_minute=settings.auth_failures_per_minute)
     engine = Engine(settings, registry, metrics)
 
     @asynccontextmanager
@@ -164,6 +166,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(openai_images.router)
     app.include_router(health.router)
     app.include_router(admin.router)
+    app.add_middleware(EdgeLimits, max_body_bytes=settings.max_body_bytes,
+                       body_timeout_s=settings.body_timeout_s, max_url_bytes=settings.max_url_bytes,
+                       max_header_bytes=settings.max_header_bytes)
     app.state.error_renderers = renderers = ErrorRenderers()
     renderers.register("/sdapi/", a1111.render_error)
     renderers.register("/v1/", openai_images.render_error)

@@ -6,7 +6,9 @@ Every server here is the real app under real uvicorn on 127.0.0.1 with a free po
 
 from __future__ import annotations
 
+import contextlib
 import io
+import logging
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -18,6 +20,60 @@ from app.config import Settings
 from tests.live import LiveServer
 
 API_KEY = "test-key-123"
+
+
+# ---- no API key in any log line of the whole session ----------------------------------------
+class _Recorder(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        with contextlib.suppress(Exception):  # a record that cannot be formatted is no leak
+            self.lines.append(self.format(record))
+
+
+_LOGS = _Recorder()
+_KEYS_USED: set[str] = set()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _record_logs_and_keys():
+    """Record every log line of the session at the server's default level (info) and every
+    API key any Authenticator was given (or generated); pytest_sessionfinish checks that no
+    key appears in any line."""
+    from app import auth
+
+    original = auth.Authenticator.__init__
+
+    def recording_init(self, keys, *args, **kwargs):
+        original(self, keys, *args, **kwargs)
+        for entry in keys:
+            _KEYS_USED.add(auth.parse_key_entry(entry)[0])
+        if self.generated_key:
+            _KEYS_USED.add(self.generated_key)
+
+    auth.Authenticator.__init__ = recording_init
+    root = logging.getLogger()
+    levels = {name: logging.getLogger(name).level for name in ("app", "uvicorn", "uvicorn.access")}
+    for name in levels:
+        logging.getLogger(name).setLevel(logging.INFO)
+    root.addHandler(_LOGS)
+    yield
+    root.removeHandler(_LOGS)
+    for name, level in levels.items():
+        logging.getLogger(name).setLevel(level)
+    auth.Authenticator.__init__ = original
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    keys = {k for k in _KEYS_USED if len(k) >= 6 and not k.startswith("sha256:")}
+    leaks = sorted({(k, line) for line in _LOGS.lines for k in keys if k in line})
+    if leaks:
+        print(f"\nAPI keys found in the session's logs ({len(leaks)} lines):")
+        for key, line in leaks[:20]:
+            print(f"  {key!r}: {line[:200]}")
+        session.exitstatus = 1
 
 
 def write_models_file(folder: Path, text: str) -> Path:

@@ -13,6 +13,7 @@ import time
 import httpx
 import uvicorn
 
+from app.cli import connection_limits
 from app.config import Settings
 from app.main import create_app
 
@@ -27,7 +28,8 @@ class LiveServer:
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.sock.bind(("127.0.0.1", 0))
         self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
-        config = uvicorn.Config(self.app, log_level="warning", timeout_graceful_shutdown=5)
+        config = uvicorn.Config(self.app, log_level="warning", timeout_graceful_shutdown=5,
+                                **connection_limits(settings))
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(
             target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True

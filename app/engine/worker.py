@@ -272,9 +272,12 @@ class Worker:
             wait = (job.started_at or job.enqueued_at) - job.enqueued_at
             logger.info(
                 "job %s client=%s model=%s sampler=%r steps=%d size=%dx%d seed=%d batch=%d "
-                "wait=%.3fs gen=%.3fs",
+                "wait=%.3fs gen=%.3fs%s",
                 job.id, job.client, params.model, params.sampler.label, params.steps,
                 params.width, params.height, job.params.seed, len(jobs), wait, seconds,
+                # prompts are the users' data: logged only when the owner turns it on
+                f" prompt={job.params.prompt!r} negative={job.params.negative_prompt!r}"
+                if self.settings.log_prompts else "",
             )
             job.resolve(JobResult(
                 image=image,

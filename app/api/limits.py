@@ -1,0 +1,171 @@
+"""Limits at the edge, before any route parses anything (an ASGI middleware).
+
+- URL longer than `max_url_bytes` → 414; request headers over `max_header_bytes` in all → 431.
+- Body: a `Content-Length` over the route's cap → 413 at once, without reading the body; a
+  body without one (chunked) is read up to the cap and answered 413 as soon as it passes it.
+  The cap is `max_body_bytes` (setting MAX_BODY_BYTES, 2 MiB) unless a route prefix has its
+  own (`route_caps`, for routes that take images later).
+- The whole body must arrive within `body_timeout_s`; a body that never ends (a chunked body
+  without its last chunk, a Content-Length that lies) is answered 408 then.
+
+The body is read here once and handed to the route as it came, so the route's own reading
+and its watching for a client disconnect (app.api.generation) work unchanged. Answers are in
+the shape of the dialect of the path (app.api.errors).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any
+
+from starlette.requests import Request
+
+from app.api.errors import ErrorInfo
+from app.errors import CraftError, PayloadTooLarge, RequestTimeout, TooLarge
+
+logger = logging.getLogger(__name__)
+
+Scope = dict[str, Any]
+Message = dict[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+
+class EdgeLimits:
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        max_body_bytes: int,
+        body_timeout_s: float,
+        max_url_bytes: int,
+        max_header_bytes: int,
+        route_caps: Mapping[str, int] | None = None,
+    ) -> None:
+        self.app = app
+        self.max_body_bytes = max_body_bytes
+        self.body_timeout_s = body_timeout_s
+        self.max_url_bytes = max_url_bytes
+        self.max_header_bytes = max_header_bytes
+        self.route_caps = dict(route_caps or {})
+
+    def cap_for(self, path: str) -> int:
+        best = max((p for p in self.route_caps if path.startswith(p)), key=len, default=None)
+        return self.route_caps[best] if best is not None else self.max_body_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        try:
+            self._check_head(scope)
+            body = await self._read_body(scope, receive)
+        except CraftError as exc:
+            await self._answer(scope, exc, send)
+            return
+        if body is None:
+            await self.app(scope, receive, send)
+            return
+        await self.app(scope, _replay(body, receive), send)
+
+    def _check_head(self, scope: Scope) -> None:
+        url = len(scope.get("raw_path") or scope["path"].encode()) + len(scope.get("query_string", b""))
+        if url > self.max_url_bytes:
+            raise TooLarge(414, "url_too_long",
+                           f"the URL is {url} bytes long; at most {self.max_url_bytes} bytes are "
+                           "accepted (setting CRAFTSERVE_MAX_URL_BYTES)")
+        headers = sum(len(k) + len(v) + 4 for k, v in scope.get("headers", ()))
+        if headers > self.max_header_bytes:
+            raise TooLarge(431, "headers_too_large",
+                           f"the request headers are {headers} bytes in all; at most "
+                           f"{self.max_header_bytes} bytes are accepted (setting "
+                           "CRAFTSERVE_MAX_HEADER_BYTES)")
+
+    async def _read_body(self, scope: Scope, receive: Receive) -> bytes | None:
+        """The whole body, read within the cap and the time limit; None when the request
+        announces no body (GET, HEAD, ...) and may stream whatever it has to the route."""
+        headers = dict(scope.get("headers", ()))
+        length = headers.get(b"content-length")
+        chunked = b"chunked" in headers.get(b"transfer-encoding", b"").lower()
+        if length is None and not chunked:
+            return None
+        cap = self.cap_for(scope["path"])
+        if length is not None:
+            try:
+                announced = int(length)
+            except ValueError:
+                announced = -1
+            if announced > cap:
+                raise PayloadTooLarge(announced, cap)
+        try:
+            return await asyncio.wait_for(self._collect(receive, cap), self.body_timeout_s)
+        except TimeoutError:
+            raise RequestTimeout(
+                f"the request body did not arrive within {self.body_timeout_s:g} s (setting "
+                "CRAFTSERVE_BODY_TIMEOUT_S); send the whole body at once"
+            ) from None
+
+    @staticmethod
+    async def _collect(receive: Receive, cap: int) -> bytes:
+        parts: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                raise _Gone()
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > cap:
+                raise PayloadTooLarge(size, cap, streamed=True)
+            parts.append(chunk)
+            if not message.get("more_body", False):
+                return b"".join(parts)
+
+    async def _answer(self, scope: Scope, exc: CraftError, send: Send) -> None:
+        app = scope.get("app")
+        state = getattr(app, "state", None)
+        metrics = getattr(state, "metrics", None)
+        if metrics is not None:
+            metrics.errors.labels(exc.kind).inc()
+        if isinstance(exc, _Gone):
+            return  # nobody to answer
+        renderers = getattr(state, "error_renderers", None)
+        info = ErrorInfo(exc.status, exc.message, exc.kind, getattr(exc, "field", None),
+                         {**exc.headers, "Connection": "close"})
+        request = Request(scope)
+        if renderers is None:  # pragma: no cover - the app always has them
+            from app.api.errors import visioncraft_error
+
+            response = visioncraft_error(request, info)
+        else:
+            response = renderers.render(request, info)
+        await response(scope, _no_receive, send)
+
+
+class _Gone(CraftError):
+    status = 499
+    kind = "disconnected"
+
+    def __init__(self) -> None:
+        super().__init__("the client went away while sending its body")
+
+
+async def _no_receive() -> Message:
+    return {"type": "http.disconnect"}
+
+
+def _replay(body: bytes, receive: Receive) -> Receive:
+    """The body as one message, then the real channel (for disconnect notices)."""
+    sent = False
+
+    async def replay() -> Message:
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return replay
