@@ -16,7 +16,7 @@ from fastapi.responses import Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from app import __version__
-from app.api import a1111, admin, health, openai_images, visioncraft
+from app.api import a1111, admin, health, openai_images, openapi, visioncraft
 from app.api.errors import ErrorInfo, ErrorRenderers
 from app.api.limits import EdgeLimits
 from app.auth import Authenticator
@@ -173,4 +173,5 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     renderers.register("/sdapi/", a1111.render_error)
     renderers.register("/v1/", openai_images.render_error)
     _install_error_handlers(app, metrics, renderers)
+    openapi.install(app)
     return app

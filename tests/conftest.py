@@ -108,6 +108,9 @@ def make_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[.
     def make(models: str = TINY_MODELS, *, wait_ready: bool = True, **overrides) -> LiveServer:
         folder = tmp_path_factory.mktemp("server")
         overrides.setdefault("api_keys", [API_KEY])
+        # The shared servers take many deliberate wrong keys from 127.0.0.1; the per-address
+        # throttle of failed keys has its own tests (test_edge.py).
+        overrides.setdefault("auth_failures_per_minute", 0)
         settings = Settings(models=write_models_file(folder, models), **overrides)
         server = LiveServer(settings).start()
         started.append(server)
