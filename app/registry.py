@@ -107,6 +107,7 @@ class EmbeddingSpec:
     path: Path
     family: Family
     vectors: int  # how many token positions it takes
+    width: int  # per vector (SDXL: CLIP-L's and OpenCLIP-G's together)
 
 
 @dataclass
@@ -289,10 +290,12 @@ def _embedding_spec(path: Path) -> EmbeddingSpec | None:
         family: Family = "sdxl"
         shape = shapes["clip_l"]
         fits = len(shape) == 2 and len(shapes["clip_g"]) == 2 and shape[0] == shapes["clip_g"][0]
+        width = shape[-1] + shapes["clip_g"][-1] if fits else 0
     elif "emb_params" in shapes:
         family = "sd15"
         shape = shapes["emb_params"]
         fits = len(shape) == 2
+        width = shape[-1] if fits else 0
     else:
         logger.warning("embedding %r (%s) cannot be used: it has neither `emb_params` (SD 1.x) nor "
                        "`clip_l` and `clip_g` (SDXL) tensors of shape [vectors, width]", path.stem, path)
@@ -301,7 +304,8 @@ def _embedding_spec(path: Path) -> EmbeddingSpec | None:
         logger.warning("embedding %r (%s) cannot be used: its tensors are not [vectors, width] with "
                        "the same number of vectors", path.stem, path)
         return None
-    return EmbeddingSpec(name=path.stem, path=path.resolve(), family=family, vectors=shape[0])
+    return EmbeddingSpec(name=path.stem, path=path.resolve(), family=family, vectors=shape[0],
+                         width=width)
 
 
 def _collect_embeddings(data: _File, base: Path, file: Path,

@@ -677,9 +677,16 @@ async def scripts(client: ClientDep) -> A1111ScriptsList:
 
 
 @router.get("/embeddings", response_model=A1111Embeddings, responses=_AUTH_ERRORS,
-            summary="Always empty: no textual-inversion embeddings")
-async def embeddings(client: ClientDep) -> A1111Embeddings:
-    return A1111Embeddings()
+            summary="Textual inversion embeddings (models.yaml embedding_dirs): `loaded` those of "
+            "sd_model_checkpoint's family, `skipped` the others")
+async def embeddings(client: ClientDep, registry: RegistryDep, state: StateDep) -> A1111Embeddings:
+    family = registry.models[state.checkpoint].family
+    answer = A1111Embeddings()
+    for spec in registry.embeddings:
+        entry = {"step": None, "sd_checkpoint": None, "sd_checkpoint_name": None,
+                 "shape": spec.width, "vectors": spec.vectors}
+        (answer.loaded if spec.family == family else answer.skipped)[spec.name] = entry
+    return answer
 
 
 @router.post("/refresh-checkpoints", response_model=None, responses=_AUTH_ERRORS,
