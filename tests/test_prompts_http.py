@@ -11,14 +11,17 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from app.engine.tiny import build_tiny_sdxl
 from tests.conftest import API_KEY, body, png
 from tests.live import LiveServer
+from tests.lora_files import write_peft_lora
 from tests.test_engine import HeldWorker, wait_for
 
 MODELS = """
 models:
   tiny-sdxl: {{source: builtin:tiny-sdxl, preload: true}}
   tiny-sd15: {{source: builtin:tiny-sd15, preload: true}}
+lora_dirs: [{loras}]
 embedding_dirs: [{folder}]
 """
 BEARER = {"Authorization": f"Bearer {API_KEY}"}
@@ -38,14 +41,22 @@ def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def server(make_server, folder: Path) -> LiveServer:
-    return make_server(MODELS.format(folder=folder), max_batch=4, batch_window_ms=200)
+def loras(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("prompt-loras")
+    write_peft_lora(build_tiny_sdxl(), folder / "te-lora.safetensors", seed=2, text_encoder=True)
+    return folder
 
 
 @pytest.fixture(scope="module")
-def plain_server(make_server) -> LiveServer:
-    """The same models without embeddings, and batches of one."""
-    return make_server(MODELS.replace("embedding_dirs: [{folder}]\n", "").format(), max_batch=1)
+def server(make_server, folder: Path, loras: Path) -> LiveServer:
+    return make_server(MODELS.format(folder=folder, loras=loras), max_batch=4, batch_window_ms=200)
+
+
+@pytest.fixture(scope="module")
+def plain_server(make_server, loras: Path) -> LiveServer:
+    """The same models and LoRAs without embeddings, and batches of one."""
+    return make_server(MODELS.replace("embedding_dirs: [{folder}]\n", "").format(loras=loras),
+                       max_batch=1)
 
 
 def image(c: httpx.Client, **fields) -> bytes:
@@ -103,10 +114,13 @@ def test_plain_prompts_keep_their_bytes(server: LiveServer, plain_server: LiveSe
 # ---- batches: jobs whose prompts encode to different lengths --------------------------------
 def test_jobs_of_different_chunk_counts_batch_and_keep_their_bytes(
         server: LiveServer, plain_server: LiveServer) -> None:
-    jobs = [body(seed=11, prompt="a lighthouse", negative_prompt="fog"),
-            body(seed=12, prompt="a (lighthouse:1.3), [fog]", negative_prompt="fog"),
-            body(seed=13, prompt=LONG + " y", negative_prompt="fog"),
-            body(seed=14, prompt="a lighthouse", negative_prompt=LONG + ", blurry")]
+    # With a LoRA that changes the text encoders: prompts are encoded while it is active. The
+    # first job, plain, is encoded by the pipeline when alone and by app.engine.prompts here.
+    lora = {"te-lora": 0.8}
+    jobs = [body(seed=11, prompt="a lighthouse", negative_prompt="fog", loras=lora),
+            body(seed=12, prompt="a (lighthouse:1.3), [fog]", negative_prompt="fog", loras=lora),
+            body(seed=13, prompt=LONG + " y", negative_prompt="fog", loras=lora),
+            body(seed=14, prompt="a lighthouse", negative_prompt=LONG + ", blurry", loras=lora)]
     held = HeldWorker(server.app.state.engine.workers[0])
     try:
         with server.client() as c, ThreadPoolExecutor(5) as pool:

@@ -127,8 +127,8 @@ class PromptEncoder:
             tokens = self._tokenize(slot, [text])[0]
             if len(tokens) > CHUNK_TOKENS:
                 return True
-            if embeddings and self._find_embedding(tokens, 0, self._names(slot, embeddings),
-                                                   anywhere=True):
+            names = self._names(slot, embeddings) if embeddings else []
+            if names and any(self._find_embedding(tokens, i, names) for i in range(len(tokens))):
                 return True
         return False
 
@@ -171,15 +171,14 @@ class PromptEncoder:
         named = [(self._tokenize(slot, [name])[0], path, name) for name, path in embeddings]
         return sorted((n for n in named if n[0]), key=lambda n: -len(n[0]))
 
-    def _find_embedding(self, tokens: list[int], position: int,
-                        names: list[tuple[list[int], Path, str]], *, anywhere: bool = False):  # noqa: ANN202
-        """(tokens the name takes, vectors) of the embedding whose name starts at `position`
-        (or, with `anywhere`, True if one occurs anywhere)."""
-        starts = range(len(tokens)) if anywhere else (position,)
-        for start in starts:
-            for ids, path, name in names:
-                if tokens[start:start + len(ids)] == ids:
-                    return True if anywhere else (len(ids), (path, name))
+    @staticmethod
+    def _find_embedding(tokens: list[int], position: int,
+                        names: list[tuple[list[int], Path, str]]) -> tuple[int, EmbeddingRef] | None:
+        """(how many tokens its name takes, the embedding) of the embedding whose name starts at
+        `position`, the longest first; None when none does."""
+        for ids, path, name in names:
+            if tokens[position:position + len(ids)] == ids:
+                return len(ids), (path, name)
         return None
 
     # ---- encoding --------------------------------------------------------------------
