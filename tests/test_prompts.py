@@ -216,3 +216,12 @@ def test_embedding_vectors_replace_the_name_tokens(sd15, sdxl, tmp_path: Path) -
         "xlemb, x", embeddings=[("xlemb", tmp_path / "xlemb.safetensors")])
     close(encoded.hidden, hidden)
     close(encoded.pooled, pooled)
+
+
+def test_an_embedding_of_another_width_stays_plain_text(sd15, tmp_path: Path) -> None:
+    save_file({"emb_params": torch.ones(2, 48)}, tmp_path / "sd2emb.safetensors")  # e.g. SD 2.x
+    embeddings = [("sd2emb", tmp_path / "sd2emb.safetensors")]
+    encoder = PromptEncoder(sd15, "sd15")
+    assert not encoder.needs_encoding("a photo of sd2emb", 1, embeddings)
+    assert torch.equal(encoder.encode("a photo of sd2emb", embeddings=embeddings).hidden,
+                       encoder.encode("a photo of sd2emb").hidden)

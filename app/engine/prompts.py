@@ -40,7 +40,6 @@ from typing import Any
 
 import torch
 
-from app.errors import InvalidParameter
 from app.prompt_syntax import is_plain, parse_prompt
 
 logger = logging.getLogger(__name__)
@@ -114,6 +113,7 @@ class PromptEncoder:
         else:
             self.slots = [_Slot(pipe.tokenizer, pipe.text_encoder, "emb_params", False)]
         self._files: dict[Path, dict[str, torch.Tensor]] = {}
+        self._fit: dict[Path, bool] = {}
 
     # ---- deciding --------------------------------------------------------------------
     def needs_encoding(self, text: str, clip_skip: int, embeddings: Sequence[tuple[str, Path]]) -> bool:
@@ -167,8 +167,10 @@ class PromptEncoder:
 
     def _names(self, slot: _Slot,
                embeddings: Sequence[tuple[str, Path]]) -> list[tuple[list[int], Path, str]]:
-        """(token ids of the name, file, name) of each embedding, longest name first."""
-        named = [(self._tokenize(slot, [name])[0], path, name) for name, path in embeddings]
+        """(token ids of the name, file, name) of each embedding that fits this model, longest
+        name first."""
+        named = [(self._tokenize(slot, [name])[0], path, name) for name, path in embeddings
+                 if self._fits(name, path)]
         return sorted((n for n in named if n[0]), key=lambda n: -len(n[0]))
 
     @staticmethod
@@ -231,21 +233,34 @@ class PromptEncoder:
                 state = _emphasis(state, weights)
         return state, pooled
 
-    def _vectors(self, slot: _Slot, source: EmbeddingRef) -> torch.Tensor:
-        path, name = source
+    def _tensors(self, path: Path) -> dict[str, torch.Tensor]:
         tensors = self._files.get(path)
         if tensors is None:
             from safetensors.torch import load_file
 
             tensors = self._files[path] = load_file(str(path))
-        vectors = tensors.get(slot.key)
-        width = slot.encoder.get_input_embeddings().weight.shape[1]
-        if vectors is None or vectors.dim() != 2 or vectors.shape[1] != width:
-            shape = None if vectors is None else list(vectors.shape)
-            raise InvalidParameter(
-                "prompt", name, f"embedding '{name}' has {slot.key} {shape} and this model's text "
-                f"encoder needs [vectors, {width}]: it is made for another model")
-        return vectors
+        return tensors
+
+    def _fits(self, name: str, path: Path) -> bool:
+        """Whether the file has [vectors, width] tensors for every encoder of this pipeline; a
+        file made for another model (e.g. an SD 2.x `emb_params`) is not used: its name stays
+        plain text, as with a file of the other family. Warned about once."""
+        fits = self._fit.get(path)
+        if fits is None:
+            tensors = self._tensors(path)
+            fits = all(
+                (v := tensors.get(slot.key)) is not None and v.dim() == 2
+                and v.shape[1] == slot.encoder.get_input_embeddings().weight.shape[1]
+                for slot in self.slots)
+            self._fit[path] = fits
+            if not fits:
+                logger.warning("embedding %r does not fit this model's text encoder(s) (%s); its "
+                               "name stays plain text", name, ", ".join(
+                                   f"{k} {list(v.shape)}" for k, v in tensors.items()))
+        return fits
+
+    def _vectors(self, slot: _Slot, source: EmbeddingRef) -> torch.Tensor:
+        return self._tensors(source[0])[slot.key]
 
 
 class _ChunkBuilder:
