@@ -31,6 +31,7 @@ and uses this module only for batches that need it.
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -55,14 +56,14 @@ EmbeddingRef = tuple[Path, str]  # (file, name) of an embedding
 @dataclass
 class Chunk:
     """Up to 75 content tokens of one text for one encoder, their weights, and the embeddings
-    placed in it: (position among the content tokens, vectors)."""
+    placed in it: (position among the content tokens, the embedding)."""
 
     tokens: list[int] = field(default_factory=list)
     weights: list[float] = field(default_factory=list)
     fixes: list[tuple[int, EmbeddingRef]] = field(default_factory=list)
 
 
-@dataclass(frozen=True)
+@dataclass
 class _Slot:
     """One text encoder of the pipeline with its tokenizer; `key` names its tensor in an
     embedding file."""
@@ -85,9 +86,9 @@ class _Slot:
         pad = self.tokenizer.pad_token_id
         return self.eos if pad is None else pad
 
-    @property
+    @functools.cached_property
     def comma(self) -> int | None:
-        return self.tokenizer.get_vocab().get(",</w>")
+        return self.tokenizer.get_vocab().get(",</w>")  # (get_vocab copies the whole vocabulary)
 
 
 @dataclass(frozen=True)
