@@ -132,6 +132,8 @@ def test_sd15_clip_skip_is_the_nth_last_layer_then_the_final_norm(sd15) -> None:
     close(encoder.encode("a cat", clip_skip=2).hidden, sd15_chunk(sd15, content, skip=2))
     assert not torch.allclose(encoder.encode("a cat", clip_skip=2).hidden, encoder.encode("a cat").hidden)
     assert encoder.needs_encoding("a cat", 2, ()) and not encoder.needs_encoding("a cat", 1, ())
+    # The tiny encoder has 2 layers (3 hidden states): deeper skips take the first one.
+    close(encoder.encode("a cat", clip_skip=12).hidden, sd15_chunk(sd15, content, skip=3))
 
 
 # ---- SDXL ----------------------------------------------------------------------------------

@@ -227,7 +227,10 @@ class PromptEncoder:
                 state, pooled = encoder(ids)[0], None
             else:
                 out = encoder(ids, output_hidden_states=True)
-                state = _final_norm(encoder)(out.hidden_states[-clip_skip])
+                # Past the encoder's depth (only tiny test encoders are shallower than 12
+                # layers): its first hidden state, the token embeddings.
+                layer = min(clip_skip, len(out.hidden_states))
+                state = _final_norm(encoder)(out.hidden_states[-layer])
                 pooled = None
             weights = [1.0, *chunk.weights, *[1.0] * (CHUNK_TOKENS + 1 - len(chunk.weights))]
             if any(w != 1.0 for w in weights):
