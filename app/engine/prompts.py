@@ -115,6 +115,7 @@ class PromptEncoder:
             self.slots = [_Slot(pipe.tokenizer, pipe.text_encoder, "emb_params", False)]
         self._files: dict[Path, dict[str, torch.Tensor]] = {}
         self._fit: dict[Path, bool] = {}
+        self._named: dict[tuple, list[tuple[list[int], Path, str]]] = {}
 
     # ---- deciding --------------------------------------------------------------------
     def needs_encoding(self, text: str, clip_skip: int, embeddings: Sequence[tuple[str, Path]]) -> bool:
@@ -169,10 +170,17 @@ class PromptEncoder:
     def _names(self, slot: _Slot,
                embeddings: Sequence[tuple[str, Path]]) -> list[tuple[list[int], Path, str]]:
         """(token ids of the name, file, name) of each embedding that fits this model, longest
-        name first."""
-        named = [(self._tokenize(slot, [name])[0], path, name) for name, path in embeddings
-                 if self._fits(name, path)]
-        return sorted((n for n in named if n[0]), key=lambda n: -len(n[0]))
+        name first (cached: a job asks several times)."""
+        key = (slot.key, tuple(embeddings))
+        found = self._named.get(key)
+        if found is None:
+            named = [(self._tokenize(slot, [name])[0], path, name) for name, path in embeddings
+                     if self._fits(name, path)]
+            found = sorted((n for n in named if n[0]), key=lambda n: -len(n[0]))
+            if len(self._named) > 256:  # prompts name few distinct sets; keep it bounded
+                self._named.clear()
+            self._named[key] = found
+        return found
 
     @staticmethod
     def _find_embedding(tokens: list[int], position: int,
