@@ -26,8 +26,10 @@ def parameters_text(params: GenParams, seed: int, sampler_label: str) -> str:
         f"Seed: {seed}",
         f"Size: {params.width}x{params.height}",
         f"Model: {params.model}",
-        f"Version: craftserve {__version__}",
     ]
+    if params.clip_skip != 1:  # A1111 writes it only when it is not the default
+        fields.append(f"Clip skip: {params.clip_skip}")
+    fields.append(f"Version: craftserve {__version__}")
     lines = [params.prompt + lora_tags]
     if params.negative_prompt:
         lines.append(f"Negative prompt: {params.negative_prompt}")

@@ -15,6 +15,7 @@ models:
 loras:
   my-style: {path: loras/my-style.safetensors, family: sdxl}
 lora_dirs: [loras]
+embedding_dirs: [embeddings]   # textual inversion files (.safetensors), one word each: the stem
 ```
 """
 
@@ -31,8 +32,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from app.errors import CraftError, LoraError
-from app.families import PIPELINE_FAMILIES, Family
-from app.lora_files import check_lora_file
+from app.families import PIPELINE_FAMILIES, Family, family_label
+from app.lora_files import check_lora_file, read_header
 from app.samplers import resolve_sampler
 
 logger = logging.getLogger(__name__)
@@ -79,6 +80,7 @@ class _File(BaseModel):
     models: dict[str, _ModelEntry]
     loras: dict[str, _LoraEntry] = {}
     lora_dirs: list[str] = []
+    embedding_dirs: list[str] = []
 
 
 @dataclass(frozen=True)
@@ -117,11 +119,28 @@ class LoraSpec:
         return None
 
 
+@dataclass(frozen=True)
+class EmbeddingSpec:
+    """A textual inversion embedding: prompts of its family use it by its name (the file stem)."""
+
+    name: str
+    path: Path
+    family: Family
+    vectors: int  # how many token positions it takes
+    width: int  # per vector (SDXL: CLIP-L's and OpenCLIP-G's together)
+
+
 @dataclass
 class Registry:
     path: Path
     models: dict[str, ModelSpec]
     loras: dict[str, LoraSpec] = field(default_factory=dict)
+    embeddings: list[EmbeddingSpec] = field(default_factory=list)
+
+    def embeddings_for(self, family: Family) -> dict[str, EmbeddingSpec]:
+        """The embeddings prompts of `family` can use, by name; a file made for the other
+        family is not among them (its word stays plain text there)."""
+        return {e.name: e for e in self.embeddings if e.family == family}
 
     def model_names(self, family: Family | None = None) -> list[str]:
         return [n for n, m in self.models.items() if family is None or m.family == family]
@@ -268,6 +287,72 @@ def _collect_loras(data: _File, base: Path, file: Path) -> dict[str, LoraSpec]:
     return loras
 
 
+def _embedding_spec(path: Path) -> EmbeddingSpec | None:
+    """The embedding in a .safetensors file (A1111's formats: SD 1.x `emb_params` [n, width],
+    SDXL `clip_l` + `clip_g`), or None with a warning naming the file."""
+    try:
+        header = read_header(path, name=path.stem)
+    except LoraError as exc:
+        logger.warning("embedding %r (%s) cannot be used: %s", path.stem, path,
+                       exc.reason.replace("LoRA", "embedding"))
+        return None
+    shapes = header.shapes
+    if set(shapes) >= {"clip_l", "clip_g"}:
+        family: Family = "sdxl"
+        shape = shapes["clip_l"]
+        fits = len(shape) == 2 and len(shapes["clip_g"]) == 2 and shape[0] == shapes["clip_g"][0]
+        width = shape[-1] + shapes["clip_g"][-1] if fits else 0
+    elif "emb_params" in shapes:
+        family = "sd15"
+        shape = shapes["emb_params"]
+        fits = len(shape) == 2
+        width = shape[-1] if fits else 0
+    else:
+        logger.warning("embedding %r (%s) cannot be used: it has neither `emb_params` (SD 1.x) nor "
+                       "`clip_l` and `clip_g` (SDXL) tensors of shape [vectors, width]", path.stem, path)
+        return None
+    if not fits or shape[0] < 1:
+        logger.warning("embedding %r (%s) cannot be used: its tensors are not [vectors, width] with "
+                       "the same number of vectors", path.stem, path)
+        return None
+    return EmbeddingSpec(name=path.stem, path=path.resolve(), family=family, vectors=shape[0],
+                         width=width)
+
+
+def _collect_embeddings(data: _File, base: Path, file: Path,
+                        models: dict[str, ModelSpec]) -> list[EmbeddingSpec]:
+    found: dict[tuple[str, str], EmbeddingSpec] = {}
+    served = {m.family for m in models.values()}
+    for folder_raw in data.embedding_dirs:
+        folder = Path(folder_raw).expanduser()
+        folder = folder if folder.is_absolute() else base / folder
+        if not folder.is_dir():
+            raise RegistryError(
+                f"{file}: embedding_dirs: {folder} is not a folder; create it or remove the entry"
+            )
+        for path in sorted(folder.iterdir()):
+            if path.suffix.lower() in (".pt", ".bin", ".ckpt"):
+                logger.warning("embedding %r (%s) is not read: only .safetensors embeddings are "
+                               "(a %s file is a pickle, which can run code); convert it",
+                               path.stem, path, path.suffix)
+                continue
+            if path.suffix != ".safetensors" or not path.is_file():
+                continue
+            spec = _embedding_spec(path)
+            if spec is None:
+                continue
+            if (spec.name, spec.family) in found:
+                logger.warning("embedding %r (%s): another file of that name came first; ignored",
+                               spec.name, path)
+                continue
+            if spec.family not in served:
+                logger.warning("embedding %r is made for %s and no %s model is served: prompts of "
+                               "the other family keep the word %r as plain text", spec.name,
+                               family_label(spec.family), family_label(spec.family), spec.name)
+            found[(spec.name, spec.family)] = spec
+    return list(found.values())
+
+
 def _format_validation(exc: ValidationError, file: Path) -> str:
     lines = []
     for err in exc.errors():
@@ -300,4 +385,5 @@ def load_registry(path: Path) -> Registry:
         raise RegistryError(f"{path}: models: is empty; declare at least one model")
     base = path.resolve().parent
     models = {name: _model_spec(name, e, base, path) for name, e in data.models.items()}
-    return Registry(path=path, models=models, loras=_collect_loras(data, base, path))
+    return Registry(path=path, models=models, loras=_collect_loras(data, base, path),
+                    embeddings=_collect_embeddings(data, base, path, models))

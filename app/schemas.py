@@ -14,6 +14,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 MAX_SEED = 2**32 - 1
 MAX_LORA_WEIGHT = 10.0
+MAX_CLIP_SKIP = 12
 
 
 def _no_bool(value: Any) -> Any:
@@ -63,6 +64,9 @@ class GenerateRequest(BaseModel):
     cfg_scale: Number = Field(7.0, ge=1, le=30, allow_inf_nan=False)
     loras: Loras = Field(default_factory=dict, description="{lora name: weight}")
     seed: Int | None = Field(None, ge=-1, le=MAX_SEED, description="absent or -1: random")
+    clip_skip: Int | None = Field(
+        None, ge=1, le=MAX_CLIP_SKIP, description="extension: A1111's CLIP_stop_at_last_layers "
+        "(1: the last layer); SD 1.x models only, SDXL ignores it as A1111 does")
 
 
 class GenerateRequestV2(GenerateRequest):

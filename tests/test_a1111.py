@@ -291,17 +291,28 @@ def test_sillytavern(server: LiveServer) -> None:
         assert "forge_preset" not in st.get("/sdapi/v1/options").json()
 
 
-def test_clip_skip_is_accepted_and_reported_honestly(server: LiveServer) -> None:
+def test_clip_skip_is_applied_as_a1111_does(server: LiveServer) -> None:
     with server.client(headers=AUTH) as c:
+        # SDXL: A1111 always takes the penultimate layer, so clip skip changes nothing there.
         body = sillytavern_body(seed=9, clip_skip=2,
                                 override_settings={"CLIP_stop_at_last_layers": 2, "sd_vae": "Automatic"})
         answer = c.post("/sdapi/v1/txt2img", json=body)
         assert answer.status_code == 200, answer.text
         info = json.loads(answer.json()["info"])
-        assert info["clip_skip"] == 1  # what ran
-        assert info["craftserve_not_applied"] == {"CLIP_stop_at_last_layers": 2}
+        assert info["clip_skip"] == 2
+        assert info["craftserve_not_applied"] == {}
+        assert answer.json()["parameters"]["override_settings"]["CLIP_stop_at_last_layers"] == 2
         same = c.post("/sdapi/v1/txt2img", json=sillytavern_body(seed=9)).json()
         assert decoded(same["images"][0]).tobytes() == decoded(answer.json()["images"][0]).tobytes()
+        # SD 1.x: the second layer from the end, so another image, and "Clip skip: 2" in its text.
+        sd15 = {"sd_model_checkpoint": "tiny-sd15", "sd_vae": "Automatic"}
+        one = c.post("/sdapi/v1/txt2img", json=sillytavern_body(seed=9, override_settings=sd15))
+        two = c.post("/sdapi/v1/txt2img", json=sillytavern_body(
+            seed=9, override_settings={**sd15, "CLIP_stop_at_last_layers": 2}))
+        assert one.status_code == two.status_code == 200, two.text
+        assert decoded(one.json()["images"][0]).tobytes() != decoded(two.json()["images"][0]).tobytes()
+        assert "Clip skip: 2" in json.loads(two.json()["info"])["infotexts"][0]
+        assert "Clip skip" not in json.loads(one.json()["info"])["infotexts"][0]
         bad = a1111_error(c.post("/sdapi/v1/txt2img", json=sillytavern_body(clip_skip=99)), 422)
         assert "clip_skip" in bad["detail"]
 

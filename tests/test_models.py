@@ -32,6 +32,7 @@ def write(tmp_path: Path, text: str) -> Path:
         ("models:\n  a: {source: builtin:tiny-sdxl}\nloras:\n  x: {path: none.safetensors}\n",
          "loras.x.path"),
         ("models:\n  a: {source: builtin:tiny-sdxl}\nlora_dirs: [nowhere]\n", "lora_dirs"),
+        ("models:\n  a: {source: builtin:tiny-sdxl}\nembedding_dirs: [nowhere]\n", "embedding_dirs"),
         ("models: [1, 2\n", "not valid YAML"),
         ("models:\n  a: {source: builtin:tiny-sdxl, default_sampler: Eulr}\n",
          "models.a.default_sampler"),
@@ -189,3 +190,26 @@ def test_hub_load_failure_raises_the_last_error() -> None:
     with pytest.raises(OSError, match="not there"):
         _from_pretrained(repo, "owner/repo", False, torch_dtype=torch.float16)
     assert repo.calls == [(True, "fp16"), (True, None)]
+
+
+def test_embedding_files_register_by_stem_and_family(tmp_path: Path, caplog) -> None:
+    import torch
+    from safetensors.torch import save_file
+
+    folder = tmp_path / "embeddings"
+    folder.mkdir()
+    save_file({"emb_params": torch.zeros(4, 768)}, folder / "EasyNegative.safetensors")
+    save_file({"clip_l": torch.zeros(2, 768), "clip_g": torch.zeros(2, 1280)}, folder / "negXL.safetensors")
+    save_file({"clip_l": torch.zeros(2, 768), "clip_g": torch.zeros(3, 1280)}, folder / "odd.safetensors")
+    (folder / "old.pt").write_bytes(b"\x80\x02}q\x00.")
+    path = write(tmp_path, "models:\n  a: {source: builtin:tiny-sdxl}\nembedding_dirs: [embeddings]\n")
+    with caplog.at_level("WARNING", logger="app.registry"):
+        registry = load_registry(path)
+    found = {(e.name, e.family, e.vectors, e.width) for e in registry.embeddings}
+    assert found == {("EasyNegative", "sd15", 4, 768), ("negXL", "sdxl", 2, 2048)}
+    assert set(registry.embeddings_for("sdxl")) == {"negXL"}
+    assert set(registry.embeddings_for("sd15")) == {"EasyNegative"}
+    text = caplog.text
+    assert "'old'" in text and ".safetensors" in text  # a pickle is not read, and says so
+    assert "'odd'" in text
+    assert "'EasyNegative' is made for SD 1.x and no SD 1.x model is served" in text

@@ -13,10 +13,11 @@ Choices (documented in README.md and docs/clients.md):
 - Options (`GET/POST options`) are one dict per server, in `app.state.a1111` (`A1111State`),
   shared by every key and lost on restart, as in A1111. `sd_model_checkpoint` (first model of
   models.yaml until changed) is the model of requests whose override_settings name none.
-- `CLIP_stop_at_last_layers` / `clip_skip` other than 1 is accepted and reported honestly: the
-  encoder runs with clip skip 1, `info.clip_skip` says 1 and `info.craftserve_not_applied` names
-  what was asked. The same holds for every other A1111 feature craftserve does not run (hires
-  fix, face restoration, tiling, styles, scripts, subseeds, refiner).
+- `CLIP_stop_at_last_layers` / `clip_skip` (1-12) is applied as A1111 does: on SD 1.x models the
+  n-th layer from the end, then the final norm; SDXL always uses the penultimate layer (A1111's
+  default, its `sdxl_clip_l_skip` off), so there it changes nothing, as in A1111.
+- Every A1111 feature craftserve does not run (hires fix, face restoration, tiling, styles,
+  scripts, subseeds, refiner) is accepted and named in `info.craftserve_not_applied`.
 - `interrupt` stops every job of the caller (running and waiting, whatever route submitted them),
   `skip` only its running ones; never another key's. A running job that shares its batch with
   another key's job finishes (stopping the batch would stop that job too). An interrupted request
@@ -69,7 +70,7 @@ from app.api.a1111_schemas import (
 )
 from app.api.deps import AuthDep, EngineDep, RegistryDep, SettingsDep
 from app.api.errors import ErrorInfo
-from app.api.generation import Generated, ImageRequest, generate_images
+from app.api.generation import Generated, ImageRequest, check_clip_skip, generate_images
 from app.config import Settings
 from app.engine.engine import Engine
 from app.engine.jobs import Job
@@ -90,7 +91,6 @@ from app.schemas import MAX_LORA_WEIGHT, MAX_SEED
 router = APIRouter(prefix="/sdapi/v1", tags=["a1111"])
 
 MAX_NAME_LENGTH = 200  # sampler, scheduler, checkpoint, VAE names: longer ones are refused unread
-MAX_CLIP_SKIP = 12
 MAX_OPTIONS_BYTES = 1 << 20  # the kept, unapplied options keys of a server, as JSON
 _VAE_CHOICES = {"automatic": "Automatic", "none": "None", "": "Automatic"}
 _LORA_TAG = re.compile(r"<(?:lora|lyco):([^<>]*)>", re.IGNORECASE)
@@ -260,14 +260,6 @@ def _vae(field: str, value: Any) -> str:
     return choice
 
 
-def _clip_skip(field: str, value: Any) -> int:
-    whole = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value) \
-        and value == int(value)
-    if not whole or not 1 <= value <= MAX_CLIP_SKIP:
-        raise InvalidParameter(field, value, f"{field} must be a whole number from 1 to {MAX_CLIP_SKIP}")
-    return int(value)
-
-
 class A1111State:
     """What A1111 keeps between requests, one per server (app.state.a1111): the options dict and
     the jobs a `skip` stopped (for GET progress). Used from the event loop only."""
@@ -297,7 +289,7 @@ class A1111State:
             elif key == "sd_vae":
                 sd_vae = _vae(key, value)
             elif key == "CLIP_stop_at_last_layers":
-                clip_skip = _clip_skip(key, value)
+                clip_skip = check_clip_skip(key, value)
             else:
                 kept[key] = value
         size = len(json.dumps(kept, default=str))
@@ -362,12 +354,12 @@ class _Plan:
     batch_size: int
     n_iter: int
     sd_vae: str
-    clip_skip: int  # asked for; 1 is what runs
+    clip_skip: int
     not_applied: dict[str, Any]
     send_images: bool
 
 
-def _not_applied(body: A1111Txt2ImgRequest, clip_skip: int) -> dict[str, Any]:
+def _not_applied(body: A1111Txt2ImgRequest) -> dict[str, Any]:
     """The fields sent with a value that would change the image in A1111 and changes nothing here."""
     found: dict[str, Any] = {}
     for field in ("enable_hr", "restore_faces", "tiling"):
@@ -385,8 +377,6 @@ def _not_applied(body: A1111Txt2ImgRequest, clip_skip: int) -> dict[str, Any]:
         found["alwayson_scripts"] = [_shown(name) for name in list(body.alwayson_scripts)[:20]]
     if body.refiner_checkpoint and body.refiner_checkpoint.lower() != "none":
         found["refiner_checkpoint"] = _shown(body.refiner_checkpoint)
-    if clip_skip != 1:
-        found["CLIP_stop_at_last_layers"] = clip_skip
     return found
 
 
@@ -399,9 +389,9 @@ def _plan(body: A1111Txt2ImgRequest, state: A1111State, registry: Registry, sett
     sd_vae = state.sd_vae if sd_vae is None else _vae("override_settings.sd_vae", sd_vae)
     clip_skip = state.clip_skip
     if body.clip_skip is not None:
-        clip_skip = _clip_skip("clip_skip", body.clip_skip)
+        clip_skip = check_clip_skip("clip_skip", body.clip_skip)
     if overrides.get("CLIP_stop_at_last_layers") is not None:
-        clip_skip = _clip_skip("override_settings.CLIP_stop_at_last_layers",
+        clip_skip = check_clip_skip("override_settings.CLIP_stop_at_last_layers",
                                overrides["CLIP_stop_at_last_layers"])
 
     prompt = body.prompt or ""
@@ -439,10 +429,10 @@ def _plan(body: A1111Txt2ImgRequest, state: A1111State, registry: Registry, sett
     request = ImageRequest(
         model=model, prompt=text, negative_prompt=body.negative_prompt or "", sampler=sampler,
         scheduler=scheduler, steps=steps, width=width, height=height, cfg_scale=cfg_scale,
-        loras=loras, seed=seed,
+        loras=loras, seed=seed, clip_skip=clip_skip,
     )
     return _Plan(request=request, prompt=prompt, batch_size=batch_size, n_iter=n_iter, sd_vae=sd_vae,
-                 clip_skip=clip_skip, not_applied=_not_applied(body, clip_skip),
+                 clip_skip=clip_skip, not_applied=_not_applied(body),
                  send_images=body.send_images is not False)
 
 
@@ -483,7 +473,7 @@ def _answer(plan: _Plan, generated: list[Generated], registry: Registry,
         "infotexts": [parameters_text(g.params, g.result.seed, g.result.sampler_label)
                       for g in generated],
         "styles": [], "job_timestamp": time.strftime("%Y%m%d%H%M%S"),
-        "clip_skip": 1, "is_using_inpainting_conditioning": False,
+        "clip_skip": plan.clip_skip, "is_using_inpainting_conditioning": False,
         "version": f"craftserve {__version__}",
         "craftserve_not_applied": plan.not_applied,
         "craftserve_job_ids": [g.job_id for g in generated],
@@ -496,7 +486,7 @@ def _answer(plan: _Plan, generated: list[Generated], registry: Registry,
         "steps": params.steps, "cfg_scale": params.cfg_scale, "width": params.width,
         "height": params.height,
         "override_settings": {"sd_model_checkpoint": params.model, "sd_vae": plan.sd_vae,
-                              "CLIP_stop_at_last_layers": 1},
+                              "CLIP_stop_at_last_layers": plan.clip_skip},
         "override_settings_restore_afterwards": restore_afterwards,
         "send_images": plan.send_images,
     }
@@ -688,9 +678,16 @@ async def scripts(client: ClientDep) -> A1111ScriptsList:
 
 
 @router.get("/embeddings", response_model=A1111Embeddings, responses=_AUTH_ERRORS,
-            summary="Always empty: no textual-inversion embeddings")
-async def embeddings(client: ClientDep) -> A1111Embeddings:
-    return A1111Embeddings()
+            summary="Textual inversion embeddings (models.yaml embedding_dirs): `loaded` those of "
+            "sd_model_checkpoint's family, `skipped` the others")
+async def embeddings(client: ClientDep, registry: RegistryDep, state: StateDep) -> A1111Embeddings:
+    family = registry.models[state.checkpoint].family
+    answer = A1111Embeddings()
+    for spec in registry.embeddings:
+        entry = {"step": None, "sd_checkpoint": None, "sd_checkpoint_name": None,
+                 "shape": spec.width, "vectors": spec.vectors}
+        (answer.loaded if spec.family == family else answer.skipped)[spec.name] = entry
+    return answer
 
 
 _REFRESH_FAILED = _error("`RefreshFailed`: the models file is no longer valid; nothing changed")

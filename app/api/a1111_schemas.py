@@ -27,8 +27,8 @@ def _ignored(description: str = "accepted; not applied") -> Any:
 class A1111Txt2ImgRequest(BaseModel):
     """Body of POST /sdapi/v1/txt2img: every field of A1111's model. Unknown fields and nulls are
     ignored. Fields marked "not applied" change nothing; when one is set to a value that would
-    change the image in A1111 (hires fix, face restoration, tiling, styles, scripts, subseeds, a
-    clip skip other than 1, ...), the answer's `info.craftserve_not_applied` names it."""
+    change the image in A1111 (hires fix, face restoration, tiling, styles, scripts, subseeds,
+    ...), the answer's `info.craftserve_not_applied` names it."""
 
     model_config = ConfigDict(extra="ignore")
 
@@ -73,7 +73,7 @@ class A1111Txt2ImgRequest(BaseModel):
     s_noise: Number | None = _ignored()
     override_settings: dict[str, Any] | None = Field(
         None, description="applied: `sd_model_checkpoint` (a title from GET /sdapi/v1/sd-models), "
-        "`sd_vae` (Automatic or None), `CLIP_stop_at_last_layers` (accepted; 1 is what runs); "
+        "`sd_vae` (Automatic or None), `CLIP_stop_at_last_layers` (1-12, SD 1.x; SDXL ignores it, as A1111); "
         "other keys are ignored")
     override_settings_restore_afterwards: bool | None = Field(
         None, description="false: the override_settings stay in GET /sdapi/v1/options afterwards")

@@ -9,6 +9,7 @@ batch together.
 from __future__ import annotations
 
 import asyncio
+import math
 import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
@@ -19,10 +20,12 @@ from app.config import Settings
 from app.engine.engine import Engine
 from app.engine.jobs import GenParams, Job, JobResult
 from app.errors import InvalidParameter, LoraError, NotServed, Unavailable
+from app.families import Family
 from app.imaging import encode_image, parameters_text
+from app.prompt_syntax import PromptSyntaxError, parse_prompt
 from app.registry import Registry
 from app.samplers import resolve_sampler
-from app.schemas import MAX_SEED
+from app.schemas import MAX_CLIP_SKIP, MAX_SEED
 
 DEFAULT_SAMPLER = "DPM++ 2M Karras"
 
@@ -43,6 +46,7 @@ class ImageRequest:
     cfg_scale: float = 7.0
     loras: Mapping[str, float] = field(default_factory=dict)
     seed: int | None = None  # None or negative: random
+    clip_skip: int | None = None  # A1111's CLIP_stop_at_last_layers; None: 1 (the last layer)
 
 
 @dataclass(frozen=True)
@@ -70,6 +74,36 @@ class Generated:
         }
 
 
+def check_clip_skip(field: str, value: object) -> int:
+    """A clip skip as A1111's CLIP_stop_at_last_layers: a whole number 1..12 (422 otherwise)."""
+    whole = isinstance(value, int | float) and not isinstance(value, bool) \
+        and math.isfinite(value) and value == int(value)
+    if not whole or not 1 <= value <= MAX_CLIP_SKIP:  # type: ignore[operator]
+        raise InvalidParameter(field, value, f"{field} must be a whole number from 1 to "
+                               f"{MAX_CLIP_SKIP} (1: the text encoder's last layer)")
+    return int(value)  # type: ignore[arg-type]
+
+
+def check_prompt_syntax(field: str, text: str) -> None:
+    """422 before anything is queued for a prompt whose A1111 syntax is refused (a weight
+    that is not a finite number within [-100, 100]), naming the fragment."""
+    try:
+        parse_prompt(text)
+    except PromptSyntaxError as exc:
+        raise InvalidParameter(field, exc.fragment, exc.rule) from None
+
+
+def _embeddings_used(registry: Registry, family: Family, texts: tuple[str, ...]) -> tuple:
+    """The family's embeddings whose name occurs in the prompts (case and runs of spaces
+    aside, as the tokenizer sees them); the worker matches them on tokens."""
+    available = registry.embeddings_for(family)
+    if not available:
+        return ()
+    seen = " ".join(" ".join(t.lower().split()) for t in texts)
+    return tuple(sorted((name, spec.path) for name, spec in available.items()
+                        if " ".join(name.lower().split()) in seen))
+
+
 def to_params(body: ImageRequest, registry: Registry, settings: Settings) -> GenParams:
     """Check the request against the registry and the settings; resolve every name."""
     spec = registry.models.get(body.model)
@@ -84,6 +118,8 @@ def to_params(body: ImageRequest, registry: Registry, settings: Settings) -> Gen
                 f"at most {settings.max_prompt_length} characters "
                 "(setting CRAFTSERVE_MAX_PROMPT_LENGTH)",
             )
+        check_prompt_syntax(name, text)
+    clip_skip = 1 if body.clip_skip is None else check_clip_skip("clip_skip", body.clip_skip)
     sampler = resolve_sampler(body.sampler or spec.default_sampler or DEFAULT_SAMPLER, body.scheduler)
     if len(body.loras) > settings.max_loras:
         raise InvalidParameter(
@@ -110,6 +146,8 @@ def to_params(body: ImageRequest, registry: Registry, settings: Settings) -> Gen
         loras=tuple(sorted((name, registry.loras[name].path, float(weight))
                            for name, weight in body.loras.items())),
         seed=seed,
+        clip_skip=clip_skip,
+        embeddings=_embeddings_used(registry, spec.family, (body.prompt, body.negative_prompt)),
     )
 
 

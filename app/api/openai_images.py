@@ -39,7 +39,7 @@ from app.config import Settings
 from app.errors import Forbidden, InvalidParameter, ModelNotFound, Unauthorized
 from app.imaging import MEDIA_TYPES
 from app.registry import Registry
-from app.schemas import MAX_SEED, Int, Loras, Number
+from app.schemas import MAX_CLIP_SKIP, MAX_SEED, Int, Loras, Number
 
 router = APIRouter(prefix="/v1", tags=["openai"])
 
@@ -92,6 +92,9 @@ class OpenAIImageRequest(BaseModel):
     scheduler: str | None = Field(None, max_length=64, description="extension: a ComfyUI schedule name")
     seed: Int | None = Field(None, ge=-1, le=MAX_SEED, description="extension: absent or -1: random")
     loras: Loras | None = Field(None, description="extension: {lora name: weight}")
+    clip_skip: Int | None = Field(None, ge=1, le=MAX_CLIP_SKIP,
+                                  description="extension: A1111's CLIP_stop_at_last_layers, 1 to 12 "
+                                  "(SD 1.x models; SDXL ignores it as A1111 does)")
 
 
 class OpenAIImage(BaseModel):
@@ -289,7 +292,7 @@ def _image_request(body: OpenAIImageRequest, model: str, size: tuple[int, int],
         model=model, prompt=body.prompt, negative_prompt=body.negative_prompt or "",
         sampler=body.sampler, scheduler=body.scheduler, steps=steps, width=width, height=height,
         cfg_scale=DEFAULT_CFG if body.cfg_scale is None else float(body.cfg_scale), loras=loras,
-        seed=body.seed,
+        seed=body.seed, clip_skip=body.clip_skip,
     )
     return request, count
 

@@ -43,6 +43,7 @@ def _image_request(body: GenerateRequest) -> ImageRequest:
         model=body.model, prompt=body.prompt, negative_prompt=body.negative_prompt,
         sampler=body.sampler, scheduler=body.scheduler, steps=body.steps, width=body.width,
         height=body.height, cfg_scale=float(body.cfg_scale), loras=body.loras, seed=body.seed,
+        clip_skip=body.clip_skip,
     )
 
 
@@ -147,6 +148,13 @@ def loras_sdxl(registry: RegistryDep) -> list[str]:
 @router.get("/loras", include_in_schema=False)
 def loras_sd(registry: RegistryDep) -> list[str]:
     return registry.lora_names("sd15")
+
+
+@router.get("/sd/embeddings", summary="Textual inversion embeddings (models.yaml embedding_dirs)")
+def embeddings(registry: RegistryDep) -> list[dict]:
+    """Each embedding a prompt of its family can use by name: {name, family, vectors}."""
+    return [{"name": e.name, "family": e.family, "vectors": e.vectors}
+            for e in sorted(registry.embeddings, key=lambda e: (e.family, e.name.lower()))]
 
 
 @router.get("/sd/samplers")

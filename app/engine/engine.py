@@ -191,6 +191,7 @@ class Engine:
             report = plan.report
             self.registry.models = plan.registry.models  # one assignment per table: readers
             self.registry.loras = plan.registry.loras  # see the old one or the new one
+            self.registry.embeddings = plan.registry.embeddings
             self.fingerprints = plan.fingerprints
             for name in report.changed + report.added:
                 self.failures.clear(name)  # a fixed file is tried again at once

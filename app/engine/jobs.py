@@ -52,6 +52,10 @@ class GenParams:
     cfg_scale: float
     loras: tuple[tuple[str, Path, float], ...]  # (name, file, weight), sorted by name
     seed: int
+    # A1111's CLIP_stop_at_last_layers (1: the last layer); SD 1.x only, SDXL ignores it as A1111.
+    clip_skip: int = 1
+    # Textual inversion embeddings of the model's family the prompts may use: (name, file).
+    embeddings: tuple[tuple[str, Path], ...] = ()
 
     @property
     def gen_size(self) -> tuple[int, int]:
@@ -71,6 +75,8 @@ class GenParams:
             self.loras,
             seed_part,
         )
+        # Prompts (their syntax, length, embeddings, clip skip) are per job: the worker encodes
+        # each job's own and runs jobs whose encodings differ in length in separate calls.
 
 
 @dataclass

@@ -17,6 +17,7 @@ import torch
 from app.engine.determinism import make_batch_invariant
 from app.engine.loras import LoraManager
 from app.engine.optimize import optimize_pipeline, warm_up
+from app.engine.prompts import PromptEncoder
 from app.errors import Unavailable
 from app.families import PIPELINE_FAMILIES, SERVED_PIPELINES, Family
 from app.registry import ModelSpec
@@ -37,6 +38,7 @@ class LoadedModel:
     device: torch.device
     dtype: torch.dtype
     load_seconds: float
+    prompts: PromptEncoder | None = None  # A1111 prompt encoding, when the pipeline's own won't do
 
 
 def choose_dtype(spec: ModelSpec, device: torch.device) -> torch.dtype:
@@ -197,4 +199,5 @@ def load_model(
         device=device,
         dtype=dtype,
         load_seconds=seconds,
+        prompts=PromptEncoder(pipe, family),
     )

@@ -26,9 +26,10 @@ import torch
 from app.config import Settings
 from app.engine.availability import LoadFailures
 from app.engine.determinism import jobs_in_call
-from app.engine.jobs import Job, JobQueue, JobResult, WorkerSlot
+from app.engine.jobs import GenParams, Job, JobQueue, JobResult, WorkerSlot
 from app.engine.optimize import eager
 from app.engine.pipelines import LoadedModel, load_model
+from app.engine.prompts import PromptEncoder
 from app.engine.schedulers import make_scheduler
 from app.errors import CraftError, InternalError, Unavailable
 from app.metrics import Metrics
@@ -317,42 +318,96 @@ class Worker:
         )
 
     def generate(self, model: LoadedModel, jobs: list[Job]) -> list:
-        """One pipeline call for a batch of compatible jobs: their images, each cropped to
-        its requested size. The batch's LoRAs are active only during the call."""
+        """The images of a batch of compatible jobs, each cropped to its requested size: one
+        pipeline call, or one per prompt length when some job's prompts need A1111 encoding
+        (app.engine.prompts) and their encodings differ in length. The batch's LoRAs are
+        active throughout (they change the text encoders too, so prompts are encoded here)."""
         params = jobs[0].params
         pipe = model.pipe
+        images: dict[str, Any] = {}
         try:
             model.loras.apply(params.loras)
-            pipe.scheduler = make_scheduler(params.sampler, model.scheduler_config, params.seed)
             width, height = params.gen_size
-            # A compiled pipe runs batches with LoRAs eagerly: their adapter layers would
-            # otherwise recompile on the request path for every new LoRA state.
-            uncompiled = eager(pipe) if params.loras else contextlib.nullcontext()
-            with jobs_in_call(pipe, len(jobs)), uncompiled:
-                output = self._call(pipe, jobs, width, height)
+            for group, embeds in _prompt_groups(model, jobs):
+                pipe.scheduler = make_scheduler(params.sampler, model.scheduler_config, params.seed)
+                # A compiled pipe runs batches with LoRAs eagerly: their adapter layers would
+                # otherwise recompile on the request path for every new LoRA state.
+                uncompiled = eager(pipe) if params.loras else contextlib.nullcontext()
+                with jobs_in_call(pipe, len(group)), uncompiled:
+                    output = self._call(pipe, group, width, height, embeds, jobs)
+                images.update((job.id, image) for job, image in zip(group, output.images, strict=True))
         finally:
             model.loras.reset()
         # Jobs whose sizes round up to the same multiple of 8 share a batch: each is cropped
         # to its own size.
-        return [_crop(image, job.params.width, job.params.height)
-                for job, image in zip(jobs, output.images, strict=True)]
+        return [_crop(images[job.id], job.params.width, job.params.height) for job in jobs]
 
     @staticmethod
-    def _call(pipe, jobs: list[Job], width: int, height: int):  # noqa: ANN001, ANN205
+    def _call(pipe, jobs: list[Job], width: int, height: int,  # noqa: ANN001, ANN205
+              embeds: dict[str, Any] | None = None, batch: list[Job] | None = None):
         params = jobs[0].params
+        if embeds is not None:
+            prompts: dict[str, Any] = embeds
+        else:
+            prompts = {
+                "prompt": [job.params.prompt for job in jobs],
+                # No negative prompt at all (not [""]) lets the pipeline do what the model's
+                # config asks for an empty one (SDXL base: zeros, skipping two encoder calls).
+                "negative_prompt": [j.params.negative_prompt for j in jobs] if params.negative_prompt
+                else None,
+            }
         return pipe(
-            prompt=[job.params.prompt for job in jobs],
-            # No negative prompt at all (not [""]) lets the pipeline do what the model's
-            # config asks for an empty one (SDXL base: zeros, skipping two encoder calls).
-            negative_prompt=[j.params.negative_prompt for j in jobs] if params.negative_prompt
-            else None,
+            **prompts,
             num_inference_steps=params.steps,
             guidance_scale=params.cfg_scale,
             width=width,
             height=height,
             generator=[torch.Generator("cpu").manual_seed(j.params.seed) for j in jobs],
-            callback_on_step_end=_stop_when_abandoned(jobs),
+            callback_on_step_end=_stop_when_abandoned(jobs, batch or jobs),
         )
+
+
+def _prompt_groups(model: LoadedModel, jobs: list[Job]) -> list[tuple[list[Job], dict[str, Any] | None]]:
+    """The batch as pipeline calls: [(jobs, None)] (the pipeline encodes the prompt strings)
+    unless some job needs A1111 encoding; then every job's prompts are encoded here (for a
+    plain prompt that is the pipeline's own encoding, bit for bit) and jobs are grouped by
+    their number of 75-token chunks, since one call needs one prompt length."""
+    encoder = model.prompts
+    if encoder is None or not any(
+        encoder.needs_encoding(text, job.params.clip_skip, job.params.embeddings)
+        for job in jobs for text in (job.params.prompt, job.params.negative_prompt)
+    ):
+        return [(jobs, None)]
+    zero_negative = (model.family == "sdxl" and not jobs[0].params.negative_prompt
+                     and bool(model.pipe.config.get("force_zeros_for_empty_prompt", False)))
+    groups: dict[int, list[Job]] = {}
+    for job in jobs:
+        p = job.params
+        count = encoder.chunk_count(p.prompt, p.embeddings)
+        if not zero_negative:
+            count = max(count, encoder.chunk_count(p.negative_prompt, p.embeddings))
+        groups.setdefault(count, []).append(job)
+    return [(group, _embeds(encoder, [j.params for j in group], count, zero_negative))
+            for count, group in groups.items()]
+
+
+def _embeds(encoder: PromptEncoder, jobs: Sequence[GenParams], count: int,
+            zero_negative: bool) -> dict[str, Any]:
+    """The pipeline's prompt_embeds (and negative, pooled) arguments for jobs of `count` chunks;
+    `zero_negative` leaves the negative to the pipeline (an empty SDXL one: zeros)."""
+    def encode(text: str, params: GenParams):  # noqa: ANN202
+        return encoder.encode(text, params.clip_skip, params.embeddings, min_chunks=count)
+
+    cond = [encode(p.prompt, p) for p in jobs]
+    kwargs: dict[str, Any] = {"prompt_embeds": torch.cat([c.hidden for c in cond])}
+    if encoder.family == "sdxl":
+        kwargs["pooled_prompt_embeds"] = torch.cat([c.pooled for c in cond])
+    if not zero_negative:
+        uncond = [encode(p.negative_prompt, p) for p in jobs]
+        kwargs["negative_prompt_embeds"] = torch.cat([u.hidden for u in uncond])
+        if encoder.family == "sdxl":
+            kwargs["negative_pooled_prompt_embeds"] = torch.cat([u.pooled for u in uncond])
+    return kwargs
 
 
 @contextlib.contextmanager
@@ -372,12 +427,13 @@ def _low_memory_decode(vae: Any) -> Iterator[None]:
          vae.tile_sample_min_size, vae.tile_latent_min_size) = saved
 
 
-def _stop_when_abandoned(jobs: list[Job]):
-    """The step callback: records progress, and stops the call once every job is cancelled."""
+def _stop_when_abandoned(jobs: list[Job], batch: list[Job]):
+    """The step callback: records the call's progress, and stops it once every job of the
+    batch is cancelled."""
     def callback(pipe, step, timestep, callback_kwargs):  # noqa: ANN001 - diffusers' signature
         for job in jobs:
             job.step = step + 1
-        if all(job.cancelled.is_set() for job in jobs):
+        if all(job.cancelled.is_set() for job in batch):
             raise _Interrupted()
         return callback_kwargs
 
