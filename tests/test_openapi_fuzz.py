@@ -39,8 +39,14 @@ def _small_body(context, body):  # noqa: ANN001 - schemathesis' hook signature
         return body
     for key, cap in _SMALL.items():
         value = body.get(key)
-        if isinstance(value, int) and not isinstance(value, bool) and value > cap:
+        if isinstance(value, int | float) and not isinstance(value, bool) and value > cap:
             body[key] = cap
+    operation = getattr(context, "operation", None)
+    if "prompt" in body or "txt2img" in getattr(operation, "path", ""):
+        # a generation body: small defaults instead of 512²-1024² and 30-50 steps
+        for key in ("steps", "width", "height"):
+            body.setdefault(key, _SMALL[key])
+        body.setdefault("size", "64x64")
     if isinstance(body.get("size"), str) and _SIZE.match(body["size"]):
         body["size"] = "64x64"
     if "token" in body:
