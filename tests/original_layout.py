@@ -54,20 +54,12 @@ def original_state(family: str, *, unet: Any, vae: Any, text_encoder: Any,
                    text_encoder_2: Any = None) -> dict[str, torch.Tensor]:
     """Every tensor of the components under its original-layout name (views, no copies, but
     for OpenCLIP's fused q/k/v)."""
-    out: dict[str, torch.Tensor] = {}
-    to_unet = unet_mapper(dict(unet.config))
-    for name, tensor in unet.state_dict().items():
-        out[UNET + to_unet(name)] = tensor
-    to_vae = vae_mapper(dict(vae.config))
-    for name, tensor in vae.state_dict().items():
-        if ".mid_block.attentions." in name and tensor.dim() == 2:
-            tensor = tensor[:, :, None, None]  # CompVis VAE attention is 1x1 convolutions
-        out[VAE + to_vae(name)] = tensor
-    text_prefix = SDXL_TEXT_1 if family == "sdxl" else SD1_TEXT
-    for name, tensor in text_encoder.state_dict().items():
-        out[text_prefix + clip_name(name)] = tensor  # position_ids too, as real checkpoints carry them
+    parts = {"unet": unet, "vae": vae, "text_encoder": text_encoder}
     if family == "sdxl":
-        out.update(_openclip_state(text_encoder_2, SDXL_TEXT_2))
+        parts["text_encoder_2"] = text_encoder_2
+    out: dict[str, torch.Tensor] = {}
+    for name, module in parts.items():
+        out.update(_component_state(family, name, module))
     return out
 
 
@@ -171,3 +163,72 @@ def write_config_folder(pipe: Any, folder: Path | str) -> Path:
             component.config.architectures = [type(component).__name__]
             component.config.save_pretrained(target)
     return folder
+
+
+# --------------------------------------------------------------------------- full size, random
+
+
+def _meta_components(family: str, folder: Path) -> dict[str, Any]:
+    from app.engine.single_file import _meta_text_encoder, _meta_unet, _meta_vae
+
+    parts = {"unet": _meta_unet(folder)[0], "vae": _meta_vae(folder)[0],
+             "text_encoder": _meta_text_encoder(folder, "text_encoder")}
+    if family == "sdxl":
+        parts["text_encoder_2"] = _meta_text_encoder(folder, "text_encoder_2")
+    return parts
+
+
+def _component_state(family: str, name: str, module: Any) -> dict[str, torch.Tensor]:
+    """The original-layout tensors of one component (the others left out)."""
+    if name == "unet":
+        to_unet = unet_mapper(dict(module.config))
+        return {UNET + to_unet(k): v for k, v in module.state_dict().items()}
+    if name == "vae":
+        to_vae = vae_mapper(dict(module.config))
+        # CompVis VAE attention is 1x1 convolutions where diffusers has linears
+        return {VAE + to_vae(k): v[:, :, None, None] if ".mid_block.attentions." in k and v.dim() == 2 else v
+                for k, v in module.state_dict().items()}
+    if name == "text_encoder":
+        prefix = SDXL_TEXT_1 if family == "sdxl" else SD1_TEXT
+        return {prefix + clip_name(k): v for k, v in module.state_dict().items()}
+    return _openclip_state(module, SDXL_TEXT_2)
+
+
+def write_random_checkpoint(family: str, path: Path | str, *, dtype: torch.dtype = torch.float16,
+                            seed: int = 0, folder: Path | None = None) -> int:
+    """A full-size original-layout checkpoint with random weights, built from the bundled
+    configs (or `folder`), written one component at a time: the memory peak is the largest
+    component (SDXL's UNet: 5.1 GB in fp16), never the whole model. Returns the file size."""
+    from app.checkpoints import bundled_config
+    from app.engine.random_sdxl import materialize
+
+    folder = folder or bundled_config(family)  # type: ignore[arg-type]
+    parts = _meta_components(family, folder)
+    header: dict[str, Any] = {}
+    order: list[tuple[str, list[str]]] = []
+    offset = 0
+    for name, module in parts.items():
+        state = _component_state(family, name, module)  # meta tensors: shapes only
+        keys = sorted(state)
+        for key in keys:
+            tensor = state[key]
+            kind = dtype if tensor.is_floating_point() else tensor.dtype
+            size = tensor.numel() * torch.empty((), dtype=kind).element_size()
+            header[key] = {"dtype": _ST_DTYPES[kind], "shape": list(tensor.shape),
+                           "data_offsets": [offset, offset + size]}
+            offset += size
+        order.append((name, keys))
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)))
+        f.write(raw)
+        for index, (name, keys) in enumerate(order):
+            module = materialize(parts.pop(name), "cpu", dtype, seed=seed * 16 + index)
+            state = _component_state(family, name, module)
+            for key in keys:
+                tensor = state[key].contiguous()
+                if tensor.numel():
+                    f.write(memoryview(tensor.reshape(-1).view(torch.uint8).numpy()))
+            del module, state
+    return 8 + len(raw) + offset

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import logging
-import socket
 from pathlib import Path
 
 import pytest
@@ -291,25 +290,6 @@ def test_model_dirs(tiny: dict, tmp_path: Path, caplog: pytest.LogCaptureFixture
 
 
 # --------------------------------------------------------------------------- HTTP, offline
-
-
-@pytest.fixture()
-def network_off(monkeypatch: pytest.MonkeyPatch) -> list:
-    """HF_HUB_OFFLINE=1 and every non-loopback connection refused (and recorded)."""
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    attempts: list = []
-    real_connect = socket.socket.connect
-
-    def connect(self, address):
-        host = address[0] if isinstance(address, tuple) else address
-        loopback = host in ("127.0.0.1", "::1", "localhost")
-        if isinstance(host, str) and not loopback and self.family != socket.AF_UNIX:
-            attempts.append(address)
-            raise OSError(f"network blocked by the test: {address}")
-        return real_connect(self, address)
-
-    monkeypatch.setattr(socket.socket, "connect", connect)
-    return attempts
 
 
 def test_single_files_serve_over_http_offline(tiny: dict, make_server, network_off: list,
