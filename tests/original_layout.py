@@ -194,11 +194,19 @@ def _component_state(family: str, name: str, module: Any) -> dict[str, torch.Ten
     return _openclip_state(module, SDXL_TEXT_2)
 
 
+_WEIGHT_FILES = {"unet": "diffusion_pytorch_model.safetensors", "vae": "diffusion_pytorch_model.safetensors",
+                  "text_encoder": "model.safetensors", "text_encoder_2": "model.safetensors"}
+
+
 def write_random_checkpoint(family: str, path: Path | str, *, dtype: torch.dtype = torch.float16,
-                            seed: int = 0, folder: Path | None = None) -> int:
+                            seed: int = 0, folder: Path | None = None,
+                            diffusers_folder: Path | None = None) -> int:
     """A full-size original-layout checkpoint with random weights, built from the bundled
     configs (or `folder`), written one component at a time: the memory peak is the largest
-    component (SDXL's UNet: 5.1 GB in fp16), never the whole model. Returns the file size."""
+    component (SDXL's UNet: 5.1 GB in fp16), never the whole model. Returns the file size.
+
+    `diffusers_folder`: also write the same weights as a diffusers folder (configs copied from
+    the config folder, each component's safetensors file in diffusers names)."""
     from app.checkpoints import bundled_config
     from app.engine.random_sdxl import materialize
 
@@ -225,6 +233,8 @@ def write_random_checkpoint(family: str, path: Path | str, *, dtype: torch.dtype
         f.write(raw)
         for index, (name, keys) in enumerate(order):
             module = materialize(parts.pop(name), "cpu", dtype, seed=seed * 16 + index)
+            if diffusers_folder is not None:
+                _write_diffusers_component(module, name, Path(folder), Path(diffusers_folder))
             state = _component_state(family, name, module)
             for key in keys:
                 tensor = state[key].contiguous()
@@ -232,3 +242,14 @@ def write_random_checkpoint(family: str, path: Path | str, *, dtype: torch.dtype
                     f.write(memoryview(tensor.reshape(-1).view(torch.uint8).numpy()))
             del module, state
     return 8 + len(raw) + offset
+
+
+def _write_diffusers_component(module: Any, name: str, folder: Path, target: Path) -> None:
+    import shutil
+
+    if not (target / "model_index.json").exists():
+        shutil.copytree(folder, target, dirs_exist_ok=True)  # configs, tokenizers (links followed)
+    state = module.state_dict()
+    if name.startswith("text_encoder"):
+        state = {clip_name(k): v for k, v in state.items() if not k.endswith("position_ids")}
+    save_safetensors(state, target / name / _WEIGHT_FILES[name], {"format": "pt"})
