@@ -12,6 +12,7 @@ import torch
 
 from app.checkpoints import (
     BUNDLED_CONFIGS,
+    VAE,
     CheckpointError,
     config_folder,
     inspect_checkpoint,
@@ -20,6 +21,7 @@ from app.engine.single_file import SingleFileError, load_single_file, load_vae_f
 from app.registry import ModelSpec, RegistryError, load_registry
 from tests.conftest import body, png, write_models_file
 from tests.original_layout import (
+    pipeline_state,
     save_safetensors,
     tiny_sd15,
     tiny_sdxl_two_widths,
@@ -299,6 +301,9 @@ def test_single_files_serve_over_http_offline(tiny: dict, make_server, network_o
     (folder / "dir-sd15.safetensors").write_bytes(tiny["sd15"]["file"].read_bytes())
     fake_checkpoint(folder / "refiner.safetensors",
                     {**UNET_4, **VAE_KEYS, "conditioner.embedders.0.model.ln_final.weight": [1]})
+    state = pipeline_state(tiny["sdxl"]["pipe"], "sdxl")
+    vae = {k.removeprefix(VAE): v for k, v in state.items() if k.startswith(VAE)}
+    save_safetensors(vae, tmp_path / "tiny-vae.safetensors")
     gone = tmp_path / "gone.safetensors"
     gone.write_bytes(tiny["sd15"]["file"].read_bytes())
     models = f"""
@@ -311,6 +316,10 @@ models:
   file-sd15:
     source: {tiny['sd15']['file']}
     config: {tiny['sd15']['config']}
+  file-sdxl-vae:
+    source: {tiny['sdxl']['file']}
+    config: {tiny['sdxl']['config']}
+    vae: {tmp_path / 'tiny-vae.safetensors'}
   gone:
     source: {gone}
     config: {tiny['sd15']['config']}
@@ -320,10 +329,14 @@ model_dirs: [{folder}]
         server = make_server(models, allow_downloads=False)
     gone.unlink()  # unreadable after start-up: 503 at load, the others keep serving
     with server.client() as c:
-        assert c.get("/sd/models-sdxl").json() == ["file-sdxl"]
+        assert c.get("/sd/models-sdxl").json() == ["file-sdxl", "file-sdxl-vae"]
+        # the same weights through a separate VAE file: the same pixels
+        same = c.post("/sd", json=body(model="file-sdxl-vae", sampler="Euler a"))
+
         assert sorted(c.get("/sd/models-sd").json()) == ["dir-sd15", "file-sd15", "gone"]
         answer = c.post("/sd", json=body(model="file-sdxl"))
         assert png(answer).size == (64, 64) and answer.headers["x-sampler"] == "Euler a"
+        assert png(same).tobytes() == png(answer).tobytes()
         png(c.post("/sd", json=body(model="file-sd15", width=72)))
         refused = c.post("/sd", json=body(model="gone"))
         assert refused.status_code == 503
