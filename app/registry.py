@@ -6,7 +6,7 @@ the server refuses to start rather than fail on the first request.
 ```yaml
 models:
   sdxl-base:
-    source: stabilityai/stable-diffusion-xl-base-1.0  # HF repo id, local folder, builtin:tiny-sdxl
+    source: stabilityai/stable-diffusion-xl-base-1.0  # HF repo id, folder, .safetensors, builtin:tiny-sdxl
     family: sdxl            # optional: sdxl | sd15; read from the checkpoint when absent
     default_sampler: DPM++ 2M Karras
     dtype: auto             # auto | float16 | bfloat16 | float32
@@ -16,6 +16,7 @@ loras:
   my-style: {path: loras/my-style.safetensors, family: sdxl}
 lora_dirs: [loras]
 embedding_dirs: [embeddings]   # textual inversion files (.safetensors), one word each: the stem
+model_dirs: [checkpoints]   # every *.safetensors checkpoint registers by its file stem
 ```
 """
 
@@ -31,6 +32,14 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+from app.checkpoints import (
+    CHECKPOINT_SUFFIXES,
+    PICKLE_SUFFIXES,
+    CheckpointError,
+    config_family,
+    inspect_checkpoint,
+    inspect_vae,
+)
 from app.errors import CraftError, LoraError
 from app.families import PIPELINE_FAMILIES, Family, family_label
 from app.lora_files import check_lora_file, read_header
@@ -44,12 +53,6 @@ BUILTIN_SOURCES = {
     "builtin:tiny-sdxl": "sdxl",
     "builtin:tiny-sd15": "sd15",
     "builtin:random-sdxl": "sdxl",
-}
-# Diffusers-format config folders (no weights) of the stock architectures, by family.
-BUNDLED_CONFIGS: dict[str, Path] = {
-    family: folder
-    for family in ("sdxl", "sd15")
-    if (folder := Path(__file__).parent / "configs" / family).is_dir()
 }
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
@@ -67,6 +70,9 @@ class _ModelEntry(BaseModel):
     vae: str | None = None
     preload: bool = False
     description: str | None = None
+    config: str | None = None
+    prediction: Literal["epsilon", "v"] = "epsilon"
+    zero_terminal_snr: bool | None = None
 
 
 class _LoraEntry(BaseModel):
@@ -81,13 +87,14 @@ class _File(BaseModel):
     loras: dict[str, _LoraEntry] = {}
     lora_dirs: list[str] = []
     embedding_dirs: list[str] = []
+    model_dirs: list[str] = []
 
 
 @dataclass(frozen=True)
 class ModelSpec:
     name: str
-    source: str  # builtin:..., an absolute local folder, or a Hugging Face repo id
-    kind: Literal["builtin", "local", "hub"]
+    source: str  # builtin:..., an absolute local folder or .safetensors file, or a Hub repo id
+    kind: Literal["builtin", "local", "hub", "single_file"]
     family: Family
     family_known: bool  # False when guessed from the name (corrected once loaded)
     default_sampler: str | None
@@ -95,6 +102,11 @@ class ModelSpec:
     vae: str | None
     preload: bool
     description: str | None = None
+    # single_file only: the diffusers-format folder describing the architecture (None: the
+    # bundled app/configs/<family>), see app.checkpoints.config_folder
+    config: str | None = None
+    prediction: Literal["epsilon", "v"] = "epsilon"
+    zero_terminal_snr: bool = False  # v-prediction trained to zero terminal SNR
 
 
 @dataclass
@@ -165,10 +177,17 @@ def _resolve_source(raw: str, base: Path, where: str) -> tuple[str, str]:
     local = expanded if expanded.is_absolute() else base / expanded
     looks_local = raw.startswith(("/", ".", "~")) or local.exists()
     if looks_local:
+        if local.suffix.lower() in CHECKPOINT_SUFFIXES + PICKLE_SUFFIXES:
+            if not local.is_file():
+                raise RegistryError(
+                    f"{where}.source: {local} does not exist; fix the path (relative paths "
+                    "resolve against the models file's folder)"
+                )
+            return str(local.resolve()), "single_file"
         if not local.is_dir():
             raise RegistryError(
                 f"{where}.source: {local} is not a folder; give a diffusers model folder "
-                "(with model_index.json) or a Hugging Face repo id such as "
+                "(with model_index.json), a .safetensors checkpoint or a Hugging Face repo id such as "
                 "stabilityai/stable-diffusion-xl-base-1.0"
             )
         if not (local / "model_index.json").is_file():
@@ -209,10 +228,85 @@ def _detect_family(source: str, kind: str) -> Family | None:
     return _family_from_index(cached if isinstance(cached, str) else None)
 
 
+def _local_path(raw: str, base: Path) -> Path:
+    path = Path(raw).expanduser()
+    return (path if path.is_absolute() else base / path).resolve()
+
+
+def _config_folder(entry: _ModelEntry, kind: str, base: Path, where: str) -> str | None:
+    if entry.config is None:
+        return None
+    if kind != "single_file":
+        raise RegistryError(
+            f"{where}.config: only a single-file `source:` (.safetensors) takes a config folder; "
+            "remove `config:`"
+        )
+    folder = _local_path(entry.config, base)
+    if not folder.is_dir():
+        raise RegistryError(
+            f"{where}.config: {folder} is not a folder; give a diffusers-format folder "
+            "(model_index.json, unet/, vae/, text_encoder/, tokenizer/, ... configs, no weights) "
+            "or remove `config:` to use the bundled stock configs"
+        )
+    missing = [
+        part for part in ("model_index.json", "unet/config.json", "vae/config.json",
+                          "text_encoder/config.json", "tokenizer")
+        if not (folder / part).exists()
+    ]
+    if missing:
+        raise RegistryError(
+            f"{where}.config: {folder} lacks {', '.join(missing)}; a config folder is laid out "
+            "like a diffusers model folder (as pipeline.save_pretrained writes it), without weights"
+        )
+    return str(folder)
+
+
+def _single_file_family(source: str, entry: _ModelEntry, where: str) -> tuple[Family, bool]:
+    """(family, zero terminal SNR) read from the checkpoint; RegistryError with the reason."""
+    try:
+        info = inspect_checkpoint(source, prediction=entry.prediction)
+    except CheckpointError as exc:
+        raise RegistryError(f"{where}.source: cannot be served: {exc.reason}") from None
+    ztsnr = entry.zero_terminal_snr if entry.zero_terminal_snr is not None else info.zero_terminal_snr
+    return info.family, ztsnr
+
+
+def _vae_source(raw: str | None, base: Path, where: str) -> str | None:
+    """A Hub repo id or folder as given; a single-file VAE as an absolute path, checked."""
+    if raw is None:
+        return None
+    path = _local_path(raw, base)
+    if path.suffix.lower() not in CHECKPOINT_SUFFIXES + PICKLE_SUFFIXES:
+        return str(path) if path.is_dir() else raw
+    if not path.is_file():
+        raise RegistryError(f"{where}.vae: {path} does not exist; fix the path or remove `vae:`")
+    try:
+        inspect_vae(path)
+    except CheckpointError as exc:
+        raise RegistryError(f"{where}.vae: cannot be used: {exc.reason}") from None
+    return str(path)
+
+
 def _model_spec(name: str, entry: _ModelEntry, base: Path, file: Path) -> ModelSpec:
     where = f"{file}: models.{name}"
     source, kind = _resolve_source(entry.source, base, where)
-    detected = _detect_family(source, kind)
+    config = _config_folder(entry, kind, base, where)
+    ztsnr = bool(entry.zero_terminal_snr)
+    if kind == "single_file":
+        detected, ztsnr = _single_file_family(source, entry, where)
+        from_config = config_family(config) if config else None
+        if from_config and from_config != detected:
+            raise RegistryError(
+                f"{where}.config: the folder describes a {from_config} pipeline but the "
+                f"checkpoint is {detected}; point `config:` at a {detected} folder"
+            )
+    else:
+        if entry.prediction != "epsilon" or entry.zero_terminal_snr is not None:
+            raise RegistryError(
+                f"{where}.prediction: only single-file sources take `prediction:` / "
+                "`zero_terminal_snr:` (a diffusers folder's scheduler config says it); remove them"
+            )
+        detected = _detect_family(source, kind)
     family = entry.family or detected
     known = family is not None
     if family is None:
@@ -238,9 +332,12 @@ def _model_spec(name: str, entry: _ModelEntry, base: Path, file: Path) -> ModelS
         family_known=known,
         default_sampler=entry.default_sampler,
         dtype=entry.dtype,
-        vae=entry.vae,
+        vae=_vae_source(entry.vae, base, where),
         preload=entry.preload,
         description=entry.description,
+        config=config,
+        prediction=entry.prediction,
+        zero_terminal_snr=ztsnr,
     )
 
 
@@ -353,6 +450,52 @@ def _collect_embeddings(data: _File, base: Path, file: Path,
     return list(found.values())
 
 
+def _dir_models(data: _File, base: Path, file: Path, explicit: dict[str, ModelSpec]) -> dict[str, ModelSpec]:
+    """Every checkpoint file of `model_dirs:` as a model named by its stem, family detected.
+    Two files with one name stop the start; a file that cannot be served is logged and skipped."""
+    found: dict[str, Path] = {}
+    for folder_raw in data.model_dirs:
+        folder = _local_path(folder_raw, base)
+        if not folder.is_dir():
+            raise RegistryError(
+                f"{file}: model_dirs: {folder} is not a folder; create it or remove the entry"
+            )
+        for path in sorted(folder.iterdir()):
+            if path.suffix.lower() not in CHECKPOINT_SUFFIXES + PICKLE_SUFFIXES or not path.is_file():
+                continue
+            other = found.get(path.stem)
+            if other is None and path.stem in explicit and explicit[path.stem].source != str(path):
+                other = Path(explicit[path.stem].source)
+            if other is not None and other != path:
+                raise RegistryError(
+                    f"{file}: model_dirs: two models named {path.stem!r}: {other} and {path}; "
+                    "rename one of the files (a model is named by its file stem)"
+                )
+            found[path.stem] = path
+    models: dict[str, ModelSpec] = {}
+    for name, path in found.items():
+        if name in explicit:
+            continue  # listed under models: with its own settings
+        try:
+            info = inspect_checkpoint(path)
+        except CheckpointError as exc:
+            logger.warning("model_dirs: %s is not served: %s", path, exc.reason)
+            continue
+        models[name] = ModelSpec(
+            name=name,
+            source=str(path),
+            kind="single_file",
+            family=info.family,
+            family_known=True,
+            default_sampler=None,
+            dtype="auto",
+            vae=None,
+            preload=False,
+            zero_terminal_snr=info.zero_terminal_snr,
+        )
+    return models
+
+
 def _format_validation(exc: ValidationError, file: Path) -> str:
     lines = []
     for err in exc.errors():
@@ -381,9 +524,12 @@ def load_registry(path: Path) -> Registry:
         data = _File.model_validate(raw)
     except ValidationError as exc:
         raise RegistryError(_format_validation(exc, path)) from None
-    if not data.models:
+    if not data.models and not data.model_dirs:
         raise RegistryError(f"{path}: models: is empty; declare at least one model")
     base = path.resolve().parent
     models = {name: _model_spec(name, e, base, path) for name, e in data.models.items()}
+    models.update(_dir_models(data, base, path, models))
+    if not models:
+        raise RegistryError(f"{path}: model_dirs: no servable checkpoint found; see the warnings above")
     return Registry(path=path, models=models, loras=_collect_loras(data, base, path),
                     embeddings=_collect_embeddings(data, base, path, models))

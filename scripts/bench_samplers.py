@@ -48,7 +48,8 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=3, help="timed calls of each per choice")
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
-    config = json.loads((ROOT / "app" / "configs" / "scheduler.json").read_text())
+    scheduler_file = ROOT / "app" / "configs" / "sdxl" / "scheduler" / "scheduler_config.json"
+    config = json.loads(scheduler_file.read_text())
     choices = [
         resolve_sampler(entry.name if entry.a1111 else entry.comfy[0], schedule)
         for entry in SAMPLERS

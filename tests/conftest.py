@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import socket
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -157,3 +158,22 @@ def png(answer: httpx.Response) -> Image.Image:
     image = Image.open(io.BytesIO(answer.content))
     assert image.format == "PNG"
     return image
+
+
+@pytest.fixture()
+def network_off(monkeypatch: pytest.MonkeyPatch) -> list:
+    """HF_HUB_OFFLINE=1 and every non-loopback connection refused (and recorded)."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    attempts: list = []
+    real_connect = socket.socket.connect
+
+    def connect(self, address):
+        host = address[0] if isinstance(address, tuple) else address
+        loopback = host in ("127.0.0.1", "::1", "localhost")
+        if isinstance(host, str) and not loopback and self.family != socket.AF_UNIX:
+            attempts.append(address)
+            raise OSError(f"network blocked by the test: {address}")
+        return real_connect(self, address)
+
+    monkeypatch.setattr(socket.socket, "connect", connect)
+    return attempts

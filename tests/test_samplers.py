@@ -35,7 +35,9 @@ from app.samplers import (
 pytestmark = pytest.mark.filterwarnings("ignore:Should have t:UserWarning")
 
 ROOT = Path(__file__).resolve().parents[1]
-SDXL_CONFIG = json.loads((ROOT / "app" / "configs" / "scheduler.json").read_text())
+SDXL_CONFIG = json.loads(
+    (ROOT / "app" / "configs" / "sdxl" / "scheduler" / "scheduler_config.json").read_text()
+)
 
 # --- the names in shared/api/samplers.md -----------------------------------------------
 

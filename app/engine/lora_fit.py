@@ -33,9 +33,10 @@ from typing import Any
 
 import torch
 
+from app.checkpoints import bundled_config, config_folder
 from app.errors import LoraError
 from app.families import Family, family_label
-from app.registry import BUNDLED_CONFIGS, LoraSpec, ModelSpec, Registry
+from app.registry import LoraSpec, ModelSpec, Registry
 
 log = logging.getLogger(__name__)
 
@@ -131,13 +132,13 @@ def _hub_cache_folder(repo: str) -> Path | None:
 
 
 def _config_folder(spec: ModelSpec) -> Path | None:
-    if spec.kind == "local":
-        return Path(spec.source)
+    """app.checkpoints.config_folder, but a Hub model's own configs when they are cached (a
+    repo need not be the stock architecture)."""
     if spec.kind == "hub":
-        return _hub_cache_folder(spec.source) or BUNDLED_CONFIGS.get(spec.family)
+        return _hub_cache_folder(spec.source) or config_folder(spec)
     if spec.source == "builtin:random-sdxl":
-        return BUNDLED_CONFIGS.get("sdxl")
-    return None
+        return bundled_config("sdxl")
+    return config_folder(spec)
 
 
 def architecture_of(spec: ModelSpec) -> Architecture | None:

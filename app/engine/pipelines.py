@@ -1,4 +1,5 @@
-"""Loading diffusers pipelines for a model spec: builtin tiny, local folder or Hub repo.
+"""Loading diffusers pipelines for a model spec: builtin tiny, local folder, Hub repo or a
+single-file checkpoint (app.engine.single_file).
 
 Everything here runs on the worker thread that owns the target device.
 """
@@ -53,9 +54,13 @@ def choose_dtype(spec: ModelSpec, device: torch.device) -> torch.dtype:
     return torch.bfloat16 if major >= 9 else torch.float16
 
 
+def _vae_is_file(spec: ModelSpec) -> bool:
+    return bool(spec.vae) and Path(spec.vae).suffix.lower() == ".safetensors"
+
+
 def _hub_repos(spec: ModelSpec) -> list[str]:
     repos = [spec.source] if spec.kind == "hub" else []
-    if spec.vae and not Path(spec.vae).expanduser().exists():
+    if spec.vae and not _vae_is_file(spec) and not Path(spec.vae).expanduser().exists():
         repos.append(spec.vae)
     return repos
 
@@ -95,17 +100,50 @@ def _from_pretrained(cls: Any, source: str, allow_downloads: bool, **kwargs: Any
     raise AssertionError("unreachable")  # pragma: no cover
 
 
+def _load_vae(spec: ModelSpec, dtype: torch.dtype, allow_downloads: bool) -> Any:
+    """The entry's replacement VAE: a single file (with the model family's config and scaling
+    factor), a folder or a Hub repo."""
+    from diffusers import AutoencoderKL
+
+    from app.checkpoints import bundled_config, config_folder
+
+    assert spec.vae
+    try:
+        if _vae_is_file(spec):
+            from app.engine.single_file import load_vae_file
+
+            folder = config_folder(spec) or bundled_config(spec.family)
+            return load_vae_file(spec.vae, folder, dtype)
+        return _from_pretrained(AutoencoderKL, spec.vae, allow_downloads, torch_dtype=dtype)
+    except Exception as exc:  # noqa: BLE001 - every load failure becomes a clear 503
+        raise _unavailable(spec, spec.vae, exc) from exc
+
+
+def _load_single_file(spec: ModelSpec, dtype: torch.dtype, allow_downloads: bool) -> Any:
+    from app.checkpoints import CheckpointError
+    from app.engine.single_file import SingleFileError, load_single_file
+
+    try:
+        pipe = load_single_file(spec, dtype)
+    except (CheckpointError, SingleFileError) as exc:
+        raise Unavailable(
+            f"model '{spec.name}' cannot be served now: {Path(spec.source).name}: {exc.reason}",
+            retry_after=60, kind="model_unavailable",
+        ) from exc
+    if spec.vae:
+        pipe.vae = _load_vae(spec, dtype, allow_downloads)
+        pipe.register_modules(vae=pipe.vae)
+    return pipe
+
+
 def _load_diffusers(spec: ModelSpec, dtype: torch.dtype, allow_downloads: bool) -> Any:
-    from diffusers import AutoencoderKL, DiffusionPipeline
+    from diffusers import DiffusionPipeline
 
     kwargs: dict[str, Any] = {"torch_dtype": dtype}
     if spec.family == "sd15":
         kwargs.update(safety_checker=None, requires_safety_checker=False)
     if spec.vae:
-        try:
-            kwargs["vae"] = _from_pretrained(AutoencoderKL, spec.vae, allow_downloads, torch_dtype=dtype)
-        except Exception as exc:  # noqa: BLE001 - every load failure becomes a clear 503
-            raise _unavailable(spec, spec.vae, exc) from exc
+        kwargs["vae"] = _load_vae(spec, dtype, allow_downloads)
     try:
         return _from_pretrained(DiffusionPipeline, spec.source, allow_downloads, **kwargs)
     except Exception as exc:  # noqa: BLE001
@@ -117,6 +155,8 @@ def _build(spec: ModelSpec, dtype: torch.dtype, device: torch.device, allow_down
         from app.engine.random_sdxl import build_random_sdxl
 
         return build_random_sdxl(dtype=dtype, device=device)
+    if spec.kind == "single_file":
+        return _load_single_file(spec, dtype, allow_downloads)
     if spec.kind == "builtin":
         from app.engine import tiny
 

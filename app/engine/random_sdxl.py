@@ -1,7 +1,7 @@
 """Full-size Stable Diffusion XL 1.0 base architecture with random weights, built offline.
 
 For speed measurements where no weights can be downloaded: the UNet, VAE and both text
-encoders are built from the published component configs kept in ``app/configs/*.json``, so
+encoders are built from the published component configs kept in ``app/configs/sdxl/``, so
 every layer, shape and FLOP is the real model's (speed does not depend on weight values).
 The parameter counts match SDXL 1.0 base exactly (see ``EXPECTED_PARAMETERS``).
 
@@ -35,7 +35,7 @@ from typing import Any
 import torch
 from torch import nn
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs" / "sdxl"
 RANDOM_SEED = 0
 
 # SDXL 1.0 base, as published (tests/test_optimize.py checks these against its own literals).
@@ -48,13 +48,15 @@ EXPECTED_PARAMETERS = {
 
 # madebyollin/sdxl-vae-fp16-fix has the SDXL VAE's architecture and ships `force_upcast: false`
 # (its activations were scaled down so fp16 does not overflow); the base model's own VAE
-# config (configs/vae.json) says `force_upcast: true`, so diffusers decodes it in fp32.
+# config (configs/sdxl/vae/config.json) says `force_upcast: true`, so diffusers decodes it in fp32.
 
 
 @cache
 def load_config(name: str) -> dict[str, Any]:
-    """One component config from app/configs (unet, vae, text_encoder, text_encoder_2, ...)."""
-    path = CONFIG_DIR / f"{name}.json"
+    """One component config from app/configs/sdxl (unet, vae, text_encoder, text_encoder_2,
+    scheduler), a diffusers-format folder."""
+    file = "scheduler_config.json" if name == "scheduler" else "config.json"
+    path = CONFIG_DIR / name / file
     return json.loads(path.read_text(encoding="utf-8"))
 
 
@@ -113,7 +115,7 @@ def build_random_sdxl(
     """A StableDiffusionXLPipeline with SDXL 1.0 base's full architecture and random weights.
 
     `fp16_fix_vae=True` configures the VAE as madebyollin/sdxl-vae-fp16-fix is configured
-    (`force_upcast: false`, what craftserve's models.yaml uses); False keeps configs/vae.json
+    (`force_upcast: false`, what craftserve's models.yaml uses); False keeps configs/sdxl/vae/config.json
     (`force_upcast: true`, the base model's own VAE: diffusers decodes in fp32 when in fp16).
     The same `seed` and dtype give the same weights on any device. On the CPU a float32 build needs
     about 14 GB of memory; a float16 one on a GPU about 7 GB.
