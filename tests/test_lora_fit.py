@@ -192,3 +192,47 @@ def test_non_stock_model_serves_its_lora_over_http(make_server, files, wide_fold
         assert detail.startswith("lora 'wide-style': does not fit model 'tiny-sdxl' (SDXL): layer unet.")
         assert "doesn't have loras" in detail
         assert c.post("/sd", json=body(model="wide")).content == base.content
+
+
+STOCK_MODELS = ("  xl: {source: stabilityai/stable-diffusion-xl-base-1.0, family: sdxl}\n"
+                "  sd: {source: stable-diffusion-v1-5/stable-diffusion-v1-5, family: sd15}")
+
+
+def _kohya(path: Path, layers: dict[str, tuple[int, int]]) -> Path:
+    """A kohya-named LoRA of zero tensors with real widths: {layer: (in, out)}, rank 4."""
+    state = {}
+    for layer, (fan_in, fan_out) in layers.items():
+        state[f"{layer}.lora_down.weight"] = torch.zeros(4, fan_in)
+        state[f"{layer}.lora_up.weight"] = torch.zeros(fan_out, 4)
+        state[f"{layer}.alpha"] = torch.tensor(4.0)
+    save_file(state, str(path))
+    return path
+
+
+@pytest.mark.parametrize(
+    ("layers", "fits"),
+    [
+        # SDXL as kohya names it: SGM blocks; input block 4 = down block 1 (640 channels),
+        # its cross-attention reads both text encoders (768 + 1280 = 2048)
+        ({"lora_unet_input_blocks_4_1_transformer_blocks_1_attn2_to_k": (2048, 640)}, {"xl"}),
+        # with SDXL's second text encoder (OpenCLIP bigG, 1280 wide), which SD 1.x lacks
+        ({"lora_unet_input_blocks_4_1_transformer_blocks_1_attn2_to_k": (2048, 640),
+          "lora_te2_text_model_encoder_layers_0_self_attn_q_proj": (1280, 1280),
+          "lora_te2_text_model_encoder_layers_0_self_attn_out_proj": (1280, 1280)}, {"xl"}),
+        # SD 1.x: attention in the first down block (320 channels) reading CLIP-L (768)
+        ({"lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k": (768, 320)}, {"sd"}),
+        # CLIP-L alone: both families have it, so it fits both
+        ({"lora_te_text_model_encoder_layers_0_self_attn_q_proj": (768, 768),
+          "lora_te_text_model_encoder_layers_0_self_attn_out_proj": (768, 768)}, {"xl", "sd"}),
+        # SD 2.x: the same layer reading OpenCLIP-H (1024): fits neither
+        ({"lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k": (1024, 320)}, set()),
+    ],
+)
+def test_real_world_layouts_against_the_stock_architectures(tmp_path, layers, fits):
+    """Full-size SDXL 1.0 and SD 1.5 built from the bundled configs on the meta device; the
+    widths are those of the published models."""
+    path = _kohya(tmp_path / "lora.safetensors", layers)
+    registry = _registry(tmp_path, STOCK_MODELS, {"real": path})
+    lora = registry.loras["real"]
+    assert lora.error is None
+    assert {m for m, reason in lora.fits.items() if reason is None} == fits

@@ -303,13 +303,14 @@ def _match(lora: LoraSpec, models: Mapping[str, ModelSpec],
                 read[key] = lora_layers(lora.path, arch, lora.name)
             except LoraError as exc:
                 read[key] = exc
-            except Exception as exc:  # noqa: BLE001 - an unreadable file is that LoRA's problem
-                read[key] = LoraError(lora.name, f"cannot be read ({type(exc).__name__})")
+            except Exception as exc:  # noqa: BLE001 - diffusers' converters raise many types
+                text = " ".join(str(exc).split())[:160] or type(exc).__name__
+                read[key] = LoraError(lora.name, f"its layer names cannot be converted for this "
+                                                 f"architecture ({text})")
         layers = read[key]
-        if isinstance(layers, LoraError):
-            lora.error = layers.reason
-            log.warning("LoRA %r (%s) cannot be used: %s", lora.name, lora.path, layers.reason)
-            return
+        if isinstance(layers, LoraError):  # for this model's architecture, not for others
+            fits[model] = f"does not fit model '{model}' ({family_label(spec.family)}): {layers.reason}"
+            continue
         fits[model] = misfit(layers, arch, model)
     lora.fits = fits
     if fits and all(reason is not None for reason in fits.values()):
