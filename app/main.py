@@ -61,6 +61,10 @@ def describe_validation_errors(errors: list[dict]) -> str:
         kind = err.get("type", "")
         if kind == "missing":
             parts.append(f"The request doesn't have {field}: {field} is a required field")
+        elif field == "body" and isinstance(err.get("input"), bytes | bytearray):
+            # a JSON body sent under another Content-Type: never echo it (it may hold the key)
+            parts.append("The request doesn't have body as JSON: it was not sent as "
+                         "`Content-Type: application/json`; send a JSON object with that header")
         elif kind == "json_invalid":
             reason = (err.get("ctx") or {}).get("error", "invalid JSON")
             parts.append(f"The request doesn't have body as valid JSON: malformed JSON ({reason}); "
@@ -92,6 +96,18 @@ def _install_error_handlers(app: FastAPI, metrics: Metrics, renderers: ErrorRend
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        if exc.status_code == 400 and exc.detail == "There was an error parsing the body":
+            # FastAPI's answer for a JSON body it cannot decode other than malformed JSON: bytes
+            # that are not UTF-8, or nesting deeper than Python's JSON parser goes.
+            body = await request.body()
+            try:
+                body.decode("utf-8")
+                reason = "it is nested too deeply to parse"
+            except UnicodeDecodeError as bad:
+                reason = f"it is not UTF-8 (byte {bad.start})"
+            metrics.errors.labels("invalid_parameter").inc()
+            message = f"The request doesn't have body as valid JSON: {reason}; send a JSON object"
+            return renderers.render(request, ErrorInfo(422, message, "invalid_parameter", "body"))
         kind = "not_found" if exc.status_code == 404 else "http"
         metrics.errors.labels(kind).inc()
         info = ErrorInfo(exc.status_code, str(exc.detail), kind, headers=dict(exc.headers or {}))

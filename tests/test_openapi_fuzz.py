@@ -10,7 +10,9 @@ schemathesis generates (wrong types, missing fields, odd strings, unknown names)
 from __future__ import annotations
 
 import re
+import socket
 
+import httpx
 import pytest
 
 schemathesis = pytest.importorskip("schemathesis")
@@ -89,3 +91,68 @@ def test_every_route_answers_as_documented(api_schema):
         except Exception as exc:  # noqa: BLE001 - collected, reported below
             failures.append(f"{operation.label}: {str(exc)[:1500]}")
     assert not failures, "\n\n".join(failures)
+
+
+# ---- the issue's bad input, by hand ------------------------------------------------------------
+_GENERATION_ROUTES = ("/sd", "/sdapi/v1/txt2img", "/v1/images/generations")
+
+
+def _by_hand() -> dict[str, bytes]:
+    good = b'"token": "' + API_KEY.encode() + b'", "model": "tiny-sdxl", "prompt": "x"'
+    return {
+        "10,000 nested objects": b'{"a":' * 10_000 + b"1" + b"}" * 10_000,
+        "10,000 nested arrays": b"[" * 10_000 + b"]" * 10_000,
+        "invalid UTF-8": b"{" + good + b', "negative_prompt": "\xff\xfe"}',
+        "NaN literal": b"{" + good + b', "cfg_scale": NaN}',
+        "Infinity literal": b"{" + good + b', "steps": Infinity}',
+        "1 MB prompt": b'{"token": "' + API_KEY.encode() + b'", "model": "tiny-sdxl", "prompt": "'
+                       + b"x" * 1_000_000 + b'"}',
+        "not JSON at all": b"\x00\x01 garbage",
+    }
+
+
+@pytest.mark.parametrize("case", list(_by_hand()))
+def test_bad_bodies_get_documented_answers(api_schema, make_server, case):
+    """Each is refused with a status the document lists for the route, in the route's error
+    shape, naming the body; nothing is echoed back."""
+    doc = api_schema.raw_schema
+    url = api_schema.get_base_url()
+    data = _by_hand()[case]
+    with httpx.Client(base_url=url, timeout=60) as c:
+        for path in _GENERATION_ROUTES:
+            answer = c.post(path, content=data, headers={"content-type": "application/json",
+                                                          "Authorization": f"Bearer {API_KEY}"})
+            documented = doc["paths"][path]["post"]["responses"]
+            assert str(answer.status_code) in documented, (case, path, answer.status_code)
+            assert answer.status_code in (400, 413, 422), (case, path, answer.text[:300])
+            assert answer.headers["content-type"] == "application/json"
+            assert len(answer.content) < 4000  # the body is never echoed
+            assert API_KEY not in answer.text
+
+
+def test_duplicate_keys_take_the_last_value(api_schema):
+    """As Python's and most JSON parsers do (RFC 8259 leaves it open): the last `steps` counts."""
+    body = (f'{{"token": "{API_KEY}", "model": "tiny-sdxl", "prompt": "x", "width": 64, '
+            '"height": 64, "steps": 2, "steps": 31}').encode()
+    with httpx.Client(base_url=api_schema.get_base_url(), timeout=60) as c:
+        answer = c.post("/sd", content=body, headers={"content-type": "application/json"})
+    assert answer.status_code == 422 and "steps 31" in answer.json()["detail"]
+
+
+@pytest.mark.parametrize("content_type", ["text/plain", "application/x-www-form-urlencoded"])
+def test_content_type_lies(api_schema, content_type):
+    body = f'{{"token": "{API_KEY}", "model": "tiny-sdxl", "prompt": "x"}}'.encode()
+    with httpx.Client(base_url=api_schema.get_base_url(), timeout=60) as c:
+        answer = c.post("/sd", content=body, headers={"content-type": content_type})
+    assert answer.status_code == 422
+    assert "Content-Type: application/json" in answer.json()["detail"]
+    assert API_KEY not in answer.text
+
+
+def test_hundred_megabyte_body_is_refused_before_it_is_read(api_schema):
+    host, port = api_schema.get_base_url().removeprefix("http://").rstrip("/").split(":")
+    with socket.create_connection((host, int(port)), timeout=30) as sock:
+        sock.sendall(b"POST /sd HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: 104857600\r\n\r\n" + b"{" * 65536)
+        answer = sock.recv(65536)
+    assert answer.startswith(b"HTTP/1.1 413 "), answer[:200]
