@@ -10,6 +10,7 @@ import threading
 from pathlib import Path
 
 import uvicorn
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from app.config import Settings
 from app.registry import RegistryError
@@ -35,11 +36,47 @@ class _Server(uvicorn.Server):
         super().handle_exit(sig, frame)
 
 
+class IdleClosingH11(H11Protocol):
+    """uvicorn's h11 protocol, closing a connection that has no request in progress for
+    `idle_s` seconds on end: one that never sends a complete request head (idle, or sending
+    it a byte at a time), not only one idle after a response (uvicorn's keep-alive timeout).
+    Idle connections then cost a file descriptor for seconds, not for ever, and never stand
+    between a fresh client and the server. A response in progress (a long generation, an
+    event stream) is never cut."""
+
+    idle_s = 10.0
+
+    def connection_made(self, transport) -> None:  # noqa: ANN001 - asyncio's signature
+        super().connection_made(transport)
+        self._idle_mark: object = None
+        self._idle_timer = self.loop.call_later(self.idle_s, self._idle_check)
+
+    def _idle_check(self) -> None:
+        self._idle_timer = None
+        if self.transport.is_closing():
+            return
+        cycle = self.cycle
+        busy = cycle is not None and not cycle.response_complete
+        if not busy and cycle is self._idle_mark:  # no new request since the last look
+            self.transport.close()
+            return
+        self._idle_mark = cycle
+        self._idle_timer = self.loop.call_later(self.idle_s, self._idle_check)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._idle_timer is not None:
+            self._idle_timer.cancel()
+            self._idle_timer = None
+        super().connection_lost(exc)
+
+
 def connection_limits(settings: Settings) -> dict:
     """uvicorn's connection settings, from ours (documented in the README's settings table)."""
+    protocol = type("IdleClosingH11", (IdleClosingH11,), {"idle_s": settings.idle_timeout_s})
     return {
+        "http": protocol,
         "timeout_keep_alive": settings.keep_alive_s,
-        "limit_concurrency": settings.max_connections,
+        "limit_concurrency": settings.max_connections or None,
         "backlog": settings.backlog,
         # headers past this make h11 answer 431 itself (our middleware counts them too)
         "h11_max_incomplete_event_size": settings.max_header_bytes + 8192,

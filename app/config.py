@@ -40,10 +40,13 @@ class Settings(BaseSettings):
     body_timeout_s: float = Field(30.0, gt=0)
     max_url_bytes: int = Field(8192, ge=256)
     max_header_bytes: int = Field(16384, ge=1024)
-    # uvicorn: idle keep-alive connections close after this; more open connections than
-    # max_connections are answered 503 at once; the listen backlog (craftserve serve only).
+    # Connections (uvicorn): keep-alive connections close this long after a response; any
+    # connection with no request in progress for idle_timeout_s on end (one that never sends
+    # its request head) is closed; more open connections than max_connections (0: no limit;
+    # uvicorn counts idle ones too) are answered 503; the listen backlog (craftserve serve).
     keep_alive_s: float = Field(5.0, gt=0)
-    max_connections: int = Field(1024, ge=1)
+    idle_timeout_s: float = Field(10.0, gt=0)
+    max_connections: int = Field(0, ge=0)
     backlog: int = Field(2048, ge=1)
 
     # Request limits.

@@ -149,3 +149,21 @@ def test_prompts_are_logged_only_when_asked(make_server, caplog):
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("job ")]
     assert len(lines) == 2
     assert [prompt in line for line in lines] == [False, True]
+
+
+def test_idle_connections_are_closed_and_never_block_a_fresh_client(make_server):
+    """Connections that never send a request are closed after IDLE_TIMEOUT_S (uvicorn alone
+    keeps them for ever); while they are open a fresh client is served."""
+    server = make_server(idle_timeout_s=1.0)
+    host, port = server.url.removeprefix("http://").split(":")
+    idle = [socket.create_connection((host, int(port)), timeout=10) for _ in range(200)]
+    try:
+        with server.client() as c:
+            png(c.post("/sd", json=body()))
+        deadline = time.monotonic() + 30
+        for sock in idle:
+            sock.settimeout(max(0.1, deadline - time.monotonic()))
+            assert sock.recv(1) == b""  # closed by the server, not by us
+    finally:
+        for sock in idle:
+            sock.close()
