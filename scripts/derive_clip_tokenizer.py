@@ -24,27 +24,13 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+from app.engine.tiny import bytes_to_unicode  # noqa: E402 - GPT-2/CLIP's byte table, one copy
+
 TARGET = ROOT / "app" / "configs" / "clip-tokenizer"
 VOCAB_SIZE = 49_408
 MERGES = VOCAB_SIZE - 256 - 256 - 2  # 48,894
 KNOWN = {"a photo of a cat": [49406, 320, 1125, 539, 320, 2368, 49407]}
-
-
-def bytes_to_unicode() -> dict[int, str]:
-    """GPT-2/CLIP's reversible byte -> printable character table."""
-    keep = (
-        list(range(ord("!"), ord("~") + 1))
-        + list(range(ord("¡"), ord("¬") + 1))
-        + list(range(ord("®"), ord("ÿ") + 1))
-    )
-    codes = keep[:]
-    extra = 0
-    for b in range(256):
-        if b not in keep:
-            keep.append(b)
-            codes.append(256 + extra)
-            extra += 1
-    return dict(zip(keep, (chr(c) for c in codes), strict=True))
 
 
 def derive(bpe_gz: Path) -> tuple[str, str]:

@@ -6,9 +6,13 @@ repository root on sys.path."""
 
 from __future__ import annotations
 
+import os
 import socket
+import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 
 import httpx
 import uvicorn
@@ -16,6 +20,8 @@ import uvicorn
 from app.cli import connection_limits
 from app.config import Settings
 from app.main import create_app
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 class LiveServer:
@@ -67,3 +73,35 @@ class LiveServer:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def serve_process(models: Path, key: str, **env: str) -> tuple[subprocess.Popen, str]:
+    """`craftserve serve` as its own process (signals, stdout) on a free port, once /ready
+    says 200: (the process, its URL). `env`: CRAFTSERVE_* settings, without the prefix."""
+    port = free_port()
+    environ = dict(os.environ, CRAFTSERVE_API_KEYS=key,
+                   **{f"CRAFTSERVE_{name.upper()}": value for name, value in env.items()})
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "app.cli", "serve", "--port", str(port), "--models", str(models)],
+        cwd=ROOT, env=environ, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while True:
+        if proc.poll() is not None:
+            raise AssertionError(f"craftserve serve exited: {proc.stdout.read()}")
+        try:
+            if httpx.get(url + "/ready", timeout=2).status_code == 200:
+                return proc, url
+        except httpx.HTTPError:
+            pass
+        if time.monotonic() > deadline:
+            proc.kill()
+            raise AssertionError("craftserve serve was not ready within 120 s")
+        time.sleep(0.1)

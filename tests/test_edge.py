@@ -17,7 +17,7 @@ import pytest
 from app.auth import Authenticator, hashed_entry, key_label
 from app.errors import Forbidden, RateLimited
 from tests.conftest import API_KEY, body, png
-from tests.test_shutdown import ROOT
+from tests.live import ROOT
 
 CAP = 64 * 1024
 

@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import os
 import shutil
 import signal
-import subprocess
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -17,7 +14,7 @@ import torch
 
 from app.engine.tiny import build_tiny_sd15
 from tests.conftest import API_KEY, body, png
-from tests.test_shutdown import ROOT, free_port
+from tests.live import serve_process
 
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
 
@@ -157,24 +154,9 @@ def test_invalid_file_changes_nothing(make_server, setup):
 def test_sighup_reloads_the_real_process(tmp_path: Path):
     models = tmp_path / "models.yaml"
     _write(models, "models:\n  tiny-sdxl: {source: builtin:tiny-sdxl, preload: true}\n")
-    port = free_port()
-    env = dict(os.environ, CRAFTSERVE_API_KEYS=API_KEY, CRAFTSERVE_LOG_LEVEL="info")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "app.cli", "serve", "--port", str(port), "--models", str(models)],
-        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )
-    url = f"http://127.0.0.1:{port}"
+    proc, url = serve_process(models, API_KEY, log_level="info")
+    deadline = time.monotonic() + 120
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert proc.poll() is None
-            try:
-                if httpx.get(url + "/ready", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline
-            time.sleep(0.1)
         _write(models, "models:\n  tiny-sdxl: {source: builtin:tiny-sdxl, preload: true}\n"
                        "  tiny-sd15: {source: builtin:tiny-sd15}\n")
         proc.send_signal(signal.SIGHUP)

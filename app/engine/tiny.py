@@ -24,7 +24,7 @@ _SPECIAL = ["<|startoftext|>", "<|endoftext|>"]
 _MERGES = ["t h", "th e</w>", "a n", "an d</w>", "i n", "o n</w>", "e r</w>", "a t</w>"]
 
 
-def _bytes_to_unicode() -> dict[int, str]:
+def bytes_to_unicode() -> dict[int, str]:
     """CLIP/GPT-2's reversible byte -> printable-unicode table."""
     printable = (
         list(range(ord("!"), ord("~") + 1))
@@ -42,7 +42,7 @@ def _bytes_to_unicode() -> dict[int, str]:
 
 
 def _write_tokenizer_files(folder: Path) -> tuple[Path, Path]:
-    symbols = list(_bytes_to_unicode().values())
+    symbols = list(bytes_to_unicode().values())
     tokens = symbols + [s + "</w>" for s in symbols]
     tokens += ["".join(m.split()) for m in _MERGES] + _SPECIAL
     vocab = {tok: i for i, tok in enumerate(dict.fromkeys(tokens))}
