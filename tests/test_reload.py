@@ -168,3 +168,23 @@ def test_sighup_reloads_the_real_process(tmp_path: Path):
         proc.send_signal(signal.SIGTERM)
         out, _ = proc.communicate(timeout=60)
     assert "reload: models added: tiny-sd15" in out
+
+
+def test_model_dirs_are_rescanned(make_server, tmp_path: Path):
+    """A checkpoint file dropped into a model_dirs folder is served after a reload; one taken
+    away is no longer."""
+    from tests.original_layout import tiny_sd15, write_checkpoint
+
+    folder = tmp_path / "checkpoints"
+    folder.mkdir()
+    server = make_server("models:\n  tiny-sdxl: {source: builtin:tiny-sdxl, preload: true}\n"
+                         f"model_dirs: [{folder}]\n")
+    with server.client() as c:
+        assert c.get("/sd/models-sd").json() == []
+        write_checkpoint(tiny_sd15(), "sd15", folder / "dropped-in.safetensors")
+        report = c.post("/admin/reload", headers=AUTH).json()
+        assert report["added"] == ["dropped-in"]
+        assert c.get("/sd/models-sd").json() == ["dropped-in"]
+        (folder / "dropped-in.safetensors").unlink()
+        assert c.post("/admin/reload", headers=AUTH).json()["removed"] == ["dropped-in"]
+        assert c.get("/sd/models-sd").json() == []
