@@ -363,3 +363,20 @@ def test_declared_v_prediction_sets_up_the_scheduler(tiny: dict, tmp_path: Path)
     loaded = load_single_file(spec, torch.float32)
     assert loaded.scheduler.config.prediction_type == "v_prediction"
     assert loaded.scheduler.config.rescale_betas_zero_snr is True
+
+
+def test_package_data_ships_every_bundled_config() -> None:
+    """pyproject's package-data globs cover every file under app/configs (an installed server
+    loads single files offline from them)."""
+    import fnmatch
+    import re
+
+    root = Path(__file__).resolve().parents[1]
+    line = re.search(r"(?m)^app = \[(.*)\]$", (root / "pyproject.toml").read_text())
+    assert line, "pyproject.toml: no `app = [...]` under package-data"
+    globs = re.findall(r'"([^"]+)"', line[1])
+    files = [p.relative_to(root / "app").as_posix() for p in BUNDLED_CONFIGS.rglob("*") if p.is_file()]
+    assert files
+    unshipped = [f for f in files if not any(fnmatch.fnmatch(f, g) and f.count("/") == g.count("/")
+                                             for g in globs)]
+    assert unshipped == []

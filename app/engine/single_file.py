@@ -12,15 +12,11 @@ tensor in the file, when a shape differs, or when a tensor of the file is used b
 logit scale; app.checkpoints.is_ignored_key). The SDXL text encoders are told apart by their
 key prefixes, never by width, so two encoders of one width cannot swap or duplicate weights.
 
-Tensors are views of a private (copy-on-write) memory map of the file, as diffusers'
-from_pretrained keeps a folder's safetensors: a tensor already in the serving dtype is used in
-place (its pages are read when first used, and counted once), one in another dtype, sliced or
-transposed is converted into memory of its own, one at a time. So the peak memory is the model
-at the serving dtype plus one tensor, and no anonymous memory is allocated for weights that
-need no conversion (allocating 7 GB of it cost this project's VM host 20 s, three times the whole
-folder load). As with from_pretrained, a checkpoint file must not be rewritten in place while a
-model read from it serves on the CPU (replace it with a new file instead, as a copy or a
-download does; then reload).
+The file is mapped copy-on-write and read in file order: a tensor already in the serving dtype
+stays a view of the file's pages (no copy; read when first used, as diffusers' folder loads do),
+one in another dtype is converted and its pages handed back at once. The peak memory is about
+the model at the serving dtype (scripts/bench_load.py measures it). Like a diffusers folder,
+the file must not be rewritten in place while it is served (delete or rename it instead).
 """
 
 from __future__ import annotations
@@ -195,21 +191,27 @@ def openclip_source(name: str) -> Source:
 
 
 class _File:
-    """A safetensors file read tensor by tensor through a memory map (see the module doc)."""
+    """A safetensors file mapped copy-on-write (MAP_PRIVATE): a tensor whose dtype is the
+    serving dtype stays backed by the file's pages (no copy, read on first use, as diffusers'
+    own loads do), and writing to it never reaches the file. Tensors converted to another
+    dtype are copied, and their pages handed back to the kernel at once."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
         try:
-            self.handle = open(path, "rb")  # noqa: SIM115 - closed by close()
-            (length,) = struct.unpack("<Q", self.handle.read(8))
-            header = json.loads(self.handle.read(length))
-            # copy-on-write: a weight written in place (nothing here does) changes only memory
-            self.map = mmap.mmap(self.handle.fileno(), 0, access=mmap.ACCESS_COPY)
+            with open(path, "rb") as handle:
+                (length,) = struct.unpack("<Q", handle.read(8))
+                header = json.loads(handle.read(length))
+                self.map = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_COPY)
         except (OSError, ValueError, struct.error) as exc:
             raise SingleFileError(f"the checkpoint cannot be read ({exc})") from None
         header.pop("__metadata__", None)
         self.entries: dict[str, dict[str, Any]] = header
         self.data_start = 8 + length
+        end = max((e["data_offsets"][1] for e in header.values()), default=0)
+        if self.data_start + end > len(self.map):  # changed since its header was checked
+            self.map.close()
+            raise SingleFileError("the checkpoint is truncated")
         self.used: set[str] = set()
 
     def shape(self, key: str) -> tuple[int, ...] | None:
@@ -220,24 +222,32 @@ class _File:
         return self.entries[key]["data_offsets"][0]
 
     def read(self, key: str) -> torch.Tensor:
-        """The tensor as a view of the map (no copy)."""
+        """The tensor as a view of the mapped file (no copy)."""
         entry = self.entries[key]
         dtype = _DTYPES.get(entry["dtype"])
         if dtype is None:
             raise SingleFileError(f"tensor {key} has dtype {entry['dtype']}, which is not loaded")
         begin, end = entry["data_offsets"]
-        start, size = self.data_start + begin, end - begin
-        if start + size > len(self.map):
-            raise SingleFileError(f"the checkpoint is truncated (tensor {key})")
         self.used.add(key)
-        if size == 0:
+        if end == begin:
             return torch.empty(entry["shape"], dtype=dtype)
-        raw = torch.frombuffer(self.map, dtype=torch.uint8, count=size, offset=start)
+        raw = torch.frombuffer(self.map, dtype=torch.uint8, count=end - begin, offset=self.data_start + begin)
         return raw.view(dtype).reshape(entry["shape"])
 
+    def release(self, key: str) -> None:
+        """Unmap the whole pages of a tensor that was copied (they would count in the RSS)."""
+        begin, end = self.entries[key]["data_offsets"]
+        page = mmap.PAGESIZE
+        first = -(-(self.data_start + begin) // page) * page
+        last = (self.data_start + end) // page * page
+        if last > first and hasattr(mmap, "MADV_DONTNEED"):
+            self.map.madvise(mmap.MADV_DONTNEED, first, last - first)
+
     def close(self) -> None:
-        """Close the file; the map lives on as long as tensors use it."""
-        self.handle.close()
+        # Never map.close(): tensors viewing the file hold the mapping (torch.frombuffer keeps
+        # a reference, not a buffer export, so close() would unmap memory still in use). It is
+        # unmapped when the last of them goes.
+        del self.map
 
 
 def _fit(key: str, tensor: torch.Tensor, how: Any, target: torch.Tensor) -> torch.Tensor:
@@ -273,25 +283,23 @@ def _fill(module: nn.Module, file: _File, source: Callable[[str], Source], dtype
     # In file order: jumping around a file not in the page cache defeats the kernel's
     # read-ahead (measured: 4x slower on a cold 2 GB file).
     plan.sort(key=lambda item: file.offset(item[1]))
-    uses: dict[str, int] = {}
-    for _, key, _ in plan:
-        uses[key] = uses.get(key, 0) + 1
-    loaded: dict[str, torch.Tensor] = {}
-    fused: dict[str, torch.Tensor] = {}  # q/k/v tensors read once, sliced three times
+    users: dict[str, list[tuple[str, Any]]] = {}  # a fused q/k/v tensor serves three parameters
     for name, key, how in plan:
-        target = state[name]
-        if uses[key] > 1:
-            tensor = fused.get(key)
-            if tensor is None:
-                tensor = fused[key] = file.read(key)
-            uses[key] -= 1
-        else:
-            tensor = fused.pop(key, None)
-            tensor = file.read(key) if tensor is None else tensor
-        tensor = _fit(key, tensor, how, target)
-        kind = dtype if target.is_floating_point() else target.dtype
-        copy = tensor.dtype != kind or isinstance(how, tuple)  # a slice would pin the fused whole
-        loaded[name] = tensor.to(kind).contiguous() if not copy else tensor.to(kind, copy=True).contiguous()
+        users.setdefault(key, []).append((name, how))
+    loaded: dict[str, torch.Tensor] = {}
+    for key, fits in users.items():
+        raw = file.read(key)
+        copied = True
+        for name, how in fits:
+            target = state[name]
+            tensor = _fit(key, raw, how, target)
+            kind = dtype if target.is_floating_point() else target.dtype
+            copy = tensor.dtype != kind or isinstance(how, tuple)  # a slice would pin the fused whole
+            loaded[name] = tensor.to(kind, copy=True).contiguous() if copy else tensor
+            copied = copied and copy
+        del raw, tensor
+        if copied:
+            file.release(key)
     for name in [n for n in state if n.endswith("position_ids")]:
         loaded[name] = torch.arange(state[name].shape[-1]).expand(state[name].shape).clone()
     module.load_state_dict(loaded, strict=True, assign=True)
