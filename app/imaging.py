@@ -87,14 +87,22 @@ class ImageStore:
         self._lock = threading.Lock()
 
     def put(self, data: bytes, media_type: str = "image/png") -> str:
-        key = secrets.token_urlsafe(16)  # unguessable: the URL is the only credential
+        return self.put_many([data], media_type)[0]
+
+    def put_many(self, images: list[bytes], media_type: str = "image/png") -> list[str]:
+        """Store one answer's images; their keys. The oldest images go first while the store is
+        over its size, but never an image of this answer: every URL of an answer works when
+        it is sent, even when the answer alone is bigger than the store (it then holds just
+        this answer until the next one)."""
+        keys = [secrets.token_urlsafe(16) for _ in images]  # unguessable: the URL is the credential
         with self._lock:
-            self._images[key] = (data, media_type)
-            self._bytes += len(data)
-            while self._bytes > self.max_bytes and len(self._images) > 1:
+            for key, data in zip(keys, images, strict=True):
+                self._images[key] = (data, media_type)
+                self._bytes += len(data)
+            while self._bytes > self.max_bytes and len(self._images) > len(keys):
                 _, (old, _) = self._images.popitem(last=False)
                 self._bytes -= len(old)
-        return key
+        return keys
 
     def get(self, key: str, media_type: str = "image/png") -> bytes | None:
         """The image stored under `key` if it has this media type (so a URL ending in .png

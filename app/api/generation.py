@@ -9,6 +9,7 @@ batch together.
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 import secrets
 from collections.abc import Mapping
@@ -19,7 +20,7 @@ from fastapi import Request
 from app.config import Settings
 from app.engine.engine import Engine
 from app.engine.jobs import GenParams, Job, JobResult
-from app.errors import InvalidParameter, LoraError, NotServed, Unavailable
+from app.errors import InternalError, InvalidParameter, LoraError, NotServed, Unavailable
 from app.families import Family
 from app.imaging import encode_image, parameters_text
 from app.prompt_syntax import PromptSyntaxError, parse_prompt
@@ -28,6 +29,8 @@ from app.samplers import resolve_sampler
 from app.schemas import MAX_CLIP_SKIP, MAX_SEED
 
 DEFAULT_SAMPLER = "DPM++ 2M Karras"
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -181,9 +184,19 @@ async def run_jobs(engine: Engine, jobs: list[Job], request: Request) -> list[Jo
         watcher.cancel()
 
 
-async def _encode(params: GenParams, result: JobResult, output_format: str, quality: int) -> bytes:
+async def _encode(params: GenParams, result: JobResult, output_format: str, quality: int,
+                  job_id: str) -> bytes:
+    """The image encoded off the event loop. An encoder failure is a bug: logged with its
+    traceback under the job id and answered 500 naming the job, like a failed generation."""
     text = parameters_text(params, result.seed, result.sampler_label)
-    return await asyncio.to_thread(encode_image, result.image, output_format, text, quality)
+    try:
+        return await asyncio.to_thread(encode_image, result.image, output_format, text, quality)
+    except Exception:
+        logger.exception("job %s: encoding the image as %s failed", job_id, output_format)
+        raise InternalError(
+            f"internal error while encoding the image (job {job_id}); the server log has the "
+            "details and the server goes on serving"
+        ) from None
 
 
 async def generate_images(
@@ -213,7 +226,7 @@ async def generate_images(
             engine.cancel(job)
         raise
     results = await run_jobs(engine, jobs, request)
-    encoded = await asyncio.gather(*(_encode(p, r, output_format, quality)
-                                     for p, r in zip(all_params, results, strict=True)))
+    encoded = await asyncio.gather(*(_encode(p, r, output_format, quality, job.id)
+                                     for p, r, job in zip(all_params, results, jobs, strict=True)))
     return [Generated(data, params, result, job.id)
             for data, params, result, job in zip(encoded, all_params, results, jobs, strict=True)]

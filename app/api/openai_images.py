@@ -325,13 +325,13 @@ async def create_images(
                                       output_format=output_format, quality=quality)
     encoded = [image.data for image in generated]
     data: list[dict] = []
-    for blob in encoded:
-        if response_format == "b64_json":
-            data.append({"b64_json": base64.b64encode(blob).decode("ascii"), "revised_prompt": None})
-        else:
-            key = images.put(blob, MEDIA_TYPES[output_format])
-            url = str(request.url_for("openai_image_file", key=key, ext=output_format))
-            data.append({"url": url, "revised_prompt": None})
+    if response_format == "b64_json":
+        data = [{"b64_json": base64.b64encode(blob).decode("ascii"), "revised_prompt": None}
+                for blob in encoded]
+    else:
+        keys = images.put_many(encoded, MEDIA_TYPES[output_format])  # all of them kept
+        data = [{"url": str(request.url_for("openai_image_file", key=key, ext=output_format)),
+                 "revised_prompt": None} for key in keys]
     return JSONResponse({"created": int(time.time()), "data": data, "output_format": output_format,
                          "size": f"{width}x{height}"})
 

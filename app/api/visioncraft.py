@@ -105,9 +105,8 @@ async def generate(
     images: ImagesDep,
 ) -> ImageUrls:
     generated = await _generate(body, body.image_count, request, engine, registry, settings, auth)
-    return ImageUrls(images=[
-        str(request.url_for("stored_image", key=images.put(image.data))) for image in generated
-    ])
+    keys = images.put_many([image.data for image in generated])
+    return ImageUrls(images=[str(request.url_for("stored_image", key=key)) for key in keys])
 
 
 @router.get("/images/{key}.png", name="stored_image", response_class=Response,
