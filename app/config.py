@@ -66,6 +66,13 @@ class Settings(BaseSettings):
     shutdown_grace_s: float = Field(30.0, ge=0)
     # PNGs kept for the URLs `POST /generate` answers with (oldest dropped first).
     image_store_mb: int = Field(256, ge=1)
+    # The job API (POST /jobs): how long a finished job (and its image) is kept, how many jobs
+    # are tracked at most, SSE subscribers per job, and events buffered per subscriber (a slow
+    # reader loses progress events past this, never the final one).
+    job_ttl_s: float = Field(3600.0, gt=0)
+    max_tracked_jobs: int = Field(10000, ge=1)
+    job_max_subscribers: int = Field(100, ge=1)
+    job_subscriber_buffer: int = Field(16, ge=2)
     log_level: str = "info"
 
     @field_validator("api_keys", mode="before")
