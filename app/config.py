@@ -73,6 +73,7 @@ class Settings(BaseSettings):
     max_tracked_jobs: int = Field(10000, ge=1)
     job_max_subscribers: int = Field(100, ge=1)
     job_subscriber_buffer: int = Field(16, ge=2)
+    preview_every: int = Field(5, ge=1, description="steps between previews of a job that asks")
     log_level: str = "info"
 
     @field_validator("api_keys", mode="before")

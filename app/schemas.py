@@ -65,6 +65,13 @@ class GenerateRequest(BaseModel):
     seed: Int | None = Field(None, ge=-1, le=MAX_SEED, description="absent or -1: random")
 
 
+class JobRequest(GenerateRequest):
+    """Body of POST /jobs: any /sd body, plus `previews`."""
+
+    previews: bool = Field(False, description="send `preview` events (small PNGs of the latents "
+                                              "every few steps) on the job's event stream")
+
+
 class GenerateRequestV2(GenerateRequest):
     """Body of POST /image/generate (September 2024 docs): steps up to 35, default 35."""
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import io
 import json
 from types import SimpleNamespace
@@ -161,3 +162,36 @@ def test_a_slow_subscriber_loses_progress_never_the_end():
         assert len(tracked.events) == 12
     finally:
         loop.close()
+
+
+def test_previews_are_small_pngs_of_the_latents(jobs_server):
+    """previews: true → `preview` events every CRAFTSERVE_PREVIEW_EVERY (5) steps, each a PNG
+    of the latents: 1/8 of the image's size."""
+    with jobs_server.client() as c:
+        job_id = c.post("/jobs", json=body(steps=10, width=128, height=64, previews=True)).json()["id"]
+        events = read_events(c, job_id)
+        previews = [data for _, name, data in events if name == "preview"]
+        assert previews and {p["step"] for p in previews} <= {5, 10}
+        for data in previews:
+            image = Image.open(io.BytesIO(base64.b64decode(data["png_base64"])))
+            assert image.format == "PNG" and image.size == (16, 8) and image.mode == "RGB"
+        assert events[-1][1] == "done"
+        plain = c.post("/jobs", json=body(steps=10, width=128, height=64)).json()["id"]
+        assert "preview" not in [name for _, name, _ in read_events(c, plain)]
+
+
+def test_approx_cheap_is_the_linear_projection():
+    """A latent that is 1 in one channel and 0 elsewhere maps to that channel's row of the
+    matrix, scaled from [-1, 1] to [0, 255]."""
+    import torch
+
+    from app.engine.previews import SD15_LATENT_RGB, SDXL_LATENT_RGB, approx_cheap
+
+    for sdxl, table in [(True, SDXL_LATENT_RGB), (False, SD15_LATENT_RGB)]:
+        for channel in range(4):
+            latents = torch.zeros(4, 2, 3)
+            latents[channel] = 1.0
+            rgb = approx_cheap(latents, sdxl)
+            assert rgb.shape == (2, 3, 3) and rgb.dtype == torch.uint8
+            expected = [int(max(0, min(255, (v + 1) * 127.5))) for v in table[channel]]
+            assert rgb[1, 2].tolist() == expected

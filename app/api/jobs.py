@@ -12,7 +12,9 @@ number of subscribers per job is capped, so memory stays bounded whatever the cl
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
+import io
 import json
 import time
 from collections import OrderedDict, deque
@@ -20,6 +22,7 @@ from dataclasses import dataclass, field
 
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
+from PIL import Image
 from sse_starlette.sse import EventSourceResponse
 
 from app.api.deps import AuthDep, EngineDep, ImagesDep, RegistryDep, SettingsDep
@@ -31,7 +34,7 @@ from app.engine.engine import Engine
 from app.engine.jobs import Job
 from app.errors import CraftError, JobConflict, JobNotFound, Unavailable
 from app.imaging import ImageStore
-from app.schemas import GenerateRequest
+from app.schemas import JobRequest
 
 router = APIRouter(tags=["jobs"])
 
@@ -145,6 +148,12 @@ def _position(engine: Engine, job: Job) -> int | None:
     return waiting.index(job) + 1 if job in waiting else None
 
 
+def _preview_png(rgb) -> str:  # noqa: ANN001 - (h, w, 3) uint8 tensor
+    buffer = io.BytesIO()
+    Image.fromarray(rgb.numpy()).save(buffer, format="PNG", compress_level=1)
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
 def _error_body(error: BaseException) -> dict:
     if isinstance(error, CraftError):
         return {"status": error.status, "kind": error.kind, "message": error.message}
@@ -172,11 +181,24 @@ async def _watch(tracked: TrackedJob, engine: Engine, images: ImageStore, image_
             publish(tracked, "progress", {"step": job.step, "steps": tracked.steps,
                                           "eta_s": tracked.eta_s()})
 
+    last_preview = None
+
+    async def show_preview() -> None:
+        nonlocal last_preview
+        preview = job.preview
+        if preview is not None and preview is not last_preview:
+            last_preview = preview
+            png = await asyncio.to_thread(_preview_png, preview[1])
+            publish(tracked, "preview", {"step": preview[0], "steps": tracked.steps,
+                                         "png_base64": png})
+
     while not job.future.done() and tracked.status not in TERMINAL:
         observe()
+        await show_preview()
         await asyncio.wait({job.future}, timeout=TICK_S)
     if tracked.status not in TERMINAL:
         observe()  # the last step and the end can fall in one tick
+        await show_preview()
     if tracked.status in TERMINAL:  # cancelled meanwhile
         return
     error = job.future.exception() if job.future.done() else None
@@ -214,12 +236,14 @@ _tasks: set[asyncio.Task] = set()
 
 
 @router.post("/jobs", status_code=202, summary="Queue an image job (any /sd body); follow it by id")
-async def create_job(body: GenerateRequest, request: Request, engine: EngineDep,
+async def create_job(body: JobRequest, request: Request, engine: EngineDep,
                      registry: RegistryDep, settings: SettingsDep, auth: AuthDep,
                      images: ImagesDep) -> dict:
     client = _client(body, request, auth)
     job = submit_job(_image_request(body), client=client, engine=engine, registry=registry,
                      settings=settings)
+    if body.previews:
+        job.preview_every = settings.preview_every
     tracked = TrackedJob(id=job.id, client=client, job=job)
     tracker_of(request).add(tracked)
     tracked.queue_position = _position(engine, job)
