@@ -16,7 +16,7 @@ from fastapi.responses import Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from app import __version__
-from app.api import a1111, admin, health, jobs, openai_images, visioncraft
+from app.api import a1111, admin, health, jobs, openai_images, page, visioncraft
 from app.api.errors import ErrorInfo, ErrorRenderers
 from app.auth import Authenticator
 from app.config import Settings, get_settings
@@ -165,6 +165,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(health.router)
     app.include_router(admin.router)
     app.include_router(jobs.router)
+    app.include_router(page.router)
     app.state.error_renderers = renderers = ErrorRenderers()
     renderers.register("/sdapi/", a1111.render_error)
     renderers.register("/v1/", openai_images.render_error)

@@ -195,3 +195,14 @@ def test_approx_cheap_is_the_linear_projection():
             assert rgb.shape == (2, 3, 3) and rgb.dtype == torch.uint8
             expected = [int(max(0, min(255, (v + 1) * 127.5))) for v in table[channel]]
             assert rgb[1, 2].tolist() == expected
+
+
+def test_the_page_is_served_without_a_key(jobs_server):
+    """GET / is the playground: HTML that loads only its own script and links to /docs."""
+    with jobs_server.client() as c:
+        page = c.get("/")
+        assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+        assert 'href="/docs"' in page.text and '<script src="/static/app.js">' in page.text
+        assert "http://" not in page.text and "https://" not in page.text  # nothing external
+        script = c.get("/static/app.js")
+        assert script.status_code == 200 and "/jobs" in script.text
