@@ -206,3 +206,28 @@ def test_the_page_is_served_without_a_key(jobs_server):
         assert "http://" not in page.text and "https://" not in page.text  # nothing external
         script = c.get("/static/app.js")
         assert script.status_code == 200 and "/jobs" in script.text
+
+
+def test_cancelling_a_batched_job_leaves_its_companion_unharmed(make_server):
+    """Two compatible jobs run as one batch (a blocker holds the worker while both queue);
+    cancelling one while it runs leaves the other's bytes equal to the same request alone."""
+    server = make_server(max_batch=2, batch_window_ms=1000)
+    with server.client() as c:
+        blocker = c.post("/jobs", json=body(steps=8, width=256, height=256, seed=9)).json()["id"]
+        doomed = c.post("/jobs", json=body(steps=6, seed=1)).json()["id"]
+        kept = c.post("/jobs", json=body(steps=6, seed=2)).json()["id"]
+        with c.stream("GET", f"/jobs/{doomed}/events", headers=AUTH) as stream:
+            for line in stream.iter_lines():
+                if line.startswith("event: progress"):
+                    assert c.delete(f"/jobs/{doomed}", headers=AUTH).json()["status"] == "cancelled"
+                if line.startswith("event: cancelled"):
+                    break
+        assert read_events(c, blocker)[-1][1] == "done"
+        done = read_events(c, kept)[-1]
+        assert done[1] == "done" and done[2]["batch_size"] == 2
+        assert c.get(f"/jobs/{doomed}", headers=AUTH).json()["status"] == "cancelled"
+        batched = c.get(f"/jobs/{kept}/image", headers=AUTH)
+        alone = c.post("/sd", json=body(steps=6, seed=2))
+        assert batched.status_code == alone.status_code == 200
+        assert Image.open(io.BytesIO(batched.content)).tobytes() == \
+            Image.open(io.BytesIO(alone.content)).tobytes()
