@@ -231,3 +231,21 @@ def test_cancelling_a_batched_job_leaves_its_companion_unharmed(make_server):
         assert batched.status_code == alone.status_code == 200
         assert Image.open(io.BytesIO(batched.content)).tobytes() == \
             Image.open(io.BytesIO(alone.content)).tobytes()
+
+
+def test_an_expired_job_says_so(make_server):
+    """Past CRAFTSERVE_JOB_TTL_S a finished job answers 404 naming the expiry and the setting,
+    on every route; to another key it is still just unknown."""
+    server = make_server(api_keys=[API_KEY, OTHER_KEY], job_ttl_s=0.001)
+    with server.client() as c:
+        c.post("/jobs", json=body(steps=8, width=256, height=256))  # holds the worker meanwhile
+        job_id = c.post("/jobs", json=body(steps=2)).json()["id"]
+        assert read_events(c, job_id)[-1][1] == "done"  # subscribed while it waits
+        for method, path in [("GET", ""), ("GET", "/image"), ("GET", "/events"), ("DELETE", "")]:
+            answer = c.request(method, f"/jobs/{job_id}{path}", headers=AUTH)
+            assert answer.status_code == 404
+            assert answer.json()["detail"] == (
+                f"job '{job_id}' expired: finished jobs and their images are kept 0.001 s "
+                "(setting CRAFTSERVE_JOB_TTL_S)")
+        other = c.get(f"/jobs/{job_id}", headers=OTHER)
+        assert other.json()["detail"] == f"no job with id '{job_id}' for this API key"
