@@ -220,7 +220,19 @@ async def _watch(tracked: TrackedJob, engine: Engine, images: ImageStore, image_
     })
 
 
+@dataclass(frozen=True)
+class _Finished:
+    """What a finished job's state still needs: the engine's Job (and the image its future
+    holds) is let go, so tracked jobs kept for JOB_TTL_S cost a few hundred bytes each."""
+
+    params: object
+    step: int
+    started_at: float | None
+
+
 def _end(tracked: TrackedJob, status: str, data: dict, error: dict | None = None) -> None:
+    job = tracked.job
+    tracked.job = _Finished(job.params, job.step, job.started_at)  # type: ignore[assignment]
     tracked.status = status
     tracked.error = error
     tracked.finished_at = time.monotonic()
