@@ -84,6 +84,14 @@ class Settings(BaseSettings):
     shutdown_grace_s: float = Field(30.0, ge=0)
     # PNGs kept for the URLs `POST /generate` answers with (oldest dropped first).
     image_store_mb: int = Field(256, ge=1)
+    # The job API (POST /jobs): how long a finished job (and its image) is kept, how many jobs
+    # are tracked at most, SSE subscribers per job, and events buffered per subscriber (a slow
+    # reader loses progress events past this, never the final one).
+    job_ttl_s: float = Field(3600.0, gt=0)
+    max_tracked_jobs: int = Field(10000, ge=1)
+    job_max_subscribers: int = Field(100, ge=1)
+    job_subscriber_buffer: int = Field(16, ge=2)
+    preview_every: int = Field(5, ge=1, description="steps between previews of a job that asks")
     log_level: str = "info"
     # Prompts are users' data: the job log line carries them only when this is on. API keys
     # are never logged (a hash label stands for them).

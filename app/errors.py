@@ -184,3 +184,21 @@ class RequestTimeout(CraftError):
 
     status = 408
     kind = "body_timeout"
+
+
+class JobNotFound(CraftError):
+    """No job with this id for this key: unknown, another key's, or expired (404). The
+    message says which of unknown-or-expired applies, never that another key owns it."""
+
+    status = 404
+    kind = "job_not_found"
+    field = "id"
+
+
+class JobConflict(CraftError):
+    """The job is not in a state that allows this (409): its image before it is done,
+    cancelling a job that already finished."""
+
+    status = 409
+    kind = "job_conflict"
+    field = "id"

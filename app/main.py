@@ -16,7 +16,7 @@ from fastapi.responses import Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from app import __version__
-from app.api import a1111, admin, health, openai_images, openapi, visioncraft
+from app.api import a1111, admin, health, jobs, openai_images, openapi, page, visioncraft
 from app.api.errors import ErrorInfo, ErrorRenderers
 from app.api.limits import EdgeLimits
 from app.auth import Authenticator
@@ -185,6 +185,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(EdgeLimits, max_body_bytes=settings.max_body_bytes,
                        body_timeout_s=settings.body_timeout_s, max_url_bytes=settings.max_url_bytes,
                        max_header_bytes=settings.max_header_bytes)
+    app.include_router(jobs.router)
+    app.include_router(page.router)
     app.state.error_renderers = renderers = ErrorRenderers()
     renderers.register("/sdapi/", a1111.render_error)
     renderers.register("/v1/", openai_images.render_error)

@@ -69,6 +69,13 @@ class GenerateRequest(BaseModel):
         "(1: the last layer); SD 1.x models only, SDXL ignores it as A1111 does")
 
 
+class JobRequest(GenerateRequest):
+    """Body of POST /jobs: any /sd body, plus `previews`."""
+
+    previews: bool = Field(False, description="send `preview` events (small PNGs of the latents "
+                                              "every few steps) on the job's event stream")
+
+
 class GenerateRequestV2(GenerateRequest):
     """Body of POST /image/generate (September 2024 docs): steps up to 35, default 35."""
 

@@ -199,6 +199,19 @@ async def _encode(params: GenParams, result: JobResult, output_format: str, qual
         ) from None
 
 
+def submit_job(body: ImageRequest, *, client: str, engine: Engine, registry: Registry,
+               settings: Settings) -> Job:
+    """One job for `body`, queued (fairness, bound, deadline) without awaiting it: the job
+    API (POST /jobs) follows it by its future and its `step`."""
+    return engine.submit(to_params(body, registry, settings), client)
+
+
+async def encode_result(params: GenParams, result: JobResult, output_format: str = "png",
+                        quality: int = 100) -> bytes:
+    """A finished job's image, encoded off the event loop with its `parameters` text."""
+    return await _encode(params, result, output_format, quality)
+
+
 async def generate_images(
     body: ImageRequest,
     count: int,

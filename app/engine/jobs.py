@@ -105,6 +105,8 @@ class Job:
     started_at: float | None = None
     cancelled: threading.Event = field(default_factory=threading.Event)
     step: int = 0  # denoising steps done (written by the worker thread after each step)
+    preview_every: int = 0  # > 0: every this many steps the worker leaves a preview
+    preview: Any = None  # (step, (h, w, 3) uint8 tensor): the latest preview, if any
 
     def __post_init__(self) -> None:
         self.future = self.loop.create_future()

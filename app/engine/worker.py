@@ -29,6 +29,7 @@ from app.engine.determinism import jobs_in_call
 from app.engine.jobs import GenParams, Job, JobQueue, JobResult, WorkerSlot
 from app.engine.optimize import eager
 from app.engine.pipelines import LoadedModel, load_model
+from app.engine.previews import approx_cheap
 from app.engine.prompts import PromptEncoder
 from app.engine.schedulers import make_scheduler
 from app.errors import CraftError, InternalError, Unavailable
@@ -431,8 +432,11 @@ def _stop_when_abandoned(jobs: list[Job], batch: list[Job]):
     """The step callback: records the call's progress, and stops it once every job of the
     batch is cancelled."""
     def callback(pipe, step, timestep, callback_kwargs):  # noqa: ANN001 - diffusers' signature
-        for job in jobs:
+        for index, job in enumerate(jobs):
             job.step = step + 1
+            if job.preview_every and job.step % job.preview_every == 0:
+                latents = callback_kwargs["latents"][index]
+                job.preview = (job.step, approx_cheap(latents, "XL" in type(pipe).__name__))
         if all(job.cancelled.is_set() for job in batch):
             raise _Interrupted()
         return callback_kwargs
