@@ -206,10 +206,10 @@ def submit_job(body: ImageRequest, *, client: str, engine: Engine, registry: Reg
     return engine.submit(to_params(body, registry, settings), client)
 
 
-async def encode_result(params: GenParams, result: JobResult, output_format: str = "png",
-                        quality: int = 100) -> bytes:
+async def encode_result(params: GenParams, result: JobResult, job_id: str,
+                        output_format: str = "png", quality: int = 100) -> bytes:
     """A finished job's image, encoded off the event loop with its `parameters` text."""
-    return await _encode(params, result, output_format, quality)
+    return await _encode(params, result, output_format, quality, job_id)
 
 
 async def generate_images(

@@ -34,7 +34,7 @@ from app.engine.engine import Engine
 from app.engine.jobs import Job
 from app.errors import CraftError, JobConflict, JobNotFound, Unavailable
 from app.imaging import ImageStore
-from app.schemas import JobRequest
+from app.schemas import ErrorBody, JobRequest
 
 router = APIRouter(tags=["jobs"])
 
@@ -206,7 +206,11 @@ async def _watch(tracked: TrackedJob, engine: Engine, images: ImageStore, image_
         _end(tracked, "failed", {"error": _error_body(error)}, error=_error_body(error))
         return
     result = job.future.result()
-    data = await encode_result(job.params, result)
+    try:
+        data = await encode_result(job.params, result, job.id)
+    except CraftError as exc:  # an encoder failure (logged by the core): the job failed
+        _end(tracked, "failed", {"error": _error_body(exc)}, error=_error_body(exc))
+        return
     if tracked.status in TERMINAL:
         return
     tracked.image_key = images.put(data)
@@ -246,8 +250,24 @@ def _key_client(request: Request, auth: Authenticator) -> str:
 
 _tasks: set[asyncio.Task] = set()
 
+_WHEN = {
+    403: "API key missing or wrong",
+    404: "no such job for this key: unknown, another key's, or expired (the message says which "
+         "setting expires it)",
+    409: "the job's state does not allow it: its image before it is done, cancelling a finished job",
+    422: "a field out of range, of the wrong type, or a name this server does not have",
+    429: "the key is past its rate limit (`Retry-After`)",
+    503: "the queue is full, the model cannot be served now, or too many event subscribers "
+         "(`Retry-After`)",
+}
 
-@router.post("/jobs", status_code=202, summary="Queue an image job (any /sd body); follow it by id")
+
+def _errors(*statuses: int) -> dict[int | str, dict]:
+    return {status: {"model": ErrorBody, "description": _WHEN[status]} for status in statuses}
+
+
+@router.post("/jobs", status_code=202, responses=_errors(403, 422, 429, 503),
+             summary="Queue an image job (any /sd body); follow it by id")
 async def create_job(body: JobRequest, request: Request, engine: EngineDep,
                      registry: RegistryDep, settings: SettingsDep, auth: AuthDep,
                      images: ImagesDep) -> dict:
@@ -272,14 +292,15 @@ async def create_job(body: JobRequest, request: Request, engine: EngineDep,
     }
 
 
-@router.get("/jobs/{job_id}", name="job_status", summary="A job's state")
+@router.get("/jobs/{job_id}", name="job_status", summary="A job's state",
+            responses=_errors(403, 404))
 def job_status(job_id: str, request: Request, auth: AuthDep) -> dict:
     tracked = tracker_of(request).get(job_id, _key_client(request, auth))
     return tracked.state(request)
 
 
-@router.delete("/jobs/{job_id}", summary="Cancel a job: a queued one at once, a running one at "
-                                         "its next step")
+@router.delete("/jobs/{job_id}", responses=_errors(403, 404, 409),
+               summary="Cancel a job: a queued one at once, a running one at its next step")
 def cancel_job(job_id: str, request: Request, auth: AuthDep, engine: EngineDep) -> dict:
     tracked = tracker_of(request).get(job_id, _key_client(request, auth))
     if tracked.status in ("done", "failed"):
@@ -293,7 +314,8 @@ def cancel_job(job_id: str, request: Request, auth: AuthDep, engine: EngineDep) 
 
 
 @router.get("/jobs/{job_id}/image", name="job_image", response_class=Response,
-            responses={200: {"content": {"image/png": {}}, "description": "the PNG"}},
+            responses={200: {"content": {"image/png": {}}, "description": "the PNG"},
+                       **_errors(403, 404, 409)},
             summary="A finished job's image")
 def job_image(job_id: str, request: Request, auth: AuthDep, images: ImagesDep) -> Response:
     tracked = tracker_of(request).get(job_id, _key_client(request, auth))
@@ -306,7 +328,9 @@ def job_image(job_id: str, request: Request, auth: AuthDep, images: ImagesDep) -
     return Response(data, media_type="image/png")
 
 
-@router.get("/jobs/{job_id}/events", name="job_events",
+@router.get("/jobs/{job_id}/events", name="job_events", responses={
+                200: {"content": {"text/event-stream": {}}, "description": "the events"},
+                **_errors(403, 404, 503)},
             summary="Server-Sent Events: queued, started, progress, done, failed, cancelled")
 async def job_events(job_id: str, request: Request, auth: AuthDep,
                      settings: SettingsDep) -> EventSourceResponse:
