@@ -233,6 +233,16 @@ def _local_path(raw: str, base: Path) -> Path:
     return (path if path.is_absolute() else base / path).resolve()
 
 
+def _folders(raws: list[str], key: str, base: Path, file: Path) -> list[Path]:
+    """The folders of a `*_dirs:` list (relative ones against the models file's folder); a
+    missing one stops the start, naming the key."""
+    folders = [_local_path(raw, base) for raw in raws]
+    for folder in folders:
+        if not folder.is_dir():
+            raise RegistryError(f"{file}: {key}: {folder} is not a folder; create it or remove the entry")
+    return folders
+
+
 def _config_folder(entry: _ModelEntry, kind: str, base: Path, where: str) -> str | None:
     if entry.config is None:
         return None
@@ -363,13 +373,7 @@ def _lora_spec(name: str, path: Path, family: Family | None) -> LoraSpec:
 
 def _collect_loras(data: _File, base: Path, file: Path) -> dict[str, LoraSpec]:
     loras: dict[str, LoraSpec] = {}
-    for folder_raw in data.lora_dirs:
-        folder = Path(folder_raw).expanduser()
-        folder = folder if folder.is_absolute() else base / folder
-        if not folder.is_dir():
-            raise RegistryError(
-                f"{file}: lora_dirs: {folder} is not a folder; create it or remove the entry"
-            )
+    for folder in _folders(data.lora_dirs, "lora_dirs", base, file):
         for path in sorted(folder.glob("*.safetensors")):
             loras[path.stem] = _lora_spec(path.stem, path.resolve(), None)
     for name, entry in data.loras.items():
@@ -420,13 +424,7 @@ def _collect_embeddings(data: _File, base: Path, file: Path,
                         models: dict[str, ModelSpec]) -> list[EmbeddingSpec]:
     found: dict[tuple[str, str], EmbeddingSpec] = {}
     served = {m.family for m in models.values()}
-    for folder_raw in data.embedding_dirs:
-        folder = Path(folder_raw).expanduser()
-        folder = folder if folder.is_absolute() else base / folder
-        if not folder.is_dir():
-            raise RegistryError(
-                f"{file}: embedding_dirs: {folder} is not a folder; create it or remove the entry"
-            )
+    for folder in _folders(data.embedding_dirs, "embedding_dirs", base, file):
         for path in sorted(folder.iterdir()):
             if path.suffix.lower() in (".pt", ".bin", ".ckpt"):
                 logger.warning("embedding %r (%s) is not read: only .safetensors embeddings are "
@@ -454,12 +452,7 @@ def _dir_models(data: _File, base: Path, file: Path, explicit: dict[str, ModelSp
     """Every checkpoint file of `model_dirs:` as a model named by its stem, family detected.
     Two files with one name stop the start; a file that cannot be served is logged and skipped."""
     found: dict[str, Path] = {}
-    for folder_raw in data.model_dirs:
-        folder = _local_path(folder_raw, base)
-        if not folder.is_dir():
-            raise RegistryError(
-                f"{file}: model_dirs: {folder} is not a folder; create it or remove the entry"
-            )
+    for folder in _folders(data.model_dirs, "model_dirs", base, file):
         for path in sorted(folder.iterdir()):
             if path.suffix.lower() not in CHECKPOINT_SUFFIXES + PICKLE_SUFFIXES or not path.is_file():
                 continue
