@@ -94,6 +94,15 @@ def _parser() -> argparse.ArgumentParser:
         "--allow-anonymous", action="store_true", default=None,
         help="accept requests without a key (trusted networks only)",
     )
+    serve.add_argument(
+        "--ray", action="store_true",
+        help="run as a Ray Serve application: replicas across GPUs and nodes (extra craftserve[ray])",
+    )
+    serve.add_argument(
+        "--address",
+        help="with --ray: the Ray cluster to join, 'auto' or 'ray://host:10001' "
+             "(CRAFTSERVE_RAY_ADDRESS; default: start a local Ray)",
+    )
     hash_key = sub.add_parser(
         "hash-key",
         help="print the keys-file line (sha256:<hex>) for an API key, so the file is no secret",
@@ -125,6 +134,18 @@ def _hash_key(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve_on_ray(settings: Settings, address: str | None) -> int:
+    try:
+        import ray.serve  # noqa: F401
+    except ImportError:
+        sys.stderr.write('craftserve: --ray needs Ray Serve, which is not installed: '
+                         'pip install "craftserve[ray]"\n')
+        return 2
+    from app.cluster.deploy import serve_forever
+
+    return serve_forever(settings, address)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "hash-key":
@@ -146,6 +167,11 @@ def main(argv: list[str] | None = None) -> int:
         level=settings.log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    if args.address and not args.ray:
+        sys.stderr.write("craftserve: --address joins a Ray cluster; it needs --ray\n")
+        return 2
+    if args.ray:
+        return _serve_on_ray(settings, args.address)
     from app.main import create_app
 
     try:

@@ -10,7 +10,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Annotated
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from app.ratelimit import parse_rate_limit
@@ -92,6 +92,20 @@ class Settings(BaseSettings):
     job_max_subscribers: int = Field(100, ge=1)
     job_subscriber_buffer: int = Field(16, ge=2)
     preview_every: int = Field(5, ge=1, description="steps between previews of a job that asks")
+    # Ray Serve (`craftserve serve --ray`, extra `craftserve[ray]`; docs/scale-out.md). Replicas
+    # of the generation deployment, each running the engine on one device: between min and
+    # max (autoscaled on ongoing requests when max > min, aiming at target_ongoing a replica);
+    # GPUs and CPUs a replica reserves (GPUs unset: 1 where the cluster has GPUs, else 0, a CPU
+    # replica); requests waiting at the ingress once every replica holds max_queue + max_batch
+    # (past it: 503). address: unset starts a local Ray; "auto" or "ray://host:10001" joins one.
+    ray_address: str | None = None
+    ray_min_replicas: int = Field(1, ge=1)
+    ray_max_replicas: int = Field(1, ge=1)
+    ray_gpus_per_replica: float | None = Field(None, ge=0)
+    ray_cpus_per_replica: float = Field(1.0, ge=0)
+    ray_target_ongoing: float = Field(2.0, gt=0)
+    ray_max_queued: int = Field(64, ge=0)
+
     log_level: str = "info"
     # Prompts are users' data: the job log line carries them only when this is on. API keys
     # are never logged (a hash label stands for them).
@@ -123,6 +137,16 @@ class Settings(BaseSettings):
                 raise ValueError("use name=model pairs, comma-separated, or a JSON object")
             return {k.strip(): v.strip() for k, v in pairs}
         return value
+
+    @model_validator(mode="after")
+    def _check_replicas(self) -> Settings:
+        if self.ray_max_replicas < self.ray_min_replicas:
+            raise ValueError(
+                f"CRAFTSERVE_RAY_MAX_REPLICAS ({self.ray_max_replicas}) is below "
+                f"CRAFTSERVE_RAY_MIN_REPLICAS ({self.ray_min_replicas}): the most replicas must "
+                "be at least the fewest (equal: a fixed number, no autoscaling)"
+            )
+        return self
 
     def all_api_keys(self) -> list[str]:
         """Keys from the setting and the keys file (blank lines and # comments skipped)."""

@@ -7,7 +7,7 @@ import contextlib
 import logging
 import signal
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
@@ -26,7 +26,7 @@ from app.engine.lora_fit import match_loras
 from app.errors import CraftError
 from app.imaging import ImageStore
 from app.metrics import Metrics
-from app.registry import load_registry
+from app.registry import Registry, load_registry
 
 logger = logging.getLogger(__name__)
 
@@ -131,8 +131,13 @@ def reload_on_hangup(engine: Engine) -> None:
         logger.debug("SIGHUP cannot be handled here; use POST /admin/reload")
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
-    """Build the app. Fails fast (RegistryError, ValueError) on a bad models file or settings."""
+EngineFactory = Callable[[Settings, Registry, Metrics], Engine]
+
+
+def create_app(settings: Settings | None = None, engine_factory: EngineFactory = Engine) -> FastAPI:
+    """Build the app. Fails fast (RegistryError, ValueError) on a bad models file or settings.
+    `engine_factory`: what runs the jobs; the Engine on this machine's devices, or under Ray
+    Serve a facade with the same methods over the generation replicas (app.cluster)."""
     settings = settings or get_settings()
     registry = load_registry(settings.models)
     match_loras(registry)  # which LoRA fits which model, from their layers (no weights)
@@ -140,7 +145,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     auth = Authenticator(settings.all_api_keys(), allow_anonymous=settings.allow_anonymous,
                          rate_limit=settings.rate_limit, metrics=metrics,
                          auth_failures_per_minute=settings.auth_failures_per_minute)
-    engine = Engine(settings, registry, metrics)
+    engine = engine_factory(settings, registry, metrics)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -156,7 +161,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             "craftserve %s serving %s on %s",
             __version__,
             ", ".join(registry.models),
-            ", ".join(str(w.device) for w in engine.workers),
+            engine.describe(),
         )
         try:
             yield

@@ -103,6 +103,10 @@ class Engine:
             )
         return preload
 
+    def describe(self) -> str:
+        """Where jobs run, for the start-up log line."""
+        return ", ".join(str(w.device) for w in self.workers)
+
     # ---- life cycle ----------------------------------------------------------------
     def start(self) -> None:
         for worker in self.workers:
@@ -142,7 +146,9 @@ class Engine:
         self.abort_running()
 
     # ---- requests ------------------------------------------------------------------
-    def submit(self, params: GenParams, client: str) -> Job:
+    def submit(self, params: GenParams, client: str, deadline_s: float | None = None) -> Job:
+        """Queue one job (on the running event loop). `deadline_s`: its queue deadline when
+        not the setting's (a Ray replica passes what is left of the request's)."""
         if not self.accepting:
             raise Unavailable("the server is shutting down; retry shortly", retry_after=30,
                               kind="shutdown")
@@ -151,7 +157,7 @@ class Engine:
             params=params,
             client=client,
             loop=asyncio.get_running_loop(),
-            deadline_s=self.settings.queue_deadline_s,
+            deadline_s=self.settings.queue_deadline_s if deadline_s is None else deadline_s,
         )
         self.queue.submit(job)
         return job
@@ -189,9 +195,7 @@ class Engine:
                 self.last_reload = report
                 return report
             report = plan.report
-            self.registry.models = plan.registry.models  # one assignment per table: readers
-            self.registry.loras = plan.registry.loras  # see the old one or the new one
-            self.registry.embeddings = plan.registry.embeddings
+            plan.swap_into(self.registry)
             self.fingerprints = plan.fingerprints
             for name in report.changed + report.added:
                 self.failures.clear(name)  # a fixed file is tried again at once

@@ -89,6 +89,13 @@ class ReloadPlan:
     fingerprints: dict[str, Fingerprint]
     report: ReloadReport
 
+    def swap_into(self, registry: Registry) -> None:
+        """Serve the new tables: one assignment per table, so readers on other threads see
+        the old one or the new one, never a mix."""
+        registry.models = self.registry.models
+        registry.loras = self.registry.loras
+        registry.embeddings = self.registry.embeddings
+
 
 def plan_reload(current: Registry, prints: Mapping[str, Fingerprint]) -> ReloadPlan:
     """Read the models file again and compare it with `current` (served with `prints`).

@@ -124,11 +124,13 @@ class Worker:
                 logger.warning("%s: preload of %s failed: %s", self.name, name, exc.message)
 
     # ---- models --------------------------------------------------------------------
-    def mark_stale(self, names: Iterable[str]) -> None:
-        """Unload these models between batches (any thread may call this; a reload does)."""
+    def mark_stale(self, names: Iterable[str], recheck: bool = True) -> None:
+        """Unload these models between batches (any thread may call this; a reload does, and
+        then `recheck` loads the preload models that are not loaded; a Ray replica's model
+        LRU evicting a model does not want that)."""
         with self._stale_lock:
             self._stale.update(names)
-            self._recheck = True
+            self._recheck = self._recheck or recheck
 
     def _tidy(self) -> None:
         """Unload the models marked stale: on this thread, between batches, so a running job

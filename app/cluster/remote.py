@@ -1,0 +1,270 @@
+"""RemoteEngine: the Engine's methods, with every job run by a generation replica.
+
+The app (routes, auth, dialects, the job API) calls `submit`, `cancel`, `jobs_of`,
+`queue.waiting`, `readiness` and `reload` as on a single box. A job here is the same `Job`
+(future, step, preview, started_at), driven by one streaming call to the generation
+deployment, whose events (app.cluster.wire) fill it in. What a single box does in its queue,
+Ray Serve and the replicas do here:
+
+- bound: a replica takes at most MAX_QUEUE calls (running ones included), and past that RAY_MAX_QUEUED
+  calls wait at this ingress; then Serve refuses (BackPressureError) and the job is answered
+  503 with Retry-After, in the dialect's shape like every other 503;
+- deadline: a job not started by its deadline is answered 503 here, and the replica gets
+  what is left of the deadline for its own queue;
+- a replica that dies fails its own calls (Ray's actor errors): those jobs are answered 503
+  naming the cause; other replicas' jobs go on, and Serve replaces the replica.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from typing import Any
+
+from app.cluster.board import REPORT_EVERY_S
+from app.cluster.wire import DONE, ERROR, PREVIEW, PROGRESS, STARTED, error_from_wire
+from app.config import Settings
+from app.engine.jobs import GenParams, Job, JobResult
+from app.engine.reload import ReloadReport, fingerprint, plan_reload
+from app.errors import CraftError, InternalError, Unavailable
+from app.metrics import Metrics
+from app.registry import Registry, RegistryError
+
+logger = logging.getLogger(__name__)
+
+
+class _Waiting:
+    """The jobs sent and not yet started by a replica, per client (the queue's view that the
+    A1111 progress route and the job API read)."""
+
+    def __init__(self) -> None:
+        self._by_client: dict[str, list[Job]] = {}
+
+    def add(self, job: Job) -> None:
+        self._by_client.setdefault(job.client, []).append(job)
+
+    def discard(self, job: Job) -> None:
+        jobs = self._by_client.get(job.client)
+        if jobs and job in jobs:
+            jobs.remove(job)
+            if not jobs:
+                del self._by_client[job.client]
+
+    def waiting(self, client: str) -> list[Job]:
+        return list(self._by_client.get(client, ()))
+
+    def __len__(self) -> int:
+        return sum(len(jobs) for jobs in self._by_client.values())
+
+
+class RemoteEngine:
+    """The ingress's engine under Ray Serve (see the module docstring)."""
+
+    def __init__(self, settings: Settings, registry: Registry, metrics: Metrics, *,
+                 generator: Any, board: Any) -> None:
+        self.settings = settings
+        self.registry = registry
+        self.metrics = metrics
+        self.generator = generator  # the generation deployment's handle
+        self.board = board  # app.cluster.board's actor
+        self.queue = _Waiting()
+        metrics.queue_depth.set_function(lambda: len(self.queue))
+        self.replicas: dict[str, dict[str, Any]] = {}  # the board's latest snapshot
+        self.fingerprints = {name: fingerprint(spec) for name, spec in registry.models.items()}
+        self.last_reload: ReloadReport | None = None
+        self._reload_lock = threading.Lock()
+        self._running: dict[Job, asyncio.Task] = {}
+        self._poller: asyncio.Task | None = None
+        self.accepting = False
+
+    @property
+    def preload(self) -> list[str]:
+        wanted = [name for name, spec in self.registry.models.items() if spec.preload]
+        return wanted[: self.settings.max_models_per_device]
+
+    def describe(self) -> str:
+        return "Ray Serve generation replicas"
+
+    # ---- life cycle ----------------------------------------------------------------
+    def start(self) -> None:
+        self.accepting = True
+        self._poller = asyncio.get_running_loop().create_task(self._poll_board())
+
+    async def _poll_board(self) -> None:
+        while True:
+            try:
+                self.replicas = await self.board.snapshot.remote()
+            except Exception:  # noqa: BLE001 - a board being restarted: ask again
+                logger.warning("reading the replica board failed", exc_info=True)
+            await asyncio.sleep(REPORT_EVERY_S)
+
+    def begin_shutdown(self) -> None:
+        self.accepting = False
+        for client in list(self.queue._by_client):
+            for job in self.queue.waiting(client):
+                self.cancel(job, Unavailable("the server is shutting down; retry shortly",
+                                             retry_after=30, kind="shutdown"))
+
+    def abort_running(self) -> None:
+        for job in list(self._running):
+            self.cancel(job, Unavailable("the server shut down before this job finished",
+                                         kind="shutdown"))
+
+    def stop(self, grace_s: float | None = None) -> None:
+        """Serve drains the ingress before its shutdown: what is left here is answered 503."""
+        self.begin_shutdown()
+        self.abort_running()
+        if self._poller is not None:
+            self._poller.cancel()
+
+    # ---- requests ------------------------------------------------------------------
+    def submit(self, params: GenParams, client: str, deadline_s: float | None = None) -> Job:
+        if not self.accepting:
+            raise Unavailable("the server is shutting down; retry shortly", retry_after=30,
+                              kind="shutdown")
+        loop = asyncio.get_running_loop()
+        deadline = self.settings.queue_deadline_s if deadline_s is None else deadline_s
+        job = Job(params=params, client=client, loop=loop, deadline_s=deadline)
+        self.queue.add(job)
+        self._running[job] = loop.create_task(self._drive(job))
+        loop.call_later(deadline, self._expire, job)
+        return job
+
+    def _expire(self, job: Job) -> None:
+        """A job no replica started by its deadline (it waited at this ingress for a free
+        replica) is answered 503 and taken back."""
+        if job.started_at is None and not job.future.done():
+            self.cancel(job, Unavailable(
+                f"the job waited {time.monotonic() - job.enqueued_at:.0f} s for a generation "
+                f"replica, longer than its deadline of {job.deadline_s:g} s (setting "
+                "CRAFTSERVE_QUEUE_DEADLINE_S); the cluster is overloaded",
+                retry_after=30, kind="deadline"))
+
+    async def _drive(self, job: Job) -> None:
+        from ray.exceptions import ActorUnavailableError, RayActorError
+        from ray.serve.exceptions import BackPressureError
+
+        stream = None
+        try:
+            stream = self.generator.options(
+                stream=True, multiplexed_model_id=job.params.model,
+            ).run.remote(job.params, job.client, job.preview_every,
+                         job.expires_at - time.monotonic())
+            async for kind, payload in stream:
+                if kind == STARTED:
+                    self.queue.discard(job)
+                    job.started_at = time.monotonic()
+                elif kind == PROGRESS:
+                    job.step = payload
+                elif kind == PREVIEW:
+                    job.preview = payload
+                elif kind == DONE:
+                    self._count(job.params, payload)
+                    job.resolve(payload)
+                elif kind == ERROR:
+                    job.fail(error_from_wire(payload))
+            if not job.future.done():
+                raise RuntimeError("the replica's stream ended without an answer")
+        except asyncio.CancelledError:
+            if stream is not None:
+                stream.cancel()  # the replica takes the job back from its engine
+            raise
+        except BackPressureError:
+            job.fail(Unavailable(
+                "every generation replica is full and "
+                f"{self.settings.ray_max_queued} requests already wait for one (setting "
+                "CRAFTSERVE_RAY_MAX_QUEUED); retry later", retry_after=10, kind="queue_full"))
+        except (RayActorError, ActorUnavailableError) as exc:
+            logger.warning("job %s: its replica is gone: %s", job.id, type(exc).__name__)
+            job.fail(Unavailable(
+                "the generation replica running this job stopped (its process died or was "
+                "removed); Ray Serve starts a replacement: retry", retry_after=5,
+                kind="replica_lost"))
+        except Exception:
+            logger.exception("job %s: the call to the generation deployment failed", job.id)
+            job.fail(InternalError(f"internal error (job {job.id}); the server log has the details"))
+        finally:
+            self.queue.discard(job)
+            self._running.pop(job, None)
+
+    def _count(self, params: GenParams, result: JobResult) -> None:
+        self.metrics.images.labels(params.model, result.sampler_label).inc()
+        self.metrics.queue_wait.observe(result.queue_wait_s)
+
+    def jobs_of(self, client: str) -> list[Job]:
+        running = [job for job in self._running if job.client == client
+                   and job.started_at is not None and not job.future.done()]
+        return running + self.queue.waiting(client)
+
+    def cancel(self, job: Job, answer: CraftError | None = None) -> None:
+        """Take the job back: its call is cancelled, and the replica takes it out of its
+        queue, or stops it at the next step. A job is answered at once here (`answer`, else a
+        503 nobody reads: its request is the one that left)."""
+        job.cancelled.set()
+        task = self._running.get(job)
+        if task is not None:
+            task.cancel()
+        self.queue.discard(job)
+        job.fail(answer or Unavailable("the job was cancelled", kind="cancelled"))
+
+    # ---- reload --------------------------------------------------------------------
+    def reload(self) -> ReloadReport:
+        """Read models.yaml again here (what the routes check requests against) and have every
+        replica do the same within a second (through the board). Blocking: off the loop."""
+        import ray
+
+        with self._reload_lock:
+            try:
+                plan = plan_reload(self.registry, self.fingerprints)
+            except RegistryError as exc:
+                report = ReloadReport(error=str(exc))
+                logger.error("%s", report.summary())
+                self.last_reload = report
+                return report
+            plan.swap_into(self.registry)
+            self.fingerprints = plan.fingerprints
+            ray.get(self.board.request_reload.remote())
+            self.last_reload = plan.report
+            logger.info("%s (every generation replica follows)", plan.report.summary())
+            return plan.report
+
+    # ---- readiness -----------------------------------------------------------------
+    def readiness(self) -> tuple[bool, dict]:
+        """Ready when at least one replica is up and every preload model is loaded on at least
+        one replica. `workers` lists the replicas, each with its own model states, so a
+        replica that failed to load a model shows which one and why."""
+        replicas = list(self.replicas.values())
+        models: dict[str, str] = {}
+        for name in self.registry.models:
+            states = [r["models"].get(name, "") for r in replicas]
+            failed = [f"{r['name']}: {s}" for r, s in zip(replicas, states, strict=True)
+                      if s.startswith("unavailable")]
+            if "loaded" in states:
+                models[name] = "loaded"
+            elif failed:
+                models[name] = "; ".join(failed)
+            elif name in self.preload:
+                models[name] = "loading"
+            else:
+                models[name] = "loads on first request"
+        workers = [
+            {"name": r["name"], "device": r["device"], "alive": r["alive"],
+             "preloaded": r["preloaded"], "models": r["loaded"], "pid": r["pid"],
+             "model_states": r["models"], "queue_depth": r["queue_depth"], "running": r["running"]}
+            for r in replicas
+        ]
+        reasons = []
+        if not replicas:
+            reasons.append("no generation replica is up yet (Ray Serve is starting or replacing them)")
+        reasons += [f"{n}: {models[n]}" for n in self.preload if models[n] != "loaded"]
+        if not self.accepting:
+            reasons.append("the server is shutting down")
+        ready = not reasons
+        self.metrics.workers_ready.set(sum(1 for r in replicas if r["alive"] and r["preloaded"]))
+        body = {"ready": ready, "reasons": reasons, "models": models, "workers": workers,
+                "queue_depth": len(self.queue) + sum(r["queue_depth"] for r in replicas)}
+        if self.last_reload is not None:
+            body["last_reload"] = self.last_reload.as_dict()
+        return ready, body

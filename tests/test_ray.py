@@ -1,0 +1,351 @@
+"""craftserve on Ray Serve (issue 13), on a real local Ray: `ray.init(num_cpus=2)`, the app
+deployed by the same function `craftserve serve --ray` uses, two CPU replicas of the
+generation deployment, every request through Serve's HTTP proxy.
+
+Checked: the seed page's aiohttp client, the VisionCraft wrapper, a LoRA, the A1111 and
+OpenAI dialects, the job API's event stream (progress comes from the replica), 16 concurrent
+requests spread over both replicas, model affinity (two models, at most one a replica),
+the queue bound under a flood (503 + Retry-After in each dialect's shape, nothing hangs),
+a model that fails to load on its replica (/ready says which; the rest serve), a reload that
+every replica follows, and a replica killed mid-load (its jobs 503, the rest 200, a
+replacement comes up). The bad inputs of `craftserve serve --ray` run without a cluster.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import logging
+import os
+import signal
+import time
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from PIL import Image
+
+from app import cli
+from tests.conftest import API_KEY, body, png, write_models_file
+from tests.live import free_port
+from tests.lora_files import write_peft_lora
+
+ray = pytest.importorskip("ray", reason="Ray Serve is the `craftserve[ray]` extra")
+pytest.importorskip("ray.serve")
+
+MODELS = """
+models:
+  tiny-sdxl: {{source: "builtin:tiny-sdxl", preload: true}}
+  tiny-sd15: {{source: "builtin:tiny-sd15"}}
+  broken: {{source: "{broken}"}}
+lora_dirs: [{loras}]
+"""
+AUTH = {"Authorization": f"Bearer {API_KEY}"}
+MAX_QUEUE, MAX_BATCH, MAX_QUEUED = 8, 2, 16  # a replica takes 8 calls; 16 more wait at the ingress
+
+
+class Cluster:
+    def __init__(self, url: str, models: Path) -> None:
+        self.url = url
+        self.models = models
+
+    def client(self, **kwargs) -> httpx.Client:
+        return httpx.Client(base_url=self.url, timeout=120, **kwargs)
+
+    def ready(self) -> dict:
+        return httpx.get(self.url + "/ready", timeout=10).json()
+
+    def wait(self, predicate, what: str, timeout: float = 90) -> dict:  # noqa: ANN001
+        deadline = time.monotonic() + timeout
+        while True:
+            state = self.ready()
+            if predicate(state):
+                return state
+            if time.monotonic() > deadline:
+                raise AssertionError(f"not {what} within {timeout:g} s: {state}")
+            time.sleep(0.25)
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    from app.cluster.deploy import deploy, undeploy
+    from app.config import Settings
+    from app.engine.tiny import build_tiny_sd15, build_tiny_sdxl
+
+    folder = tmp_path_factory.mktemp("ray")
+    loras = folder / "loras"
+    loras.mkdir()
+    write_peft_lora(build_tiny_sdxl(), loras / "style.safetensors", seed=5)
+    broken = folder / "broken-sd15"
+    build_tiny_sd15().save_pretrained(broken)
+    for weights in broken.glob("unet/*.safetensors"):
+        weights.write_bytes(b"\0" * 64)  # the folder is well formed; its UNet weights are not
+    models = write_models_file(folder, MODELS.format(broken=broken, loras=loras))
+    settings = Settings(
+        models=models, api_keys=[API_KEY], auth_failures_per_minute=0, host="127.0.0.1",
+        port=free_port(), max_models_per_device=1, max_queue=MAX_QUEUE, max_batch=MAX_BATCH,
+        load_retry_s=600, ray_min_replicas=2, ray_max_replicas=2, ray_gpus_per_replica=0,
+        ray_cpus_per_replica=1, ray_max_queued=MAX_QUEUED,
+    )
+    ray.init(num_cpus=2, include_dashboard=False, namespace="craftserve",
+             object_store_memory=256 * 2**20, logging_level=logging.WARNING)
+    try:
+        found = Cluster(deploy(settings), models)
+        found.wait(lambda s: s["ready"] and len(s["workers"]) == 2, "ready with two replicas")
+        yield found
+    finally:
+        undeploy()
+        from ray import serve
+
+        serve.shutdown()
+        ray.shutdown()
+
+
+def seed_page_client(api_url: str, data: dict) -> bytes:
+    """The seed page's Python example, as published (aiohttp), apart from the URL."""
+    import aiohttp
+
+    async def generate_image(api_url, data) -> bytes:  # noqa: ANN001
+        async with aiohttp.ClientSession() as session, \
+                session.post(f"{api_url}/sd", json=data) as response:
+            return await response.read()
+
+    return asyncio.run(generate_image(api_url, data))
+
+
+def test_seed_page_client_gets_a_png_of_the_contract_defaults(cluster: Cluster) -> None:
+    data = seed_page_client(cluster.url, {"model": "tiny-sdxl", "prompt": "Beautiful landscape",
+                                          "token": API_KEY})
+    image = Image.open(io.BytesIO(data))
+    assert image.format == "PNG" and image.size == (1024, 1024)
+    assert "Steps: 30" in image.text["parameters"]
+
+
+def test_visioncraft_wrapper_gets_its_urls(cluster: Cluster) -> None:
+    from VisionCraftAPI.api import VisionCraftClient
+
+    wrapper = VisionCraftClient(api_key=API_KEY)
+    wrapper.API_HOST = cluster.url
+    urls = asyncio.run(wrapper.generate_xl_image("a lighthouse", model="tiny-sdxl", sampler="euler",
+                                                 image_count=2, width=64, height=64, steps=4,
+                                                 cfg_scale=7))
+    assert len(urls) == 2
+    for url in urls:
+        assert Image.open(io.BytesIO(httpx.get(url).content)).size == (64, 64)
+
+
+def test_same_seed_same_bytes_on_either_replica_and_headers_name_it(cluster: Cluster) -> None:
+    by_worker: dict[str, set[bytes]] = {}
+    with cluster.client() as c:
+        for _ in range(12):
+            answer = c.post("/sd", json=body(seed=77))
+            png(answer)
+            assert answer.headers["x-seed"] == "77"
+            by_worker.setdefault(answer.headers["x-worker"], set()).add(answer.content)
+    assert all(name.startswith("Generator#") for name in by_worker)
+    assert len({data for datas in by_worker.values() for data in datas}) == 1, by_worker.keys()
+
+
+def test_lora_request_changes_the_image_and_is_reproducible(cluster: Cluster) -> None:
+    with cluster.client() as c:
+        plain = c.post("/sd", json=body(seed=5))
+        styled = [c.post("/sd", json=body(seed=5, loras={"style": 1.0})) for _ in range(2)]
+        misfit = c.post("/sd", json=body(model="tiny-sd15", loras={"style": 1.0}))
+    png(plain)
+    assert styled[0].content == styled[1].content != plain.content
+    assert misfit.status_code == 422 and "does not fit model 'tiny-sd15'" in misfit.json()["error"]["message"]
+
+
+def test_a1111_and_openai_clients_work_through_the_proxy(cluster: Cluster) -> None:
+    import openai
+    import webuiapi
+
+    host, port = cluster.url.removeprefix("http://").split(":")
+    api = webuiapi.WebUIApi(host=host, port=int(port))
+    api.set_auth("whoever", API_KEY)
+    result = api.txt2img(prompt="a red fox", seed=1234, width=64, height=72, steps=4, batch_size=2)
+    assert [i.size for i in result.images] == [(64, 72), (64, 72)]
+    assert result.info["all_seeds"] == [1234, 1235]
+
+    sdk = openai.OpenAI(base_url=cluster.url + "/v1", api_key=API_KEY, max_retries=0)
+    answer = sdk.images.generate(model="tiny-sdxl", prompt="a lighthouse", size="64x64",
+                                 response_format="b64_json", extra_body={"steps": 4})
+    assert len(answer.data) == 1 and answer.data[0].b64_json
+    with pytest.raises(openai.NotFoundError) as err:  # OpenAI's answer for an unknown model
+        sdk.images.generate(model="nope", prompt="x", size="64x64")
+    assert "The model 'nope' does not exist" in str(err.value)
+
+
+def test_job_api_streams_progress_from_the_replica(cluster: Cluster) -> None:
+    with cluster.client(headers=AUTH) as c:
+        created = c.post("/jobs", json={**body(steps=12), "previews": True})
+        assert created.status_code == 202, created.text
+        events = []
+        with c.stream("GET", created.json()["events_url"]) as stream:
+            for line in stream.iter_lines():
+                if line.startswith("event:"):
+                    events.append(line.split(":", 1)[1].strip())
+                    if events[-1] in ("done", "failed", "cancelled"):
+                        break
+        assert events[0] == "queued" and "started" in events and events[-1] == "done", events
+        assert "progress" in events
+        png(c.get(created.json()["image_url"]))
+
+
+def test_sixteen_concurrent_requests_use_both_replicas(cluster: Cluster) -> None:
+    async def flood() -> list[httpx.Response]:
+        async with httpx.AsyncClient(base_url=cluster.url, timeout=120) as c:
+            return await asyncio.gather(*(c.post("/sd", json=body(seed=i, steps=8)) for i in range(16)))
+
+    answers = asyncio.run(flood())
+    assert [a.status_code for a in answers] == [200] * 16, [a.text for a in answers if a.status_code != 200]
+    workers = Counter(a.headers["x-worker"] for a in answers)
+    assert len(workers) == 2, workers
+
+
+def test_each_model_goes_to_the_replica_holding_it(cluster: Cluster) -> None:
+    """MAX_MODELS_PER_DEVICE=1: once each model is loaded on one replica, requests for it
+    land there (Serve's model multiplexing), and /ready shows one model a replica."""
+    with cluster.client() as c:
+        c.post("/sd", json=body(model="tiny-sd15", seed=1))  # one replica swaps to tiny-sd15
+        cluster.wait(lambda s: sorted(m for w in s["workers"] for m in w["models"])
+                     == ["tiny-sd15", "tiny-sdxl"], "one model a replica")
+        seen: dict[str, set[str]] = {"tiny-sdxl": set(), "tiny-sd15": set()}
+        for i in range(10):
+            for model in seen:
+                answer = c.post("/sd", json=body(model=model, seed=i))
+                png(answer)
+                seen[model].add(answer.headers["x-worker"])
+    assert all(len(workers) == 1 for workers in seen.values()), seen
+    assert seen["tiny-sdxl"] != seen["tiny-sd15"]
+    holders = {w["name"]: w["models"] for w in cluster.ready()["workers"]}
+    assert holders == {next(iter(seen[m])): [m] for m in seen}
+
+
+def test_flood_past_the_queue_bound_is_answered_503_in_each_dialect(cluster: Cluster) -> None:
+    async def flood() -> list[httpx.Response]:
+        async with httpx.AsyncClient(base_url=cluster.url, timeout=60, headers=AUTH) as c:
+            # slow jobs (30-40 steps), so few finish while the 60 calls arrive
+            calls = [c.post("/sd", json=body(seed=i, steps=30)) for i in range(40)]
+            calls += [c.post("/sdapi/v1/txt2img", json={"prompt": "x", "width": 64, "height": 64,
+                                                         "steps": 40, "seed": i}) for i in range(20)]
+            return await asyncio.gather(*calls)
+
+    started = time.monotonic()
+    answers = asyncio.run(flood())
+    assert time.monotonic() - started < 60  # nothing waits without bound
+    codes = Counter(a.status_code for a in answers)
+    assert set(codes) == {200, 503}, codes
+    capacity = 2 * MAX_QUEUE + MAX_QUEUED
+    finished_meanwhile = 4 * MAX_BATCH  # two batches a replica may finish while the calls arrive
+    assert codes[200] <= capacity + finished_meanwhile, codes
+    for answer in answers:
+        if answer.status_code != 503:
+            continue
+        assert int(answer.headers["retry-after"]) >= 1
+        data = answer.json()
+        if answer.request.url.path == "/sd":
+            assert "retry" in data["error"]["message"]
+        else:
+            assert set(data) == {"error", "detail", "body", "errors"} and "retry" in data["detail"]
+    with cluster.client() as c:
+        png(c.post("/sd", json=body()))  # and it serves on
+
+
+def test_a_model_that_fails_to_load_is_named_and_the_rest_serve(cluster: Cluster) -> None:
+    with cluster.client() as c:
+        failed = c.post("/sd", json=body(model="broken"))
+        assert failed.status_code == 503, failed.text
+        assert "model 'broken' cannot be served now" in failed.json()["error"]["message"]
+        state = cluster.wait(lambda s: s["models"]["broken"].startswith("Generator#"),
+                             "naming the replica that failed", timeout=10)
+        assert "unavailable" in state["models"]["broken"]
+        assert any(w["model_states"]["broken"].startswith("unavailable") for w in state["workers"])
+        png(c.post("/sd", json=body()))
+
+
+def test_reload_reaches_every_replica(cluster: Cluster) -> None:
+    text = cluster.models.read_text()
+    cluster.models.write_text(
+        text.replace("models:\n", 'models:\n  tiny-extra: {source: "builtin:tiny-sdxl"}\n', 1))
+    try:
+        with cluster.client(headers=AUTH) as c:
+            report = c.post("/admin/reload")
+            assert report.status_code == 200, report.text
+            assert report.json()["added"] == ["tiny-extra"]
+            cluster.wait(lambda s: all("tiny-extra" in w["model_states"] for w in s["workers"]),
+                         "every replica serving tiny-extra", timeout=20)
+            png(c.post("/sd", json=body(model="tiny-extra")))
+    finally:
+        cluster.models.write_text(text)
+        httpx.post(cluster.url + "/admin/reload", headers=AUTH, timeout=30)
+
+
+def test_killed_replica_fails_only_its_jobs_and_is_replaced(cluster: Cluster) -> None:
+    before = cluster.wait(lambda s: s["ready"] and len(s["workers"]) == 2, "two replicas")
+    victim = before["workers"][0]
+
+    async def load_then_kill() -> list[httpx.Response]:
+        async with httpx.AsyncClient(base_url=cluster.url, timeout=120) as c:
+            calls = [asyncio.ensure_future(c.post("/sd", json=body(seed=i, steps=30, width=128,
+                                                                   height=128)))
+                     for i in range(16)]
+            while True:  # kill it while it runs a job
+                state = (await c.get("/ready")).json()
+                if any(w["name"] == victim["name"] and w["running"] for w in state["workers"]):
+                    break
+                await asyncio.sleep(0.05)
+            os.kill(victim["pid"], signal.SIGKILL)
+            return await asyncio.gather(*calls)
+
+    answers = asyncio.run(load_then_kill())
+    codes = Counter(a.status_code for a in answers)
+    assert set(codes) <= {200, 503} and codes[503] >= 1 and codes[200] >= 1, codes
+    for answer in answers:
+        if answer.status_code == 503:
+            assert "replica running this job stopped" in answer.json()["error"]["message"]
+    survivors = {a.headers["x-worker"] for a in answers if a.status_code == 200}
+    assert any(name != victim["name"] for name in survivors)
+    after = cluster.wait(lambda s: s["ready"] and len(s["workers"]) == 2
+                         and victim["name"] not in {w["name"] for w in s["workers"]},
+                         "a replacement replica up", timeout=120)
+    assert len({w["pid"] for w in after["workers"]}) == 2
+    with cluster.client() as c:
+        png(c.post("/sd", json=body()))
+
+
+# ---- `craftserve serve --ray`: bad input, no cluster needed ----------------------------------
+def test_ray_flag_without_the_extra_says_how_to_install(monkeypatch, capsys, tmp_path) -> None:
+    monkeypatch.setitem(__import__("sys").modules, "ray.serve", None)
+    models = write_models_file(tmp_path, "models:\n  m: {source: 'builtin:tiny-sdxl'}\n")
+    assert cli.main(["serve", "--ray", "--models", str(models)]) == 2
+    assert capsys.readouterr().err.strip() == (
+        'craftserve: --ray needs Ray Serve, which is not installed: pip install "craftserve[ray]"')
+
+
+@pytest.mark.parametrize("address", ["127.0.0.1:{port}", "ray://127.0.0.1:{port}"])
+def test_unreachable_address_is_one_clear_line(address: str, capsys, tmp_path) -> None:
+    models = write_models_file(tmp_path, "models:\n  m: {source: 'builtin:tiny-sdxl'}\n")
+    address = address.format(port=free_port())
+    started = time.monotonic()
+    assert cli.main(["serve", "--ray", "--address", address, "--models", str(models)]) == 2
+    assert time.monotonic() - started < 10
+    err = capsys.readouterr().err
+    assert err.startswith(f"craftserve: cannot reach the Ray cluster at '{address}': nothing answers")
+    assert err.count("\n") == 1
+
+
+def test_max_replicas_below_min_is_refused(monkeypatch, capsys, tmp_path) -> None:
+    monkeypatch.setenv("CRAFTSERVE_RAY_MIN_REPLICAS", "3")
+    monkeypatch.setenv("CRAFTSERVE_RAY_MAX_REPLICAS", "2")
+    assert cli.main(["serve", "--ray", "--models", str(tmp_path / "models.yaml")]) == 2
+    err = capsys.readouterr().err
+    assert "CRAFTSERVE_RAY_MAX_REPLICAS (2) is below CRAFTSERVE_RAY_MIN_REPLICAS (3)" in err
+
+
+def test_address_without_ray_flag_is_refused(capsys, tmp_path) -> None:
+    assert cli.main(["serve", "--address", "auto", "--models", str(tmp_path / "m.yaml")]) == 2
+    assert "--address joins a Ray cluster; it needs --ray" in capsys.readouterr().err
+
