@@ -96,7 +96,7 @@ class Settings(BaseSettings):
     # of the generation deployment, each running the engine on one device: between min and
     # max (autoscaled on ongoing requests when max > min, aiming at target_ongoing a replica);
     # GPUs and CPUs a replica reserves (GPUs unset: 1 where the cluster has GPUs, else 0, a CPU
-    # replica); requests waiting at the ingress once every replica holds max_queue + max_batch
+    # replica); calls waiting at the ingress for a replica (one takes max(max_queue, max_batch))
     # (past it: 503). address: unset starts a local Ray; "auto" or "ray://host:10001" joins one.
     ray_address: str | None = None
     ray_min_replicas: int = Field(1, ge=1)
@@ -105,6 +105,9 @@ class Settings(BaseSettings):
     ray_cpus_per_replica: float = Field(1.0, ge=0)
     ray_target_ongoing: float = Field(2.0, gt=0)
     ray_max_queued: int = Field(64, ge=0)
+    # how long the load must stay above (below) target before a replica is added (removed)
+    ray_upscale_delay_s: float = Field(5.0, ge=0)
+    ray_downscale_delay_s: float = Field(60.0, ge=0)
 
     log_level: str = "info"
     # Prompts are users' data: the job log line carries them only when this is on. API keys

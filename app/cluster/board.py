@@ -2,8 +2,9 @@
 
 Ray Serve routes a call to some replica, never to each one, so what the ingress must know of
 every replica (which models it holds, whether its preload finished or failed, its process) is
-posted here by each replica about once a second, and a reload request reaches every replica
-as a number they compare with the last one they applied. A replica not heard from for
+posted here by each replica twice a second, and a reload request (POST /admin/reload on the
+ingress, SIGHUP to `craftserve serve --ray`) reaches the ingress and every replica as a number
+each compares with the last one it applied. A replica not heard from for
 `STALE_S` is taken as gone (killed, or scaled down); Serve starts its replacement.
 
 It schedules nothing and routes nothing: routing, scaling and restarts are Ray Serve's.
@@ -34,12 +35,13 @@ class Board:
     def leave(self, name: str) -> None:
         self._replicas.pop(name, None)
 
-    def snapshot(self) -> dict[str, dict[str, Any]]:
-        """The replicas heard from within STALE_S, by name."""
+    def snapshot(self) -> dict[str, Any]:
+        """The reload number, and the replicas heard from within STALE_S by name."""
         now = time.time()
         for name in [n for n, s in self._replicas.items() if now - s["seen"] > 10 * STALE_S]:
             del self._replicas[name]  # long gone: forget it
-        return {n: s for n, s in self._replicas.items() if now - s["seen"] <= STALE_S}
+        return {"reload_epoch": self._reload_epoch,
+                "replicas": {n: s for n, s in self._replicas.items() if now - s["seen"] <= STALE_S}}
 
     def request_reload(self) -> int:
         self._reload_epoch += 1

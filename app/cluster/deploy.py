@@ -73,8 +73,8 @@ def generator_options(settings: Settings, gpus: float) -> dict[str, Any]:
             "max_replicas": settings.ray_max_replicas,
             "initial_replicas": settings.ray_min_replicas,
             "target_ongoing_requests": settings.ray_target_ongoing,
-            "upscale_delay_s": 5.0,
-            "downscale_delay_s": 60.0,
+            "upscale_delay_s": settings.ray_upscale_delay_s,
+            "downscale_delay_s": settings.ray_downscale_delay_s,
         }
     else:
         options["num_replicas"] = settings.ray_min_replicas
@@ -87,8 +87,30 @@ def build(settings: Settings, gpus: float, app_name: str = APP_NAME) -> serve.Ap
     ingress = serve.deployment(Ingress).options(
         name="Ingress", num_replicas=1, max_ongoing_requests=INGRESS_MAX_ONGOING,
         ray_actor_options={"num_cpus": 0},
+        # its open requests wait for their jobs as long as the generation replicas may run them
+        graceful_shutdown_timeout_s=settings.queue_deadline_s + settings.shutdown_grace_s,
     )
     return ingress.bind(values, generator.bind(values, app_name), app_name)
+
+
+def from_env(args: dict[str, Any]) -> serve.Application:
+    """The application builder for Serve config files (KubeRay's `serveConfigV2`,
+    `serve deploy`): `import_path: app.cluster.deploy:from_env`. Settings come from the
+    CRAFTSERVE_* environment (the application's runtime_env), each key of `args` overriding
+    the setting of that name; `app_name` (default craftserve) must equal the application's
+    name in the config, as the replicas find their board by it."""
+    args = dict(args or {})
+    app_name = str(args.pop("app_name", APP_NAME))
+    unknown = sorted(set(args) - set(Settings.model_fields))
+    if unknown:
+        raise ValueError(f"args {unknown} are not craftserve settings (app_name, or a setting's "
+                         "name in lower case, e.g. ray_max_replicas)")
+    settings = Settings(**args)
+    gpus = gpus_per_replica(settings)
+    if settings.ray_gpus_per_replica is None and not gpus:
+        logger.warning("no GPU in the cluster now: the generation replicas run on CPUs (set "
+                       "CRAFTSERVE_RAY_GPUS_PER_REPLICA=1 where GPU nodes start on demand)")
+    return build(settings, gpus, app_name)
 
 
 def gpus_per_replica(settings: Settings) -> float:
@@ -156,7 +178,10 @@ def serve_forever(settings: Settings, address: str | None) -> int:
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
-    stop.wait()
+    board = get_board(APP_NAME)  # SIGHUP: the ingress and every replica re-read models.yaml
+    signal.signal(signal.SIGHUP, lambda *_: board.request_reload.remote())
+    while not stop.wait(1.0):
+        pass
     sys.stderr.write("craftserve: draining the replicas, then stopping\n")
     undeploy()
     if not address:

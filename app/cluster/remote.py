@@ -75,6 +75,7 @@ class RemoteEngine:
         self.fingerprints = {name: fingerprint(spec) for name, spec in registry.models.items()}
         self.last_reload: ReloadReport | None = None
         self._reload_lock = threading.Lock()
+        self._applied_reload: int | None = None  # the board's reload number applied here
         self._running: dict[Job, asyncio.Task] = {}
         self._poller: asyncio.Task | None = None
         self.accepting = False
@@ -95,7 +96,12 @@ class RemoteEngine:
     async def _poll_board(self) -> None:
         while True:
             try:
-                self.replicas = await self.board.snapshot.remote()
+                board = await self.board.snapshot.remote()
+                self.replicas = board["replicas"]
+                if self._applied_reload is None:
+                    self._applied_reload = board["reload_epoch"]
+                elif board["reload_epoch"] > self._applied_reload:  # a reload asked elsewhere
+                    await asyncio.to_thread(self._follow_reload, board["reload_epoch"])
             except Exception:  # noqa: BLE001 - a board being restarted: ask again
                 logger.warning("reading the replica board failed", exc_info=True)
             await asyncio.sleep(REPORT_EVERY_S)
@@ -161,6 +167,8 @@ class RemoteEngine:
                 elif kind == PREVIEW:
                     job.preview = payload
                 elif kind == DONE:
+                    if job.started_at is None:  # it ran within one look of the replica's
+                        job.started_at = time.monotonic() - payload.generation_s
                     self._count(job.params, payload)
                     job.resolve(payload)
                 elif kind == ERROR:
@@ -216,19 +224,32 @@ class RemoteEngine:
         import ray
 
         with self._reload_lock:
-            try:
-                plan = plan_reload(self.registry, self.fingerprints)
-            except RegistryError as exc:
-                report = ReloadReport(error=str(exc))
-                logger.error("%s", report.summary())
-                self.last_reload = report
-                return report
-            plan.swap_into(self.registry)
-            self.fingerprints = plan.fingerprints
-            ray.get(self.board.request_reload.remote())
-            self.last_reload = plan.report
-            logger.info("%s (every generation replica follows)", plan.report.summary())
-            return plan.report
+            report = self._reload_here()
+            if report.error is None:
+                epoch = ray.get(self.board.request_reload.remote())
+                self._applied_reload = max(self._applied_reload or 0, epoch)
+            return report
+
+    def _follow_reload(self, epoch: int) -> None:
+        """A reload asked of the board by someone else (SIGHUP to `craftserve serve --ray`)."""
+        with self._reload_lock:
+            if epoch > (self._applied_reload or 0):
+                self._applied_reload = epoch
+                self._reload_here()
+
+    def _reload_here(self) -> ReloadReport:
+        try:
+            plan = plan_reload(self.registry, self.fingerprints)
+        except RegistryError as exc:
+            report = ReloadReport(error=str(exc))
+            logger.error("%s", report.summary())
+            self.last_reload = report
+            return report
+        plan.swap_into(self.registry)
+        self.fingerprints = plan.fingerprints
+        self.last_reload = plan.report
+        logger.info("%s (every generation replica follows)", plan.report.summary())
+        return plan.report
 
     # ---- readiness -----------------------------------------------------------------
     def readiness(self) -> tuple[bool, dict]:

@@ -103,6 +103,8 @@ class GenerationReplica:
             started, step, preview = False, 0, None
             while True:
                 finished = job.future.done()
+                if finished and not preview_every:
+                    break  # the answer says it all: no extra messages on the fast path
                 if not started and job.started_at is not None:
                     started = True
                     yield STARTED, self.name
