@@ -478,6 +478,29 @@ def test_queue_deadline_is_answered_by_the_queue_while_no_worker_takes_jobs(loop
     assert len(queue) == 0
 
 
+def test_an_answered_job_is_freed_before_its_deadline(loop) -> None:
+    """The deadline timer holds a job weakly: once a job is taken and answered, nothing keeps
+    it (and its image) alive until its deadline."""
+    import gc
+    import weakref
+
+    from app.engine.jobs import JobResult
+
+    queue = JobQueue(max_queue=4, max_batch=1, batch_window_s=0)
+    job = Job(params=fake_params(1), client="a", loop=loop, deadline_s=3600)
+    queue.submit(job)
+    loop.run_until_complete(asyncio.sleep(0))  # the timer is armed on the loop
+    (taken,) = queue.take(WorkerSlot("w"))
+    taken.resolve(JobResult(image=bytearray(10**6), seed=1, sampler_label="Euler",
+                            queue_wait_s=0, generation_s=0, batch_size=1))
+    loop.run_until_complete(asyncio.sleep(0))
+    assert job.future.done()
+    ref = weakref.ref(job)
+    del job, taken
+    gc.collect()
+    assert ref() is None
+
+
 def test_jobs_of_a_client_and_their_progress(make_server) -> None:
     """What progress routes read: a client's own running and waiting jobs, and the steps done."""
     from app.auth import key_label

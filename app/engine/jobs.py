@@ -24,6 +24,7 @@ import itertools
 import math
 import threading
 import time
+import weakref
 from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -203,10 +204,13 @@ class JobQueue:
                 self._busy_until = time.monotonic() + 2.0
             self._cond.notify_all()
         # Answer the job at its deadline even while every worker is busy (take() would only
-        # notice when a worker comes back). A job already taken by then is left alone.
+        # notice when a worker comes back). A job already taken by then is left alone. The
+        # timer holds the job weakly: an answered job (and its image) is freed at once, not
+        # kept until its deadline.
         delay = max(0.0, job.expires_at - time.monotonic())
         with contextlib.suppress(RuntimeError):  # a closed loop: nobody is waiting any more
-            job.loop.call_soon_threadsafe(job.loop.call_later, delay, self._expire, job)
+            job.loop.call_soon_threadsafe(job.loop.call_later, delay, self._expire_weak,
+                                          weakref.ref(job))
 
     def remove(self, job: Job) -> bool:
         """Take a waiting job out of the queue. False when a worker already has it."""
@@ -231,6 +235,11 @@ class JobQueue:
         with self._cond:
             found = [j for jobs in self._by_client.values() for j in jobs if j.params.model == model]
             return [job for job in found if self.remove(job)]
+
+    def _expire_weak(self, ref: weakref.ref) -> None:
+        job = ref()
+        if job is not None:
+            self._expire(job)
 
     def _expire(self, job: Job) -> None:
         """The deadline rule, the one place it is applied: a job still waiting at its
