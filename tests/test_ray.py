@@ -203,6 +203,10 @@ def test_sixteen_concurrent_requests_use_both_replicas(cluster: Cluster) -> None
     assert [a.status_code for a in answers] == [200] * 16, [a.text for a in answers if a.status_code != 200]
     workers = Counter(a.headers["x-worker"] for a in answers)
     assert len(workers) == 2, workers
+    metrics = httpx.get(cluster.url + "/metrics").text  # the ingress counts what it answered
+    count = next(float(line.split()[-1]) for line in metrics.splitlines()
+                 if line.startswith('craftserve_images_total{model="tiny-sdxl"'))
+    assert count >= 16
 
 
 def test_each_model_goes_to_the_replica_holding_it(cluster: Cluster) -> None:

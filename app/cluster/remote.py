@@ -21,6 +21,7 @@ import asyncio
 import logging
 import threading
 import time
+import weakref
 from typing import Any
 
 from app.cluster.board import REPORT_EVERY_S
@@ -135,13 +136,14 @@ class RemoteEngine:
         job = Job(params=params, client=client, loop=loop, deadline_s=deadline)
         self.queue.add(job)
         self._running[job] = loop.create_task(self._drive(job))
-        loop.call_later(deadline, self._expire, job)
+        loop.call_later(deadline, self._expire, weakref.ref(job))  # an answered job is freed
         return job
 
-    def _expire(self, job: Job) -> None:
+    def _expire(self, ref: weakref.ref) -> None:
         """A job no replica started by its deadline (it waited at this ingress for a free
         replica) is answered 503 and taken back."""
-        if job.started_at is None and not job.future.done():
+        job = ref()
+        if job is not None and job.started_at is None and not job.future.done():
             self.cancel(job, Unavailable(
                 f"the job waited {time.monotonic() - job.enqueued_at:.0f} s for a generation "
                 f"replica, longer than its deadline of {job.deadline_s:g} s (setting "
