@@ -180,7 +180,7 @@ def test_a1111_and_openai_clients_work_through_the_proxy(cluster: Cluster) -> No
 
 def test_job_api_streams_progress_from_the_replica(cluster: Cluster) -> None:
     with cluster.client(headers=AUTH) as c:
-        created = c.post("/jobs", json={**body(steps=12), "previews": True})
+        created = c.post("/jobs", json={**body(steps=30, width=128, height=128), "previews": True})
         assert created.status_code == 202, created.text
         events = []
         with c.stream("GET", created.json()["events_url"]) as stream:

@@ -274,6 +274,7 @@ async def create_job(body: JobRequest, request: Request, engine: EngineDep,
     client = _client(body, request, auth)
     job = submit_job(_image_request(body), client=client, engine=engine, registry=registry,
                      settings=settings)
+    job.watched = True  # its progress events are read every 100 ms
     if body.previews:
         job.preview_every = settings.preview_every
     tracked = TrackedJob(id=job.id, client=client, job=job)

@@ -158,7 +158,7 @@ class RemoteEngine:
         try:
             stream = self.generator.options(
                 stream=True, multiplexed_model_id=job.params.model,
-            ).run.remote(job.params, job.client, job.preview_every,
+            ).run.remote(job.params, job.client, job.preview_every, job.watched,
                          job.expires_at - time.monotonic())
             async for kind, payload in stream:
                 if kind == STARTED:

@@ -108,6 +108,10 @@ class Job:
     step: int = 0  # denoising steps done (written by the worker thread after each step)
     preview_every: int = 0  # > 0: every this many steps the worker leaves a preview
     preview: Any = None  # (step, (h, w, 3) uint8 tensor): the latest preview, if any
+    # Someone follows its steps as they happen (the job API). On one box every job's step is
+    # read directly; a Ray replica reports a watched job's steps every 0.1 s, others' every
+    # 0.5 s (each report is a message between processes).
+    watched: bool = False
 
     def __post_init__(self) -> None:
         self.future = self.loop.create_future()
