@@ -28,10 +28,10 @@ from app.cluster.board import REPORT_EVERY_S
 from app.cluster.wire import DONE, ERROR, PREVIEW, PROGRESS, STARTED, error_from_wire
 from app.config import Settings
 from app.engine.jobs import GenParams, Job, JobResult
-from app.engine.reload import ReloadReport, fingerprint, plan_reload
+from app.engine.reload import ReloadReport, fingerprint, reload_into
 from app.errors import CraftError, InternalError, Unavailable
 from app.metrics import Metrics
-from app.registry import Registry, RegistryError
+from app.registry import Registry
 
 logger = logging.getLogger(__name__)
 
@@ -240,18 +240,12 @@ class RemoteEngine:
                 self._reload_here()
 
     def _reload_here(self) -> ReloadReport:
-        try:
-            plan = plan_reload(self.registry, self.fingerprints)
-        except RegistryError as exc:
-            report = ReloadReport(error=str(exc))
-            logger.error("%s", report.summary())
-            self.last_reload = report
-            return report
-        plan.swap_into(self.registry)
-        self.fingerprints = plan.fingerprints
-        self.last_reload = plan.report
-        logger.info("%s (every generation replica follows)", plan.report.summary())
-        return plan.report
+        report, prints = reload_into(self.registry, self.fingerprints)
+        self.last_reload = report
+        if prints is not None:
+            self.fingerprints = prints
+            logger.info("%s (every generation replica follows)", report.summary())
+        return report
 
     # ---- readiness -----------------------------------------------------------------
     def readiness(self) -> tuple[bool, dict]:

@@ -13,11 +13,11 @@ import torch
 from app.config import Settings
 from app.engine.availability import LoadFailures
 from app.engine.jobs import GenParams, Job, JobQueue
-from app.engine.reload import ReloadReport, fingerprint, plan_reload
+from app.engine.reload import ReloadReport, fingerprint, reload_into
 from app.engine.worker import Worker
 from app.errors import CraftError, InvalidParameter, Unavailable
 from app.metrics import Metrics
-from app.registry import ModelSpec, Registry, RegistryError
+from app.registry import ModelSpec, Registry
 
 logger = logging.getLogger(__name__)
 
@@ -187,16 +187,11 @@ class Engine:
         batches, so running jobs finish, and a changed model loads afresh on its next use.
         An invalid file changes nothing and the report says why."""
         with self._reload_lock:
-            try:
-                plan = plan_reload(self.registry, self.fingerprints)
-            except RegistryError as exc:
-                report = ReloadReport(error=str(exc))
-                logger.error("%s", report.summary())
+            report, prints = reload_into(self.registry, self.fingerprints)
+            if prints is None:
                 self.last_reload = report
                 return report
-            report = plan.report
-            plan.swap_into(self.registry)
-            self.fingerprints = plan.fingerprints
+            self.fingerprints = prints
             for name in report.changed + report.added:
                 self.failures.clear(name)  # a fixed file is tried again at once
             gone = Unavailable("the model was removed from the models file by a reload",

@@ -11,6 +11,7 @@ a changed model is loaded afresh on its next use.
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from collections.abc import Mapping
@@ -18,7 +19,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from app.engine.lora_fit import match_loras
-from app.registry import ModelSpec, Registry, load_registry
+from app.registry import ModelSpec, Registry, RegistryError, load_registry
+
+logger = logging.getLogger(__name__)
 
 Fingerprint = tuple[tuple[str, int, int], ...]
 
@@ -116,3 +119,18 @@ def plan_reload(current: Registry, prints: Mapping[str, Fingerprint]) -> ReloadP
     report.loras_added = sorted(set(fresh.lora_names()) - set(current.lora_names()))
     report.loras_removed = sorted(set(current.lora_names()) - set(fresh.lora_names()))
     return ReloadPlan(fresh, fresh_prints, report)
+
+
+def reload_into(registry: Registry, prints: Mapping[str, Fingerprint]
+                ) -> tuple[ReloadReport, dict[str, Fingerprint] | None]:
+    """Read the models file again and swap the new tables into `registry`: the report, and the
+    new fingerprints. An invalid file changes nothing: its report says why (logged), and the
+    fingerprints are None."""
+    try:
+        plan = plan_reload(registry, prints)
+    except RegistryError as exc:
+        report = ReloadReport(error=str(exc))
+        logger.error("%s", report.summary())
+        return report, None
+    plan.swap_into(registry)
+    return plan.report, plan.fingerprints
