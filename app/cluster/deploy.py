@@ -167,6 +167,12 @@ def serve_forever(settings: Settings, address: str | None) -> int:
     except (ConnectionError, RuntimeError) as exc:
         sys.stderr.write(f"craftserve: cannot join the Ray cluster at {address!r}: {exc}\n")
         return 2
+    # Signals are ours before the app can answer: /ready may say 200 before deploy() returns.
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    board = get_board(APP_NAME)  # SIGHUP: the ingress and every replica re-read models.yaml
+    signal.signal(signal.SIGHUP, lambda *_: board.request_reload.remote())
     try:
         url = deploy(settings)
     except RuntimeError as exc:
@@ -175,11 +181,6 @@ def serve_forever(settings: Settings, address: str | None) -> int:
         ray.shutdown()
         return 1
     sys.stderr.write(f"craftserve on Ray Serve at {url} (SIGINT or SIGTERM stops it)\n")
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
-    board = get_board(APP_NAME)  # SIGHUP: the ingress and every replica re-read models.yaml
-    signal.signal(signal.SIGHUP, lambda *_: board.request_reload.remote())
     while not stop.wait(1.0):
         pass
     sys.stderr.write("craftserve: draining the replicas, then stopping\n")
