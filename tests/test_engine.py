@@ -59,6 +59,23 @@ class HeldWorker:
         self.worker.generate = self.real
 
 
+def queued_behind_one(server, jobs: list[dict]) -> list[httpx.Response]:  # noqa: ANN001
+    """Post `jobs` to /sd while the worker is held on a first job, so they wait in the queue
+    together and the worker takes them as one batch once released: their answers."""
+    held = HeldWorker(server.app.state.engine.workers[0])
+    try:
+        with server.client() as c, ThreadPoolExecutor(len(jobs) + 1) as pool:
+            blocker = pool.submit(c.post, "/sd", json=body(seed=1))
+            wait_for(lambda: held.worker.running)
+            futures = [pool.submit(c.post, "/sd", json=j) for j in jobs]
+            wait_for(lambda: len(server.app.state.engine.queue) == len(jobs))
+            held.release()
+            png(blocker.result())
+            return [f.result() for f in futures]
+    finally:
+        held.restore()
+
+
 # ---- the queue alone (fake payloads) ---------------------------------------------------
 def fake_params(seed: int, steps: int = 4) -> GenParams:
     return GenParams(model="m", prompt="p", negative_prompt="", sampler=resolve_sampler("Euler"),
@@ -115,23 +132,11 @@ def test_full_queue_and_expired_jobs(loop) -> None:
 # ---- batching through the server ---------------------------------------------------------
 def test_batched_images_match_the_same_jobs_run_alone(make_server) -> None:
     server = make_server(max_batch=4, batch_window_ms=200)
-    held = HeldWorker(server.app.state.engine.workers[0])
     jobs = [body(seed=s, prompt=f"prompt {s}", sampler="Euler a") for s in (11, 12, 13, 14)]
-    try:
-        with server.client() as c, ThreadPoolExecutor(5) as pool:
-            blocker = pool.submit(c.post, "/sd", json=body(seed=1))
-            wait_for(lambda: held.worker.running)
-            futures = [pool.submit(c.post, "/sd", json=j) for j in jobs]
-            wait_for(lambda: len(server.app.state.engine.queue) == 4)
-            held.release()
-            png(blocker.result())
-            together = [f.result() for f in futures]
-            assert [a.headers["x-batch-size"] for a in together] == ["4"] * 4
-            alone_server = make_server(max_batch=1)
-            with alone_server.client() as solo:
-                alone = [solo.post("/sd", json=j) for j in jobs]
-    finally:
-        held.restore()
+    together = queued_behind_one(server, jobs)
+    assert [a.headers["x-batch-size"] for a in together] == ["4"] * 4
+    with make_server(max_batch=1).client() as solo:
+        alone = [solo.post("/sd", json=j) for j in jobs]
     for a, b in zip(together, alone, strict=True):
         assert b.headers["x-batch-size"] == "1"
         assert a.content == b.content

@@ -118,6 +118,21 @@ def check_openai_shape(answer: httpx.Response) -> None:
     assert set(error) >= {"message", "type", "param", "code"}, error
 
 
+def fault_then_clean(faulty: LiveServer, reference: LiveServer, monkeypatch: pytest.MonkeyPatch,
+                     dialect: str, seed: int, phrase: str) -> httpx.Response:
+    """One request in `dialect` while the fault is in place: a clean 500 naming its job, and
+    the worker lives. Then, the fault undone, the next /sd request (seed + 1) gives the bytes
+    of a server that never saw a fault. Returns the faulted answer."""
+    with faulty.client() as c:
+        answer = post_dialect(c, dialect, seed=seed)
+        message = assert_clean_error(answer, 500, phrase, "the server log has the details")
+        assert "job-" in message
+        assert workers_alive(faulty) == [True]
+        monkeypatch.undo()
+        assert c.post("/sd", json=body(seed=seed + 1)).content == expected(reference, seed=seed + 1)
+    return answer
+
+
 # ---- an exception while building the scheduler ---------------------------------------------
 @pytest.mark.parametrize("dialect", ["visioncraft", "a1111", "openai"])
 def test_scheduler_fault(faulty: LiveServer, reference: LiveServer,
@@ -128,18 +143,12 @@ def test_scheduler_fault(faulty: LiveServer, reference: LiveServer,
         raise Boom("scheduler construction failed")
 
     monkeypatch.setattr(worker, "make_scheduler", broken)
-    with faulty.client() as c:
-        answer = post_dialect(c, dialect, seed=11)
-        message = assert_clean_error(answer, 500, "internal error while generating (job ",
-                                     "the server log has the details")
-        assert "job-" in message
-        if dialect == "a1111":
-            check_a1111_shape(answer)
-        if dialect == "openai":
-            check_openai_shape(answer)
-        assert workers_alive(faulty) == [True]
-        monkeypatch.undo()
-        assert c.post("/sd", json=body(seed=12)).content == expected(reference, seed=12)
+    answer = fault_then_clean(faulty, reference, monkeypatch, dialect, 11,
+                              "internal error while generating (job ")
+    if dialect == "a1111":
+        check_a1111_shape(answer)
+    if dialect == "openai":
+        check_openai_shape(answer)
     assert workers_alive(faulty) == [True]
 
 
@@ -175,14 +184,8 @@ def test_encode_fault(faulty: LiveServer, reference: LiveServer,
         raise Boom("PNG encoder failed")
 
     monkeypatch.setattr(generation, "encode_image", broken)
-    with faulty.client() as c:
-        answer = post_dialect(c, dialect, seed=31)
-        message = assert_clean_error(answer, 500, "internal error while encoding the image (job job-",
-                                     "the server log has the details")
-        assert "job-" in message
-        assert workers_alive(faulty) == [True]
-        monkeypatch.undo()
-        assert c.post("/sd", json=body(seed=32)).content == expected(reference, seed=32)
+    fault_then_clean(faulty, reference, monkeypatch, dialect, 31,
+                     "internal error while encoding the image (job job-")
 
 
 # ---- an exception while loading a model ------------------------------------------------------

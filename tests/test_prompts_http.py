@@ -3,7 +3,6 @@ prompts, batches of jobs whose prompts encode to different lengths, textual inve
 
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -15,7 +14,7 @@ from app.engine.tiny import build_tiny_sdxl
 from tests.conftest import API_KEY, body, png
 from tests.live import LiveServer
 from tests.lora_files import write_peft_lora
-from tests.test_engine import HeldWorker, wait_for
+from tests.test_engine import queued_behind_one
 
 MODELS = """
 models:
@@ -121,18 +120,7 @@ def test_jobs_of_different_chunk_counts_batch_and_keep_their_bytes(
             body(seed=12, prompt="a (lighthouse:1.3), [fog]", negative_prompt="fog", loras=lora),
             body(seed=13, prompt=LONG + " y", negative_prompt="fog", loras=lora),
             body(seed=14, prompt="a lighthouse", negative_prompt=LONG + ", blurry", loras=lora)]
-    held = HeldWorker(server.app.state.engine.workers[0])
-    try:
-        with server.client() as c, ThreadPoolExecutor(5) as pool:
-            blocker = pool.submit(c.post, "/sd", json=body(seed=1))
-            wait_for(lambda: held.worker.running)
-            futures = [pool.submit(c.post, "/sd", json=j) for j in jobs]
-            wait_for(lambda: len(server.app.state.engine.queue) == 4)
-            held.release()
-            png(blocker.result())
-            together = [f.result() for f in futures]
-    finally:
-        held.restore()
+    together = queued_behind_one(server, jobs)
     with plain_server.client() as solo:
         alone = [solo.post("/sd", json=j) for j in jobs]
     for a, b in zip(together, alone, strict=True):

@@ -56,6 +56,9 @@ class _Waiting:
     def waiting(self, client: str) -> list[Job]:
         return list(self._by_client.get(client, ()))
 
+    def all(self) -> list[Job]:
+        return [job for jobs in self._by_client.values() for job in jobs]
+
     def __len__(self) -> int:
         return sum(len(jobs) for jobs in self._by_client.values())
 
@@ -109,10 +112,9 @@ class RemoteEngine:
 
     def begin_shutdown(self) -> None:
         self.accepting = False
-        for client in list(self.queue._by_client):
-            for job in self.queue.waiting(client):
-                self.cancel(job, Unavailable("the server is shutting down; retry shortly",
-                                             retry_after=30, kind="shutdown"))
+        for job in self.queue.all():
+            self.cancel(job, Unavailable("the server is shutting down; retry shortly",
+                                         retry_after=30, kind="shutdown"))
 
     def abort_running(self) -> None:
         for job in list(self._running):
