@@ -13,17 +13,74 @@ from __future__ import annotations
 
 import difflib
 import math
+import sys
 from collections.abc import Iterable
+from enum import Enum
+
+if sys.version_info >= (3, 11):
+    from enum import StrEnum
+else:  # pragma: no cover - Python 3.10
+    class StrEnum(str, Enum):
+        def __str__(self) -> str:
+            return str(self.value)
+
+        def __format__(self, spec: str) -> str:
+            return str(self.value).__format__(spec)
+
+
+class ErrorKind(StrEnum):
+    """Every kind of error the server answers: the label of craftserve_errors_total, the
+    `kind` of a job's failed event, and what dialects map onto their own codes. Code tests
+    kinds against these members, never against bare strings."""
+
+    ERROR = "error"
+    # the request
+    INVALID_PARAMETER = "invalid_parameter"
+    NOT_SERVED = "not_served"
+    INVALID_LORA = "invalid_lora"
+    MODEL_NOT_FOUND = "model_not_found"
+    BODY_TOO_LARGE = "body_too_large"
+    BODY_TIMEOUT = "body_timeout"
+    URL_TOO_LONG = "url_too_long"
+    HEADERS_TOO_LARGE = "headers_too_large"
+    NOT_FOUND = "not_found"  # no such route
+    HTTP = "http"  # another HTTP error of the framework (405, ...)
+    # the caller
+    FORBIDDEN = "forbidden"
+    UNAUTHORIZED = "unauthorized"
+    RATE_LIMITED = "rate_limited"
+    # jobs
+    JOB_NOT_FOUND = "job_not_found"
+    JOB_CONFLICT = "job_conflict"
+    SUBSCRIBERS = "subscribers"
+    INTERRUPTED = "interrupted"  # stopped by the caller (A1111 interrupt/skip) or all its clients left
+    CANCELLED = "cancelled"  # taken back before or while running (DELETE /jobs, a client gone)
+    DISCONNECTED = "disconnected"
+    # the server
+    UNAVAILABLE = "unavailable"
+    QUEUE_FULL = "queue_full"
+    DEADLINE = "deadline"
+    SHUTDOWN = "shutdown"
+    MODEL_UNAVAILABLE = "model_unavailable"
+    OUT_OF_MEMORY = "out_of_memory"
+    REPLICA_LOST = "replica_lost"
+    REFRESH_FAILED = "refresh_failed"
+    INTERNAL = "internal"
+
+    @property
+    def stopped(self) -> bool:
+        """A job stopped on purpose (by its caller or because its clients left), not failed."""
+        return self in (ErrorKind.INTERRUPTED, ErrorKind.CANCELLED)
 
 
 class CraftError(Exception):
     """Base of the deliberate errors. `status` is the HTTP status it maps to."""
 
     status: int = 500
-    kind: str = "error"  # the label of craftserve_errors_total
+    kind: ErrorKind = ErrorKind.ERROR  # the label of craftserve_errors_total
 
     def __init__(
-        self, message: str, *, headers: dict[str, str] | None = None, kind: str | None = None
+        self, message: str, *, headers: dict[str, str] | None = None, kind: ErrorKind | None = None
     ) -> None:
         super().__init__(message)
         self.message = message
@@ -38,7 +95,7 @@ class InvalidParameter(CraftError):
     parses to name the parameter (`InvalidParam.param`)."""
 
     status = 422
-    kind = "invalid_parameter"
+    kind = ErrorKind.INVALID_PARAMETER
 
     def __init__(self, field: str, value: object, rule: str) -> None:
         super().__init__(f"This server doesn't have {field} {value!r}: {rule}")
@@ -50,7 +107,7 @@ class NotServed(CraftError):
     """A name (model, sampler, LoRA, ...) that this server does not serve (422)."""
 
     status = 422
-    kind = "not_served"
+    kind = ErrorKind.NOT_SERVED
 
     def __init__(self, field: str, value: str, available: Iterable[str]) -> None:
         names = sorted(available)
@@ -70,7 +127,7 @@ class Forbidden(CraftError):
     """Missing or wrong API key (403)."""
 
     status = 403
-    kind = "forbidden"
+    kind = ErrorKind.FORBIDDEN
 
 
 class Unauthorized(CraftError):
@@ -78,7 +135,7 @@ class Unauthorized(CraftError):
     dialect sets the challenge header (e.g. `WWW-Authenticate: Basic`)."""
 
     status = 401
-    kind = "unauthorized"
+    kind = ErrorKind.UNAUTHORIZED
 
 
 def retry_after_seconds(seconds: float) -> int:
@@ -90,7 +147,7 @@ class RateLimited(CraftError):
     """A key past its request rate limit (429, with Retry-After)."""
 
     status = 429
-    kind = "rate_limited"
+    kind = ErrorKind.RATE_LIMITED
 
     def __init__(self, message: str, *, retry_after: float) -> None:
         seconds = retry_after_seconds(retry_after)
@@ -102,16 +159,16 @@ class InternalError(CraftError):
     """A bug: the details are in the log under the job id, never in the answer (500)."""
 
     status = 500
-    kind = "internal"
+    kind = ErrorKind.INTERNAL
 
 
 class Unavailable(CraftError):
     """The server cannot do this now; the client should retry later (503)."""
 
     status = 503
-    kind = "unavailable"
+    kind = ErrorKind.UNAVAILABLE
 
-    def __init__(self, message: str, *, retry_after: float = 5.0, kind: str | None = None) -> None:
+    def __init__(self, message: str, *, retry_after: float = 5.0, kind: ErrorKind | None = None) -> None:
         seconds = max(1, int(round(retry_after)))
         super().__init__(message, headers={"Retry-After": str(seconds)}, kind=kind)
         self.retry_after = seconds
@@ -122,7 +179,7 @@ class LoraError(CraftError):
     or it does not fit the model's layers. The message reads "lora '<name>': <reason>"."""
 
     status = 422
-    kind = "invalid_lora"
+    kind = ErrorKind.INVALID_LORA
     field = "loras"  # the request field at fault, for the dialects' error shapes
 
     def __init__(self, name: str, reason: str) -> None:
@@ -135,7 +192,7 @@ class Interrupted(CraftError):
     """The caller's POST /sdapi/v1/interrupt (or skip) stopped this request's jobs (409)."""
 
     status = 409
-    kind = "interrupt"
+    kind = ErrorKind.INTERRUPTED
 
     def __init__(self) -> None:
         super().__init__("interrupted: POST /sdapi/v1/interrupt (or skip) with this API key stopped "
@@ -146,21 +203,21 @@ class RefreshFailed(CraftError):
     """The models file cannot be read again (500: the server's configuration, not the request)."""
 
     status = 500
-    kind = "refresh_failed"
+    kind = ErrorKind.REFRESH_FAILED
 
 
 class ModelNotFound(CraftError):
     """The requested model is not served and no alias maps it (404, OpenAI's model_not_found)."""
 
     status = 404
-    kind = "model_not_found"
+    kind = ErrorKind.MODEL_NOT_FOUND
     field = "model"
 
 
 class TooLarge(CraftError):
     """A request over an edge limit before its body is read: URL (414), headers (431)."""
 
-    def __init__(self, status: int, kind: str, message: str) -> None:
+    def __init__(self, status: int, kind: ErrorKind, message: str) -> None:
         super().__init__(message)
         self.status = status
         self.kind = kind
@@ -170,7 +227,7 @@ class PayloadTooLarge(CraftError):
     """A request body over the route's cap (413), refused before it is parsed."""
 
     status = 413
-    kind = "body_too_large"
+    kind = ErrorKind.BODY_TOO_LARGE
     field = "body"
 
     def __init__(self, size: int, cap: int, *, streamed: bool = False) -> None:
@@ -183,7 +240,7 @@ class RequestTimeout(CraftError):
     """The request body did not arrive in time (408)."""
 
     status = 408
-    kind = "body_timeout"
+    kind = ErrorKind.BODY_TIMEOUT
 
 
 class JobNotFound(CraftError):
@@ -191,7 +248,7 @@ class JobNotFound(CraftError):
     message says which of unknown-or-expired applies, never that another key owns it."""
 
     status = 404
-    kind = "job_not_found"
+    kind = ErrorKind.JOB_NOT_FOUND
     field = "id"
 
 
@@ -200,5 +257,5 @@ class JobConflict(CraftError):
     cancelling a job that already finished."""
 
     status = 409
-    kind = "job_conflict"
+    kind = ErrorKind.JOB_CONFLICT
     field = "id"

@@ -23,7 +23,7 @@ from app.auth import Authenticator
 from app.config import Settings, get_settings
 from app.engine.engine import Engine
 from app.engine.lora_fit import match_loras
-from app.errors import CraftError
+from app.errors import CraftError, ErrorKind
 from app.imaging import ImageStore
 from app.metrics import Metrics
 from app.registry import Registry, load_registry
@@ -84,13 +84,13 @@ def _install_error_handlers(app: FastAPI, metrics: Metrics, renderers: ErrorRend
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, exc: RequestValidationError) -> Response:
-        metrics.errors.labels("invalid_parameter").inc()
+        metrics.errors.labels(ErrorKind.INVALID_PARAMETER).inc()
         errors = [
             {"loc": list(e.get("loc", ())), "msg": e.get("msg"), "type": e.get("type")}
             for e in exc.errors()
         ]
         fields = [_field_of(e) for e in exc.errors()]
-        info = ErrorInfo(422, describe_validation_errors(list(exc.errors())), "invalid_parameter",
+        info = ErrorInfo(422, describe_validation_errors(list(exc.errors())), ErrorKind.INVALID_PARAMETER,
                          fields[0] if fields else None, errors=errors)
         return renderers.render(request, info)
 
@@ -105,10 +105,10 @@ def _install_error_handlers(app: FastAPI, metrics: Metrics, renderers: ErrorRend
                 reason = "it is nested too deeply to parse"
             except UnicodeDecodeError as bad:
                 reason = f"it is not UTF-8 (byte {bad.start})"
-            metrics.errors.labels("invalid_parameter").inc()
+            metrics.errors.labels(ErrorKind.INVALID_PARAMETER).inc()
             message = f"The request doesn't have body as valid JSON: {reason}; send a JSON object"
-            return renderers.render(request, ErrorInfo(422, message, "invalid_parameter", "body"))
-        kind = "not_found" if exc.status_code == 404 else "http"
+            return renderers.render(request, ErrorInfo(422, message, ErrorKind.INVALID_PARAMETER, "body"))
+        kind = ErrorKind.NOT_FOUND if exc.status_code == 404 else ErrorKind.HTTP
         metrics.errors.labels(kind).inc()
         info = ErrorInfo(exc.status_code, str(exc.detail), kind, headers=dict(exc.headers or {}))
         return renderers.render(request, info)
@@ -116,8 +116,9 @@ def _install_error_handlers(app: FastAPI, metrics: Metrics, renderers: ErrorRend
     @app.exception_handler(Exception)
     async def bug(request: Request, exc: Exception) -> Response:
         logger.exception("unhandled error on %s %s", request.method, request.url.path)
-        metrics.errors.labels("internal").inc()
-        info = ErrorInfo(500, "internal server error; the server log has the details", "internal")
+        metrics.errors.labels(ErrorKind.INTERNAL).inc()
+        info = ErrorInfo(500, "internal server error; the server log has the details",
+                         ErrorKind.INTERNAL)
         return renderers.render(request, info)
 
 

@@ -76,6 +76,7 @@ from app.engine.engine import Engine
 from app.engine.jobs import Job
 from app.errors import (
     CraftError,
+    ErrorKind,
     Forbidden,
     Interrupted,
     InvalidParameter,
@@ -98,11 +99,9 @@ _TITLE_HASH = re.compile(r"\s*\[[0-9a-fA-F]*\]\s*$")  # A1111 titles end with " 
 
 
 # ---- errors ----------------------------------------------------------------------------------
-_NAMES = {Interrupted.kind: "Interrupted"}
-
-
-def _class_name(kind: str) -> str:
-    return _NAMES.get(kind) or "".join(part.capitalize() for part in kind.split("_")) or "Error"
+def _class_name(kind: ErrorKind) -> str:
+    """A1111's `error` field, a class name: interrupted → Interrupted, not_served → NotServed."""
+    return "".join(part.capitalize() for part in kind.split("_")) or "Error"
 
 
 def render_error(request: Request, info: ErrorInfo) -> Response:
@@ -528,7 +527,7 @@ async def txt2img(
                                           client=client, engine=engine, registry=registry,
                                           settings=settings)
     except CraftError as exc:
-        if exc.kind in ("interrupted", "cancelled"):  # the worker's words for a stopped job
+        if exc.kind.stopped:  # the worker's words for a stopped job
             raise Interrupted() from exc
         raise
     restore = body.override_settings_restore_afterwards is not False

@@ -14,12 +14,14 @@ from collections.abc import Callable
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 
+from app.errors import ErrorKind
+
 
 @dataclasses.dataclass(frozen=True)
 class ErrorInfo:
     status: int
     message: str  # one readable sentence (or several, "; "-joined) naming field, value and rule
-    kind: str  # the label of craftserve_errors_total
+    kind: ErrorKind  # the label of craftserve_errors_total
     field: str | None = None  # the request field at fault, when there is one
     headers: dict[str, str] = dataclasses.field(default_factory=dict)
     errors: list[dict] | None = None  # validation details: [{loc, msg, type}]

@@ -20,7 +20,7 @@ from fastapi import Request
 from app.config import Settings
 from app.engine.engine import Engine
 from app.engine.jobs import GenParams, Job, JobResult
-from app.errors import InternalError, InvalidParameter, LoraError, NotServed, Unavailable
+from app.errors import ErrorKind, InternalError, InvalidParameter, LoraError, NotServed, Unavailable
 from app.families import Family
 from app.imaging import encode_image, parameters_text
 from app.prompt_syntax import PromptSyntaxError, parse_prompt
@@ -171,7 +171,7 @@ async def run_jobs(engine: Engine, jobs: list[Job], request: Request) -> list[Jo
             waiting = {job.future for job in jobs if not job.future.done()}
             done, _ = await asyncio.wait(waiting | {watcher}, return_when=asyncio.FIRST_COMPLETED)
             if watcher in done:
-                raise Unavailable("the client disconnected", kind="disconnected")
+                raise Unavailable("the client disconnected", kind=ErrorKind.DISCONNECTED)
             for future in done:
                 future.result()  # raises the job's error
         return [job.future.result() for job in jobs]

@@ -32,7 +32,7 @@ from app.auth import Authenticator, bearer_token
 from app.config import Settings
 from app.engine.engine import Engine
 from app.engine.jobs import Job
-from app.errors import CraftError, JobConflict, JobNotFound, Unavailable
+from app.errors import CraftError, ErrorKind, JobConflict, JobNotFound, Unavailable
 from app.imaging import ImageStore
 from app.schemas import ErrorBody, JobRequest
 
@@ -157,7 +157,7 @@ def _preview_png(rgb) -> str:  # noqa: ANN001 - (h, w, 3) uint8 tensor
 def _error_body(error: BaseException) -> dict:
     if isinstance(error, CraftError):
         return {"status": error.status, "kind": error.kind, "message": error.message}
-    return {"status": 500, "kind": "internal", "message": "internal error"}
+    return {"status": 500, "kind": ErrorKind.INTERNAL, "message": "internal error"}
 
 
 async def _watch(tracked: TrackedJob, engine: Engine, images: ImageStore, image_url: str) -> None:
@@ -309,7 +309,7 @@ def cancel_job(job_id: str, request: Request, auth: AuthDep, engine: EngineDep) 
                           "cancel (DELETE applies to queued and running jobs)")
     if tracked.status != "cancelled":  # DELETE twice: the same answer
         engine.cancel(tracked.job, Unavailable("the job was cancelled by DELETE /jobs/{id}",
-                                               kind="cancelled"))
+                                               kind=ErrorKind.CANCELLED))
         _end(tracked, "cancelled", {"step": tracked.job.step, "steps": tracked.steps})
     return tracked.state(request)
 
@@ -340,7 +340,7 @@ async def job_events(job_id: str, request: Request, auth: AuthDep,
         raise Unavailable(
             f"job {job_id!r} has {len(tracked.subscribers)} event subscribers, the limit is "
             f"{settings.job_max_subscribers} (setting CRAFTSERVE_JOB_MAX_SUBSCRIBERS)",
-            retry_after=5, kind="subscribers")
+            retry_after=5, kind=ErrorKind.SUBSCRIBERS)
     try:
         last_id = int(request.headers.get("last-event-id", "0"))
     except ValueError:

@@ -23,7 +23,7 @@ from typing import Any
 from starlette.requests import Request
 
 from app.api.errors import ErrorInfo
-from app.errors import CraftError, PayloadTooLarge, RequestTimeout, TooLarge
+from app.errors import CraftError, ErrorKind, PayloadTooLarge, RequestTimeout, TooLarge
 
 logger = logging.getLogger(__name__)
 
@@ -74,12 +74,12 @@ class EdgeLimits:
     def _check_head(self, scope: Scope) -> None:
         url = len(scope.get("raw_path") or scope["path"].encode()) + len(scope.get("query_string", b""))
         if url > self.max_url_bytes:
-            raise TooLarge(414, "url_too_long",
+            raise TooLarge(414, ErrorKind.URL_TOO_LONG,
                            f"the URL is {url} bytes long; at most {self.max_url_bytes} bytes are "
                            "accepted (setting CRAFTSERVE_MAX_URL_BYTES)")
         headers = sum(len(k) + len(v) + 4 for k, v in scope.get("headers", ()))
         if headers > self.max_header_bytes:
-            raise TooLarge(431, "headers_too_large",
+            raise TooLarge(431, ErrorKind.HEADERS_TOO_LARGE,
                            f"the request headers are {headers} bytes in all; at most "
                            f"{self.max_header_bytes} bytes are accepted (setting "
                            "CRAFTSERVE_MAX_HEADER_BYTES)")
@@ -147,7 +147,7 @@ class EdgeLimits:
 
 class _Gone(CraftError):
     status = 499
-    kind = "disconnected"
+    kind = ErrorKind.DISCONNECTED
 
     def __init__(self) -> None:
         super().__init__("the client went away while sending its body")

@@ -36,7 +36,7 @@ from app.api.deps import AuthDep, EngineDep, ImagesDep, RegistryDep, SettingsDep
 from app.api.errors import ErrorInfo
 from app.api.generation import ImageRequest, generate_images
 from app.config import Settings
-from app.errors import Forbidden, InvalidParameter, ModelNotFound, Unauthorized
+from app.errors import ErrorKind, Forbidden, InvalidParameter, ModelNotFound, Unauthorized
 from app.imaging import MEDIA_TYPES
 from app.registry import Registry
 from app.schemas import MAX_CLIP_SKIP, MAX_SEED, Int, Loras, Number
@@ -158,17 +158,17 @@ _GENERATION_ERRORS = {
 # ---- errors ----------------------------------------------------------------------------------
 _TYPES = {401: "invalid_request_error", 403: "permission_error", 429: "rate_limit_error"}
 _CODES = {
-    "model_not_found": "model_not_found",
-    "unauthorized": "invalid_api_key",
-    "forbidden": "invalid_api_key",
-    "rate_limited": "rate_limit_exceeded",
-    "invalid_parameter": "invalid_value",
-    "not_served": "invalid_value",
-    "invalid_lora": "invalid_value",
+    ErrorKind.MODEL_NOT_FOUND: "model_not_found",
+    ErrorKind.UNAUTHORIZED: "invalid_api_key",
+    ErrorKind.FORBIDDEN: "invalid_api_key",
+    ErrorKind.RATE_LIMITED: "rate_limit_exceeded",
+    ErrorKind.INVALID_PARAMETER: "invalid_value",
+    ErrorKind.NOT_SERVED: "invalid_value",
+    ErrorKind.INVALID_LORA: "invalid_value",
 }
 # 5xx a retry of the same request cannot fix: a bug, a model that failed to load (retried by the
 # server after CRAFTSERVE_LOAD_RETRY_S), memory exhausted after the server's own retries.
-_NO_RETRY_KINDS = {"internal", "model_unavailable", "out_of_memory"}
+_NO_RETRY_KINDS = {ErrorKind.INTERNAL, ErrorKind.MODEL_UNAVAILABLE, ErrorKind.OUT_OF_MEMORY}
 _PARAMS = {"lora": "loras", "body": None}
 
 

@@ -29,7 +29,7 @@ from app.cluster.wire import DONE, ERROR, PREVIEW, PROGRESS, STARTED, error_from
 from app.config import Settings
 from app.engine.jobs import GenParams, Job, JobResult
 from app.engine.reload import ReloadReport, fingerprint, reload_into
-from app.errors import CraftError, InternalError, Unavailable
+from app.errors import CraftError, ErrorKind, InternalError, Unavailable
 from app.metrics import Metrics
 from app.registry import Registry
 
@@ -114,12 +114,12 @@ class RemoteEngine:
         self.accepting = False
         for job in self.queue.all():
             self.cancel(job, Unavailable("the server is shutting down; retry shortly",
-                                         retry_after=30, kind="shutdown"))
+                                         retry_after=30, kind=ErrorKind.SHUTDOWN))
 
     def abort_running(self) -> None:
         for job in list(self._running):
             self.cancel(job, Unavailable("the server shut down before this job finished",
-                                         kind="shutdown"))
+                                         kind=ErrorKind.SHUTDOWN))
 
     def stop(self, grace_s: float | None = None) -> None:
         """Serve drains the ingress before its shutdown: what is left here is answered 503."""
@@ -132,7 +132,7 @@ class RemoteEngine:
     def submit(self, params: GenParams, client: str, deadline_s: float | None = None) -> Job:
         if not self.accepting:
             raise Unavailable("the server is shutting down; retry shortly", retry_after=30,
-                              kind="shutdown")
+                              kind=ErrorKind.SHUTDOWN)
         loop = asyncio.get_running_loop()
         deadline = self.settings.queue_deadline_s if deadline_s is None else deadline_s
         job = Job(params=params, client=client, loop=loop, deadline_s=deadline)
@@ -150,7 +150,7 @@ class RemoteEngine:
                 f"the job waited {time.monotonic() - job.enqueued_at:.0f} s for a generation "
                 f"replica, longer than its deadline of {job.deadline_s:g} s (setting "
                 "CRAFTSERVE_QUEUE_DEADLINE_S); the cluster is overloaded",
-                retry_after=30, kind="deadline"))
+                retry_after=30, kind=ErrorKind.DEADLINE))
 
     async def _drive(self, job: Job) -> None:
         from ray.exceptions import ActorUnavailableError, RayActorError
@@ -187,13 +187,13 @@ class RemoteEngine:
             job.fail(Unavailable(
                 "every generation replica is full and "
                 f"{self.settings.ray_max_queued} requests already wait for one (setting "
-                "CRAFTSERVE_RAY_MAX_QUEUED); retry later", retry_after=10, kind="queue_full"))
+                "CRAFTSERVE_RAY_MAX_QUEUED); retry later", retry_after=10, kind=ErrorKind.QUEUE_FULL))
         except (RayActorError, ActorUnavailableError) as exc:
             logger.warning("job %s: its replica is gone: %s", job.id, type(exc).__name__)
             job.fail(Unavailable(
                 "the generation replica running this job stopped (its process died or was "
                 "removed); Ray Serve starts a replacement: retry", retry_after=5,
-                kind="replica_lost"))
+                kind=ErrorKind.REPLICA_LOST))
         except Exception:
             logger.exception("job %s: the call to the generation deployment failed", job.id)
             job.fail(InternalError(f"internal error (job {job.id}); the server log has the details"))
@@ -219,7 +219,7 @@ class RemoteEngine:
         if task is not None:
             task.cancel()
         self.queue.discard(job)
-        job.fail(answer or Unavailable("the job was cancelled", kind="cancelled"))
+        job.fail(answer or Unavailable("the job was cancelled", kind=ErrorKind.CANCELLED))
 
     # ---- reload --------------------------------------------------------------------
     def reload(self) -> ReloadReport:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import threading
 import time
 
-from app.errors import Unavailable
+from app.errors import ErrorKind, Unavailable
 
 
 class LoadFailures:
@@ -35,7 +35,7 @@ class LoadFailures:
         when, error = failure
         remaining = self.retry_s - (time.monotonic() - when)
         if remaining > 0:
-            raise Unavailable(error.message, retry_after=remaining, kind="model_unavailable")
+            raise Unavailable(error.message, retry_after=remaining, kind=ErrorKind.MODEL_UNAVAILABLE)
 
     def reason(self, name: str) -> str | None:
         """The message of the last failed load of `name`, if it has not loaded since."""

@@ -15,7 +15,7 @@ from app.engine.availability import LoadFailures
 from app.engine.jobs import GenParams, Job, JobQueue
 from app.engine.reload import ReloadReport, fingerprint, reload_into
 from app.engine.worker import Worker
-from app.errors import CraftError, InvalidParameter, Unavailable
+from app.errors import CraftError, ErrorKind, InvalidParameter, Unavailable
 from app.metrics import Metrics
 from app.registry import ModelSpec, Registry
 
@@ -121,7 +121,7 @@ class Engine:
         left = self.queue.close()
         for job in left:
             job.fail(Unavailable("the server is shutting down; retry shortly", retry_after=30,
-                                 kind="shutdown"))
+                                 kind=ErrorKind.SHUTDOWN))
         if left:
             logger.info("shutdown: answered %d waiting jobs 503", len(left))
 
@@ -133,7 +133,7 @@ class Engine:
                 job.fail(Unavailable(
                     "the server shut down before this job finished (grace period "
                     f"{self.settings.shutdown_grace_s:g} s, setting CRAFTSERVE_SHUTDOWN_GRACE_S)",
-                    kind="shutdown",
+                    kind=ErrorKind.SHUTDOWN,
                 ))
 
     def stop(self, grace_s: float | None = None) -> None:
@@ -151,7 +151,7 @@ class Engine:
         not the setting's (a Ray replica passes what is left of the request's)."""
         if not self.accepting:
             raise Unavailable("the server is shutting down; retry shortly", retry_after=30,
-                              kind="shutdown")
+                              kind=ErrorKind.SHUTDOWN)
         self.failures.check(params.model)
         job = Job(
             params=params,
@@ -195,7 +195,7 @@ class Engine:
             for name in report.changed + report.added:
                 self.failures.clear(name)  # a fixed file is tried again at once
             gone = Unavailable("the model was removed from the models file by a reload",
-                               retry_after=3600, kind="model_unavailable")
+                               retry_after=3600, kind=ErrorKind.MODEL_UNAVAILABLE)
             for name in report.removed:
                 self.failures.clear(name)
                 for job in self.queue.remove_model(name):

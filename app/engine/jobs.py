@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from app.errors import Unavailable
+from app.errors import ErrorKind, Unavailable
 from app.samplers import SamplerChoice
 
 
@@ -193,13 +193,13 @@ class JobQueue:
         with self._cond:
             if self._closed:
                 raise Unavailable("the server is shutting down; retry shortly", retry_after=30,
-                                  kind="shutdown")
+                                  kind=ErrorKind.SHUTDOWN)
             if self._size >= self.max_queue:
                 raise Unavailable(
                     f"the queue is full ({self._size} jobs waiting, the limit is "
                     f"{self.max_queue}, setting CRAFTSERVE_MAX_QUEUE); retry later",
                     retry_after=self.retry_after(),
-                    kind="queue_full",
+                    kind=ErrorKind.QUEUE_FULL,
                 )
             self._by_client.setdefault(job.client, deque()).append(job)
             self._size += 1
@@ -254,7 +254,7 @@ class JobQueue:
                 f"than its deadline of {job.deadline_s:g} s (setting CRAFTSERVE_QUEUE_DEADLINE_S); "
                 "the server is overloaded",
                 retry_after=self.retry_after(),
-                kind="deadline",
+                kind=ErrorKind.DEADLINE,
             ))
 
     def finished(self, count: int, seconds: float | None = None) -> None:

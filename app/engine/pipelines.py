@@ -19,7 +19,7 @@ from app.engine.determinism import make_batch_invariant
 from app.engine.loras import LoraManager
 from app.engine.optimize import optimize_pipeline, warm_up
 from app.engine.prompts import PromptEncoder
-from app.errors import Unavailable
+from app.errors import ErrorKind, Unavailable
 from app.families import PIPELINE_FAMILIES, SERVED_PIPELINES, Family
 from app.registry import ModelSpec
 
@@ -78,7 +78,7 @@ def _unavailable(spec: ModelSpec, repo: str, exc: BaseException) -> Unavailable:
     else:
         fix = f"loading {repo} failed ({reason}); check the folder and the server log"
     return Unavailable(f"model '{spec.name}' cannot be served now: {fix}", retry_after=60,
-                       kind="model_unavailable")
+                       kind=ErrorKind.MODEL_UNAVAILABLE)
 
 
 def _from_pretrained(cls: Any, source: str, allow_downloads: bool, **kwargs: Any) -> Any:
@@ -128,7 +128,7 @@ def _load_single_file(spec: ModelSpec, dtype: torch.dtype, allow_downloads: bool
     except (CheckpointError, SingleFileError) as exc:
         raise Unavailable(
             f"model '{spec.name}' cannot be served now: {Path(spec.source).name}: {exc.reason}",
-            retry_after=60, kind="model_unavailable",
+            retry_after=60, kind=ErrorKind.MODEL_UNAVAILABLE,
         ) from exc
     if spec.vae:
         pipe.vae = _load_vae(spec, dtype, allow_downloads)

@@ -32,7 +32,7 @@ from app.engine.pipelines import LoadedModel, load_model
 from app.engine.previews import approx_cheap
 from app.engine.prompts import PromptEncoder
 from app.engine.schedulers import make_scheduler
-from app.errors import CraftError, InternalError, Unavailable
+from app.errors import CraftError, ErrorKind, InternalError, Unavailable
 from app.metrics import Metrics
 from app.registry import ModelSpec
 
@@ -151,7 +151,7 @@ class Worker:
         spec = self.specs.get(name)
         if spec is None:
             raise Unavailable(f"model '{name}' is no longer served: a reload removed it from the "
-                              "models file", retry_after=3600, kind="model_unavailable")
+                              "models file", retry_after=3600, kind=ErrorKind.MODEL_UNAVAILABLE)
         loaded = self.models.get(name)
         if loaded is not None:
             self.models.move_to_end(name)
@@ -189,7 +189,7 @@ class Worker:
             raise Unavailable(
                 f"model '{spec.name}' cannot be served now: loading it failed "
                 f"({type(exc).__name__}); the server log has the details",
-                kind="model_unavailable",
+                kind=ErrorKind.MODEL_UNAVAILABLE,
             ) from exc
 
     def _fail_waiting(self, name: str, error: Unavailable) -> None:
@@ -200,7 +200,7 @@ class Worker:
         waiting = self.queue.remove_model(name)
         if waiting:
             self._fail(waiting, Unavailable(error.message, retry_after=error.retry_after,
-                                            kind="model_unavailable"), finished=True)
+                                            kind=ErrorKind.MODEL_UNAVAILABLE), finished=True)
 
     def _evict(self, name: str) -> None:
         self.models.pop(name, None)
@@ -223,7 +223,7 @@ class Worker:
         gone = [job for job in batch if job.cancelled.is_set()]
         if gone:
             self._fail(gone, Unavailable("the client went away before its job started",
-                                         kind="cancelled"))
+                                         kind=ErrorKind.CANCELLED))
         if not live:
             return
         params = live[0].params
@@ -233,7 +233,7 @@ class Worker:
             images = self._generate_with_recovery(model, live)
         except _Interrupted:
             self._fail(live, Unavailable("every client of this job went away; it was stopped",
-                                         kind="interrupted"))
+                                         kind=ErrorKind.INTERRUPTED))
             return
         except CraftError as exc:
             self._fail(live, exc)
@@ -256,7 +256,7 @@ class Worker:
     def _fail(self, jobs: list[Job], error: CraftError, *, finished: bool = False) -> None:
         if not finished:
             self._finish(jobs)
-        if error.kind in ("interrupted", "cancelled"):  # no answer reaches the edge: count here
+        if error.kind.stopped:  # no answer reaches the edge: count here
             self.metrics.errors.labels(error.kind).inc(len(jobs))
         for job in jobs:
             job.fail(error)
@@ -317,7 +317,7 @@ class Worker:
             f"out of memory on {self.device} even one image at a time with VAE tiling; "
             "try a smaller size or retry when the server is less busy",
             retry_after=30,
-            kind="out_of_memory",
+            kind=ErrorKind.OUT_OF_MEMORY,
         )
 
     def generate(self, model: LoadedModel, jobs: list[Job]) -> list:
