@@ -24,7 +24,7 @@ import time
 from collections import OrderedDict, deque
 from typing import TYPE_CHECKING
 
-from app.errors import Forbidden, RateLimited
+from app.errors import RateLimited, Unauthorized
 from app.ratelimit import RateLimit, RateLimiter, parse_rate_limit
 
 if TYPE_CHECKING:
@@ -33,6 +33,9 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 
+HOW_TO_SEND_A_KEY = (
+    "send it as `Authorization: Bearer <key>`, as HTTP Basic with the key as the password (any "
+    "user name), or as `token` in the JSON body")
 _HASHED = re.compile(r"^sha256:([0-9a-fA-F]{64})$")
 
 
@@ -170,8 +173,8 @@ class Authenticator:
         self.rate_limits.admit(client)
 
     def authenticate(self, token: str | None, client_host: str | None = None) -> str:
-        """Return the client's label, or raise Forbidden (RateLimited for an address past its
-        failed attempts)."""
+        """Return the client's label, or raise Unauthorized (RateLimited for an address past
+        its failed attempts). The token comes from app.api.credentials, whatever the route."""
         if not self.allow_anonymous:
             self.failures.check(client_host)
         label = self._match(token) if token else None
@@ -181,11 +184,8 @@ class Authenticator:
             return f"anonymous-{client_host or 'unknown'}"
         self.failures.record(client_host)
         if not token:
-            raise Forbidden(
-                "Missing API key: send it as `token` in the JSON body or as "
-                "`Authorization: Bearer <key>`"
-            )
-        raise Forbidden("Invalid API key")
+            raise Unauthorized(f"Missing API key: {HOW_TO_SEND_A_KEY}")
+        raise Unauthorized("Invalid API key")
 
     def _match(self, token: str) -> str | None:
         candidate = hashlib.sha256(token.encode()).digest()
@@ -194,12 +194,3 @@ class Authenticator:
             if hmac.compare_digest(candidate, key):
                 found = label
         return found
-
-
-def bearer_token(authorization: str | None) -> str | None:
-    if not authorization:
-        return None
-    scheme, _, value = authorization.partition(" ")
-    if scheme.lower() != "bearer" or not value.strip():
-        return None
-    return value.strip()

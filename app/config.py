@@ -34,7 +34,7 @@ class Settings(BaseSettings):
     # the rest of that minute (0: no limit). Other addresses are never affected.
     auth_failures_per_minute: int = Field(30, ge=0)
 
-    # Limits at the edge (app.api.limits), before any parsing: body bytes (413), seconds for
+    # Limits at the edge (app.api.edge), before any parsing: body bytes (413), seconds for
     # the body to arrive (408), URL bytes (414), header bytes in all (431).
     max_body_bytes: int = Field(2 * 2**20, ge=1024)
     body_timeout_s: float = Field(30.0, gt=0)

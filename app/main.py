@@ -17,8 +17,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from app import __version__
 from app.api import a1111, admin, health, jobs, openai_images, openapi, page, visioncraft
+from app.api.a1111 import A1111State
+from app.api.edge import EdgeLimits
 from app.api.errors import ErrorInfo, ErrorRenderers
-from app.api.limits import EdgeLimits
+from app.api.job_tracker import JobTracker
 from app.auth import Authenticator
 from app.config import Settings, get_settings
 from app.engine.engine import Engine
@@ -169,6 +171,7 @@ def create_app(settings: Settings | None = None, engine_factory: EngineFactory =
         finally:
             with contextlib.suppress(Exception):
                 asyncio.get_running_loop().remove_signal_handler(signal.SIGHUP)
+            await jobs_state.close()
             engine.stop()
 
     app = FastAPI(
@@ -183,6 +186,8 @@ def create_app(settings: Settings | None = None, engine_factory: EngineFactory =
     app.state.metrics = metrics
     app.state.engine = engine
     app.state.images = ImageStore(settings.image_store_mb * 2**20)
+    app.state.jobs = jobs_state = JobTracker(settings)  # the job API's jobs and their events
+    app.state.a1111 = A1111State(registry)  # A1111's options and skipped jobs
     app.include_router(visioncraft.router)
     app.include_router(a1111.router)
     app.include_router(openai_images.router)

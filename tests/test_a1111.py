@@ -536,6 +536,6 @@ def test_openapi_documents_the_routes_and_their_errors(server: LiveServer) -> No
         "/A1111Error")
     request = doc["components"]["schemas"]["A1111Txt2ImgRequest"]["properties"]
     assert {"prompt", "override_settings", "batch_size", "n_iter", "alwayson_scripts"} <= set(request)
-    assert "a1111_basic" in doc["components"]["securitySchemes"]
+    assert {"craftserve_basic", "craftserve_bearer"} <= set(doc["components"]["securitySchemes"])
     options = paths["/sdapi/v1/options"]["get"]["responses"]["200"]["content"]["application/json"]
     assert options["schema"]["$ref"].endswith("/A1111Options")

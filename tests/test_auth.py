@@ -10,9 +10,10 @@ import httpx
 import pytest
 from pydantic import ValidationError
 
-from app.auth import Authenticator, bearer_token, key_label, parse_key_entry
+from app.api.credentials import header_key
+from app.auth import Authenticator, key_label, parse_key_entry
 from app.config import Settings
-from app.errors import Forbidden, RateLimited, retry_after_seconds
+from app.errors import RateLimited, Unauthorized, retry_after_seconds
 from app.ratelimit import RateLimit, RateLimiter, TokenBucket, parse_rate_limit
 from tests.conftest import API_KEY, TINY_MODELS, body, png
 
@@ -69,9 +70,8 @@ def test_labels_never_contain_the_key() -> None:
     auth = Authenticator(["s3cret-key"])
     label = auth.authenticate("s3cret-key")
     assert label == key_label("s3cret-key") and "s3cret" not in label
-    assert bearer_token("Bearer abc") == "abc"
-    assert bearer_token("Basic abc") is None
-    assert bearer_token("Bearer   ") is None
+    assert header_key("Bearer abc") == "abc"
+    assert header_key("Bearer   ") is None
 
 
 # ---- rate limits ---------------------------------------------------------------------------
@@ -200,7 +200,7 @@ def test_key_entries_carry_optional_limits() -> None:
     assert limits.limit_for(auth.authenticate("k2")) == RateLimit(1, 60)
     assert limits.limit_for(auth.authenticate("k3")) is None
     assert auth.authenticate("k1") == key_label("k1")  # the limit is not part of the key
-    with pytest.raises(Forbidden):
+    with pytest.raises(Unauthorized):
         auth.authenticate("k1 2/60s")
 
 
@@ -217,9 +217,9 @@ def test_rate_limit_per_key_over_http(make_server, tmp_path) -> None:
     with server.client() as c:
         for _ in range(3):  # discovery is not counted
             assert c.get("/sd/models-sdxl").status_code == 200
-        # a body that fails validation is answered before the key is counted
+        # every request of a generation route counts, valid or not: the key is checked and
+        # counted before the body (app.api.credentials)
         assert c.post("/sd", json=body(token="limited-key", steps=999)).status_code == 422
-        png(c.post("/sd", json=body(token="limited-key")))
         assert c.post("/generate-xl", json=body(token="limited-key")).status_code == 200
         refused = c.post("/generate", json=body(token="limited-key"))
         assert refused.status_code == 429, refused.text

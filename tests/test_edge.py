@@ -15,7 +15,7 @@ import httpx
 import pytest
 
 from app.auth import Authenticator, hashed_entry, key_label
-from app.errors import Forbidden, RateLimited
+from app.errors import RateLimited, Unauthorized
 from tests.conftest import API_KEY, body, png
 from tests.live import ROOT
 
@@ -117,7 +117,7 @@ def test_hashed_keys_authenticate_and_share_the_label():
     auth = Authenticator([line + "  5/60s", "plain-key"])
     assert auth.authenticate("s3cret-key") == key_label("s3cret-key") == key_label(line)
     assert auth.authenticate("plain-key") == key_label("plain-key")
-    with pytest.raises(Forbidden):
+    with pytest.raises(Unauthorized):
         auth.authenticate(line)  # the hash itself is not a key
     for _ in range(5):
         auth.admit(key_label("s3cret-key"))

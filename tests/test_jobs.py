@@ -11,7 +11,7 @@ from types import SimpleNamespace
 import pytest
 from PIL import Image
 
-from app.api.jobs import TrackedJob, publish
+from app.api.job_tracker import TrackedJob, publish
 from tests.conftest import API_KEY, body
 
 OTHER_KEY = "other-key-456"

@@ -14,6 +14,7 @@ import pytest
 from PIL import Image
 
 from app.api import openai_images
+from app.api.openai_images import translate as openai_translate
 from app.api.errors import ErrorInfo
 from tests.conftest import API_KEY, body, png
 from tests.live import LiveServer
@@ -159,10 +160,14 @@ def test_errors_are_sdk_exceptions(sdk: openai.OpenAI, server: LiveServer) -> No
     assert auth.value.response.headers["www-authenticate"] == "Bearer"
     with pytest.raises(openai.AuthenticationError):
         bad.models.list()
-    for headers in ({}, {"authorization": "Basic dXNlcjpwYXNz"}, {"authorization": "Bearer"}):
+    for headers in ({}, {"authorization": "Bearer"}):
         anonymous = httpx.post(server.url + "/v1/images/generations", json={"prompt": "a"},
                                headers=headers, timeout=30)
         assert "Missing API key" in error_of(anonymous, 401)["message"]
+    # every route takes the key the same ways: HTTP Basic's password is one (user:pass here)
+    wrong = httpx.post(server.url + "/v1/images/generations", json={"prompt": "a"},
+                       headers={"authorization": "Basic dXNlcjpwYXNz"}, timeout=30)
+    assert error_of(wrong, 401)["message"] == "Invalid API key"
     with pytest.raises(openai.NotFoundError) as missing:
         sdk.images.generate(model="sdxl-turbo", prompt="a lighthouse")
     assert missing.value.code == "model_not_found" and missing.value.param == "model"
@@ -221,7 +226,7 @@ def test_base64_in_unexpected_places_is_refused_briefly(client: httpx.Client) ->
     blob = base64.b64encode(bytes(range(256)) * 400).decode()  # ~136 kB
     for fields, param, status in [
         ({"size": blob}, "size", 400),
-        ({"model": "data:image/png;base64," + blob}, "model", 404),
+        ({"model": "data:image/png;base64," + blob}, "model", 400),  # longer than any name
         ({"sampler": blob}, "sampler", 400),
         ({"loras": {blob: 1.0}}, "loras", 400),
         ({"prompt": blob}, "prompt", 400),
@@ -334,7 +339,7 @@ def test_open_webui_openai_mode_body(client: httpx.Client, server: LiveServer) -
 def test_librechat_dalle3_tool_body(client: httpx.Client, monkeypatch) -> None:
     # LibreChat's DALL-E 3 tool (DALLE_REVERSE_PROXY): the openai node SDK with these fields;
     # it reads data[0].url, takes the file extension from the URL and downloads it without auth.
-    monkeypatch.setattr(openai_images, "DEFAULT_STEPS", 2)  # the body sets no steps: keep it quick
+    monkeypatch.setattr(openai_translate, "DEFAULT_STEPS", 2)  # the body sets no steps: keep it quick
     answer = client.post("/v1/images/generations", json={
         "model": "dall-e-3", "quality": "standard", "style": "vivid", "size": "1024x1024",
         "prompt": "Photo of a lighthouse at dusk, detailed", "n": 1})
@@ -350,7 +355,7 @@ def test_librechat_dalle3_tool_body(client: httpx.Client, monkeypatch) -> None:
 def test_librechat_gpt_image_tool_body(client: httpx.Client, monkeypatch) -> None:
     # LibreChat's OpenAI image tool (IMAGE_GEN_OAI_BASEURL) asks gpt-image-1 with size "auto",
     # sends no response_format and reads data[0].b64_json.
-    monkeypatch.setattr(openai_images, "DEFAULT_STEPS", 2)
+    monkeypatch.setattr(openai_translate, "DEFAULT_STEPS", 2)
     answer = client.post("/v1/images/generations", json={
         "model": "gpt-image-1", "prompt": "a lighthouse at dusk", "n": 1, "background": "auto",
         "output_format": "png", "quality": "auto", "size": "auto", "moderation": "low"})

@@ -44,12 +44,16 @@ def visioncraft_message(info: ErrorInfo) -> str:
 
 def visioncraft_error(request: Request, info: ErrorInfo) -> Response:
     """`detail` (a string) as craftserve always answered, plus `error.message` with the same
-    text, which the published VisionCraft wrapper reads first (app.schemas.ErrorBody)."""
+    text, which the published VisionCraft wrapper reads first (visioncraft.models.ErrorBody).
+    A missing or wrong key is 403, as the VisionCraft service answers it (the wrapper's
+    InvalidAPIKey); it carries no challenge."""
     message = visioncraft_message(info)
     body: dict = {"detail": message, "error": {"message": message}}
     if info.errors is not None:
         body["errors"] = info.errors
-    return JSONResponse(body, status_code=info.status, headers=info.headers)
+    status = 403 if info.kind == ErrorKind.UNAUTHORIZED else info.status
+    headers = {k: v for k, v in info.headers.items() if k.lower() != "www-authenticate"}
+    return JSONResponse(body, status_code=status, headers=headers)
 
 
 class ErrorRenderers:

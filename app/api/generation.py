@@ -10,23 +10,21 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 
 from fastapi import Request
 
+from app.api.rules import MAX_SEED, check_clip_skip, check_prompt_length, check_prompt_syntax
 from app.config import Settings
 from app.engine.engine import Engine
 from app.engine.jobs import GenParams, Job, JobResult
 from app.errors import ErrorKind, InternalError, InvalidParameter, LoraError, NotServed, Unavailable
 from app.families import Family
 from app.imaging import encode_image, parameters_text
-from app.prompt_syntax import PromptSyntaxError, parse_prompt
 from app.registry import Registry
 from app.samplers import resolve_sampler
-from app.schemas import MAX_CLIP_SKIP, MAX_SEED
 
 DEFAULT_SAMPLER = "DPM++ 2M Karras"
 
@@ -35,8 +33,9 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class ImageRequest:
-    """One request for images, in no dialect's terms. Ranges were checked by the dialect;
-    names (model, sampler, LoRAs) and server-wide limits are checked by `to_params`."""
+    """One request for images, in no dialect's terms. Ranges were checked by the dialect with
+    the shared rules (app.api.rules); names (model, sampler, LoRAs) and server-wide limits are
+    checked by `to_params`."""
 
     model: str
     prompt: str
@@ -77,25 +76,6 @@ class Generated:
         }
 
 
-def check_clip_skip(field: str, value: object) -> int:
-    """A clip skip as A1111's CLIP_stop_at_last_layers: a whole number 1..12 (422 otherwise)."""
-    whole = isinstance(value, int | float) and not isinstance(value, bool) \
-        and math.isfinite(value) and value == int(value)
-    if not whole or not 1 <= value <= MAX_CLIP_SKIP:  # type: ignore[operator]
-        raise InvalidParameter(field, value, f"{field} must be a whole number from 1 to "
-                               f"{MAX_CLIP_SKIP} (1: the text encoder's last layer)")
-    return int(value)  # type: ignore[arg-type]
-
-
-def check_prompt_syntax(field: str, text: str) -> None:
-    """422 before anything is queued for a prompt whose A1111 syntax is refused (a weight
-    that is not a finite number within [-100, 100]), naming the fragment."""
-    try:
-        parse_prompt(text)
-    except PromptSyntaxError as exc:
-        raise InvalidParameter(field, exc.fragment, exc.rule) from None
-
-
 def _embeddings_used(registry: Registry, family: Family, texts: tuple[str, ...]) -> tuple:
     """The family's embeddings whose name occurs in the prompts (case and runs of spaces
     aside, as the tokenizer sees them); the worker matches them on tokens."""
@@ -114,13 +94,7 @@ def to_params(body: ImageRequest, registry: Registry, settings: Settings) -> Gen
         raise NotServed("model", body.model, registry.models)
     for name in ("prompt", "negative_prompt"):
         text = getattr(body, name)
-        if len(text) > settings.max_prompt_length:
-            raise InvalidParameter(
-                name,
-                f"<{len(text)} characters>",
-                f"at most {settings.max_prompt_length} characters "
-                "(setting CRAFTSERVE_MAX_PROMPT_LENGTH)",
-            )
+        check_prompt_length(name, text, settings)
         check_prompt_syntax(name, text)
     clip_skip = 1 if body.clip_skip is None else check_clip_skip("clip_skip", body.clip_skip)
     sampler = resolve_sampler(body.sampler or spec.default_sampler or DEFAULT_SAMPLER, body.scheduler)

@@ -4,7 +4,7 @@ Each router documents its own answers (the statuses only its routes give, in its
 error shape). What holds for every route is added here, in the shape of the dialect the path
 belongs to (the same prefixes app.api.errors renders by):
 
-- the limits at the edge (app.api.limits): 414 and 431 on every route, 413 and 408 on every
+- the limits at the edge (app.api.edge): 414 and 431 on every route, 413 and 408 on every
   route that takes a body;
 - 429 on every route that checks a key (an address past its failed key checks);
 - 500 on every route (a bug: logged, answered without a traceback);

@@ -1,16 +1,23 @@
-"""The VisionCraft API routes of every documented version (see shared/api/visioncraft.md)."""
+"""The VisionCraft API routes of every documented version (docs/api-contracts.md): a thin
+translator onto the shared generation core (app.api.generation)."""
 
 from __future__ import annotations
 
 from fastapi import APIRouter, HTTPException, Request
 from fastapi.responses import Response
 
-from app.api.deps import AuthDep, EngineDep, ImagesDep, RegistryDep, SettingsDep
+from app.api.credentials import GeneratingCallerDep
+from app.api.deps import EngineDep, ImagesDep, RegistryDep, SettingsDep
 from app.api.generation import Generated, ImageRequest, generate_images
-from app.auth import Authenticator, bearer_token
+from app.api.visioncraft.models import (
+    ErrorBody,
+    GenerateRequest,
+    GenerateRequestV0,
+    GenerateRequestV2,
+    ImageUrls,
+)
 from app.errors import NotServed
 from app.samplers import a1111_sampler_names, comfy_sampler_ids, comfy_scheduler_names
-from app.schemas import ErrorBody, GenerateRequest, GenerateRequestV0, GenerateRequestV2, ImageUrls
 
 router = APIRouter(tags=["visioncraft"])
 
@@ -38,7 +45,8 @@ _URLS = {200: {"description": "the images' URLs (GET them, no key needed)"}, **_
 _CATEGORIES = {"SD-1.5": "sd15", "SDXL-1.0": "sdxl", "SD-3.0": None, "Pony": None, "FLUX.1": None}
 
 
-def _image_request(body: GenerateRequest) -> ImageRequest:
+def to_image_request(body: GenerateRequest) -> ImageRequest:
+    """A VisionCraft body (also the job API's) as the core's request."""
     return ImageRequest(
         model=body.model, prompt=body.prompt, negative_prompt=body.negative_prompt,
         sampler=body.sampler, scheduler=body.scheduler, steps=body.steps, width=body.width,
@@ -47,33 +55,22 @@ def _image_request(body: GenerateRequest) -> ImageRequest:
     )
 
 
-def _client(body: GenerateRequest, request: Request, auth: Authenticator) -> str:
-    """The caller's key label (403 without a valid key); the request counts against the key's
-    rate limit (429 past it)."""
-    token = body.token or bearer_token(request.headers.get("authorization"))
-    client = auth.authenticate(token, request.client.host if request.client else None)
-    auth.admit(client)
-    return client
-
-
-async def _generate(body: GenerateRequest, count: int, request: Request, engine: EngineDep,
-                    registry: RegistryDep, settings: SettingsDep, auth: AuthDep) -> list[Generated]:
-    return await generate_images(
-        _image_request(body), count, request, client=_client(body, request, auth),
-        engine=engine, registry=registry, settings=settings,
-    )
+async def _generate(body: GenerateRequest, count: int, request: Request, client: str, engine: EngineDep,
+                    registry: RegistryDep, settings: SettingsDep) -> list[Generated]:
+    return await generate_images(to_image_request(body), count, request, client=client,
+                                 engine=engine, registry=registry, settings=settings)
 
 
 @router.post("/sd", response_class=Response, responses=_PNG, summary="Generate an image")
 async def sd(
     body: GenerateRequest,
     request: Request,
+    client: GeneratingCallerDep,
     engine: EngineDep,
     registry: RegistryDep,
     settings: SettingsDep,
-    auth: AuthDep,
 ) -> Response:
-    (image,) = await _generate(body, 1, request, engine, registry, settings, auth)
+    (image,) = await _generate(body, 1, request, client, engine, registry, settings)
     return Response(image.data, media_type="image/png", headers=image.headers())
 
 
@@ -82,12 +79,12 @@ async def sd(
 async def image_generate(
     body: GenerateRequestV2,
     request: Request,
+    client: GeneratingCallerDep,
     engine: EngineDep,
     registry: RegistryDep,
     settings: SettingsDep,
-    auth: AuthDep,
 ) -> Response:
-    return await sd(body, request, engine, registry, settings, auth)
+    return await sd(body, request, client, engine, registry, settings)
 
 
 @router.post("/generate", response_model=ImageUrls, responses=_URLS,
@@ -98,13 +95,13 @@ async def image_generate(
 async def generate(
     body: GenerateRequestV0,
     request: Request,
+    client: GeneratingCallerDep,
     engine: EngineDep,
     registry: RegistryDep,
     settings: SettingsDep,
-    auth: AuthDep,
     images: ImagesDep,
 ) -> ImageUrls:
-    generated = await _generate(body, body.image_count, request, engine, registry, settings, auth)
+    generated = await _generate(body, body.image_count, request, client, engine, registry, settings)
     keys = images.put_many([image.data for image in generated])
     return ImageUrls(images=[str(request.url_for("stored_image", key=key)) for key in keys])
 

@@ -1,7 +1,7 @@
 """Request and answer shapes of the AUTOMATIC1111 dialect (`/sdapi/v1`), as A1111 v1.10 names
-them (see shared/api/dialects.md). Every field is optional and `null` means "not sent": the
-defaults and the settings-dependent limits are applied by app.api.a1111, which knows the
-settings; the types are checked here."""
+them (docs/api-contracts.md). Every field is optional and `null` means "not sent": the
+defaults and the settings-dependent limits are applied by app.api.a1111.translate with the
+shared rules (app.api.rules); the types are checked here."""
 
 from __future__ import annotations
 
@@ -9,15 +9,12 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from app.schemas import Int, Number
+from app.api.rules import DEFAULT_CFG, MAX_CFG, MIN_CFG, MIN_SIDE, Int, Number
 
 # A1111's own defaults where a txt2img body is silent.
 DEFAULT_STEPS = 50
 DEFAULT_SIZE = 512
-DEFAULT_CFG = 7.0
 DEFAULT_SAMPLER = "Euler"
-MIN_SIDE = 64
-MIN_CFG, MAX_CFG = 1.0, 30.0
 
 
 def _ignored(description: str = "accepted; not applied") -> Any:

@@ -1,0 +1,37 @@
+"""AUTOMATIC1111's web UI API (`/sdapi/v1/...`): a translator onto the shared generation core.
+
+What webuiapi, Open WebUI (A1111 mode) and SillyTavern send is mapped onto an `ImageRequest`
+(app.api.generation); the answer is A1111's `{"images", "parameters", "info"}` and every error
+under `/sdapi/` is A1111's `{"error", "detail", "body", "errors"}`.
+
+- models.py: the request and answer shapes, as A1111 v1.10 names them;
+- translate.py: a txt2img body as the core's request, and the core's images as A1111's answer;
+- state.py: what A1111 keeps between requests (options, skipped jobs), built with the app;
+- errors.py: A1111's error shape;
+- routes.py: the routes.
+
+Choices (documented in README.md and docs/clients.md):
+- Auth: as every route's (app.api.credentials): HTTP Basic with the API key as the password
+  (any user name), `Authorization: Bearer <key>`; missing or wrong: 401 with
+  `WWW-Authenticate: Basic`. With --allow-anonymous, a header that is not a key (clients send
+  `Basic ` with nothing after it) is ignored and the caller is anonymous.
+- Options (`GET/POST options`) are one dict per server, in `app.state.a1111` (`A1111State`),
+  lost on restart, as in A1111. `sd_model_checkpoint` (the first model of models.yaml until
+  changed) is the model of requests whose override_settings name none; one a reload removed
+  answers 422 naming it.
+- `CLIP_stop_at_last_layers` / `clip_skip` (1-12) is applied as A1111 does: on SD 1.x models the
+  n-th layer from the end, then the final norm; SDXL always uses the penultimate layer (A1111's
+  default, its `sdxl_clip_l_skip` off), so there it changes nothing, as in A1111.
+- Every A1111 feature craftserve does not run (hires fix, face restoration, tiling, styles,
+  scripts, subseeds, refiner) is accepted and named in `info.craftserve_not_applied`.
+- `interrupt` stops every job of the caller (running and waiting, whatever route submitted them),
+  `skip` only its running ones; never another key's. A running job that shares its batch with
+  another key's job finishes (stopping the batch would stop that job too). An interrupted request
+  answers 409 `Interrupted`: craftserve has no half-done image to return.
+"""
+
+from app.api.a1111.errors import render_error
+from app.api.a1111.routes import router
+from app.api.a1111.state import A1111State
+
+__all__ = ["A1111State", "render_error", "router"]

@@ -1,0 +1,250 @@
+"""The /sdapi/v1 routes: txt2img, progress and stopping, options, discovery, refresh."""
+
+from __future__ import annotations
+
+import time
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Body, Depends, Request
+from fastapi.responses import JSONResponse
+
+from app.api.a1111.errors import AUTH_ERRORS, GENERATION_ERRORS, INPUT_ERRORS, REFRESH_FAILED
+from app.api.a1111.models import (
+    A1111Embeddings,
+    A1111LatentUpscaleMode,
+    A1111Lora,
+    A1111Options,
+    A1111Progress,
+    A1111ProgressState,
+    A1111Sampler,
+    A1111Scheduler,
+    A1111ScriptsList,
+    A1111SdModel,
+    A1111SdVae,
+    A1111Txt2ImgRequest,
+    A1111Txt2ImgResponse,
+    A1111Upscaler,
+)
+from app.api.a1111.state import A1111State
+from app.api.a1111.translate import answer, plan
+from app.api.admin import reload_models
+from app.api.credentials import CallerDep, GeneratingCallerDep
+from app.api.deps import EngineDep, RegistryDep, SettingsDep
+from app.api.generation import generate_images
+from app.api.job_tracker import JobTracker
+from app.engine.engine import Engine
+from app.engine.jobs import Job
+from app.errors import CraftError, Interrupted
+from app.samplers import SAMPLERS, SCHEDULES, a1111_sampler_names, resolve_sampler
+
+router = APIRouter(prefix="/sdapi/v1", tags=["a1111"])
+
+
+def _state(request: Request) -> A1111State:
+    return request.app.state.a1111
+
+
+def _tracker(request: Request) -> JobTracker:
+    return request.app.state.jobs
+
+
+StateDep = Annotated[A1111State, Depends(_state)]
+TrackerDep = Annotated[JobTracker, Depends(_tracker)]
+
+
+# ---- routes: generation ----------------------------------------------------------------------
+@router.post("/txt2img", response_model=A1111Txt2ImgResponse, responses=GENERATION_ERRORS,
+             summary="Text to image (A1111)")
+async def txt2img(
+    body: A1111Txt2ImgRequest,
+    request: Request,
+    client: GeneratingCallerDep,
+    state: StateDep,
+    engine: EngineDep,
+    registry: RegistryDep,
+    settings: SettingsDep,
+) -> JSONResponse:
+    """A txt2img body as the shared core's request (translate.plan), its images as A1111's
+    answer (translate.answer); an interrupt or skip by the same key answers 409."""
+    planned = plan(body, state, registry, settings)
+    try:
+        generated = await generate_images(planned.request, planned.batch_size * planned.n_iter, request,
+                                          client=client, engine=engine, registry=registry,
+                                          settings=settings)
+    except CraftError as exc:
+        if exc.kind.stopped:  # the worker's words for a stopped job
+            raise Interrupted() from exc
+        raise
+    restore = body.override_settings_restore_afterwards is not False
+    if not restore and body.override_settings:
+        state.update(body.override_settings)  # A1111: the overrides stay
+    return JSONResponse(answer(planned, generated, registry, restore))
+
+
+def _running(engine: Engine, client: str, tracker: JobTracker) -> tuple[list[Job], list[Job]]:
+    """The caller's (running, waiting) jobs. A job already answered is neither, even while its
+    worker is still letting go of it: its future is settled on this loop before the answer, and
+    a job the job API finished or cancelled (DELETE /jobs/{id}) is over for its client."""
+    waiting = engine.queue.waiting(client)
+    running = [job for job in engine.jobs_of(client)
+               if not job.future.done() and all(job is not w for w in waiting)]
+    return ([job for job in running if not tracker.ended_through_api(job.id)],
+            [job for job in waiting if not tracker.ended_through_api(job.id)])
+
+
+@router.get("/progress", response_model=A1111Progress, responses=AUTH_ERRORS,
+            summary="The caller's current job (A1111's progress; no previews)")
+async def progress(client: CallerDep, engine: EngineDep, state: StateDep, tracker: TrackerDep,
+                   skip_current_image: bool = False) -> A1111Progress:
+    running, waiting = _running(engine, client, tracker)
+    jobs = running + waiting
+    if not jobs:
+        return A1111Progress(progress=0.0, eta_relative=0.0, state=A1111ProgressState())
+    job = jobs[0]
+    steps = job.params.steps
+    done = min(job.step, steps) if running else 0
+    fraction = done / steps if steps else 0.0
+    eta = 0.0
+    if running and done and job.started_at is not None:
+        elapsed = time.monotonic() - job.started_at
+        eta = elapsed * (steps - done) / done
+    started = "0" if job.started_at is None else time.strftime(
+        "%Y%m%d%H%M%S", time.localtime(time.time() - (time.monotonic() - job.started_at)))
+    return A1111Progress(
+        progress=fraction, eta_relative=eta,
+        state=A1111ProgressState(
+            skipped=job in state.skipped, interrupted=job.cancelled.is_set(), job=job.id,
+            job_count=len(jobs), job_no=0, sampling_step=done, sampling_steps=steps,
+            job_timestamp=started,
+        ),
+    )
+
+
+def _stop(engine: Engine, job: Job) -> None:
+    engine.cancel(job, Interrupted())
+
+
+@router.post("/interrupt", response_model=dict[str, Any], responses=AUTH_ERRORS,
+             summary="Stop every job of the caller, running and waiting")
+async def interrupt(client: CallerDep, engine: EngineDep, tracker: TrackerDep) -> dict[str, Any]:
+    running, waiting = _running(engine, client, tracker)
+    for job in running + waiting:
+        _stop(engine, job)
+    return {}
+
+
+@router.post("/skip", response_model=None, responses=AUTH_ERRORS,
+             summary="Stop the caller's running jobs; its waiting jobs go on")
+async def skip(client: CallerDep, engine: EngineDep, state: StateDep, tracker: TrackerDep) -> None:
+    running, _ = _running(engine, client, tracker)
+    for job in running:
+        state.skipped.add(job)
+        _stop(engine, job)
+
+
+# ---- routes: options -------------------------------------------------------------------------
+@router.get("/options", response_model=None, responses={200: {"model": A1111Options}, **AUTH_ERRORS},
+            summary="A1111's options: the server's model for A1111 requests, and kept keys")
+async def get_options(client: CallerDep, state: StateDep) -> dict[str, Any]:
+    return state.options()
+
+
+@router.post("/options", response_model=None, responses=INPUT_ERRORS,
+             summary="Set options; unknown keys are kept, not applied; an error changes nothing")
+async def set_options(
+    client: CallerDep,
+    state: StateDep,
+    values: Annotated[dict[str, Any], Body(openapi_examples={"switch model": {
+        "value": {"sd_model_checkpoint": "sdxl-base"}}})],
+) -> None:
+    state.update(values)
+
+
+# ---- routes: discovery -----------------------------------------------------------------------
+@router.get("/sd-models", response_model=list[A1111SdModel], responses=AUTH_ERRORS,
+            summary="The served models (their `title` is what sd_model_checkpoint takes)")
+async def sd_models(client: CallerDep, registry: RegistryDep) -> list[A1111SdModel]:
+    return [A1111SdModel(title=name, model_name=name, filename=spec.source)
+            for name, spec in registry.models.items()]
+
+
+_ALIASES = {s.name: list(s.aliases) for s in SAMPLERS}
+
+
+@router.get("/samplers", response_model=list[A1111Sampler], responses=AUTH_ERRORS,
+            summary="Sampler names txt2img accepts")
+async def samplers(client: CallerDep) -> list[A1111Sampler]:
+    return [A1111Sampler(name=name, aliases=_ALIASES.get(name, []),
+                    options={"scheduler": resolve_sampler(name).schedule})
+            for name in a1111_sampler_names()]
+
+
+@router.get("/schedulers", response_model=list[A1111Scheduler], responses=AUTH_ERRORS,
+            summary="Schedule names txt2img's `scheduler` accepts")
+async def schedulers(client: CallerDep) -> list[A1111Scheduler]:
+    automatic = A1111Scheduler(name="automatic", label="Automatic")
+    return [automatic] + [A1111Scheduler(name=s.name, label=s.suffix,
+                                    default_rho=7.0 if s.name == "karras" else -1)
+                          for s in SCHEDULES]
+
+
+@router.get("/loras", response_model=list[A1111Lora], responses=AUTH_ERRORS,
+            summary="The LoRAs `<lora:NAME:WEIGHT>` tags may name")
+async def loras(client: CallerDep, registry: RegistryDep) -> list[A1111Lora]:
+    table = registry.loras
+    models = registry.models.values()
+    return [A1111Lora(name=name, alias=name, path=str(table[name].path),
+                      metadata={"models": [m.name for m in models if table[name].misfit(m) is None]})
+            for name in registry.lora_names()]
+
+
+@router.get("/sd-vae", response_model=list[A1111SdVae], responses=AUTH_ERRORS,
+            summary="Always empty: each model runs with its own VAE (models.yaml)")
+async def sd_vae(client: CallerDep) -> list[A1111SdVae]:
+    return []
+
+
+@router.get("/upscalers", response_model=list[A1111Upscaler], responses=AUTH_ERRORS,
+            summary="Always empty: no hires fix or upscaling")
+async def upscalers(client: CallerDep) -> list[A1111Upscaler]:
+    return []
+
+
+@router.get("/latent-upscale-modes", response_model=list[A1111LatentUpscaleMode], responses=AUTH_ERRORS,
+            summary="Always empty: no hires fix")
+async def latent_upscale_modes(client: CallerDep) -> list[A1111LatentUpscaleMode]:
+    return []
+
+
+@router.get("/scripts", response_model=A1111ScriptsList, responses=AUTH_ERRORS,
+            summary="Always empty: no scripts run")
+async def scripts(client: CallerDep) -> A1111ScriptsList:
+    return A1111ScriptsList()
+
+
+@router.get("/embeddings", response_model=A1111Embeddings, responses=AUTH_ERRORS,
+            summary="Textual inversion embeddings (models.yaml embedding_dirs): `loaded` those of "
+            "sd_model_checkpoint's family, `skipped` the others")
+async def embeddings(client: CallerDep, registry: RegistryDep, state: StateDep) -> A1111Embeddings:
+    family = registry.models[state.checkpoint()].family
+    listing = A1111Embeddings()
+    for spec in registry.embeddings:
+        entry = {"step": None, "sd_checkpoint": None, "sd_checkpoint_name": None,
+                 "shape": spec.width, "vectors": spec.vectors}
+        (listing.loaded if spec.family == family else listing.skipped)[spec.name] = entry
+    return listing
+
+
+@router.post("/refresh-checkpoints", response_model=None,
+             responses={**AUTH_ERRORS, 500: REFRESH_FAILED},
+             summary="Read models.yaml and its folders again (as POST /admin/reload does)")
+async def refresh_checkpoints(client: CallerDep, engine: EngineDep) -> None:
+    await reload_models(engine)
+
+
+@router.post("/refresh-loras", response_model=None,
+             responses={**AUTH_ERRORS, 500: REFRESH_FAILED},
+             summary="Read models.yaml and its folders again (as POST /admin/reload does)")
+async def refresh_loras(client: CallerDep, engine: EngineDep) -> None:
+    await reload_models(engine)
+

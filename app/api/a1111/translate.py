@@ -1,0 +1,232 @@
+"""A txt2img body as the shared core's `ImageRequest` (`plan`), and the core's images as
+A1111's answer (`answer`)."""
+
+from __future__ import annotations
+
+import base64
+import json
+import math
+import re
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from app import __version__
+from app.api.a1111.models import DEFAULT_SAMPLER, DEFAULT_SIZE, DEFAULT_STEPS, A1111Txt2ImgRequest
+from app.api.a1111.state import A1111State, checkpoint_field, vae_choice
+from app.api.generation import Generated, ImageRequest
+from app.api.rules import (
+    DEFAULT_CFG,
+    MAX_CFG,
+    MAX_LORA_WEIGHT,
+    MAX_SEED,
+    MIN_CFG,
+    check_clip_skip,
+    check_name,
+    check_prompt_length,
+    check_range,
+    check_side,
+    check_steps,
+    shown,
+)
+from app.config import Settings
+from app.errors import InvalidParameter
+from app.imaging import parameters_text
+from app.registry import Registry
+from app.samplers import SCHEDULES
+
+_LORA_TAG = re.compile(r"<(?:lora|lyco):([^<>]*)>", re.IGNORECASE)
+
+
+def split_loras(prompt: str, apply: bool = True) -> tuple[str, dict[str, float]]:
+    """Take every `<lora:NAME:WEIGHT>` (and `<lyco:...>`) tag out of the prompt: the text without
+    them, and {name: weight} (a name tagged twice gets the sum, as A1111 applies both)."""
+    loras: dict[str, float] = {}
+    for match in _LORA_TAG.finditer(prompt):
+        tag = match.group(0)
+        name, *weights = (part.strip() for part in match.group(1).split(":"))
+        if not name:
+            raise InvalidParameter("prompt", tag, "a LoRA tag is <lora:NAME:WEIGHT>, e.g. "
+                                   "<lora:my-style:0.8>, with NAME as GET /sdapi/v1/loras lists it")
+        if not weights or not weights[0]:
+            raise InvalidParameter("prompt", tag, f"the tag has no weight; write <lora:{name}:WEIGHT>, "
+                                   f"e.g. <lora:{name}:0.8>")
+        if len(weights) > 1:
+            raise InvalidParameter("prompt", tag, "separate text-encoder and UNet weights are not "
+                                   f"supported; give one weight, e.g. <lora:{name}:0.8>")
+        try:
+            weight = float(weights[0])
+        except ValueError:
+            raise InvalidParameter("prompt", tag, f"the weight {weights[0]!r} is not a number; write "
+                                   f"e.g. <lora:{name}:0.8>") from None
+        if not math.isfinite(weight) or abs(weight) > MAX_LORA_WEIGHT:
+            raise InvalidParameter("prompt", tag, f"a LoRA weight is a number from "
+                                   f"-{MAX_LORA_WEIGHT:g} to {MAX_LORA_WEIGHT:g}")
+        if apply:
+            loras[name] = loras.get(name, 0.0) + weight
+    return _LORA_TAG.sub("", prompt).strip(), loras
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A txt2img body as understood: the core's request and what the answer reports."""
+
+    request: ImageRequest
+    prompt: str  # as sent, tags included (A1111 reports it so)
+    batch_size: int
+    n_iter: int
+    sd_vae: str
+    clip_skip: int
+    not_applied: dict[str, Any]
+    send_images: bool
+
+
+def _not_applied(body: A1111Txt2ImgRequest) -> dict[str, Any]:
+    """The fields sent with a value that would change the image in A1111 and changes nothing here."""
+    found: dict[str, Any] = {}
+    for field in ("enable_hr", "restore_faces", "tiling"):
+        if getattr(body, field):
+            found[field] = True
+    if body.subseed_strength:
+        found["subseed_strength"] = body.subseed_strength
+    if (body.seed_resize_from_w or 0) > 0 or (body.seed_resize_from_h or 0) > 0:
+        found["seed_resize_from"] = [body.seed_resize_from_w, body.seed_resize_from_h]
+    if body.styles:
+        found["styles"] = [shown(s) for s in body.styles[:20]]
+    if body.script_name:
+        found["script_name"] = shown(body.script_name)
+    if body.alwayson_scripts:
+        found["alwayson_scripts"] = [shown(name) for name in list(body.alwayson_scripts)[:20]]
+    if body.refiner_checkpoint and body.refiner_checkpoint.lower() != "none":
+        found["refiner_checkpoint"] = shown(body.refiner_checkpoint)
+    return found
+
+
+def plan(body: A1111Txt2ImgRequest, state: A1111State, registry: Registry, settings: Settings) -> Plan:
+    """The core's request for a txt2img body, checked against the shared rules."""
+    overrides = body.override_settings or {}
+    checkpoint = overrides.get("sd_model_checkpoint")
+    model = state.checkpoint() if checkpoint is None else checkpoint_field(
+        "override_settings.sd_model_checkpoint", checkpoint, registry)
+    sd_vae = overrides.get("sd_vae")
+    sd_vae = state.sd_vae if sd_vae is None else vae_choice("override_settings.sd_vae", sd_vae)
+    clip_skip = state.clip_skip
+    if body.clip_skip is not None:
+        clip_skip = check_clip_skip("clip_skip", body.clip_skip)
+    if overrides.get("CLIP_stop_at_last_layers") is not None:
+        clip_skip = check_clip_skip("override_settings.CLIP_stop_at_last_layers",
+                               overrides["CLIP_stop_at_last_layers"])
+
+    prompt = body.prompt or ""
+    check_prompt_length("prompt", prompt, settings)  # before the tags are read (and echoed)
+    text, loras = split_loras(prompt, apply=not body.disable_extra_networks)
+
+    sampler = body.sampler_name or body.sampler_index or DEFAULT_SAMPLER
+    sampler = check_name("sampler_name" if body.sampler_name else "sampler_index", sampler)
+    scheduler = None if body.scheduler is None else check_name("scheduler", body.scheduler)
+
+    batch_size = 1 if body.batch_size is None else body.batch_size
+    n_iter = 1 if body.n_iter is None else body.n_iter
+    limit = settings.a1111_max_images
+    for field, count in (("batch_size", batch_size), ("n_iter", n_iter)):
+        check_range(field, count, 1, limit, setting="A1111_MAX_IMAGES",
+                    note="; batch_size x n_iter images a request")
+    if batch_size * n_iter > limit:
+        raise InvalidParameter("batch_size", batch_size, f"batch_size x n_iter = {batch_size * n_iter} "
+                               f"images; at most {limit} a request (setting CRAFTSERVE_A1111_MAX_IMAGES)")
+    steps = DEFAULT_STEPS if body.steps is None else body.steps
+    check_steps("steps", steps, settings)
+    width = DEFAULT_SIZE if body.width is None else body.width
+    height = DEFAULT_SIZE if body.height is None else body.height
+    for field, side in (("width", width), ("height", height)):
+        check_side(field, side, settings)
+    cfg_scale = DEFAULT_CFG if body.cfg_scale is None else float(body.cfg_scale)
+    check_range("cfg_scale", cfg_scale, MIN_CFG, MAX_CFG)
+    seed = -1 if body.seed is None else body.seed
+    check_range("seed", seed, -1, MAX_SEED, note=" (-1: random)")
+
+    request = ImageRequest(
+        model=model, prompt=text, negative_prompt=body.negative_prompt or "", sampler=sampler,
+        scheduler=scheduler, steps=steps, width=width, height=height, cfg_scale=cfg_scale,
+        loras=loras, seed=seed, clip_skip=clip_skip,
+    )
+    return Plan(request=request, prompt=prompt, batch_size=batch_size, n_iter=n_iter, sd_vae=sd_vae,
+                clip_skip=clip_skip, not_applied=_not_applied(body),
+                send_images=body.send_images is not False)
+
+
+_SCHEDULE_BY_SUFFIX = {s.suffix: s for s in SCHEDULES}
+
+
+def _schedule_ran(image: Generated) -> tuple[str, str]:
+    """(A1111 label, name) of the schedule that ran, read from the label of what ran."""
+    sampler, label = image.params.sampler.sampler, image.result.sampler_label
+    suffix = label[len(sampler) + 1:] if label.startswith(sampler + " ") else "Normal"
+    schedule = _SCHEDULE_BY_SUFFIX.get(suffix)
+    return (suffix, schedule.name) if schedule else (suffix, suffix.lower())
+
+
+def answer(plan: Plan, generated: list[Generated], registry: Registry,
+           restore_afterwards: bool) -> dict[str, Any]:
+    """A1111's txt2img answer: `images` (base64 PNGs), `parameters` and `info` (a JSON string)."""
+    first = generated[0]
+    params = first.params
+    count = len(generated)
+    seeds = [image.params.seed for image in generated]
+    schedule_label, schedule_name = _schedule_ran(first)
+    negative = params.negative_prompt
+    vae = registry.models[params.model].vae
+    info = {
+        "prompt": plan.prompt, "all_prompts": [plan.prompt] * count,
+        "negative_prompt": negative, "all_negative_prompts": [negative] * count,
+        "seed": seeds[0], "all_seeds": seeds,
+        "subseed": -1, "all_subseeds": [-1] * count, "subseed_strength": 0,
+        "width": params.width, "height": params.height,
+        "sampler_name": params.sampler.sampler, "scheduler": schedule_label,
+        "cfg_scale": params.cfg_scale, "steps": params.steps, "batch_size": plan.batch_size,
+        "restore_faces": False, "face_restoration_model": None,
+        "sd_model_name": params.model, "sd_model_hash": None,
+        "sd_vae_name": vae, "sd_vae_hash": None,
+        "seed_resize_from_w": -1, "seed_resize_from_h": -1, "denoising_strength": None,
+        "extra_generation_params": {"Schedule type": schedule_label},
+        "index_of_first_image": 0,
+        "infotexts": [parameters_text(g.params, g.result.seed, g.result.sampler_label)
+                      for g in generated],
+        "styles": [], "job_timestamp": time.strftime("%Y%m%d%H%M%S"),
+        "clip_skip": plan.clip_skip, "is_using_inpainting_conditioning": False,
+        "version": f"craftserve {__version__}",
+        "craftserve_not_applied": plan.not_applied,
+        "craftserve_job_ids": [g.job_id for g in generated],
+    }
+    parameters = {
+        **_A1111_DEFAULTS,
+        "prompt": plan.prompt, "negative_prompt": negative, "seed": seeds[0],
+        "sampler_name": params.sampler.sampler, "sampler_index": params.sampler.sampler,
+        "scheduler": schedule_name, "batch_size": plan.batch_size, "n_iter": plan.n_iter,
+        "steps": params.steps, "cfg_scale": params.cfg_scale, "width": params.width,
+        "height": params.height,
+        "override_settings": {"sd_model_checkpoint": params.model, "sd_vae": plan.sd_vae,
+                              "CLIP_stop_at_last_layers": plan.clip_skip},
+        "override_settings_restore_afterwards": restore_afterwards,
+        "send_images": plan.send_images,
+    }
+    images = [base64.b64encode(g.data).decode("ascii") for g in generated] if plan.send_images else []
+    return {"images": images, "parameters": parameters, "info": json.dumps(info)}
+
+
+# A1111's defaults of the fields craftserve does not apply: what `parameters` reports for them.
+_A1111_DEFAULTS: dict[str, Any] = {
+    "styles": [], "subseed": -1, "subseed_strength": 0, "seed_resize_from_h": -1,
+    "seed_resize_from_w": -1, "restore_faces": False, "tiling": False, "do_not_save_samples": False,
+    "do_not_save_grid": False, "eta": None, "denoising_strength": None, "s_min_uncond": None,
+    "s_churn": None, "s_tmax": None, "s_tmin": None, "s_noise": None,
+    "refiner_checkpoint": None, "refiner_switch_at": None, "disable_extra_networks": False,
+    "firstpass_image": None, "comments": None, "enable_hr": False, "firstphase_width": 0,
+    "firstphase_height": 0, "hr_scale": 2.0, "hr_upscaler": None, "hr_second_pass_steps": 0,
+    "hr_resize_x": 0, "hr_resize_y": 0, "hr_checkpoint_name": None, "hr_sampler_name": None,
+    "hr_scheduler": None, "hr_prompt": "", "hr_negative_prompt": "", "force_task_id": None,
+    "script_name": None, "script_args": [], "save_images": False, "alwayson_scripts": {},
+    "infotext": None,
+}
+
+

@@ -1,0 +1,137 @@
+"""Who calls: the API key from each way a client sends it, and the two dependencies every
+route that needs a key uses (`CallerDep`, `GeneratingCallerDep`).
+
+A key travels in one of three ways, whatever the route:
+- `Authorization: Bearer <key>` (the OpenAI SDK, the page, curl);
+- `Authorization: Basic base64(user:key)`, the key as the password and any user name (A1111
+  clients: webuiapi, Open WebUI, SillyTavern); a credential without a colon is the key;
+- `"token": "<key>"` at the top level of a JSON body (VisionCraft clients).
+A body token wins over a header credential. A key is never read from the URL, where it would
+reach access logs and browser history.
+
+A missing or wrong key raises `Unauthorized` (401); each dialect renders it in its own shape
+(VisionCraft answers 403, as the service did; A1111 adds `WWW-Authenticate: Basic`, OpenAI
+`Bearer`). The dependencies run before the body is validated, so an unauthenticated request
+learns nothing about the server's rules.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from typing import Annotated
+
+from fastapi import Depends, Request
+from fastapi.openapi.models import HTTPBase
+from fastapi.security.base import SecurityBase
+
+from app.api.deps import AuthDep
+from app.auth import HOW_TO_SEND_A_KEY
+from app.errors import Unauthorized
+
+
+class Unreadable:
+    """An Authorization header that carries no key: another scheme, or Basic that is not
+    base64 of UTF-8 text."""
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+
+
+def client_host(request: Request) -> str | None:
+    """The address the request came from (the failed-key throttle counts per address)."""
+    return request.client.host if request.client else None
+
+
+def bearer_key(value: str) -> str | None:
+    """The key of a Bearer credential's value (what follows `Bearer `)."""
+    return value.strip() or None
+
+
+def basic_key(value: str) -> str | Unreadable | None:
+    """The key of a Basic credential's value: the password of `user:password`, or the whole
+    text when it has no colon; None for `Basic ` with nothing after it (what clients send when
+    no user is configured)."""
+    if not value.strip():
+        return None
+    try:
+        decoded = base64.b64decode(value.strip(), validate=True).decode("utf-8")
+    except (binascii.Error, UnicodeDecodeError):
+        return Unreadable("its Basic credential is not base64 of `user:key`")
+    user, colon, password = decoded.partition(":")
+    return (password or user if colon else decoded) or None
+
+
+def header_key(header: str | None) -> str | Unreadable | None:
+    """The key an Authorization header carries (Bearer or Basic); None without one."""
+    if not header or not header.strip():
+        return None
+    scheme, _, value = header.strip().partition(" ")
+    if scheme.lower() == "bearer":
+        return bearer_key(value)
+    if scheme.lower() == "basic":
+        return basic_key(value)
+    return Unreadable("it is neither `Bearer <key>` nor HTTP Basic")
+
+
+async def body_key(request: Request) -> str | None:
+    """The `token` of a JSON object body. FastAPI parsed the body before any dependency runs
+    and Starlette keeps the parsed value, so this costs nothing for a JSON body; anything that
+    is not a JSON object with a string `token` carries no key."""
+    if request.method in ("GET", "HEAD", "DELETE") or not await request.body():
+        return None
+    try:
+        data = await request.json()
+    except ValueError:
+        return None
+    token = data.get("token") if isinstance(data, dict) else None
+    return token if isinstance(token, str) and token else None
+
+
+class _Documented(SecurityBase):
+    """A way to send the key, for the OpenAPI document (and /docs' Authorize button); the
+    header itself is read by `caller`."""
+
+    def __init__(self, scheme: str, description: str) -> None:
+        self.model = HTTPBase(scheme=scheme, description=description)
+        self.scheme_name = f"craftserve_{scheme}"
+
+    async def __call__(self, request: Request) -> None:
+        return None
+
+
+_bearer = _Documented("bearer", "a craftserve API key")
+_basic = _Documented("basic", "any user name, the craftserve API key as the password")
+
+
+async def caller(request: Request, auth: AuthDep, _bearer_doc: Annotated[None, Depends(_bearer)],
+                 _basic_doc: Annotated[None, Depends(_basic)]) -> str:
+    """The caller's label (a key's, or an anonymous address's with --allow-anonymous); 401
+    (`Unauthorized`) without a valid key. A body `token` comes first: a client behind a proxy
+    with HTTP Basic auth of its own still reaches craftserve with the key in its body."""
+    host = client_host(request)
+    key = await body_key(request)
+    if key is None:
+        found = header_key(request.headers.get("authorization"))
+        if isinstance(found, Unreadable):
+            if not auth.allow_anonymous:  # anonymous access: a header that is not a key is ignored
+                auth.failures.check(host)
+                auth.failures.record(host)
+                raise Unauthorized(f"Invalid API key: the Authorization header carries none, "
+                                   f"{found.reason}; {HOW_TO_SEND_A_KEY}")
+            found = None
+        key = found
+    return auth.authenticate(key, host)
+
+
+CallerDep = Annotated[str, Depends(caller)]
+
+
+def generating_caller(client: CallerDep, auth: AuthDep) -> str:
+    """`caller`, and the request counts against the caller's rate limit (429 past it). Every
+    route that queues work uses this one; discovery and status routes use `caller`."""
+    auth.admit(client)
+    return client
+
+
+GeneratingCallerDep = Annotated[str, Depends(generating_caller)]

@@ -1,0 +1,129 @@
+"""Request and answer shapes of OpenAI's images API (`/v1`), as the openai SDK sends and reads
+them (docs/api-contracts.md), plus craftserve's extensions under VisionCraft's names."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from app.api.rules import (
+    DEFAULT_CFG,
+    MAX_CFG,
+    MAX_CLIP_SKIP,
+    MAX_NAME_LENGTH,
+    MAX_SEED,
+    MIN_CFG,
+    Int,
+    Loras,
+    Number,
+)
+
+DEFAULT_STEPS = 30
+
+
+class OpenAIImageRequest(BaseModel):
+    """Body of POST /v1/images/generations: OpenAI's fields plus craftserve extensions. Unknown
+    fields and nulls are ignored."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    prompt: str = Field(..., min_length=1, examples=["a lighthouse at dusk, oil painting"])
+    model: str | None = Field(
+        None, max_length=MAX_NAME_LENGTH,
+        description="a served model (GET /v1/models) or a name mapped by the setting "
+        "CRAFTSERVE_OPENAI_MODEL_ALIASES (e.g. dall-e-3); absent: the first model of models.yaml",
+        examples=["sdxl-base"],
+    )
+    n: Int | None = Field(None, description="images, 1 to CRAFTSERVE_OPENAI_MAX_IMAGES (4); "
+                          "seeds seed, seed+1, ...; absent: 1")
+    size: str | None = Field(None, description="WIDTHxHEIGHT, each side 64 to "
+                             "CRAFTSERVE_A1111_MAX_SIZE (2048), or `auto` (absent): the model's "
+                             "native size, 1024x1024 SDXL, 512x512 SD 1.x", examples=["1024x1024"])
+    response_format: Literal["url", "b64_json"] | None = Field(
+        None, description="absent: url (b64_json when the requested model is named gpt-image-*)")
+    output_format: Literal["png", "jpeg", "webp"] | None = Field(None, description="absent: png")
+    output_compression: Int | None = Field(
+        None, ge=0, le=100, description="jpeg and webp quality 0-100; absent: 100")
+    stream: bool | None = Field(None, description="false or absent; streaming is not offered")
+    quality: Any = Field(None, description="accepted and ignored")
+    style: Any = Field(None, description="accepted and ignored")
+    user: Any = Field(None, description="accepted and ignored")
+    background: Any = Field(None, description="accepted and ignored")
+    moderation: Any = Field(None, description="accepted and ignored")
+    partial_images: Any = Field(None, description="accepted and ignored")
+    # craftserve extensions (VisionCraft's names)
+    negative_prompt: str | None = Field(None, description="extension")
+    steps: Int | None = Field(None, description=f"extension: 1 to CRAFTSERVE_A1111_MAX_STEPS (150); "
+                              f"absent: {DEFAULT_STEPS}")
+    cfg_scale: Number | None = Field(None, ge=MIN_CFG, le=MAX_CFG, allow_inf_nan=False,
+                                     description=f"extension; absent: {DEFAULT_CFG:g}")
+    sampler: str | None = Field(None, max_length=MAX_NAME_LENGTH,
+                                description="extension: a sampler name; absent: the model's default")
+    scheduler: str | None = Field(None, max_length=MAX_NAME_LENGTH,
+                                  description="extension: a ComfyUI schedule name")
+    seed: Int | None = Field(None, ge=-1, le=MAX_SEED, description="extension: absent or -1: random")
+    loras: Loras | None = Field(None, description="extension: {lora name: weight}")
+    clip_skip: Int | None = Field(None, ge=1, le=MAX_CLIP_SKIP,
+                                  description="extension: A1111's CLIP_stop_at_last_layers, 1 to 12 "
+                                  "(SD 1.x models; SDXL ignores it as A1111 does)")
+
+
+class OpenAIImage(BaseModel):
+    b64_json: str | None = Field(None, description="the image, base64 without a data: prefix "
+                                 "(response_format b64_json)")
+    url: str | None = Field(None, description="where to fetch the image (response_format url); "
+                            "kept in memory up to CRAFTSERVE_IMAGE_STORE_MB")
+    revised_prompt: None = None
+
+
+class OpenAIImagesResponse(BaseModel):
+    created: int
+    data: list[OpenAIImage] = Field(description="one item per image, with `b64_json` or `url`")
+    output_format: Literal["png", "jpeg", "webp"]
+    size: str = Field(examples=["1024x1024"])
+
+
+class OpenAIModel(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str
+
+
+class OpenAIModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[OpenAIModel]
+
+
+class OpenAIError(BaseModel):
+    message: str
+    type: str = Field(examples=["invalid_request_error"])
+    param: str | None = Field(examples=["size"])
+    code: str | None = Field(examples=["invalid_value"])
+
+
+class OpenAIErrorBody(BaseModel):
+    error: OpenAIError
+
+
+def error_doc(description: str) -> dict:
+    return {"model": OpenAIErrorBody, "description": description}
+
+
+AUTH_ERRORS = {401: error_doc("missing or wrong API key (`code`: invalid_api_key)")}
+GENERATION_ERRORS = {
+    400: error_doc("a field out of range or of the wrong type, malformed JSON, an unknown sampler or "
+                "LoRA; `param` names the field"),
+    **AUTH_ERRORS,
+    404: error_doc("`code` model_not_found: the model is neither served nor an alias; the message "
+                "names the served ones"),
+    429: error_doc("the key is past its rate limit (keys file or CRAFTSERVE_RATE_LIMIT), with "
+                "`Retry-After`; `code` rate_limit_exceeded"),
+    500: error_doc("a bug (the server log has it); `x-should-retry: false`"),
+    503: error_doc("the queue is full, a job outlived its queue deadline or the server is shutting "
+                "down (with `Retry-After`); the model cannot be served now or there is not enough "
+                "memory (`x-should-retry: false`)"),
+}
+
+

@@ -1,0 +1,113 @@
+"""The /v1 routes: images/generations, the image files answered by URL, and models."""
+
+from __future__ import annotations
+
+import base64
+import time
+
+from fastapi import APIRouter, HTTPException, Request
+from fastapi.responses import JSONResponse, Response
+
+from app.api.credentials import CallerDep, GeneratingCallerDep
+from app.api.deps import EngineDep, ImagesDep, RegistryDep, SettingsDep
+from app.api.generation import generate_images
+from app.api.openai_images.models import (
+    AUTH_ERRORS,
+    GENERATION_ERRORS,
+    OpenAIImageRequest,
+    OpenAIImagesResponse,
+    OpenAIModel,
+    OpenAIModelList,
+    error_doc,
+)
+from app.api.openai_images.translate import image_request, model_named, size_of
+from app.config import Settings
+from app.imaging import MEDIA_TYPES
+from app.registry import Registry
+
+router = APIRouter(prefix="/v1", tags=["openai"])
+
+
+@router.post("/images/generations", response_model=OpenAIImagesResponse, responses=GENERATION_ERRORS,
+             summary="Create images (OpenAI images API)")
+async def create_images(
+    body: OpenAIImageRequest,
+    request: Request,
+    client: GeneratingCallerDep,
+    engine: EngineDep,
+    registry: RegistryDep,
+    settings: SettingsDep,
+    images: ImagesDep,
+) -> JSONResponse:
+    model = model_named(body.model, registry, settings)
+    width, height = size_of(body.size, registry.models[model].family, settings)
+    core_request, count = image_request(body, model, (width, height), settings)
+    if body.response_format is not None:
+        response_format = body.response_format
+    else:
+        response_format = "b64_json" if (body.model or "").startswith("gpt-image") else "url"
+    output_format = body.output_format or "png"
+    quality = 100 if body.output_compression is None else body.output_compression
+    generated = await generate_images(core_request, count, request, client=client, engine=engine,
+                                      registry=registry, settings=settings,
+                                      output_format=output_format, quality=quality)
+    encoded = [image.data for image in generated]
+    data: list[dict] = []
+    if response_format == "b64_json":
+        data = [{"b64_json": base64.b64encode(blob).decode("ascii"), "revised_prompt": None}
+                for blob in encoded]
+    else:
+        keys = images.put_many(encoded, MEDIA_TYPES[output_format])  # all of them kept
+        data = [{"url": str(request.url_for("openai_image_file", key=key, ext=output_format)),
+                 "revised_prompt": None} for key in keys]
+    return JSONResponse({"created": int(time.time()), "data": data, "output_format": output_format,
+                         "size": f"{width}x{height}"})
+
+
+@router.get("/images/files/{key}.{ext}", name="openai_image_file", response_class=Response,
+            responses={200: {"content": {t: {} for t in MEDIA_TYPES.values()},
+                             "description": "the image"},
+                       404: error_doc("no such image (it may have expired from the store)")},
+            summary="An image answered by URL (the key is the credential; a Bearer header is "
+                    "accepted and not needed)")
+def image_file(key: str, ext: str, images: ImagesDep) -> Response:
+    media_type = MEDIA_TYPES.get(ext)
+    data = images.get(key, media_type) if media_type else None
+    if data is None:
+        raise HTTPException(404, "no such image (it may have expired from the store)")
+    return Response(data, media_type=media_type)
+
+
+def _models_file_time(registry: Registry) -> int:
+    try:
+        return int(registry.path.stat().st_mtime)
+    except OSError:
+        return 0
+
+
+def _model_objects(registry: Registry, settings: Settings) -> list[OpenAIModel]:
+    """The served models, then the alias names that map to one of them."""
+    created = _models_file_time(registry)
+    names = list(registry.models)
+    names += [a for a, t in settings.openai_model_aliases.items()
+              if t in registry.models and a not in registry.models]
+    return [OpenAIModel(id=name, created=created, owned_by="craftserve") for name in names]
+
+
+@router.get("/models", response_model=OpenAIModelList, responses=AUTH_ERRORS,
+            summary="The models /v1/images/generations accepts: served ones, then aliases")
+def list_models(client: CallerDep, registry: RegistryDep, settings: SettingsDep) -> OpenAIModelList:
+    return OpenAIModelList(data=_model_objects(registry, settings))
+
+
+@router.get("/models/{model}", response_model=OpenAIModel,
+            responses={**AUTH_ERRORS, 404: error_doc("`code` model_not_found")},
+            summary="One model (the SDK's models.retrieve)")
+def retrieve_model(model: str, client: CallerDep, registry: RegistryDep,
+                   settings: SettingsDep) -> OpenAIModel:
+    for item in _model_objects(registry, settings):
+        if item.id == model:
+            return item
+    model_named(model, registry, settings)  # not listed: raises model_not_found, naming the served ones
+    raise AssertionError("unreachable")
+

@@ -1,0 +1,99 @@
+"""Request and response models of the VisionCraft API (docs/api-contracts.md).
+
+Every range and default of the VisionCraft contract lives here; the rules shared with the
+other dialects (seeds, LoRA weights, clip skip, sides, cfg) come from app.api.rules. Fields
+that clients of other API versions send (`image_count`, `upscale`, ...) are accepted and
+ignored.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from app.api.rules import (
+    DEFAULT_CFG,
+    MAX_CFG,
+    MAX_CLIP_SKIP,
+    MAX_NAME_LENGTH,
+    MAX_SEED,
+    MIN_CFG,
+    MIN_SIDE,
+    Int,
+    Loras,
+    Number,
+)
+
+# The contract's ranges (September 2024 routes allow 35 steps; the rest, 30).
+MAX_STEPS = 30
+MAX_STEPS_V2 = 35
+MAX_SIDE = 1024
+MAX_IMAGES = 5  # image_count of /generate and /generate-xl
+
+
+class GenerateRequest(BaseModel):
+    """Body of POST /sd: the seed page's fields plus craftserve extensions."""
+
+    model_config = ConfigDict(extra="ignore", str_strip_whitespace=False)
+
+    token: str | None = Field(None, description="API key (or send `Authorization: Bearer <key>`)")
+    model: str = Field(..., max_length=MAX_NAME_LENGTH, description="one of the served model names",
+                       examples=["sdxl-base"])
+    prompt: str = Field(..., examples=["Beautiful landscape"])
+    negative_prompt: str = ""
+    sampler: str | None = Field(None, max_length=MAX_NAME_LENGTH,
+                                description="sampler name; default: the model's default")
+    scheduler: str | None = Field(
+        None, max_length=MAX_NAME_LENGTH,
+        description="ComfyUI-style schedule (normal, karras, exponential, ...)"
+    )
+    steps: Int = Field(MAX_STEPS, ge=1, le=MAX_STEPS)
+    width: Int = Field(MAX_SIDE, ge=MIN_SIDE, le=MAX_SIDE)
+    height: Int = Field(MAX_SIDE, ge=MIN_SIDE, le=MAX_SIDE)
+    cfg_scale: Number = Field(DEFAULT_CFG, ge=MIN_CFG, le=MAX_CFG, allow_inf_nan=False)
+    loras: Loras = Field(default_factory=dict, description="{lora name: weight}")
+    seed: Int | None = Field(None, ge=-1, le=MAX_SEED, description="absent or -1: random")
+    clip_skip: Int | None = Field(
+        None, ge=1, le=MAX_CLIP_SKIP, description="extension: A1111's CLIP_stop_at_last_layers "
+        "(1: the last layer); SD 1.x models only, SDXL ignores it as A1111 does")
+
+
+class JobRequest(GenerateRequest):
+    """Body of POST /jobs: any /sd body, plus `previews`."""
+
+    previews: bool = Field(False, description="send `preview` events (small PNGs of the latents "
+                                              "every few steps) on the job's event stream")
+
+
+class GenerateRequestV2(GenerateRequest):
+    """Body of POST /image/generate (September 2024 docs): steps up to 35, default 35."""
+
+    steps: Int = Field(MAX_STEPS_V2, ge=1, le=MAX_STEPS_V2)
+
+
+class GenerateRequestV0(GenerateRequest):
+    """Body of POST /generate and /generate-xl (spring 2024 docs): up to 5 images, answered
+    as URLs."""
+
+    image_count: Int = Field(1, ge=1, le=MAX_IMAGES)
+
+
+class ImageUrls(BaseModel):
+    images: list[str]
+
+
+class ErrorMessage(BaseModel):
+    message: str = Field(..., description="the same text as `detail`")
+
+
+class ErrorBody(BaseModel):
+    """Every VisionCraft-route error: `detail` as the service answered, and `error.message`
+    with the same text, which the published VisionCraft wrapper reads first."""
+
+    detail: str = Field(..., examples=["This server doesn't have steps 31: steps should be less "
+                                       "than or equal to 30"])
+    error: ErrorMessage
+    errors: list[dict[str, Any]] | None = Field(
+        None, description="validation errors only (422): [{loc, msg, type}] of each field at fault"
+    )
