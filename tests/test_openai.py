@@ -14,8 +14,8 @@ import pytest
 from PIL import Image
 
 from app.api import openai_images
-from app.api.openai_images import translate as openai_translate
 from app.api.errors import ErrorInfo
+from app.api.openai_images import translate as openai_translate
 from tests.conftest import API_KEY, body, png
 from tests.live import LiveServer
 from tests.test_engine import HeldWorker, wait_for
