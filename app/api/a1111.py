@@ -540,7 +540,7 @@ async def txt2img(
 def _running(engine: Engine, client: str) -> tuple[list[Job], list[Job]]:
     """The caller's (running, waiting) jobs. A job already answered is neither, even while its
     worker is still letting go of it (its future is settled on this loop before the answer)."""
-    waiting = engine.queue.waiting(client)
+    waiting = engine.waiting(client)
     running = [job for job in engine.jobs_of(client)
                if not job.future.done() and all(job is not w for w in waiting)]
     return running, waiting

@@ -144,8 +144,7 @@ def publish(tracked: TrackedJob, event: str, data: dict) -> None:
 
 
 def _position(engine: Engine, job: Job) -> int | None:
-    waiting = engine.queue.waiting(job.client)
-    return waiting.index(job) + 1 if job in waiting else None
+    return engine.queue_position(job)
 
 
 def _preview_png(rgb) -> str:  # noqa: ANN001 - (h, w, 3) uint8 tensor

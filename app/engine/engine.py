@@ -167,6 +167,15 @@ class Engine:
         running = [job for w in self.workers for job in list(w.running) if job.client == client]
         return running + self.queue.waiting(client)
 
+    def waiting(self, client: str) -> list[Job]:
+        """The client's waiting jobs, in the order they will run."""
+        return self.queue.waiting(client)
+
+    def queue_position(self, job: Job) -> int | None:
+        """The job's place in the order the fair queue serves every key's waiting jobs, 1 =
+        the next a free worker takes (JobQueue.position says how exact); None once taken."""
+        return self.queue.position(job)
+
     def cancel(self, job: Job, answer: CraftError | None = None) -> None:
         """Drop a waiting job, answering it with `answer` when one is given (a job whose own
         request is not the one cancelling it still has a client waiting), or flag a running
