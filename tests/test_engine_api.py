@@ -183,3 +183,46 @@ def test_remote_engine_positions_are_among_the_jobs_no_replica_started(tmp_path:
         assert remote.waiting("a") == remote.waiting("b") == []
 
     asyncio.run(scenario())
+
+
+def test_remote_engine_readiness_body(tmp_path: Path) -> None:
+    """/ready under Ray, from the board's replicas: a model loaded on any replica is loaded,
+    one that failed on a replica names it, a preload model not loaded is a reason."""
+    pytest.importorskip("ray", reason="Ray Serve is the `craftserve[ray]` extra")
+    from app.cluster.remote import RemoteEngine
+
+    models = write_models_file(tmp_path, """
+models:
+  tiny-sdxl: {source: builtin:tiny-sdxl, preload: true}
+  tiny-sd15: {source: builtin:tiny-sd15}
+  other: {source: builtin:tiny-sd15}
+""")
+    settings = Settings(models=models, devices="cpu")
+    remote = RemoteEngine(settings, load_registry(models), Metrics(), generator=None, board=None)
+    remote.accepting = True
+    assert remote.readiness() == (False, {
+        "ready": False,
+        "reasons": ["no generation replica is up yet (Ray Serve is starting or replacing them)",
+                    "tiny-sdxl: loading"],
+        "models": {"tiny-sdxl": "loading", "tiny-sd15": "loads on first request",
+                   "other": "loads on first request"},
+        "workers": [], "queue_depth": 0,
+    })
+
+    def replica(name: str, states: dict[str, str]) -> dict:
+        return {"name": name, "device": "cpu", "alive": True, "preloaded": True, "pid": 1,
+                "models": states, "loaded": [m for m, s in states.items() if s == "loaded"],
+                "queue_depth": 1, "running": 0}
+
+    remote.replicas = {
+        "r1": replica("r1", {"tiny-sdxl": "loaded", "tiny-sd15": "unavailable: bad weights"}),
+        "r2": replica("r2", {"tiny-sdxl": "loading", "other": "unavailable: gone"}),
+    }
+    ready, body = remote.readiness()
+    assert ready and body["reasons"] == [] and body["queue_depth"] == 2
+    assert body["models"] == {"tiny-sdxl": "loaded", "tiny-sd15": "r1: unavailable: bad weights",
+                              "other": "r2: unavailable: gone"}
+    assert [w["name"] for w in body["workers"]] == ["r1", "r2"]
+    assert list(body) == ["ready", "reasons", "models", "workers", "queue_depth"]
+    remote.accepting = False
+    assert remote.readiness()[1]["reasons"] == ["the server is shutting down"]

@@ -28,6 +28,7 @@ from app.cluster.board import REPORT_EVERY_S
 from app.cluster.wire import DONE, ERROR, PREVIEW, PROGRESS, STARTED, error_from_wire
 from app.config import Settings
 from app.engine.jobs import GenParams, Job, JobResult
+from app.engine.readiness import model_states, preload_split, readiness_body
 from app.engine.reload import ReloadReport, fingerprint, reload_into
 from app.errors import CraftError, InternalError, Unavailable
 from app.metrics import Metrics
@@ -61,8 +62,7 @@ class RemoteEngine:
 
     @property
     def preload(self) -> list[str]:
-        wanted = [name for name, spec in self.registry.models.items() if spec.preload]
-        return wanted[: self.settings.max_models_per_device]
+        return preload_split(self.registry, self.settings.max_models_per_device)[0]
 
     def describe(self) -> str:
         return "Ray Serve generation replicas"
@@ -245,35 +245,26 @@ class RemoteEngine:
         one replica. `workers` lists the replicas, each with its own model states, so a
         replica that failed to load a model shows which one and why."""
         replicas = list(self.replicas.values())
-        models: dict[str, str] = {}
-        for name in self.registry.models:
-            states = [r["models"].get(name, "") for r in replicas]
-            failed = [f"{r['name']}: {s}" for r, s in zip(replicas, states, strict=True)
-                      if s.startswith("unavailable")]
-            if "loaded" in states:
-                models[name] = "loaded"
-            elif failed:
-                models[name] = "; ".join(failed)
-            elif name in self.preload:
-                models[name] = "loading"
-            else:
-                models[name] = "loads on first request"
+        preload = self.preload
+
+        def failure(name: str) -> str | None:
+            failed = [f"{r['name']}: {state}" for r in replicas
+                      if (state := r["models"].get(name, "")).startswith("unavailable")]
+            return "; ".join(failed) or None
+
+        loaded = {name for r in replicas for name, state in r["models"].items() if state == "loaded"}
+        models = model_states(self.registry, preload, loaded, failure)
         workers = [
             {"name": r["name"], "device": r["device"], "alive": r["alive"],
              "preloaded": r["preloaded"], "models": r["loaded"], "pid": r["pid"],
              "model_states": r["models"], "queue_depth": r["queue_depth"], "running": r["running"]}
             for r in replicas
         ]
-        reasons = []
-        if not replicas:
-            reasons.append("no generation replica is up yet (Ray Serve is starting or replacing them)")
-        reasons += [f"{n}: {models[n]}" for n in self.preload if models[n] != "loaded"]
-        if not self.accepting:
-            reasons.append("the server is shutting down")
-        ready = not reasons
         self.metrics.workers_ready.set(sum(1 for r in replicas if r["alive"] and r["preloaded"]))
-        body = {"ready": ready, "reasons": reasons, "models": models, "workers": workers,
-                "queue_depth": len(self._waiting) + sum(r["queue_depth"] for r in replicas)}
-        if self.last_reload is not None:
-            body["last_reload"] = self.last_reload.as_dict()
-        return ready, body
+        no_replica = [] if replicas else [
+            "no generation replica is up yet (Ray Serve is starting or replacing them)"]
+        return readiness_body(
+            models=models, preload=preload, accepting=self.accepting, workers=workers,
+            queue_depth=len(self._waiting) + sum(r["queue_depth"] for r in replicas),
+            last_reload=self.last_reload, first=no_replica,
+        )
