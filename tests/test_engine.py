@@ -7,10 +7,12 @@ runs the real server with the tiny pipelines.
 from __future__ import annotations
 
 import asyncio
+import re
 import shutil
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from itertools import pairwise
 from pathlib import Path
 
 import httpx
@@ -99,6 +101,18 @@ def test_queue_serves_clients_in_turn(loop) -> None:
     order = [queue.take(slot)[0].client for _ in range(8)]
     assert order[:4] == ["flood", "polite", "flood", "polite"]
     assert order[4:] == ["flood"] * 4
+
+
+def test_job_ids_cannot_be_guessed(loop) -> None:
+    """96 random bits in hex: no order, no counter another key could walk through."""
+    ids = [Job(params=fake_params(i), client="a", loop=loop, deadline_s=60).id for i in range(300)]
+    assert all(re.fullmatch(r"job-[0-9a-f]{24}", job_id) for job_id in ids), ids[:3]
+    assert len(set(ids)) == len(ids)
+    values = [int(job_id.removeprefix("job-"), 16) for job_id in ids]
+    assert values != sorted(values)  # not made in order
+    assert all(abs(b - a) > 2**32 for a, b in pairwise(values))  # nor one after another
+    for place in range(4, 28):  # every hex digit varies: the randomness spans the whole id
+        assert len({job_id[place] for job_id in ids}) >= 10
 
 
 def test_queue_position_is_the_place_in_the_fair_order_across_clients(loop) -> None:

@@ -167,6 +167,7 @@ def test_remote_engine_positions_are_among_the_jobs_no_replica_started(tmp_path:
         b = remote.submit(params(10), "b")
         await asyncio.sleep(0)  # each job's call is made
         assert len(generator.calls) == 4
+        assert [args[0].job_id for args, _ in generator.calls] == [j.id for j in [*a, b]]  # JobCall
         assert remote.waiting("a") == a and remote.waiting("b") == [b]
         assert [remote.queue_position(j) for j in [*a, b]] == [1, 2, 3, 4]
         generator.calls[0][1].events.put_nowait((STARTED, "replica-1"))

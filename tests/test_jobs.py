@@ -6,6 +6,7 @@ import asyncio
 import base64
 import io
 import json
+import re
 from types import SimpleNamespace
 
 import pytest
@@ -111,6 +112,7 @@ def test_queue_position_counts_every_keys_waiting_jobs(jobs_server):
             wait_for(lambda: held.worker.running)
             mine = [c.post("/jobs", json=body(seed=s)).json()["id"] for s in (2, 3, 4)]
             theirs = c.post("/jobs", json=body(seed=5, token=OTHER_KEY)).json()["id"]
+            assert all(re.fullmatch(r"job-[0-9a-f]{24}", i) for i in [blocker, *mine, theirs])
             waiting = engine.waiting(key_label(API_KEY))
             assert [job.id for job in waiting] == mine
             (other,) = engine.waiting(key_label(OTHER_KEY))

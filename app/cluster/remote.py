@@ -25,7 +25,7 @@ import weakref
 from typing import Any
 
 from app.cluster.board import REPORT_EVERY_S
-from app.cluster.wire import DONE, ERROR, PREVIEW, PROGRESS, STARTED, error_from_wire
+from app.cluster.wire import DONE, ERROR, PREVIEW, PROGRESS, STARTED, JobCall, error_from_wire
 from app.config import Settings
 from app.engine.jobs import GenParams, Job, JobResult
 from app.engine.readiness import model_states, preload_split, readiness_body
@@ -135,8 +135,7 @@ class RemoteEngine:
         try:
             stream = self.generator.options(
                 stream=True, multiplexed_model_id=job.params.model,
-            ).run.remote(job.params, job.client, job.preview_every, job.watched,
-                         job.expires_at - time.monotonic())
+            ).run.remote(JobCall.of(job))
             async for kind, payload in stream:
                 if kind == STARTED:
                     self._waiting.pop(job, None)

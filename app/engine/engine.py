@@ -12,7 +12,7 @@ import torch
 
 from app.config import Settings
 from app.engine.availability import LoadFailures
-from app.engine.jobs import GenParams, Job, JobQueue
+from app.engine.jobs import GenParams, Job, JobQueue, new_job_id
 from app.engine.readiness import model_states, preload_split, readiness_body
 from app.engine.reload import ReloadReport, fingerprint, reload_into
 from app.engine.worker import Worker
@@ -146,9 +146,11 @@ class Engine:
         self.abort_running()
 
     # ---- requests ------------------------------------------------------------------
-    def submit(self, params: GenParams, client: str, deadline_s: float | None = None) -> Job:
+    def submit(self, params: GenParams, client: str, deadline_s: float | None = None, *,
+               job_id: str | None = None) -> Job:
         """Queue one job (on the running event loop). `deadline_s`: its queue deadline when
-        not the setting's (a Ray replica passes what is left of the request's)."""
+        not the setting's (a Ray replica passes what is left of the request's); `job_id`: its
+        id when it has one already (a Ray replica's job keeps the one the ingress gave)."""
         if not self.accepting:
             raise Unavailable("the server is shutting down; retry shortly", retry_after=30,
                               kind="shutdown")
@@ -158,6 +160,7 @@ class Engine:
             client=client,
             loop=asyncio.get_running_loop(),
             deadline_s=self.settings.queue_deadline_s if deadline_s is None else deadline_s,
+            id=job_id or new_job_id(),
         )
         self.queue.submit(job)
         return job

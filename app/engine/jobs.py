@@ -20,8 +20,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
 import math
+import secrets
 import threading
 import time
 import weakref
@@ -91,7 +91,10 @@ class JobResult:
     worker: str = ""
 
 
-_job_ids = itertools.count(1)
+def new_job_id() -> str:
+    """A job's id: 96 random bits, so one key cannot guess (or count) another's jobs. Under
+    Ray the ingress makes it and the replica's job keeps it (app.cluster.wire.JobCall)."""
+    return "job-" + secrets.token_hex(12)
 
 
 @dataclass(eq=False)
@@ -101,7 +104,7 @@ class Job:
     loop: asyncio.AbstractEventLoop
     deadline_s: float
     future: asyncio.Future = field(init=False)
-    id: str = field(default_factory=lambda: f"job-{next(_job_ids)}")
+    id: str = field(default_factory=new_job_id)
     enqueued_at: float = field(default_factory=time.monotonic)
     started_at: float | None = None
     cancelled: threading.Event = field(default_factory=threading.Event)
