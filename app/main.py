@@ -25,6 +25,7 @@ from app.auth import Authenticator
 from app.config import Settings, get_settings
 from app.engine.engine import Engine
 from app.engine.lora_fit import match_loras
+from app.engine.protocol import EngineAPI
 from app.errors import CraftError, ErrorKind
 from app.imaging import ImageStore
 from app.metrics import Metrics
@@ -124,7 +125,7 @@ def _install_error_handlers(app: FastAPI, metrics: Metrics, renderers: ErrorRend
         return renderers.render(request, info)
 
 
-def reload_on_hangup(engine: Engine) -> None:
+def reload_on_hangup(engine: EngineAPI) -> None:
     """SIGHUP rescans models.yaml and its folders, as POST /admin/reload does (where signals
     can be handled: the main thread of a Unix process; tests run the server in a thread)."""
     loop = asyncio.get_running_loop()
@@ -134,13 +135,13 @@ def reload_on_hangup(engine: Engine) -> None:
         logger.debug("SIGHUP cannot be handled here; use POST /admin/reload")
 
 
-EngineFactory = Callable[[Settings, Registry, Metrics], Engine]
+EngineFactory = Callable[[Settings, Registry, Metrics], EngineAPI]
 
 
 def create_app(settings: Settings | None = None, engine_factory: EngineFactory = Engine) -> FastAPI:
     """Build the app. Fails fast (RegistryError, ValueError) on a bad models file or settings.
     `engine_factory`: what runs the jobs; the Engine on this machine's devices, or under Ray
-    Serve a facade with the same methods over the generation replicas (app.cluster)."""
+    Serve a facade with the same members (EngineAPI) over the generation replicas (app.cluster)."""
     settings = settings or get_settings()
     registry = load_registry(settings.models)
     match_loras(registry)  # which LoRA fits which model, from their layers (no weights)

@@ -7,10 +7,12 @@ runs the real server with the tiny pipelines.
 from __future__ import annotations
 
 import asyncio
+import re
 import shutil
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from itertools import pairwise
 from pathlib import Path
 
 import httpx
@@ -99,6 +101,52 @@ def test_queue_serves_clients_in_turn(loop) -> None:
     order = [queue.take(slot)[0].client for _ in range(8)]
     assert order[:4] == ["flood", "polite", "flood", "polite"]
     assert order[4:] == ["flood"] * 4
+
+
+def test_job_ids_cannot_be_guessed(loop) -> None:
+    """96 random bits in hex: no order, no counter another key could walk through."""
+    ids = [Job(params=fake_params(i), client="a", loop=loop, deadline_s=60).id for i in range(300)]
+    assert all(re.fullmatch(r"job-[0-9a-f]{24}", job_id) for job_id in ids), ids[:3]
+    assert len(set(ids)) == len(ids)
+    values = [int(job_id.removeprefix("job-"), 16) for job_id in ids]
+    assert values != sorted(values)  # not made in order
+    assert all(abs(b - a) > 2**32 for a, b in pairwise(values))  # nor one after another
+    for place in range(4, 28):  # every hex digit varies: the randomness spans the whole id
+        assert len({job_id[place] for job_id in ids}) >= 10
+
+
+def test_queue_position_is_the_place_in_the_fair_order_across_clients(loop) -> None:
+    """Key A queues 3 jobs, then key B 1: B's job is served second (the clients take turns),
+    so its position is 2, and A's last job is 4th. `order()` is what `take()` then does."""
+    queue = JobQueue(max_queue=100, max_batch=1, batch_window_s=0)
+    a = [Job(params=fake_params(i), client="a", loop=loop, deadline_s=60) for i in range(3)]
+    b = Job(params=fake_params(10), client="b", loop=loop, deadline_s=60)
+    for job in [*a, b]:
+        queue.submit(job)
+    assert queue.order() == [a[0], b, a[1], a[2]]
+    assert [queue.position(j) for j in [*a, b]] == [1, 3, 4, 2]
+    slot = WorkerSlot("w")
+    assert queue.take(slot) == [a[0]]
+    assert [queue.position(j) for j in [*a, b]] == [None, 2, 3, 1]  # the order moved on
+    c = Job(params=fake_params(20), client="c", loop=loop, deadline_s=60)
+    queue.submit(c)  # a new client gets its turn before a's later jobs: that is the fairness
+    expected = queue.order()
+    assert expected == [b, a[1], c, a[2]]
+    assert [queue.take(slot)[0] for _ in expected] == expected
+    assert queue.position(c) is None and queue.order() == []
+
+
+def test_queue_position_follows_cancellation_and_is_an_upper_bound_with_batching(loop) -> None:
+    queue = JobQueue(max_queue=100, max_batch=4, batch_window_s=0)
+    a = [Job(params=fake_params(i), client="a", loop=loop, deadline_s=60) for i in range(3)]
+    b = Job(params=fake_params(10, steps=5), client="b", loop=loop, deadline_s=60)  # not a's batch
+    for job in [*a, b]:
+        queue.submit(job)
+    assert queue.position(b) == 2
+    assert queue.remove(a[1])
+    assert [queue.position(j) for j in [*a, b]] == [1, None, 3, 2]
+    assert queue.take(WorkerSlot("w")) == [a[0], a[2]]  # a[2] ran before its position said
+    assert queue.position(b) == 1
 
 
 def test_queue_batches_only_compatible_jobs(loop) -> None:

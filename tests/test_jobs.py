@@ -6,13 +6,16 @@ import asyncio
 import base64
 import io
 import json
+import re
 from types import SimpleNamespace
 
 import pytest
 from PIL import Image
 
 from app.api.job_tracker import TrackedJob, publish
+from app.auth import key_label
 from tests.conftest import API_KEY, body
+from tests.test_engine import HeldWorker, wait_for
 
 OTHER_KEY = "other-key-456"
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
@@ -95,6 +98,37 @@ def test_a_job_from_queued_to_done(jobs_server):
                 assert answer.json()["detail"] == f"no job with id '{job}' for this API key"
         # No key at all: 403.
         assert c.get(f"/jobs/{job_id}").status_code == 403
+
+
+def test_queue_position_counts_every_keys_waiting_jobs(jobs_server):
+    """Behind a held worker, one key queues 3 jobs, then another key 1: the keys take turns,
+    so the other key's job runs 2nd and the first key's last one 4th, in the engine's answer
+    and in GET /jobs/{id}."""
+    engine = jobs_server.app.state.engine
+    held = HeldWorker(engine.workers[0])
+    try:
+        with jobs_server.client() as c:
+            blocker = c.post("/jobs", json=body(seed=1)).json()["id"]
+            wait_for(lambda: held.worker.running)
+            mine = [c.post("/jobs", json=body(seed=s)).json()["id"] for s in (2, 3, 4)]
+            theirs = c.post("/jobs", json=body(seed=5, token=OTHER_KEY)).json()["id"]
+            assert all(re.fullmatch(r"job-[0-9a-f]{24}", i) for i in [blocker, *mine, theirs])
+            waiting = engine.waiting(key_label(API_KEY))
+            assert [job.id for job in waiting] == mine
+            (other,) = engine.waiting(key_label(OTHER_KEY))
+            assert [engine.queue_position(job) for job in [*waiting, other]] == [1, 3, 4, 2]
+
+            def positions() -> list[int | None]:
+                return [c.get(f"/jobs/{job_id}", headers=headers).json()["queue_position"]
+                        for job_id, headers in [*((m, AUTH) for m in mine), (theirs, OTHER)]]
+
+            wait_for(lambda: positions() == [1, 3, 4, 2], timeout=10)  # the watcher's tick
+            assert c.get(f"/jobs/{blocker}", headers=AUTH).json()["queue_position"] is None
+            held.release()
+            for job_id, headers in [(blocker, {}), *((m, {}) for m in mine), (theirs, OTHER)]:
+                assert read_events(c, job_id, headers)[-1][1] == "done"
+    finally:
+        held.restore()
 
 
 def test_cancel_queued_and_running_jobs(jobs_server):

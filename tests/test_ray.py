@@ -380,3 +380,48 @@ def test_generator_options_follow_the_settings() -> None:
         "min_replicas": 1, "max_replicas": 4, "initial_replicas": 1, "target_ongoing_requests": 3,
         "upscale_delay_s": 5.0, "downscale_delay_s": 60.0}
     assert scaled["graceful_shutdown_timeout_s"] == 120  # a queued job's deadline, then the grace
+
+
+# ---- the job id on both sides of the wire, no cluster needed ---------------------------------
+def test_a_replica_failure_names_the_id_the_client_was_given(monkeypatch, caplog, tmp_path) -> None:
+    """The ingress's JobCall carries the job's id; the replica's engine job keeps it, so a bug
+    on the replica is answered (and logged there) under the id the client has. The replica's
+    side of the call runs on a real Engine with a fault injected, without a cluster."""
+    from app.cluster.replica import job_events
+    from app.cluster.wire import ERROR, JobCall, error_from_wire
+    from app.config import Settings
+    from app.engine import worker
+    from app.engine.engine import Engine
+    from app.engine.jobs import GenParams, Job
+    from app.metrics import Metrics
+    from app.registry import load_registry
+    from app.samplers import resolve_sampler
+
+    def broken(self, name: str):  # noqa: ANN001, ANN202
+        raise RuntimeError("injected fault")  # a bug in the worker, before any model is built
+
+    monkeypatch.setattr(worker.Worker, "model", broken)
+    models = write_models_file(tmp_path, "models:\n  tiny-sdxl: {source: builtin:tiny-sdxl}\n")
+    settings = Settings(models=models, devices="cpu")
+    params = GenParams(model="tiny-sdxl", prompt="p", negative_prompt="",
+                       sampler=resolve_sampler("Euler"), steps=2, width=64, height=64,
+                       cfg_scale=7.0, loras=(), seed=1)
+
+    async def on_both_sides() -> tuple[str, JobCall, list]:
+        ingress_job = Job(params=params, client="c", loop=asyncio.get_running_loop(), deadline_s=60)
+        call = JobCall.of(ingress_job)  # what the ingress sends
+        engine = Engine(settings, load_registry(settings.models), Metrics())
+        engine.start()
+        try:
+            events = [event async for event in job_events(engine, call, "replica-x")]
+        finally:
+            await asyncio.to_thread(engine.stop, 0)
+        return ingress_job.id, call, events
+
+    with caplog.at_level(logging.ERROR, logger="app.engine.worker"):
+        job_id, call, events = asyncio.run(on_both_sides())
+    assert call.job_id == job_id and call.client == "c" and 0 < call.deadline_s <= 60
+    kind, payload = events[-1]
+    assert kind == ERROR and payload["status"] == 500
+    assert f"internal error while generating (job {job_id})" in error_from_wire(payload).message
+    assert job_id in caplog.text  # the replica's log line names it too

@@ -8,12 +8,12 @@ from fastapi import Depends, Request
 
 from app.auth import Authenticator
 from app.config import Settings
-from app.engine.engine import Engine
+from app.engine.protocol import EngineAPI
 from app.imaging import ImageStore
 from app.registry import Registry
 
 
-def _engine(request: Request) -> Engine:
+def _engine(request: Request) -> EngineAPI:
     return request.app.state.engine
 
 
@@ -33,7 +33,7 @@ def _images(request: Request) -> ImageStore:
     return request.app.state.images
 
 
-EngineDep = Annotated[Engine, Depends(_engine)]
+EngineDep = Annotated[EngineAPI, Depends(_engine)]
 RegistryDep = Annotated[Registry, Depends(_registry)]
 SettingsDep = Annotated[Settings, Depends(_settings)]
 AuthDep = Annotated[Authenticator, Depends(_auth)]

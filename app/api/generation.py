@@ -18,8 +18,8 @@ from fastapi import Request
 
 from app.api.rules import MAX_SEED, check_clip_skip, check_prompt_length, check_prompt_syntax
 from app.config import Settings
-from app.engine.engine import Engine
 from app.engine.jobs import GenParams, Job, JobResult
+from app.engine.protocol import EngineAPI
 from app.errors import ErrorKind, InternalError, InvalidParameter, LoraError, NotServed, Unavailable
 from app.families import Family
 from app.imaging import encode_image, parameters_text
@@ -136,7 +136,7 @@ async def _client_gone(request: Request) -> None:
             return
 
 
-async def run_jobs(engine: Engine, jobs: list[Job], request: Request) -> list[JobResult]:
+async def run_jobs(engine: EngineAPI, jobs: list[Job], request: Request) -> list[JobResult]:
     """Await the jobs of one request. If the client leaves or a job fails (the queue answers
     a job that outlives its deadline), the request fails and its other jobs are taken back."""
     watcher = asyncio.ensure_future(_client_gone(request))
@@ -173,7 +173,7 @@ async def _encode(params: GenParams, result: JobResult, output_format: str, qual
         ) from None
 
 
-def submit_job(body: ImageRequest, *, client: str, engine: Engine, registry: Registry,
+def submit_job(body: ImageRequest, *, client: str, engine: EngineAPI, registry: Registry,
                settings: Settings) -> Job:
     """One job for `body`, queued (fairness, bound, deadline) without awaiting it: the job
     API (POST /jobs) follows it by its future and its `step`."""
@@ -192,7 +192,7 @@ async def generate_images(
     request: Request,
     *,
     client: str,
-    engine: Engine,
+    engine: EngineAPI,
     registry: Registry,
     settings: Settings,
     output_format: str = "png",

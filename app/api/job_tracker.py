@@ -23,8 +23,8 @@ from PIL import Image
 
 from app.api.generation import encode_result
 from app.config import Settings
-from app.engine.engine import Engine
 from app.engine.jobs import Job
+from app.engine.protocol import EngineAPI
 from app.errors import CraftError, ErrorKind, JobNotFound
 from app.imaging import ImageStore
 
@@ -84,7 +84,7 @@ class JobTracker:
         self.expired: OrderedDict[str, str] = OrderedDict()  # id → client
         self.watchers: set[asyncio.Task] = set()  # one per job still followed
 
-    def follow(self, tracked: TrackedJob, engine: Engine, images: ImageStore, image_url: str) -> None:
+    def follow(self, tracked: TrackedJob, engine: EngineAPI, images: ImageStore, image_url: str) -> None:
         """Track a new job and follow it from the event loop until it ends."""
         self.add(tracked)
         task = asyncio.ensure_future(watch(tracked, engine, images, image_url))
@@ -147,9 +147,9 @@ def publish(tracked: TrackedJob, event: str, data: dict) -> None:
         queue.put_nowait(item)
 
 
-def position_of(engine: Engine, job: Job) -> int | None:
-    waiting = engine.queue.waiting(job.client)
-    return waiting.index(job) + 1 if job in waiting else None
+def position_of(engine: EngineAPI, job: Job) -> int | None:
+    """The job's place in the queue across all keys (1: next to run); None once it runs."""
+    return engine.queue_position(job)
 
 
 def _preview_png(rgb) -> str:  # noqa: ANN001 - (h, w, 3) uint8 tensor
@@ -164,7 +164,7 @@ def _error_body(error: BaseException) -> dict:
     return {"status": 500, "kind": ErrorKind.INTERNAL, "message": "internal error"}
 
 
-async def watch(tracked: TrackedJob, engine: Engine, images: ImageStore, image_url: str) -> None:
+async def watch(tracked: TrackedJob, engine: EngineAPI, images: ImageStore, image_url: str) -> None:
     """Follow one job from the event loop until it ends, publishing its events."""
     job = tracked.job
     last_step = -1

@@ -1,7 +1,7 @@
 """RemoteEngine: the Engine's methods, with every job run by a generation replica.
 
-The app (routes, auth, dialects, the job API) calls `submit`, `cancel`, `jobs_of`,
-`queue.waiting`, `readiness` and `reload` as on a single box. A job here is the same `Job`
+The app (routes, auth, dialects, the job API) calls the members of `EngineAPI`
+(app.engine.protocol) as on a single box. A job here is the same `Job`
 (future, step, preview, started_at), driven by one streaming call to the generation
 deployment, whose events (app.cluster.wire) fill it in. What a single box does in its queue,
 Ray Serve and the replicas do here:
@@ -25,42 +25,16 @@ import weakref
 from typing import Any
 
 from app.cluster.board import REPORT_EVERY_S
-from app.cluster.wire import DONE, ERROR, PREVIEW, PROGRESS, STARTED, error_from_wire
+from app.cluster.wire import DONE, ERROR, PREVIEW, PROGRESS, STARTED, JobCall, error_from_wire
 from app.config import Settings
 from app.engine.jobs import GenParams, Job, JobResult
+from app.engine.readiness import model_states, preload_split, readiness_body
 from app.engine.reload import ReloadReport, fingerprint, reload_into
 from app.errors import CraftError, ErrorKind, InternalError, Unavailable
 from app.metrics import Metrics
 from app.registry import Registry
 
 logger = logging.getLogger(__name__)
-
-
-class _Waiting:
-    """The jobs sent and not yet started by a replica, per client (the queue's view that the
-    A1111 progress route and the job API read)."""
-
-    def __init__(self) -> None:
-        self._by_client: dict[str, list[Job]] = {}
-
-    def add(self, job: Job) -> None:
-        self._by_client.setdefault(job.client, []).append(job)
-
-    def discard(self, job: Job) -> None:
-        jobs = self._by_client.get(job.client)
-        if jobs and job in jobs:
-            jobs.remove(job)
-            if not jobs:
-                del self._by_client[job.client]
-
-    def waiting(self, client: str) -> list[Job]:
-        return list(self._by_client.get(client, ()))
-
-    def all(self) -> list[Job]:
-        return [job for jobs in self._by_client.values() for job in jobs]
-
-    def __len__(self) -> int:
-        return sum(len(jobs) for jobs in self._by_client.values())
 
 
 class RemoteEngine:
@@ -73,8 +47,10 @@ class RemoteEngine:
         self.metrics = metrics
         self.generator = generator  # the generation deployment's handle
         self.board = board  # app.cluster.board's actor
-        self.queue = _Waiting()
-        metrics.queue_depth.set_function(lambda: len(self.queue))
+        # The jobs sent and not yet started by a replica, in the order they came (a dict as
+        # an ordered set): this ingress's view of the waiting jobs (see queue_position).
+        self._waiting: dict[Job, None] = {}
+        metrics.queue_depth.set_function(lambda: len(self._waiting))
         self.replicas: dict[str, dict[str, Any]] = {}  # the board's latest snapshot
         self.fingerprints = {name: fingerprint(spec) for name, spec in registry.models.items()}
         self.last_reload: ReloadReport | None = None
@@ -86,8 +62,7 @@ class RemoteEngine:
 
     @property
     def preload(self) -> list[str]:
-        wanted = [name for name, spec in self.registry.models.items() if spec.preload]
-        return wanted[: self.settings.max_models_per_device]
+        return preload_split(self.registry, self.settings.max_models_per_device)[0]
 
     def describe(self) -> str:
         return "Ray Serve generation replicas"
@@ -112,7 +87,7 @@ class RemoteEngine:
 
     def begin_shutdown(self) -> None:
         self.accepting = False
-        for job in self.queue.all():
+        for job in list(self._waiting):
             self.cancel(job, Unavailable("the server is shutting down; retry shortly",
                                          retry_after=30, kind=ErrorKind.SHUTDOWN))
 
@@ -136,7 +111,7 @@ class RemoteEngine:
         loop = asyncio.get_running_loop()
         deadline = self.settings.queue_deadline_s if deadline_s is None else deadline_s
         job = Job(params=params, client=client, loop=loop, deadline_s=deadline)
-        self.queue.add(job)
+        self._waiting[job] = None
         self._running[job] = loop.create_task(self._drive(job))
         loop.call_later(deadline, self._expire, weakref.ref(job))  # an answered job is freed
         return job
@@ -160,11 +135,10 @@ class RemoteEngine:
         try:
             stream = self.generator.options(
                 stream=True, multiplexed_model_id=job.params.model,
-            ).run.remote(job.params, job.client, job.preview_every, job.watched,
-                         job.expires_at - time.monotonic())
+            ).run.remote(JobCall.of(job))
             async for kind, payload in stream:
                 if kind == STARTED:
-                    self.queue.discard(job)
+                    self._waiting.pop(job, None)
                     job.started_at = time.monotonic()
                 elif kind == PROGRESS:
                     job.step = payload
@@ -198,7 +172,7 @@ class RemoteEngine:
             logger.exception("job %s: the call to the generation deployment failed", job.id)
             job.fail(InternalError(f"internal error (job {job.id}); the server log has the details"))
         finally:
-            self.queue.discard(job)
+            self._waiting.pop(job, None)
             self._running.pop(job, None)
 
     def _count(self, params: GenParams, result: JobResult) -> None:
@@ -208,7 +182,22 @@ class RemoteEngine:
     def jobs_of(self, client: str) -> list[Job]:
         running = [job for job in self._running if job.client == client
                    and job.started_at is not None and not job.future.done()]
-        return running + self.queue.waiting(client)
+        return running + self.waiting(client)
+
+    def waiting(self, client: str) -> list[Job]:
+        """The client's jobs no replica has started yet, in the order they came."""
+        return [job for job in self._waiting if job.client == client]
+
+    def queue_position(self, job: Job) -> int | None:
+        """The job's place among every key's jobs that no replica has started yet (waiting in
+        Serve's handle queue, first in first out, or in a replica's own queue), in the order
+        they came to this ingress; None once started. There is no one queue here to read the
+        order from: each replica serves its own queue fairly across keys and several run at
+        once, so this is an estimate (the place if jobs started in the order they came)."""
+        for place, waiting in enumerate(self._waiting, start=1):
+            if waiting is job:
+                return place
+        return None
 
     def cancel(self, job: Job, answer: CraftError | None = None) -> None:
         """Take the job back: its call is cancelled, and the replica takes it out of its
@@ -218,7 +207,7 @@ class RemoteEngine:
         task = self._running.get(job)
         if task is not None:
             task.cancel()
-        self.queue.discard(job)
+        self._waiting.pop(job, None)
         job.fail(answer or Unavailable("the job was cancelled", kind=ErrorKind.CANCELLED))
 
     # ---- reload --------------------------------------------------------------------
@@ -255,35 +244,26 @@ class RemoteEngine:
         one replica. `workers` lists the replicas, each with its own model states, so a
         replica that failed to load a model shows which one and why."""
         replicas = list(self.replicas.values())
-        models: dict[str, str] = {}
-        for name in self.registry.models:
-            states = [r["models"].get(name, "") for r in replicas]
-            failed = [f"{r['name']}: {s}" for r, s in zip(replicas, states, strict=True)
-                      if s.startswith("unavailable")]
-            if "loaded" in states:
-                models[name] = "loaded"
-            elif failed:
-                models[name] = "; ".join(failed)
-            elif name in self.preload:
-                models[name] = "loading"
-            else:
-                models[name] = "loads on first request"
+        preload = self.preload
+
+        def failure(name: str) -> str | None:
+            failed = [f"{r['name']}: {state}" for r in replicas
+                      if (state := r["models"].get(name, "")).startswith("unavailable")]
+            return "; ".join(failed) or None
+
+        loaded = {name for r in replicas for name, state in r["models"].items() if state == "loaded"}
+        models = model_states(self.registry, preload, loaded, failure)
         workers = [
             {"name": r["name"], "device": r["device"], "alive": r["alive"],
              "preloaded": r["preloaded"], "models": r["loaded"], "pid": r["pid"],
              "model_states": r["models"], "queue_depth": r["queue_depth"], "running": r["running"]}
             for r in replicas
         ]
-        reasons = []
-        if not replicas:
-            reasons.append("no generation replica is up yet (Ray Serve is starting or replacing them)")
-        reasons += [f"{n}: {models[n]}" for n in self.preload if models[n] != "loaded"]
-        if not self.accepting:
-            reasons.append("the server is shutting down")
-        ready = not reasons
         self.metrics.workers_ready.set(sum(1 for r in replicas if r["alive"] and r["preloaded"]))
-        body = {"ready": ready, "reasons": reasons, "models": models, "workers": workers,
-                "queue_depth": len(self.queue) + sum(r["queue_depth"] for r in replicas)}
-        if self.last_reload is not None:
-            body["last_reload"] = self.last_reload.as_dict()
-        return ready, body
+        no_replica = [] if replicas else [
+            "no generation replica is up yet (Ray Serve is starting or replacing them)"]
+        return readiness_body(
+            models=models, preload=preload, accepting=self.accepting, workers=workers,
+            queue_depth=len(self._waiting) + sum(r["queue_depth"] for r in replicas),
+            last_reload=self.last_reload, first=no_replica,
+        )

@@ -7,8 +7,9 @@ model id, and this replica's model LRU (at most MAX_MODELS_PER_DEVICE, the same 
 worker's) tells Serve which models it holds, so a request goes to a replica that already
 holds its model. Evicting a model from that LRU unloads it from the worker between batches.
 
-`run` yields the job's events (app.cluster.wire) until its answer; a cancelled call (the
-client left, DELETE /jobs, A1111 interrupt) takes the job back from the engine.
+`run` takes the ingress's JobCall (the job keeps the id its client was given) and yields the
+job's events (app.cluster.wire) until its answer; a cancelled call (the client left, DELETE
+/jobs, A1111 interrupt) takes the job back from the engine.
 """
 
 from __future__ import annotations
@@ -21,10 +22,9 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from app.cluster.board import REPORT_EVERY_S, get_board
-from app.cluster.wire import DONE, ERROR, PREVIEW, PROGRESS, STARTED, error_to_wire
+from app.cluster.wire import DONE, ERROR, PREVIEW, PROGRESS, STARTED, JobCall, error_to_wire
 from app.config import Settings
 from app.engine.engine import Engine
-from app.engine.jobs import GenParams
 from app.engine.lora_fit import match_loras
 from app.errors import CraftError, InternalError
 from app.metrics import Metrics
@@ -61,6 +61,49 @@ def device_for_replica() -> str:
     return "cuda:0" if torch.cuda.is_available() else "cpu"
 
 
+async def job_events(engine: Engine, call: JobCall, replica: str) -> AsyncIterator[tuple[str, Any]]:
+    """One job on this replica's engine, under the ingress's id: its events (app.cluster.wire)
+    until its answer. Closed early (the call was cancelled), it takes the job back."""
+    try:
+        job = call.submit_to(engine)
+    except CraftError as exc:
+        yield ERROR, error_to_wire(exc)
+        return
+    watched = call.watched or call.preview_every
+    tick = TICK_WATCHED_S if watched else TICK_S
+    try:
+        started, step, preview = False, 0, None
+        while True:
+            finished = job.future.done()
+            if finished and not watched:
+                break  # the answer says it all: no extra messages on the fast path
+            if not started and job.started_at is not None:
+                started = True
+                yield STARTED, replica
+            if job.step != step:
+                step = job.step
+                yield PROGRESS, step
+            if job.preview is not None and job.preview is not preview:
+                preview = job.preview
+                yield PREVIEW, preview
+            if finished:
+                break
+            await asyncio.wait({job.future}, timeout=tick)
+        error = job.future.exception()
+        if error is None:
+            result = job.future.result()
+            result.worker = replica
+            yield DONE, result
+        elif isinstance(error, CraftError):
+            yield ERROR, error_to_wire(error)
+        else:  # pragma: no cover - the worker answers its jobs with CraftErrors
+            logger.error("%s: job %s failed: %r", replica, job.id, error)
+            yield ERROR, error_to_wire(InternalError(f"internal error (job {job.id} on {replica})"))
+    finally:
+        if not job.future.done():  # the call was cancelled: take the job back
+            engine.cancel(job)
+
+
 class GenerationReplica:
     """The generation deployment's class (app.cluster.deploy makes it a Serve deployment)."""
 
@@ -91,49 +134,13 @@ class GenerationReplica:
         logger.info("%s: engine on %s, pid %d", self.name, self.engine.describe(), os.getpid())
 
     # ---- the one call the ingress makes ---------------------------------------------
-    async def run(self, params: GenParams, client: str, preview_every: int, watched: bool,
-                  deadline_s: float) -> AsyncIterator[tuple[str, Any]]:
+    async def run(self, call: JobCall) -> AsyncIterator[tuple[str, Any]]:
         from ray import serve
 
-        await self._hold(serve.get_multiplexed_model_id() or params.model)
-        try:
-            job = self.engine.submit(params, client, deadline_s=max(0.0, deadline_s))
-        except CraftError as exc:
-            yield ERROR, error_to_wire(exc)
-            return
-        job.preview_every = preview_every
-        tick = TICK_WATCHED_S if watched or preview_every else TICK_S
-        try:
-            started, step, preview = False, 0, None
-            while True:
-                finished = job.future.done()
-                if finished and not (watched or preview_every):
-                    break  # the answer says it all: no extra messages on the fast path
-                if not started and job.started_at is not None:
-                    started = True
-                    yield STARTED, self.name
-                if job.step != step:
-                    step = job.step
-                    yield PROGRESS, step
-                if job.preview is not None and job.preview is not preview:
-                    preview = job.preview
-                    yield PREVIEW, preview
-                if finished:
-                    break
-                await asyncio.wait({job.future}, timeout=tick)
-            error = job.future.exception()
-            if error is None:
-                result = job.future.result()
-                result.worker = self.name
-                yield DONE, result
-            elif isinstance(error, CraftError):
-                yield ERROR, error_to_wire(error)
-            else:  # pragma: no cover - the worker answers its jobs with CraftErrors
-                logger.error("%s: job %s failed: %r", self.name, job.id, error)
-                yield ERROR, error_to_wire(InternalError(f"internal error (job {job.id} on {self.name})"))
-        finally:
-            if not job.future.done():  # the call was cancelled: take the job back
-                self.engine.cancel(job)
+        await self._hold(serve.get_multiplexed_model_id() or call.params.model)
+        async with contextlib.aclosing(job_events(self.engine, call, self.name)) as events:
+            async for event in events:
+                yield event
 
     # ---- what the ingress learns through the board -----------------------------------
     def state(self) -> dict[str, Any]:

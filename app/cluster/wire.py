@@ -1,4 +1,9 @@
-"""What crosses from a generation replica to the ingress: job events and errors as plain values.
+"""What crosses between the ingress and a generation replica, as plain values: the job the
+ingress sends (JobCall), and the job's events and errors the replica sends back.
+
+The job keeps its id on both sides: the ingress made it and gave it to the client, and the
+replica's engine job takes it from the call, so the replica's log lines and error messages
+("internal error while generating (job ...)") name the id the client has.
 
 A CraftError subclass does not survive pickling with its own constructor (InvalidParameter
 takes three arguments, its args hold one), and an exception raised in a replica would reach
@@ -9,14 +14,47 @@ renders exactly as it did in the replica: same status, message, kind, field and 
 
 from __future__ import annotations
 
-from typing import Any
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 from app.errors import CraftError, Unavailable
+
+if TYPE_CHECKING:
+    from app.engine.engine import Engine
+    from app.engine.jobs import GenParams, Job
 
 # Events a replica yields for one job, in order: STARTED once a worker took it (payload: the
 # replica's name), PROGRESS (steps done), PREVIEW ((step, (h, w, 3) uint8 tensor)), then
 # DONE (JobResult) or ERROR (error_to_wire's dict).
 STARTED, PROGRESS, PREVIEW, DONE, ERROR = "started", "progress", "preview", "done", "error"
+
+
+@dataclass(frozen=True)
+class JobCall:
+    """One job as the ingress sends it to a replica (the argument of the replica's `run`)."""
+
+    job_id: str  # the id the client was given
+    params: GenParams
+    client: str  # the key's label
+    preview_every: int
+    watched: bool  # someone follows its steps: report them every 0.1 s
+    deadline_s: float  # what is left of its queue deadline when sent
+
+    @classmethod
+    def of(cls, job: Job) -> JobCall:
+        """The call for an ingress job, its deadline counted from now."""
+        return cls(job_id=job.id, params=job.params, client=job.client,
+                   preview_every=job.preview_every, watched=job.watched,
+                   deadline_s=job.expires_at - time.monotonic())
+
+    def submit_to(self, engine: Engine) -> Job:
+        """The replica's side: queue the job in its engine, under the ingress's id."""
+        job = engine.submit(self.params, self.client, deadline_s=max(0.0, self.deadline_s),
+                            job_id=self.job_id)
+        job.preview_every = self.preview_every
+        job.watched = self.watched
+        return job
 
 
 def error_to_wire(exc: CraftError) -> dict[str, Any]:

@@ -12,7 +12,8 @@ import torch
 
 from app.config import Settings
 from app.engine.availability import LoadFailures
-from app.engine.jobs import GenParams, Job, JobQueue
+from app.engine.jobs import GenParams, Job, JobQueue, new_job_id
+from app.engine.readiness import model_states, preload_split, readiness_body
 from app.engine.reload import ReloadReport, fingerprint, reload_into
 from app.engine.worker import Worker
 from app.errors import CraftError, ErrorKind, InvalidParameter, Unavailable
@@ -93,13 +94,12 @@ class Engine:
         self.accepting = False
 
     def _preload_list(self, registry: Registry) -> list[str]:
-        wanted = [name for name, spec in registry.models.items() if spec.preload]
-        preload = wanted[: self.settings.max_models_per_device]
-        if len(wanted) > len(preload):
+        preload, left = preload_split(registry, self.settings.max_models_per_device)
+        if left:
             logger.warning(
                 "models %s are marked preload but each device holds at most %d models "
                 "(CRAFTSERVE_MAX_MODELS_PER_DEVICE): they load on their first request instead",
-                wanted[len(preload):], self.settings.max_models_per_device,
+                left, self.settings.max_models_per_device,
             )
         return preload
 
@@ -146,9 +146,11 @@ class Engine:
         self.abort_running()
 
     # ---- requests ------------------------------------------------------------------
-    def submit(self, params: GenParams, client: str, deadline_s: float | None = None) -> Job:
+    def submit(self, params: GenParams, client: str, deadline_s: float | None = None, *,
+               job_id: str | None = None) -> Job:
         """Queue one job (on the running event loop). `deadline_s`: its queue deadline when
-        not the setting's (a Ray replica passes what is left of the request's)."""
+        not the setting's (a Ray replica passes what is left of the request's); `job_id`: its
+        id when it has one already (a Ray replica's job keeps the one the ingress gave)."""
         if not self.accepting:
             raise Unavailable("the server is shutting down; retry shortly", retry_after=30,
                               kind=ErrorKind.SHUTDOWN)
@@ -158,6 +160,7 @@ class Engine:
             client=client,
             loop=asyncio.get_running_loop(),
             deadline_s=self.settings.queue_deadline_s if deadline_s is None else deadline_s,
+            id=job_id or new_job_id(),
         )
         self.queue.submit(job)
         return job
@@ -166,6 +169,15 @@ class Engine:
         """The client's running jobs, then its waiting ones in the order they will run."""
         running = [job for w in self.workers for job in list(w.running) if job.client == client]
         return running + self.queue.waiting(client)
+
+    def waiting(self, client: str) -> list[Job]:
+        """The client's waiting jobs, in the order they will run."""
+        return self.queue.waiting(client)
+
+    def queue_position(self, job: Job) -> int | None:
+        """The job's place in the order the fair queue serves every key's waiting jobs, 1 =
+        the next a free worker takes (JobQueue.position says how exact); None once taken."""
+        return self.queue.position(job)
 
     def cancel(self, job: Job, answer: CraftError | None = None) -> None:
         """Drop a waiting job, answering it with `answer` when one is given (a job whose own
@@ -211,18 +223,12 @@ class Engine:
 
     # ---- readiness -----------------------------------------------------------------
     def readiness(self) -> tuple[bool, dict]:
-        models: dict[str, str] = {}
+        def failure(name: str) -> str | None:
+            reason = self.failures.reason(name)
+            return f"unavailable: {reason}" if reason else None
+
         loaded = {name for w in self.workers for name in w.models}
-        for name in self.registry.models:
-            failure = self.failures.reason(name)
-            if name in loaded:
-                models[name] = "loaded"
-            elif failure:
-                models[name] = f"unavailable: {failure}"
-            elif name in self.preload:
-                models[name] = "loading"
-            else:
-                models[name] = "loads on first request"
+        models = model_states(self.registry, self.preload, loaded, failure)
         workers = [
             {
                 "name": w.name,
@@ -233,17 +239,10 @@ class Engine:
             }
             for w in self.workers
         ]
-        preload_ok = all(models[name] == "loaded" for name in self.preload)
-        workers_ok = all(w["alive"] and w["preloaded"] for w in workers)
-        ready = self.accepting and workers_ok and preload_ok
-        self.metrics.workers_ready.set(sum(1 for w in workers if w["alive"] and w["preloaded"]))
-        reasons = [f"{n}: {models[n]}" for n in self.preload if models[n] != "loaded"]
-        if not self.accepting:
-            reasons.append("the server is shutting down")
-        reasons += [f"{w['name']}: not ready" for w in workers
-                    if not (w["alive"] and w["preloaded"])]
-        body = {"ready": ready, "reasons": reasons, "models": models, "workers": workers,
-                "queue_depth": len(self.queue)}
-        if self.last_reload is not None:
-            body["last_reload"] = self.last_reload.as_dict()
-        return ready, body
+        not_ready = [w["name"] for w in workers if not (w["alive"] and w["preloaded"])]
+        self.metrics.workers_ready.set(len(workers) - len(not_ready))
+        return readiness_body(
+            models=models, preload=self.preload, accepting=self.accepting, workers=workers,
+            queue_depth=len(self.queue), last_reload=self.last_reload,
+            last=[f"{name}: not ready" for name in not_ready],
+        )

@@ -20,8 +20,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
 import math
+import secrets
 import threading
 import time
 import weakref
@@ -91,7 +91,10 @@ class JobResult:
     worker: str = ""
 
 
-_job_ids = itertools.count(1)
+def new_job_id() -> str:
+    """A job's id: 96 random bits, so one key cannot guess (or count) another's jobs. Under
+    Ray the ingress makes it and the replica's job keeps it (app.cluster.wire.JobCall)."""
+    return "job-" + secrets.token_hex(12)
 
 
 @dataclass(eq=False)
@@ -101,7 +104,7 @@ class Job:
     loop: asyncio.AbstractEventLoop
     deadline_s: float
     future: asyncio.Future = field(init=False)
-    id: str = field(default_factory=lambda: f"job-{next(_job_ids)}")
+    id: str = field(default_factory=new_job_id)
     enqueued_at: float = field(default_factory=time.monotonic)
     started_at: float | None = None
     cancelled: threading.Event = field(default_factory=threading.Event)
@@ -172,6 +175,7 @@ class JobQueue:
         self._in_system = 0  # submitted and not yet finished
         self._busy_until = 0.0  # while > now, several requests were in flight recently
         self._seconds_per_image = 5.0  # running estimate, for Retry-After
+        self._positions: dict[Job, int] | None = None  # the service order, until it changes
 
     # ---- the HTTP side -------------------------------------------------------------
     def __len__(self) -> int:
@@ -203,6 +207,7 @@ class JobQueue:
                 )
             self._by_client.setdefault(job.client, deque()).append(job)
             self._size += 1
+            self._positions = None
             self._in_system += 1
             if self._in_system > 1:
                 self._busy_until = time.monotonic() + 2.0
@@ -225,6 +230,7 @@ class JobQueue:
             jobs.remove(job)
             self._size -= 1
             self._in_system -= 1
+            self._positions = None
             if not jobs:
                 del self._by_client[job.client]
             return True
@@ -233,6 +239,40 @@ class JobQueue:
         """The client's waiting jobs, in the order they will run."""
         with self._cond:
             return list(self._by_client.get(client, ()))
+
+    def order(self) -> list[Job]:
+        """Every waiting job in the order the fair queue will serve them, as things stand.
+
+        Clients take turns in the order `take` keeps them (a client just served goes to the
+        back of the line), so the order is rounds: each waiting client's first job, then each
+        one's second, and so on. Computed without taking anything, O(waiting jobs)."""
+        with self._cond:
+            order: list[Job] = []
+            turns = [iter(jobs) for jobs in self._by_client.values()]
+            while turns:
+                still = []
+                for turn in turns:
+                    job = next(turn, None)
+                    if job is not None:
+                        order.append(job)
+                        still.append(turn)
+                turns = still
+            return order
+
+    def position(self, job: Job) -> int | None:
+        """The job's place in `order()`, 1 = the next job a free worker takes; None when it is
+        not waiting (running, finished, cancelled).
+
+        It is the place as things stand: a client whose first job arrives later gets its turn
+        before this client's later jobs (that is the fairness), and the place is an upper bound
+        on the takes before the job runs, since a worker takes compatible waiting jobs along
+        in one batch (and, with several workers, leaves a job to an idle worker already holding
+        its model). The order is computed once per change of the queue and then looked up, so
+        watching every waiting job each tick costs O(waiting jobs) in all."""
+        with self._cond:
+            if self._positions is None:
+                self._positions = {j: i for i, j in enumerate(self.order(), start=1)}
+            return self._positions.get(job)
 
     def remove_model(self, model: str) -> list[Job]:
         """Take every waiting job for `model` out of the queue (the caller answers them)."""
@@ -273,6 +313,7 @@ class JobQueue:
             self._by_client.clear()
             self._in_system -= self._size
             self._size = 0
+            self._positions = None
             self._cond.notify_all()
             return left
 
@@ -313,6 +354,7 @@ class JobQueue:
         jobs = self._by_client[client]
         jobs.remove(job)
         self._size -= 1
+        self._positions = None
         if not jobs:
             del self._by_client[client]
         else:  # this client was served: it goes to the back of the line

@@ -32,8 +32,8 @@ from app.api.credentials import CallerDep, GeneratingCallerDep
 from app.api.deps import EngineDep, RegistryDep, SettingsDep
 from app.api.generation import generate_images
 from app.api.job_tracker import JobTracker
-from app.engine.engine import Engine
 from app.engine.jobs import Job
+from app.engine.protocol import EngineAPI
 from app.errors import CraftError, Interrupted
 from app.samplers import SAMPLERS, SCHEDULES, a1111_sampler_names, resolve_sampler
 
@@ -81,11 +81,11 @@ async def txt2img(
     return JSONResponse(answer(planned, generated, registry, restore))
 
 
-def _running(engine: Engine, client: str, tracker: JobTracker) -> tuple[list[Job], list[Job]]:
+def _running(engine: EngineAPI, client: str, tracker: JobTracker) -> tuple[list[Job], list[Job]]:
     """The caller's (running, waiting) jobs. A job already answered is neither, even while its
     worker is still letting go of it: its future is settled on this loop before the answer, and
     a job the job API finished or cancelled (DELETE /jobs/{id}) is over for its client."""
-    waiting = engine.queue.waiting(client)
+    waiting = engine.waiting(client)
     running = [job for job in engine.jobs_of(client)
                if not job.future.done() and all(job is not w for w in waiting)]
     return ([job for job in running if not tracker.ended_through_api(job.id)],
@@ -120,7 +120,7 @@ async def progress(client: CallerDep, engine: EngineDep, state: StateDep, tracke
     )
 
 
-def _stop(engine: Engine, job: Job) -> None:
+def _stop(engine: EngineAPI, job: Job) -> None:
     engine.cancel(job, Interrupted())
 
 
