@@ -439,7 +439,7 @@ SAMPLERS: tuple[_Sampler, ...] = (
 )
 _SAMPLER_BY_NAME: dict[str, _Sampler] = {s.name: s for s in SAMPLERS}
 
-# The listings (GET /sd/samplers, /samplers-xl) follow shared/api/samplers.md. The table's rows
+# The listings (GET /sd/samplers, /samplers-xl) follow docs/api-contracts.md. The table's rows
 # are in A1111's order, so the A1111 names are read from it.
 _A1111_BASE: tuple[str, ...] = tuple(entry.name for entry in SAMPLERS if entry.a1111)
 # A1111's legacy names with the schedule in them (before 1.9), listed after the base names.
