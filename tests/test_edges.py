@@ -167,3 +167,29 @@ def test_the_default_checkpoint_follows_the_models_file(two_models) -> None:
         c.post("/admin/reload", headers=BEARER)
         assert c.get("/sdapi/v1/options", headers=BEARER).json()["sd_model_checkpoint"] == "tiny-sd15"
         assert httpx.codes.is_success(c.get("/sdapi/v1/embeddings", headers=BEARER).status_code)
+
+
+def test_each_limit_is_defined_once() -> None:
+    """A limit (MAX_*, MIN_*, DEFAULT_CFG, the name and shown lengths) is assigned in one module
+    of app/, and the checks every dialect shares are written once (app.api.rules)."""
+    import ast
+
+    where: dict[str, list[str]] = {}
+    functions: dict[str, list[str]] = {}
+    for path in APP.rglob("*.py"):
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        for node in tree.body:
+            targets = node.targets if isinstance(node, ast.Assign) else \
+                [node.target] if isinstance(node, ast.AnnAssign) else []
+            for target in targets:
+                names = [t.id for t in (target.elts if isinstance(target, ast.Tuple) else [target])
+                         if isinstance(t, ast.Name)]
+                for name in names:
+                    if re.fullmatch(r"(MAX|MIN)_[A-Z_]+|DEFAULT_CFG|SHOWN_CHARS", name):
+                        where.setdefault(name, []).append(str(path.relative_to(APP)))
+            if isinstance(node, ast.FunctionDef) and re.fullmatch(r"_?(shown|check_\w+|in_range)", node.name):
+                functions.setdefault(node.name.lstrip("_"), []).append(str(path.relative_to(APP)))
+    assert {"MAX_SEED", "MIN_SIDE", "MAX_NAME_LENGTH", "DEFAULT_CFG", "MAX_CFG"} <= set(where)
+    assert {name: paths for name, paths in where.items() if len(paths) > 1} == {}
+    assert {name: paths for name, paths in functions.items() if len(paths) > 1} == {}
+    assert functions["shown"] == ["api/rules.py"] and functions["check_range"] == ["api/rules.py"]
