@@ -22,6 +22,7 @@ import secrets
 import threading
 import time
 from collections import OrderedDict, deque
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 from app.errors import RateLimited, Unauthorized
@@ -56,21 +57,44 @@ def key_label(key: str) -> str:
     return "key-" + key_digest(key)[:8]
 
 
-def parse_key_entry(entry: str) -> tuple[str, RateLimit | None, bool]:
-    """`KEY` → (KEY, None, False); `KEY  10/60s` → (KEY, RateLimit(10, 60), True);
-    `KEY  unlimited` → (KEY, None, True). The third item: whether the entry sets a limit.
-    A ValueError never contains the key."""
-    parts = entry.strip().rsplit(None, 1)
-    if len(parts) < 2:
-        return entry.strip(), None, False
-    key, limit = parts[0].strip(), parts[1]
-    try:
-        return key, parse_rate_limit(limit), True
-    except ValueError as exc:
-        raise ValueError(
-            f"an API key entry (CRAFTSERVE_API_KEYS / CRAFTSERVE_API_KEYS_FILE) ends in {limit!r}: "
-            f"write the key alone, or the key, spaces and its rate limit; {exc}"
-        ) from None
+@dataclass(frozen=True)
+class KeyEntry:
+    """One key of the keys file (or of CRAFTSERVE_API_KEYS) and what it may do."""
+
+    key: str
+    rate_limit: RateLimit | None = None
+    has_limit: bool = False  # whether the entry sets its own rate limit (None: unlimited)
+    admin: bool = False  # may reload the models file (POST /admin/reload, A1111's refresh routes)
+    queue: int | None = None  # its own share of the queue (jobs waiting at once); None: the setting
+
+
+_ENTRY_HELP = ("write the key, then optionally its rate limit (`10/60s`, `unlimited`), `admin`, "
+               "`queue=N`, separated by spaces")
+
+
+def parse_key_entry(entry: str) -> KeyEntry:
+    """`KEY`, `KEY  10/60s`, `KEY  unlimited`, `KEY  admin`, `KEY  queue=4`, or several of them:
+    `KEY  100/1h  admin  queue=16`. A ValueError never contains the key."""
+    key, *options = entry.split()
+    found = KeyEntry(key)
+    for option in options:
+        name, equals, value = option.partition("=")
+        if option == "admin":
+            found = replace(found, admin=True)
+        elif equals and name == "queue":
+            if not value.isdigit() or int(value) < 1:
+                raise ValueError(f"an API key entry (CRAFTSERVE_API_KEYS / CRAFTSERVE_API_KEYS_FILE) has "
+                                 f"{option!r}: queue= takes a whole number of jobs, at least 1")
+            found = replace(found, queue=int(value))
+        else:
+            try:
+                found = replace(found, rate_limit=parse_rate_limit(option), has_limit=True)
+            except ValueError as exc:
+                raise ValueError(
+                    f"an API key entry (CRAFTSERVE_API_KEYS / CRAFTSERVE_API_KEYS_FILE) has {option!r}: "
+                    f"{_ENTRY_HELP}; {exc}"
+                ) from None
+    return found
 
 
 class AuthFailures:
@@ -151,12 +175,15 @@ class Authenticator:
         entries = [parse_key_entry(k) for k in keys]
         if not entries and not allow_anonymous:
             self.generated_key = secrets.token_urlsafe(24)
-            entries = [(self.generated_key, None, False)]
+            entries = [KeyEntry(self.generated_key, admin=True)]  # the operator's own key
         own_limits: dict[str, RateLimit | None] = {}
-        for key, limit, has_limit in entries:
-            if has_limit:
-                own_limits[key_label(key)] = limit  # a later entry of the same key wins
-        digests = dict.fromkeys(key_digest(k) for k, _, _ in entries)
+        self.entries: dict[str, KeyEntry] = {}  # label → entry (a later entry of a key wins)
+        for entry in entries:
+            label = key_label(entry.key)
+            if entry.has_limit:
+                own_limits[label] = entry.rate_limit
+            self.entries[label] = replace(entry, key="")  # the key itself is not kept
+        digests = dict.fromkeys(key_digest(e.key) for e in entries)
         self._keys = [(bytes.fromhex(d), "key-" + d[:8]) for d in digests]
         default = parse_rate_limit(rate_limit) if isinstance(rate_limit, str) else rate_limit
         refused = metrics.rate_limited.labels if metrics is not None else None
@@ -164,6 +191,16 @@ class Authenticator:
             default, own_limits,
             on_refused=(lambda label: refused(label).inc()) if refused is not None else None,
         )
+
+    def is_admin(self, client: str) -> bool:
+        """Whether the caller's key has the `admin` role (anonymous callers never do)."""
+        entry = self.entries.get(client)
+        return entry is not None and entry.admin
+
+    def queue_share(self, client: str) -> int | None:
+        """The caller's own share of the queue from its key entry, if it sets one."""
+        entry = self.entries.get(client)
+        return entry.queue if entry is not None else None
 
     def admit(self, client: str) -> None:
         """Count one request of `client` (the label `authenticate` returned) against its rate

@@ -50,7 +50,7 @@ def _record_logs_and_keys():
     def recording_init(self, keys, *args, **kwargs):
         original(self, keys, *args, **kwargs)
         for entry in keys:
-            _KEYS_USED.add(auth.parse_key_entry(entry)[0])
+            _KEYS_USED.add(auth.parse_key_entry(entry).key)
         if self.generated_key:
             _KEYS_USED.add(self.generated_key)
 

@@ -11,7 +11,7 @@ import pytest
 from pydantic import ValidationError
 
 from app.api.credentials import header_key
-from app.auth import Authenticator, key_label, parse_key_entry
+from app.auth import Authenticator, KeyEntry, key_label, parse_key_entry
 from app.config import Settings
 from app.errors import RateLimited, Unauthorized, retry_after_seconds
 from app.ratelimit import RateLimit, RateLimiter, TokenBucket, parse_rate_limit
@@ -187,10 +187,15 @@ def test_retry_after_rounds_up_never_early() -> None:
 
 
 def test_key_entries_carry_optional_limits() -> None:
-    assert parse_key_entry("plain-key") == ("plain-key", None, False)
-    assert parse_key_entry("  k1   10/60s ") == ("k1", RateLimit(10, 60), True)
-    assert parse_key_entry("k2\t100/1h") == ("k2", RateLimit(100, 3600), True)
-    assert parse_key_entry("k3 unlimited") == ("k3", None, True)
+    assert parse_key_entry("plain-key") == KeyEntry("plain-key")
+    assert parse_key_entry("  k1   10/60s ") == KeyEntry("k1", RateLimit(10, 60), True)
+    assert parse_key_entry("k2\t100/1h") == KeyEntry("k2", RateLimit(100, 3600), True)
+    assert parse_key_entry("k3 unlimited") == KeyEntry("k3", None, True)
+    assert parse_key_entry("k4  admin queue=3 5/60s") == KeyEntry("k4", RateLimit(5, 60), True, True, 3)
+    for bad in ("k5 queue=0", "k5 queue=x", "k5 role=admin"):
+        with pytest.raises(ValueError) as err:
+            parse_key_entry(bad)
+        assert "k5" not in str(err.value)
     with pytest.raises(ValueError) as err:
         parse_key_entry("s3cret-key 10/fortnight")
     assert "10/fortnight" in str(err.value) and "s3cret" not in str(err.value)
