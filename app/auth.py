@@ -37,6 +37,7 @@ logger = logging.getLogger(__name__)
 HOW_TO_SEND_A_KEY = (
     "send it as `Authorization: Bearer <key>`, as HTTP Basic with the key as the password (any "
     "user name), or as `token` in the JSON body")
+ANONYMOUS = "anonymous-"  # the label prefix of a caller without a key (--allow-anonymous)
 _HASHED = re.compile(r"^sha256:([0-9a-fA-F]{64})$")
 
 
@@ -218,7 +219,7 @@ class Authenticator:
         if label is not None:
             return label
         if self.allow_anonymous:
-            return f"anonymous-{client_host or 'unknown'}"
+            return f"{ANONYMOUS}{client_host or 'unknown'}"
         self.failures.record(client_host)
         if not token:
             raise Unauthorized(f"Missing API key: {HOW_TO_SEND_A_KEY}")

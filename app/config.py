@@ -33,6 +33,11 @@ class Settings(BaseSettings):
     # Failed key checks one client address may make a minute before it is answered 429 for
     # the rest of that minute (0: no limit). Other addresses are never affected.
     auth_failures_per_minute: int = Field(30, ge=0)
+    # Reloads of the models file (POST /admin/reload, A1111's refresh routes; admin keys only)
+    # are coalesced: a rescan begins at least this long after the previous one ended, and the
+    # requests that come meanwhile share it (0: back to back, still one at a time).
+    reload_interval_s: float = Field(2.0, ge=0)
+
 
     # Limits at the edge (app.api.edge), before any parsing: body bytes (413), seconds for
     # the body to arrive (408), URL bytes (414), header bytes in all (431).

@@ -47,6 +47,7 @@ class ErrorKind(StrEnum):
     HTTP = "http"  # another HTTP error of the framework (405, ...)
     # the caller
     FORBIDDEN = "forbidden"
+    NOT_ADMIN = "not_admin"  # a valid key without the `admin` role on an operator route
     UNAUTHORIZED = "unauthorized"
     RATE_LIMITED = "rate_limited"
     # jobs
@@ -128,6 +129,12 @@ class Forbidden(CraftError):
 
     status = 403
     kind = ErrorKind.FORBIDDEN
+
+
+class NotAdmin(Forbidden):
+    """A valid key without the `admin` role on a route that changes the server (403)."""
+
+    kind = ErrorKind.NOT_ADMIN
 
 
 class Unauthorized(CraftError):

@@ -18,6 +18,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from app import __version__
 from app.api import a1111, admin, health, jobs, openai_images, openapi, page, visioncraft
 from app.api.a1111 import A1111State
+from app.api.admin import Reloads
 from app.api.edge import EdgeLimits
 from app.api.errors import ErrorInfo, ErrorRenderers
 from app.api.job_tracker import JobTracker
@@ -188,6 +189,7 @@ def create_app(settings: Settings | None = None, engine_factory: EngineFactory =
     app.state.engine = engine
     app.state.images = ImageStore(settings.image_store_mb * 2**20)
     app.state.jobs = jobs_state = JobTracker(settings)  # the job API's jobs and their events
+    app.state.reloads = Reloads(engine, settings.reload_interval_s)  # coalesced, admin keys only
     app.state.a1111 = A1111State(registry)  # A1111's options and skipped jobs
     app.include_router(visioncraft.router)
     app.include_router(a1111.router)
