@@ -38,6 +38,11 @@ class Settings(BaseSettings):
     # requests that come meanwhile share it (0: back to back, still one at a time).
     reload_interval_s: float = Field(2.0, ge=0)
 
+    # Which names the server may be called by (docs/security-admin.md).
+    # Host header values (names or addresses, without the port; "*.example.com" covers its
+    # subdomains; "*" any) the server answers; others get 400 (against DNS rebinding). Unset:
+    # the loopback names (localhost, 127.0.0.1, ::1) when HOST is a loopback address, else any.
+    allowed_hosts: Annotated[list[str], NoDecode] = Field(default_factory=list)
 
     # Limits at the edge (app.api.edge), before any parsing: body bytes (413), seconds for
     # the body to arrive (408), URL bytes (414), header bytes in all (431).
@@ -125,6 +130,26 @@ class Settings(BaseSettings):
         if isinstance(value, str):
             return [k.strip() for k in value.split(",") if k.strip()]
         return value
+
+    @field_validator("allowed_hosts", mode="before")
+    @classmethod
+    def _split_names(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [k.strip() for k in value.split(",") if k.strip()]
+        return value
+
+    @field_validator("allowed_hosts")
+    @classmethod
+    def _lower_hosts(cls, value: list[str]) -> list[str]:
+        names = []
+        for item in value:
+            name = item.lower()
+            if name.startswith("["):  # [::1] or [::1]:8000
+                name = name[1:].partition("]")[0]
+            elif name.count(":") == 1:  # a port is not part of the name
+                name = name.partition(":")[0]
+            names.append(name)
+        return names
 
     @field_validator("rate_limit")
     @classmethod

@@ -21,6 +21,7 @@ from app.api.a1111 import A1111State
 from app.api.admin import Reloads
 from app.api.edge import EdgeLimits
 from app.api.errors import ErrorInfo, ErrorRenderers
+from app.api.guards import RequestGuards, allowed_hosts
 from app.api.job_tracker import JobTracker
 from app.auth import Authenticator
 from app.config import Settings, get_settings
@@ -199,6 +200,8 @@ def create_app(settings: Settings | None = None, engine_factory: EngineFactory =
     app.add_middleware(EdgeLimits, max_body_bytes=settings.max_body_bytes,
                        body_timeout_s=settings.body_timeout_s, max_url_bytes=settings.max_url_bytes,
                        max_header_bytes=settings.max_header_bytes)
+    # outside the edge limits: a refused Host or a form post is answered before its body is read
+    app.add_middleware(RequestGuards, allowed=allowed_hosts(settings.allowed_hosts, settings.host))
     app.include_router(jobs.router)
     app.include_router(page.router)
     app.state.error_renderers = renderers = ErrorRenderers()
