@@ -5,6 +5,7 @@ Every tunable of the server lives here, validated once at start-up.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 from functools import lru_cache
 from pathlib import Path
@@ -38,7 +39,11 @@ class Settings(BaseSettings):
     # requests that come meanwhile share it (0: back to back, still one at a time).
     reload_interval_s: float = Field(2.0, ge=0)
 
-    # Which names the server may be called by (docs/security-admin.md).
+    # Who the client is, and which names it may use for the server (docs/security-admin.md).
+    # Proxies whose X-Forwarded-For (and X-Forwarded-Proto) are believed: IP addresses or
+    # networks, comma-separated, or "*" (any peer: only when nothing but the proxy can reach the
+    # server). Unset: none; the client is the connection's peer, whatever headers it sends.
+    trusted_proxies: Annotated[list[str], NoDecode] = Field(default_factory=list)
     # Host header values (names or addresses, without the port; "*.example.com" covers its
     # subdomains; "*" any) the server answers; others get 400 (against DNS rebinding). Unset:
     # the loopback names (localhost, 127.0.0.1, ::1) when HOST is a loopback address, else any.
@@ -131,11 +136,24 @@ class Settings(BaseSettings):
             return [k.strip() for k in value.split(",") if k.strip()]
         return value
 
-    @field_validator("allowed_hosts", mode="before")
+    @field_validator("trusted_proxies", "allowed_hosts", mode="before")
     @classmethod
     def _split_names(cls, value: object) -> object:
         if isinstance(value, str):
             return [k.strip() for k in value.split(",") if k.strip()]
+        return value
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _check_proxies(cls, value: list[str]) -> list[str]:
+        for item in value:
+            if item == "*":
+                continue
+            try:
+                ipaddress.ip_network(item, strict=False)
+            except ValueError:
+                raise ValueError(f"{item!r} is not an IP address or network: write addresses or "
+                                 "networks (10.0.0.5, 10.0.0.0/8, ::1), comma-separated, or *") from None
         return value
 
     @field_validator("allowed_hosts")

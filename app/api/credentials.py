@@ -15,6 +15,9 @@ A missing or wrong key raises `Unauthorized` (401); each dialect renders it in i
 `Bearer`). The dependencies run before the body is validated, so an unauthenticated request
 learns nothing about the server's rules. A valid key without the `admin` role on an operator
 route raises `NotAdmin` (403 in every dialect).
+
+The client address is the connection's peer, or the address a proxy named in
+CRAFTSERVE_TRUSTED_PROXIES forwards (uvicorn reads `X-Forwarded-For` only from those; app.cli).
 """
 
 from __future__ import annotations
@@ -41,7 +44,9 @@ class Unreadable:
 
 
 def client_host(request: Request) -> str | None:
-    """The address the request came from (the failed-key throttle counts per address)."""
+    """The address the request came from (the failed-key throttle counts per address): the
+    peer of the connection, unless it is a trusted proxy (CRAFTSERVE_TRUSTED_PROXIES), whose
+    `X-Forwarded-For` uvicorn has already applied."""
     return request.client.host if request.client else None
 
 
