@@ -6,7 +6,8 @@ ASGI middleware), answered in the shape of the path's dialect (app.api.errors).
   is `evil.example`, so only the names in CRAFTSERVE_ALLOWED_HOSTS are answered (400
   otherwise). Unset, that is the loopback names when the server is bound to a loopback
   address (the desktop case, where the attack works) and any name otherwise (a server on
-  the network, whose names the operator knows and may list).
+  the network, whose names the operator knows and may list). `GET /health` and `/ready` are
+  answered whatever the Host, for health checks that call the server by its address.
 - **Cross-site requests** (CSRF): a web page may make a browser send a POST anywhere without
   asking the server first, if its Content-Type is one an HTML form can send
   (`application/x-www-form-urlencoded`, `multipart/form-data`, `text/plain`) or it has no
@@ -33,6 +34,9 @@ from app.api.edge import ASGIApp, Receive, Scope, Send, answer_at_edge
 from app.errors import ErrorKind, RequestRefused
 
 LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
+# answered whatever the Host: health checks (Docker, Kubernetes) call the server by its address,
+# and these tell a page nothing the public discovery routes do not
+PROBES = frozenset({"/health", "/ready"})
 CHANGES_STATE = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 # the types an HTML form (or a no-cors fetch) sends to any site without a preflight
 FORM_TYPES = frozenset({"application/x-www-form-urlencoded", "multipart/form-data", "text/plain"})
@@ -105,7 +109,8 @@ class RequestGuards:
         for name, value in scope.get("headers", ()):
             headers.setdefault(name, value)  # the first of a repeated header
         host = headers.get(b"host")
-        if self.allowed is not None and host is not None:
+        probe = scope.get("method") in ("GET", "HEAD") and scope.get("path") in PROBES
+        if self.allowed is not None and host is not None and not probe:
             name = host_name(host.decode("latin-1"))
             if not host_matches(name, self.allowed):
                 raise RequestRefused(
