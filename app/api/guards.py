@@ -115,7 +115,7 @@ class RequestGuards:
             if not host_matches(name, self.allowed):
                 raise RequestRefused(
                     400, ErrorKind.HOST_NOT_ALLOWED,
-                    f"this server does not answer to the Host {name!r}: it answers only "
+                    f"this server does not answer to the Host {name[:100]!r}: it answers only "
                     f"{', '.join(self.allowed)} (setting CRAFTSERVE_ALLOWED_HOSTS, comma-separated "
                     "names; the default is the loopback names while the server is bound to a "
                     "loopback address). This keeps web pages on other names (DNS rebinding) out")
