@@ -37,6 +37,7 @@ logger = logging.getLogger(__name__)
 HOW_TO_SEND_A_KEY = (
     "send it as `Authorization: Bearer <key>`, as HTTP Basic with the key as the password (any "
     "user name), or as `token` in the JSON body")
+ANONYMOUS = "anonymous-"  # the label prefix of a caller without a key (--allow-anonymous)
 _HASHED = re.compile(r"^sha256:([0-9a-fA-F]{64})$")
 
 
@@ -98,19 +99,34 @@ def parse_key_entry(entry: str) -> KeyEntry:
 
 
 class AuthFailures:
-    """Failed key checks per client address in the last minute. Past `per_minute` of them the
-    address is refused 429 (every request, a valid key too: an answer that told a right key
-    from a wrong one would let guessing go on), until its oldest failure is a minute old.
-    Other addresses, and so valid keys elsewhere, are never affected. Memory is bounded: at
-    most `max_addresses` addresses are remembered (the least recently failing are forgotten)."""
+    """Failed key checks per client address in the last minute, and the keys each address
+    used successfully of late.
+
+    Past `per_minute` failures the address is answered 429 until its oldest failure is a
+    minute old, for every token but one thing: a key that succeeded from that same address
+    within `remember_s` (its digest is remembered) still passes. Any other token from the
+    address is refused 429 *without being checked*, so the answer never tells a right key from
+    a wrong one and guessing stays throttled. This way many users behind one proxy (one
+    address) keep working while one of them, or an attacker there, hammers wrong keys; a
+    direct attacker, from whose address no key ever succeeded, is throttled for everything.
+    The one thing still unthrottled is guessing exactly a key that succeeded from the same
+    address, which is as hard as the key is long (`craftserve hash-key --new`: 256 bits).
+
+    Other addresses are never affected. Memory is bounded: at most `max_addresses` failing
+    addresses (the least recently failing are forgotten) and `max_remembered` (address, key)
+    pairs (the least recently used are forgotten); a key needs a valid use to be remembered."""
 
     WINDOW_S = 60.0
 
-    def __init__(self, per_minute: int, *, max_addresses: int = 65536) -> None:
+    def __init__(self, per_minute: int, *, max_addresses: int = 65536, remember_s: float = 3600.0,
+                 max_remembered: int = 65536) -> None:
         self.per_minute = per_minute
         self.max_addresses = max_addresses
+        self.remember_s = remember_s
+        self.max_remembered = max_remembered
         self._lock = threading.Lock()
         self._failures: OrderedDict[str, deque[float]] = OrderedDict()
+        self._valid: OrderedDict[tuple[str, bytes], float] = OrderedDict()  # (address, digest) → last use
 
     def _recent(self, host: str, now: float) -> deque[float] | None:
         times = self._failures.get(host)
@@ -123,18 +139,27 @@ class AuthFailures:
             return None
         return times
 
-    def check(self, host: str | None) -> None:
+    def _known(self, host: str, digest: bytes | None, now: float) -> bool:
+        if digest is None:
+            return False
+        seen = self._valid.get((host, digest))
+        return seen is not None and seen > now - self.remember_s
+
+    def check(self, host: str | None, digest: bytes | None = None) -> None:
+        """Raise RateLimited when `host` is past its failed checks, unless `digest` (a token's
+        SHA-256) is of a key that succeeded from `host` lately."""
         if not self.per_minute or host is None:
             return
         now = time.monotonic()
         with self._lock:
             times = self._recent(host, now)
-            if times is None or len(times) < self.per_minute:
+            if times is None or len(times) < self.per_minute or self._known(host, digest, now):
                 return
             wait = times[0] + self.WINDOW_S - now
         raise RateLimited(
             f"Too many failed API key attempts from this address: at most {self.per_minute} a "
-            "minute (setting CRAFTSERVE_AUTH_FAILURES_PER_MINUTE). Retry in "
+            "minute (setting CRAFTSERVE_AUTH_FAILURES_PER_MINUTE); keys used successfully from "
+            f"this address in the last {self.remember_s / 60:g} minutes still work. Retry in "
             f"{max(1, round(wait + 0.5))} seconds.",
             retry_after=wait,
         )
@@ -150,6 +175,16 @@ class AuthFailures:
             self._failures.move_to_end(host)
             while len(self._failures) > self.max_addresses:
                 self._failures.popitem(last=False)
+
+    def succeeded(self, host: str | None, digest: bytes) -> None:
+        """Remember that the key of `digest` succeeded from `host`."""
+        if not self.per_minute or host is None:
+            return
+        with self._lock:
+            self._valid[(host, digest)] = time.monotonic()
+            self._valid.move_to_end((host, digest))
+            while len(self._valid) > self.max_remembered:
+                self._valid.popitem(last=False)
 
 
 class Authenticator:
@@ -212,20 +247,23 @@ class Authenticator:
     def authenticate(self, token: str | None, client_host: str | None = None) -> str:
         """Return the client's label, or raise Unauthorized (RateLimited for an address past
         its failed attempts). The token comes from app.api.credentials, whatever the route."""
+        digest = hashlib.sha256(token.encode()).digest() if token else None
         if not self.allow_anonymous:
-            self.failures.check(client_host)
-        label = self._match(token) if token else None
+            self.failures.check(client_host, digest)
+        label = self._match(digest) if digest is not None else None
         if label is not None:
+            if not self.allow_anonymous:
+                self.failures.succeeded(client_host, digest)
             return label
         if self.allow_anonymous:
-            return f"anonymous-{client_host or 'unknown'}"
+            return f"{ANONYMOUS}{client_host or 'unknown'}"
         self.failures.record(client_host)
         if not token:
             raise Unauthorized(f"Missing API key: {HOW_TO_SEND_A_KEY}")
         raise Unauthorized("Invalid API key")
 
-    def _match(self, token: str) -> str | None:
-        candidate = hashlib.sha256(token.encode()).digest()
+    def _match(self, candidate: bytes) -> str | None:
+        """The label of the key whose digest is `candidate`, compared in constant time."""
         found = None
         for key, label in self._keys:  # no early exit: the time does not depend on which key
             if hmac.compare_digest(candidate, key):

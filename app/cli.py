@@ -83,6 +83,21 @@ def connection_limits(settings: Settings) -> dict:
     }
 
 
+def proxy_options(settings: Settings) -> dict:
+    """uvicorn's reading of X-Forwarded-For / X-Forwarded-Proto: only from the peers named in
+    CRAFTSERVE_TRUSTED_PROXIES, and not at all when none is (uvicorn's own default believes
+    any loopback peer, so anything on the machine, or a local proxy passing the header on,
+    could name any client address and escape the per-address failed-key throttle)."""
+    if not settings.trusted_proxies:
+        return {"proxy_headers": False, "forwarded_allow_ips": ""}
+    return {"proxy_headers": True, "forwarded_allow_ips": list(settings.trusted_proxies)}
+
+
+def uvicorn_options(settings: Settings) -> dict:
+    """Every uvicorn option that comes from our settings (connections and proxies)."""
+    return {**connection_limits(settings), **proxy_options(settings)}
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="craftserve", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -185,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
         port=settings.port,
         log_level=settings.log_level,
         timeout_graceful_shutdown=int(settings.shutdown_grace_s) + 5,
-        **connection_limits(settings),
+        **uvicorn_options(settings),
     )
     _Server(config, app).run()
     return 0

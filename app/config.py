@@ -5,6 +5,7 @@ Every tunable of the server lives here, validated once at start-up.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 from functools import lru_cache
 from pathlib import Path
@@ -33,6 +34,20 @@ class Settings(BaseSettings):
     # Failed key checks one client address may make a minute before it is answered 429 for
     # the rest of that minute (0: no limit). Other addresses are never affected.
     auth_failures_per_minute: int = Field(30, ge=0)
+    # Reloads of the models file (POST /admin/reload, A1111's refresh routes; admin keys only)
+    # are coalesced: a rescan begins at least this long after the previous one ended, and the
+    # requests that come meanwhile share it (0: back to back, still one at a time).
+    reload_interval_s: float = Field(2.0, ge=0)
+
+    # Who the client is, and which names it may use for the server (docs/security-admin.md).
+    # Proxies whose X-Forwarded-For (and X-Forwarded-Proto) are believed: IP addresses or
+    # networks, comma-separated, or "*" (any peer: only when nothing but the proxy can reach the
+    # server). Unset: none; the client is the connection's peer, whatever headers it sends.
+    trusted_proxies: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    # Host header values (names or addresses, without the port; "*.example.com" covers its
+    # subdomains; "*" any) the server answers; others get 400 (against DNS rebinding). Unset:
+    # the loopback names (localhost, 127.0.0.1, ::1) when HOST is a loopback address, else any.
+    allowed_hosts: Annotated[list[str], NoDecode] = Field(default_factory=list)
 
     # Limits at the edge (app.api.edge), before any parsing: body bytes (413), seconds for
     # the body to arrive (408), URL bytes (414), header bytes in all (431).
@@ -120,6 +135,39 @@ class Settings(BaseSettings):
         if isinstance(value, str):
             return [k.strip() for k in value.split(",") if k.strip()]
         return value
+
+    @field_validator("trusted_proxies", "allowed_hosts", mode="before")
+    @classmethod
+    def _split_names(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [k.strip() for k in value.split(",") if k.strip()]
+        return value
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _check_proxies(cls, value: list[str]) -> list[str]:
+        for item in value:
+            if item == "*":
+                continue
+            try:
+                ipaddress.ip_network(item, strict=False)
+            except ValueError:
+                raise ValueError(f"{item!r} is not an IP address or network: write addresses or "
+                                 "networks (10.0.0.5, 10.0.0.0/8, ::1), comma-separated, or *") from None
+        return value
+
+    @field_validator("allowed_hosts")
+    @classmethod
+    def _lower_hosts(cls, value: list[str]) -> list[str]:
+        names = []
+        for item in value:
+            name = item.lower()
+            if name.startswith("["):  # [::1] or [::1]:8000
+                name = name[1:].partition("]")[0]
+            elif name.count(":") == 1:  # a port is not part of the name
+                name = name.partition(":")[0]
+            names.append(name)
+        return names
 
     @field_validator("rate_limit")
     @classmethod

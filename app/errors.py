@@ -43,10 +43,14 @@ class ErrorKind(StrEnum):
     BODY_TIMEOUT = "body_timeout"
     URL_TOO_LONG = "url_too_long"
     HEADERS_TOO_LARGE = "headers_too_large"
+    UNSUPPORTED_MEDIA_TYPE = "unsupported_media_type"  # a state-changing request a web form can send
+    CROSS_SITE = "cross_site"  # a state-changing request a browser sent from another site
+    HOST_NOT_ALLOWED = "host_not_allowed"  # a Host header outside CRAFTSERVE_ALLOWED_HOSTS
     NOT_FOUND = "not_found"  # no such route
     HTTP = "http"  # another HTTP error of the framework (405, ...)
     # the caller
     FORBIDDEN = "forbidden"
+    NOT_ADMIN = "not_admin"  # a valid key without the `admin` role on an operator route
     UNAUTHORIZED = "unauthorized"
     RATE_LIMITED = "rate_limited"
     # jobs
@@ -128,6 +132,12 @@ class Forbidden(CraftError):
 
     status = 403
     kind = ErrorKind.FORBIDDEN
+
+
+class NotAdmin(Forbidden):
+    """A valid key without the `admin` role on a route that changes the server (403)."""
+
+    kind = ErrorKind.NOT_ADMIN
 
 
 class Unauthorized(CraftError):
@@ -216,6 +226,17 @@ class ModelNotFound(CraftError):
 
 class TooLarge(CraftError):
     """A request over an edge limit before its body is read: URL (414), headers (431)."""
+
+    def __init__(self, status: int, kind: ErrorKind, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.kind = kind
+
+
+class RequestRefused(CraftError):
+    """A request refused at the edge for what it is, before any route runs: a Host outside
+    the allowed list (400), a browser's cross-site request (403), a content type a web form can
+    send (415)."""
 
     def __init__(self, status: int, kind: ErrorKind, message: str) -> None:
         super().__init__(message)

@@ -18,8 +18,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from app import __version__
 from app.api import a1111, admin, health, jobs, openai_images, openapi, page, visioncraft
 from app.api.a1111 import A1111State
+from app.api.admin import Reloads
 from app.api.edge import EdgeLimits
 from app.api.errors import ErrorInfo, ErrorRenderers
+from app.api.guards import RequestGuards, allowed_hosts
 from app.api.job_tracker import JobTracker
 from app.auth import Authenticator
 from app.config import Settings, get_settings
@@ -188,6 +190,7 @@ def create_app(settings: Settings | None = None, engine_factory: EngineFactory =
     app.state.engine = engine
     app.state.images = ImageStore(settings.image_store_mb * 2**20)
     app.state.jobs = jobs_state = JobTracker(settings)  # the job API's jobs and their events
+    app.state.reloads = Reloads(engine, settings.reload_interval_s)  # coalesced, admin keys only
     app.state.a1111 = A1111State(registry)  # A1111's options and skipped jobs
     app.include_router(visioncraft.router)
     app.include_router(a1111.router)
@@ -197,6 +200,8 @@ def create_app(settings: Settings | None = None, engine_factory: EngineFactory =
     app.add_middleware(EdgeLimits, max_body_bytes=settings.max_body_bytes,
                        body_timeout_s=settings.body_timeout_s, max_url_bytes=settings.max_url_bytes,
                        max_header_bytes=settings.max_header_bytes)
+    # outside the edge limits: a refused Host or a form post is answered before its body is read
+    app.add_middleware(RequestGuards, allowed=allowed_hosts(settings.allowed_hosts, settings.host))
     app.include_router(jobs.router)
     app.include_router(page.router)
     app.state.error_renderers = renderers = ErrorRenderers()

@@ -261,7 +261,8 @@ class Soak:
         parts = urlsplit(self.url)
         try:
             with socket.create_connection((parts.hostname, parts.port or 80), timeout=10) as s:
-                s.sendall(b"POST /sd HTTP/1.1\r\nHost: soak\r\nContent-Type: application/json\r\n"
+                s.sendall(f"POST /sd HTTP/1.1\r\nHost: {parts.netloc}\r\n".encode()
+                          + b"Content-Type: application/json\r\n"
                           + f"Content-Length: {len(data)}\r\n\r\n".encode() + data)
                 time.sleep(self.rng.uniform(0.02, 0.5))
             self.record("/sd (client disconnected)", "closed", None)

@@ -17,7 +17,7 @@ from pathlib import Path
 import httpx
 import uvicorn
 
-from app.cli import connection_limits
+from app.cli import uvicorn_options
 from app.config import Settings
 from app.main import create_app
 
@@ -35,7 +35,7 @@ class LiveServer:
         self.sock.bind(("127.0.0.1", 0))
         self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
         config = uvicorn.Config(self.app, log_level="warning", timeout_graceful_shutdown=5,
-                                **connection_limits(settings))
+                                **uvicorn_options(settings))
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(
             target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True

@@ -54,7 +54,7 @@ def lora_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def server(make_server, lora_folder: Path) -> LiveServer:
     return make_server(MODELS.format(folder=lora_folder),
-                       api_keys=[API_KEY, OTHER_KEY, f"{LIMITED_KEY}  2/3600s"])
+                       api_keys=[f"{API_KEY}  admin", OTHER_KEY, f"{LIMITED_KEY}  2/3600s"])
 
 
 @pytest.fixture()

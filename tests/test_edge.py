@@ -76,11 +76,11 @@ def test_chunked_body_over_the_cap_is_413(edge):
 
 def test_body_that_never_ends_times_out(edge):
     started = time.monotonic()
-    raw = _raw(edge, b"POST /sd HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    raw = _raw(edge, b"POST /sd HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
                      b"Transfer-Encoding: chunked\r\n\r\n5\r\n{\"a\":\r\n")
     assert _status(raw) == 408
     assert time.monotonic() - started < 10
-    raw = _raw(edge, b"POST /sd HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    raw = _raw(edge, b"POST /sd HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
                      b"Content-Length: 100\r\n\r\n{\"a\": 1")
     assert _status(raw) == 408
     with edge.client() as c:

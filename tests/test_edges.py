@@ -127,7 +127,7 @@ def two_models(make_server, tmp_path: Path):
     models = tmp_path / "models.yaml"
     first = "models:\n  tiny-sdxl: {source: builtin:tiny-sdxl, preload: true}\n"
     models.write_text(first + "  tiny-sd15: {source: builtin:tiny-sd15}\n", encoding="utf-8")
-    server = make_server(models.read_text(encoding="utf-8"))
+    server = make_server(models.read_text(encoding="utf-8"), api_keys=[f"{API_KEY}  admin"])
     return server, server.app.state.settings.models, first
 
 

@@ -84,7 +84,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
         weights.write_bytes(b"\0" * 64)  # the folder is well formed; its UNet weights are not
     models = write_models_file(folder, MODELS.format(broken=broken, loras=loras))
     settings = Settings(
-        models=models, api_keys=[API_KEY], auth_failures_per_minute=0, host="127.0.0.1",
+        models=models, api_keys=[f"{API_KEY}  admin"], auth_failures_per_minute=0, host="127.0.0.1",
         port=free_port(), max_models_per_device=1, max_queue=MAX_QUEUE, max_batch=MAX_BATCH,
         load_retry_s=600, ray_min_replicas=2, ray_max_replicas=2, ray_gpus_per_replica=0,
         ray_cpus_per_replica=1, ray_max_queued=MAX_QUEUED,

@@ -17,6 +17,8 @@ from tests.conftest import API_KEY, body, png
 from tests.live import serve_process
 
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
+# reloading takes an admin key; these tests reload back to back (coalescing has its own tests)
+ADMIN = {"api_keys": [f"{API_KEY}  admin"], "reload_interval_s": 0}
 
 
 @pytest.fixture()
@@ -51,7 +53,7 @@ def _wait_unloaded(c: httpx.Client, name: str) -> dict:
 
 def test_reload_needs_a_key(make_server, setup):
     _, folder = setup
-    server = make_server(_models(folder))
+    server = make_server(_models(folder), **ADMIN)
     with server.client() as c:
         answer = c.post("/admin/reload")
         assert answer.status_code == 403
@@ -61,7 +63,7 @@ def test_reload_needs_a_key(make_server, setup):
 
 def test_added_changed_and_removed_models(make_server, setup):
     _, folder = setup
-    server = make_server(_models(folder))
+    server = make_server(_models(folder), **ADMIN)
     models_file = server.app.state.settings.models
     with server.client() as c:
         before = c.post("/sd", json=body(model="folder-sd15"))
@@ -113,7 +115,7 @@ def test_added_changed_and_removed_models(make_server, setup):
 
 def test_removed_model_finishes_its_running_job_and_answers_its_waiting_ones(make_server, setup):
     _, folder = setup
-    server = make_server(_models(folder), max_batch=1)
+    server = make_server(_models(folder), max_batch=1, **ADMIN)
     models_file = server.app.state.settings.models
     with server.client() as c, ThreadPoolExecutor(2) as pool:
         png(c.post("/sd", json=body(model="folder-sd15")))  # loaded
@@ -139,7 +141,7 @@ def test_removed_model_finishes_its_running_job_and_answers_its_waiting_ones(mak
 
 def test_invalid_file_changes_nothing(make_server, setup):
     _, folder = setup
-    server = make_server(_models(folder))
+    server = make_server(_models(folder), **ADMIN)
     with server.client() as c:
         _write(server.app.state.settings.models, "models: [not, a, mapping]\n")
         answer = c.post("/admin/reload", headers=AUTH)
@@ -178,7 +180,7 @@ def test_model_dirs_are_rescanned(make_server, tmp_path: Path):
     folder = tmp_path / "checkpoints"
     folder.mkdir()
     server = make_server("models:\n  tiny-sdxl: {source: builtin:tiny-sdxl, preload: true}\n"
-                         f"model_dirs: [{folder}]\n")
+                         f"model_dirs: [{folder}]\n", **ADMIN)
     with server.client() as c:
         assert c.get("/sd/models-sd").json() == []
         write_checkpoint(tiny_sd15(), "sd15", folder / "dropped-in.safetensors")

@@ -1,5 +1,6 @@
-"""Who calls: the API key from each way a client sends it, and the two dependencies every
-route that needs a key uses (`CallerDep`, `GeneratingCallerDep`).
+"""Who calls: the API key from each way a client sends it, and the dependencies every route
+that needs a key uses (`CallerDep`, `GeneratingCallerDep`, and `AdminDep` for the routes that
+change the server: reload and A1111's refresh routes).
 
 A key travels in one of three ways, whatever the route:
 - `Authorization: Bearer <key>` (the OpenAI SDK, the page, curl);
@@ -12,7 +13,11 @@ reach access logs and browser history.
 A missing or wrong key raises `Unauthorized` (401); each dialect renders it in its own shape
 (VisionCraft answers 403, as the service did; A1111 adds `WWW-Authenticate: Basic`, OpenAI
 `Bearer`). The dependencies run before the body is validated, so an unauthenticated request
-learns nothing about the server's rules.
+learns nothing about the server's rules. A valid key without the `admin` role on an operator
+route raises `NotAdmin` (403 in every dialect).
+
+The client address is the connection's peer, or the address a proxy named in
+CRAFTSERVE_TRUSTED_PROXIES forwards (uvicorn reads `X-Forwarded-For` only from those; app.cli).
 """
 
 from __future__ import annotations
@@ -26,8 +31,8 @@ from fastapi.openapi.models import HTTPBase
 from fastapi.security.base import SecurityBase
 
 from app.api.deps import AuthDep
-from app.auth import HOW_TO_SEND_A_KEY
-from app.errors import Unauthorized
+from app.auth import ANONYMOUS, HOW_TO_SEND_A_KEY
+from app.errors import NotAdmin, Unauthorized
 
 
 class Unreadable:
@@ -39,7 +44,9 @@ class Unreadable:
 
 
 def client_host(request: Request) -> str | None:
-    """The address the request came from (the failed-key throttle counts per address)."""
+    """The address the request came from (the failed-key throttle counts per address): the
+    peer of the connection, unless it is a trusted proxy (CRAFTSERVE_TRUSTED_PROXIES), whose
+    `X-Forwarded-For` uvicorn has already applied."""
     return request.client.host if request.client else None
 
 
@@ -135,3 +142,25 @@ def generating_caller(client: CallerDep, auth: AuthDep) -> str:
 
 
 GeneratingCallerDep = Annotated[str, Depends(generating_caller)]
+
+
+ADMIN_HOW_TO = ("the `admin` role is given in the keys file: write `admin` after the key on its line "
+                "(`KEY  admin`, or `sha256:<hex>  admin` for a hashed key; CRAFTSERVE_API_KEYS_FILE "
+                "or CRAFTSERVE_API_KEYS) and restart the server")
+
+
+def admin_caller(request: Request, client: CallerDep, auth: AuthDep) -> str:
+    """`caller`, and the caller's key has the `admin` role (403 `NotAdmin` otherwise; an
+    anonymous caller never has it). Every route that changes the server for all its users
+    (reloading the models file) uses this one."""
+    if not auth.is_admin(client):
+        route = f"{request.method} {request.url.path}"
+        if client.startswith(ANONYMOUS):
+            raise NotAdmin(f"{route} needs an API key with the `admin` role; anonymous callers "
+                           f"(--allow-anonymous) never have it: send an admin key; {ADMIN_HOW_TO}")
+        raise NotAdmin(f"{route} needs an API key with the `admin` role, and this key does not "
+                       f"have it; {ADMIN_HOW_TO}")
+    return client
+
+
+AdminDep = Annotated[str, Depends(admin_caller)]

@@ -64,7 +64,7 @@ class EdgeLimits:
             self._check_head(scope)
             body = await self._read_body(scope, receive)
         except CraftError as exc:
-            await self._answer(scope, exc, send)
+            await answer_at_edge(scope, exc, send)
             return
         if body is None:
             await self.app(scope, receive, send)
@@ -124,25 +124,29 @@ class EdgeLimits:
             if not message.get("more_body", False):
                 return b"".join(parts)
 
-    async def _answer(self, scope: Scope, exc: CraftError, send: Send) -> None:
-        app = scope.get("app")
-        state = getattr(app, "state", None)
-        metrics = getattr(state, "metrics", None)
-        if metrics is not None:
-            metrics.errors.labels(exc.kind).inc()
-        if isinstance(exc, _Gone):
-            return  # nobody to answer
-        renderers = getattr(state, "error_renderers", None)
-        info = ErrorInfo(exc.status, exc.message, exc.kind, getattr(exc, "field", None),
-                         {**exc.headers, "Connection": "close"})
-        request = Request(scope)
-        if renderers is None:  # pragma: no cover - the app always has them
-            from app.api.errors import visioncraft_error
 
-            response = visioncraft_error(request, info)
-        else:
-            response = renderers.render(request, info)
-        await response(scope, _no_receive, send)
+async def answer_at_edge(scope: Scope, exc: CraftError, send: Send) -> None:
+    """Answer `exc` from an ASGI middleware, before any route runs: counted in
+    craftserve_errors_total, in the shape of the path's dialect, and closing the connection
+    (the request's body may be unread)."""
+    app = scope.get("app")
+    state = getattr(app, "state", None)
+    metrics = getattr(state, "metrics", None)
+    if metrics is not None:
+        metrics.errors.labels(exc.kind).inc()
+    if isinstance(exc, _Gone):
+        return  # nobody to answer
+    renderers = getattr(state, "error_renderers", None)
+    info = ErrorInfo(exc.status, exc.message, exc.kind, getattr(exc, "field", None),
+                     {**exc.headers, "Connection": "close"})
+    request = Request(scope)
+    if renderers is None:  # pragma: no cover - the app always has them
+        from app.api.errors import visioncraft_error
+
+        response = visioncraft_error(request, info)
+    else:
+        response = renderers.render(request, info)
+    await response(scope, _no_receive, send)
 
 
 class _Gone(CraftError):

@@ -6,6 +6,9 @@ belongs to (the same prefixes app.api.errors renders by):
 
 - the limits at the edge (app.api.edge): 414 and 431 on every route, 413 and 408 on every
   route that takes a body;
+- 400 on every route (a Host header outside ALLOWED_HOSTS), and 403 and 415 on every route
+  that changes state (a browser's cross-site request, a content type a web form can send;
+  app.api.guards);
 - 429 on every route that checks a key (an address past its failed key checks);
 - 500 on every route (a bug: logged, answered without a traceback);
 - 422 in the dialect's real shape where FastAPI would document its own `detail: [...]` array,
@@ -18,6 +21,8 @@ from typing import Any
 
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
+
+from app.api.guards import CHANGES_STATE
 
 # path prefix → the error schema its answers use (longest prefix first; the rest: VisionCraft)
 _DIALECT_SCHEMAS = (("/sdapi/", "A1111Error"), ("/v1/", "OpenAIError"))
@@ -32,6 +37,12 @@ _ALWAYS = {
     414: "the URL is longer than MAX_URL_BYTES",
     431: "the request headers are larger than MAX_HEADER_BYTES",
     500: "a bug: logged with its traceback, answered without one; the server goes on",
+}
+_HOST = "the Host header is not one of ALLOWED_HOSTS (DNS rebinding)"
+_CHANGES_STATE = {
+    403: "sent by a browser from another site (`Sec-Fetch-Site`), or the key is missing, wrong or "
+         "lacks a role the route needs",
+    415: "a body not sent as `Content-Type: application/json`, or a content type a web form can send",
 }
 _THROTTLED = "the client address is past AUTH_FAILURES_PER_MINUTE failed key checks (`Retry-After`)"
 
@@ -54,9 +65,11 @@ def _complete(doc: dict[str, Any]) -> dict[str, Any]:
         schema = _schema_for(path)
         if schema not in schemas:  # pragma: no cover - every dialect's router references it
             schema = _DEFAULT_SCHEMA
-        for operation in operations.values():
+        for method, operation in operations.items():
             responses = operation.setdefault("responses", {})
-            wanted = dict(_ALWAYS)
+            wanted = {**_ALWAYS, 400: _HOST}
+            if method.upper() in CHANGES_STATE:
+                wanted.update(_CHANGES_STATE)
             if "requestBody" in operation:
                 wanted.update(_EDGE)
             if {"401", "403"} & responses.keys():

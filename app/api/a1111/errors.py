@@ -38,6 +38,10 @@ def _error(description: str) -> dict:
 
 
 AUTH_ERRORS = {401: _error("missing or wrong API key (`WWW-Authenticate: Basic`)")}
+ADMIN_ERRORS = {
+    **AUTH_ERRORS,
+    403: _error("`NotAdmin`: the key is valid but lacks the `admin` role (keys file: `KEY  admin`)"),
+}
 INPUT_ERRORS = {
     **AUTH_ERRORS,
     422: _error("a field out of range or of the wrong type, malformed JSON, an unknown model, "

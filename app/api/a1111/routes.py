@@ -8,7 +8,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Body, Depends, Request
 from fastapi.responses import JSONResponse
 
-from app.api.a1111.errors import AUTH_ERRORS, GENERATION_ERRORS, INPUT_ERRORS, REFRESH_FAILED
+from app.api.a1111.errors import ADMIN_ERRORS, AUTH_ERRORS, GENERATION_ERRORS, INPUT_ERRORS, REFRESH_FAILED
 from app.api.a1111.models import (
     A1111Embeddings,
     A1111LatentUpscaleMode,
@@ -27,8 +27,8 @@ from app.api.a1111.models import (
 )
 from app.api.a1111.state import A1111State
 from app.api.a1111.translate import answer, plan
-from app.api.admin import reload_models
-from app.api.credentials import CallerDep, GeneratingCallerDep
+from app.api.admin import ReloadsDep, reload_models
+from app.api.credentials import AdminDep, CallerDep, GeneratingCallerDep
 from app.api.deps import EngineDep, RegistryDep, SettingsDep
 from app.api.generation import generate_images
 from app.api.job_tracker import JobTracker
@@ -236,15 +236,15 @@ async def embeddings(client: CallerDep, registry: RegistryDep, state: StateDep) 
 
 
 @router.post("/refresh-checkpoints", response_model=None,
-             responses={**AUTH_ERRORS, 500: REFRESH_FAILED},
-             summary="Read models.yaml and its folders again (as POST /admin/reload does)")
-async def refresh_checkpoints(client: CallerDep, engine: EngineDep) -> None:
-    await reload_models(engine)
+             responses={**ADMIN_ERRORS, 500: REFRESH_FAILED},
+             summary="Read models.yaml and its folders again (as POST /admin/reload does; admin key)")
+async def refresh_checkpoints(client: AdminDep, reloads: ReloadsDep) -> None:
+    await reload_models(reloads)
 
 
 @router.post("/refresh-loras", response_model=None,
-             responses={**AUTH_ERRORS, 500: REFRESH_FAILED},
-             summary="Read models.yaml and its folders again (as POST /admin/reload does)")
-async def refresh_loras(client: CallerDep, engine: EngineDep) -> None:
-    await reload_models(engine)
+             responses={**ADMIN_ERRORS, 500: REFRESH_FAILED},
+             summary="Read models.yaml and its folders again (as POST /admin/reload does; admin key)")
+async def refresh_loras(client: AdminDep, reloads: ReloadsDep) -> None:
+    await reload_models(reloads)
 
