@@ -55,6 +55,10 @@ class Settings(BaseSettings):
 
     # Queue and batching.
     max_queue: int = Field(64, ge=1, description="jobs waiting at most; more answer 503")
+    # Jobs one key (or one anonymous address) may have waiting at once; past it that key is
+    # answered 429 and the others still find room. A key's `queue=N` in the keys file sets its
+    # own. Unset: a quarter of max_queue (at least 1). At most max_queue.
+    max_queue_per_key: int | None = Field(None, ge=1)
     queue_deadline_s: float = Field(300.0, gt=0, description="a job waiting longer is answered 503")
     max_batch: int = Field(4, ge=1)
     batch_window_ms: float = Field(25.0, ge=0)
@@ -140,6 +144,22 @@ class Settings(BaseSettings):
                 raise ValueError("use name=model pairs, comma-separated, or a JSON object")
             return {k.strip(): v.strip() for k, v in pairs}
         return value
+
+    @model_validator(mode="after")
+    def _per_key_shares(self) -> Settings:
+        """Each per-key budget defaults to a quarter of its whole (at least 1) and is at most
+        the whole: one key alone can never take everything."""
+        for share, whole in (("max_queue_per_key", "max_queue"),):
+            total = getattr(self, whole)
+            value = getattr(self, share)
+            if value is None:
+                setattr(self, share, max(1, total // 4))
+            elif value > total:
+                raise ValueError(
+                    f"CRAFTSERVE_{share.upper()} ({value}) is above CRAFTSERVE_{whole.upper()} "
+                    f"({total}): one key's share is at most the whole; leave it unset for a "
+                    "quarter of it")
+        return self
 
     @model_validator(mode="after")
     def _check_replicas(self) -> Settings:

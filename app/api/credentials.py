@@ -1,5 +1,6 @@
-"""Who calls: the API key from each way a client sends it, and the two dependencies every
-route that needs a key uses (`CallerDep`, `GeneratingCallerDep`).
+"""Who calls: the API key from each way a client sends it, the two dependencies every
+route that needs a key uses (`CallerDep`, `GeneratingCallerDep`), and the caller's share of
+the queue that generation routes hand to the shared core (`QueueShareDep`).
 
 A key travels in one of three ways, whatever the route:
 - `Authorization: Bearer <key>` (the OpenAI SDK, the page, curl);
@@ -25,7 +26,7 @@ from fastapi import Depends, Request
 from fastapi.openapi.models import HTTPBase
 from fastapi.security.base import SecurityBase
 
-from app.api.deps import AuthDep
+from app.api.deps import AuthDep, SettingsDep
 from app.auth import HOW_TO_SEND_A_KEY
 from app.errors import Unauthorized
 
@@ -135,3 +136,13 @@ def generating_caller(client: CallerDep, auth: AuthDep) -> str:
 
 
 GeneratingCallerDep = Annotated[str, Depends(generating_caller)]
+
+
+def queue_share(client: GeneratingCallerDep, auth: AuthDep, settings: SettingsDep) -> int:
+    """The jobs the caller may have waiting at once: its key's `queue=N` in the keys file, else
+    CRAFTSERVE_MAX_QUEUE_PER_KEY (anonymous callers, one label per address, get the setting's).
+    The caller is the request's own (FastAPI runs `generating_caller` once a request)."""
+    return auth.queue_share(client) or settings.max_queue_per_key or 1
+
+
+QueueShareDep = Annotated[int, Depends(queue_share)]

@@ -28,7 +28,7 @@ from app.api.a1111.models import (
 from app.api.a1111.state import A1111State
 from app.api.a1111.translate import answer, plan
 from app.api.admin import reload_models
-from app.api.credentials import CallerDep, GeneratingCallerDep
+from app.api.credentials import CallerDep, GeneratingCallerDep, QueueShareDep
 from app.api.deps import EngineDep, RegistryDep, SettingsDep
 from app.api.generation import generate_images
 from app.api.job_tracker import JobTracker
@@ -59,6 +59,7 @@ async def txt2img(
     body: A1111Txt2ImgRequest,
     request: Request,
     client: GeneratingCallerDep,
+    share: QueueShareDep,
     state: StateDep,
     engine: EngineDep,
     registry: RegistryDep,
@@ -69,8 +70,8 @@ async def txt2img(
     planned = plan(body, state, client, registry, settings)
     try:
         generated = await generate_images(planned.request, planned.batch_size * planned.n_iter, request,
-                                          client=client, engine=engine, registry=registry,
-                                          settings=settings)
+                                          client=client, share=share, engine=engine,
+                                          registry=registry, settings=settings)
     except CraftError as exc:
         if exc.kind.stopped:  # the worker's words for a stopped job
             raise Interrupted() from exc
