@@ -86,13 +86,20 @@ class Settings(BaseSettings):
     openai_model_aliases: Annotated[dict[str, str], NoDecode] = Field(default_factory=dict)
 
     shutdown_grace_s: float = Field(30.0, ge=0)
-    # PNGs kept for the URLs `POST /generate` answers with (oldest dropped first).
+    # Images kept for the URLs `POST /generate`, OpenAI url answers and the job API answer with:
+    # at most this much in all, and per key (each key's oldest go first once it is past its own
+    # budget; past the whole, the key that holds the most loses its oldest). Per key unset: a
+    # quarter of the whole (at least 1 MB).
     image_store_mb: int = Field(256, ge=1)
+    image_store_mb_per_key: int | None = Field(None, ge=1)
     # The job API (POST /jobs): how long a finished job (and its image) is kept, how many jobs
-    # are tracked at most, SSE subscribers per job, and events buffered per subscriber (a slow
-    # reader loses progress events past this, never the final one).
+    # are tracked at most in all and per key (a key past its own budget forgets its oldest
+    # finished jobs; past the whole, the key with the most finished jobs does; per key unset: a
+    # quarter of the whole, at least 1), SSE subscribers per job, and events buffered per
+    # subscriber (a slow reader loses progress events past this, never the final one).
     job_ttl_s: float = Field(3600.0, gt=0)
     max_tracked_jobs: int = Field(10000, ge=1)
+    max_tracked_jobs_per_key: int | None = Field(None, ge=1)
     job_max_subscribers: int = Field(100, ge=1)
     job_subscriber_buffer: int = Field(16, ge=2)
     preview_every: int = Field(5, ge=1, description="steps between previews of a job that asks")
@@ -149,7 +156,9 @@ class Settings(BaseSettings):
     def _per_key_shares(self) -> Settings:
         """Each per-key budget defaults to a quarter of its whole (at least 1) and is at most
         the whole: one key alone can never take everything."""
-        for share, whole in (("max_queue_per_key", "max_queue"),):
+        for share, whole in (("max_queue_per_key", "max_queue"),
+                             ("image_store_mb_per_key", "image_store_mb"),
+                             ("max_tracked_jobs_per_key", "max_tracked_jobs")):
             total = getattr(self, whole)
             value = getattr(self, share)
             if value is None:

@@ -15,6 +15,7 @@ from app.api.a1111 import state as a1111_state
 from app.api.a1111.state import A1111State
 from app.auth import key_label
 from app.config import Settings
+from app.imaging import ImageStore
 from app.registry import load_registry
 from tests.conftest import body, png, write_models_file
 from tests.test_engine import HeldWorker, wait_for
@@ -45,9 +46,12 @@ def finished_job(c: httpx.Client, key: str, **fields) -> str:
 
 # ---- 1. one key fills the queue for everyone ---------------------------------------------------
 def test_settings_give_each_key_a_quarter_of_each_whole_and_refuse_more_than_the_whole() -> None:
-    assert Settings().max_queue_per_key == 16
+    settings = Settings()
+    assert (settings.max_queue_per_key, settings.image_store_mb_per_key,
+            settings.max_tracked_jobs_per_key) == (16, 64, 2500)
     assert Settings(max_queue=2, image_store_mb=1, max_tracked_jobs=3).max_queue_per_key == 1
-    for share, whole in (("max_queue_per_key", "max_queue"),):
+    for share, whole in (("max_queue_per_key", "max_queue"), ("image_store_mb_per_key", "image_store_mb"),
+                         ("max_tracked_jobs_per_key", "max_tracked_jobs")):
         with pytest.raises(ValueError, match=f"CRAFTSERVE_{share.upper()} .* CRAFTSERVE_{whole.upper()}"):
             Settings(**{whole: 4, share: 5})
 
@@ -129,6 +133,77 @@ def test_a_keys_own_share_and_the_anonymous_share(make_server) -> None:
     with anonymous.client() as c:  # 3 images, share 1: nothing of this caller waits, so it goes in
         many = c.post("/generate", json=body(token="", steps=2, image_count=3))
         assert many.status_code == 200 and len(many.json()["images"]) == 3
+
+
+# ---- 2. one key evicts another's results -------------------------------------------------------
+def test_one_key_cannot_evict_another_keys_jobs_or_images(make_server) -> None:
+    """Tracked jobs are bounded per key (2) and in all (8), images per key and in all: key A's
+    flood of jobs and images makes A forget its own oldest, never B's job or image URLs."""
+    server = make_server(api_keys=[KEY_A, KEY_B], max_tracked_jobs=8, max_tracked_jobs_per_key=2)
+    store: ImageStore = server.app.state.images
+    settings = server.app.state.settings
+    assert (store.max_bytes, store.max_bytes_per_key) == (settings.image_store_mb * 2**20,
+                                                          settings.image_store_mb_per_key * 2**20)
+    with server.client() as c:
+        b_job = finished_job(c, KEY_B, seed=1)
+        b_urls = c.post("/generate", json=job_body(KEY_B, seed=2, image_count=2)).json()["images"]
+        b_openai = c.post("/v1/images/generations", headers=bearer(KEY_B), json={
+            "model": "tiny-sdxl", "prompt": "a", "size": "64x64", "steps": 2, "response_format": "url"})
+        b_file = b_openai.json()["data"][0]["url"]
+        size = len(c.get(b_urls[0]).content)
+        # budgets in images of this size: 3 per key, 8 in all (B holds 4 from before)
+        store.max_bytes_per_key, store.max_bytes = int(size * 3.5), int(size * 8.5)
+        a_jobs = [finished_job(c, KEY_A, seed=10 + i) for i in range(12)]
+        a_urls = [c.post("/generate", json=job_body(KEY_A, seed=30 + i)).json()["images"][0]
+                  for i in range(6)]
+
+        assert c.get(f"/jobs/{b_job}", headers=bearer(KEY_B)).json()["status"] == "done"
+        png(c.get(f"/jobs/{b_job}/image", headers=bearer(KEY_B)))
+        for url in [*b_urls, b_file]:
+            assert c.get(url).status_code == 200, url
+        # A lost its own oldest, and only those
+        gone = c.get(f"/jobs/{a_jobs[0]}", headers=bearer(KEY_A))
+        assert gone.status_code == 404 and "CRAFTSERVE_MAX_TRACKED_JOBS_PER_KEY" in gone.json()["detail"]
+        assert [c.get(f"/jobs/{j}", headers=bearer(KEY_A)).status_code for j in a_jobs[-2:]] == [200, 200]
+        assert [c.get(url).status_code for url in a_urls] == [404] * 3 + [200] * 3
+        assert store.bytes_of(key_label(KEY_A)) <= store.max_bytes_per_key
+
+
+def test_past_the_whole_the_key_holding_the_most_loses(make_server) -> None:
+    """Keys each within their own budget fill the whole: the key with the most finished jobs
+    (and images) forgets its oldest; a key under its fair share loses nothing."""
+    server = make_server(api_keys=[KEY_A, KEY_B, KEY_C], max_tracked_jobs=5, max_tracked_jobs_per_key=4)
+    store: ImageStore = server.app.state.images
+    with server.client() as c:
+        b_job = finished_job(c, KEY_B, seed=1)
+        b_image = c.get(f"/jobs/{b_job}/image", headers=bearer(KEY_B))
+        store.max_bytes = int(len(b_image.content) * 5.5)  # room for 5 images in all
+        a_jobs = [finished_job(c, KEY_A, seed=10 + i) for i in range(4)]
+        c_jobs = [finished_job(c, KEY_C, seed=20 + i) for i in range(2)]
+        statuses = {name: [c.get(f"/jobs/{j}", headers=bearer(key)).status_code for j in jobs]
+                    for name, key, jobs in (("a", KEY_A, a_jobs), ("b", KEY_B, [b_job]),
+                                            ("c", KEY_C, c_jobs))}
+        assert statuses == {"a": [404, 404, 200, 200], "b": [200], "c": [200, 200]}
+        assert c.get(f"/jobs/{b_job}/image", headers=bearer(KEY_B)).content == b_image.content
+        assert c.get(f"/jobs/{c_jobs[0]}/image", headers=bearer(KEY_C)).status_code == 200
+
+
+def test_an_image_store_never_drops_a_key_under_its_fair_share() -> None:
+    store = ImageStore(100, 40)
+    a = [store.put(b"a" * 10, owner="A") for _ in range(6)]
+    b = store.put(b"b" * 10, owner="B")
+    assert [store.get(k) is not None for k in a] == [False, False, True, True, True, True]
+    for owner in "CDEFG":
+        for _ in range(2):
+            store.put(b"c" * 10, owner=owner)
+    # past the whole, the biggest paid: A first, then the others above 100/7 bytes; B never
+    assert store._bytes <= 100 and store.get(b) is not None
+    assert [store.bytes_of(owner) for owner in "ABCDEFG"] == [10, 10, 10, 10, 20, 20, 20]
+    huge = store.put_many([b"h" * 80, b"h" * 80], owner="B")  # bigger than the store: all kept
+    assert all(store.get(k) is not None for k in huge) and store.get(b) is None  # B's own budget
+    # the others each keep at least their fair share; the bound is passed by B's answer only
+    assert [store.bytes_of(owner) for owner in "ACDEFG"] == [10] * 6
+    assert store._bytes == 160 + 60
 
 
 # ---- 3. one key steers another's model ---------------------------------------------------------

@@ -107,7 +107,8 @@ def job_image(job_id: str, client: CallerDep, images: ImagesDep, tracker: Tracke
     data = images.get(tracked.image_key or "")
     if data is None:
         raise JobNotFound(f"the image of job {job_id!r} expired from the image store (it keeps "
-                          "the newest images up to CRAFTSERVE_IMAGE_STORE_MB)")
+                          "each key's newest images up to CRAFTSERVE_IMAGE_STORE_MB_PER_KEY, and "
+                          "CRAFTSERVE_IMAGE_STORE_MB in all)")
     return Response(data, media_type="image/png")
 
 

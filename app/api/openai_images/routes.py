@@ -58,7 +58,7 @@ async def create_images(
         data = [{"b64_json": base64.b64encode(blob).decode("ascii"), "revised_prompt": None}
                 for blob in encoded]
     else:
-        keys = images.put_many(encoded, MEDIA_TYPES[output_format])  # all of them kept
+        keys = images.put_many(encoded, MEDIA_TYPES[output_format], owner=client)  # all of them kept
         data = [{"url": str(request.url_for("openai_image_file", key=key, ext=output_format)),
                  "revised_prompt": None} for key in keys]
     return JSONResponse({"created": int(time.time()), "data": data, "output_format": output_format,

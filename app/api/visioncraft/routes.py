@@ -107,7 +107,7 @@ async def generate(
 ) -> ImageUrls:
     generated = await _generate(body, body.image_count, request, client, share, engine, registry,
                                 settings)
-    keys = images.put_many([image.data for image in generated])
+    keys = images.put_many([image.data for image in generated], owner=client)
     return ImageUrls(images=[str(request.url_for("stored_image", key=key)) for key in keys])
 
 
