@@ -7,12 +7,14 @@ from __future__ import annotations
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from types import SimpleNamespace
 
 import httpx
 import pytest
 
 from app.api.a1111 import state as a1111_state
 from app.api.a1111.state import A1111State
+from app.api.job_tracker import JobTracker, TrackedJob
 from app.auth import key_label
 from app.config import Settings
 from app.imaging import ImageStore
@@ -186,6 +188,26 @@ def test_past_the_whole_the_key_holding_the_most_loses(make_server) -> None:
         assert statuses == {"a": [404, 404, 200, 200], "b": [200], "c": [200, 200]}
         assert c.get(f"/jobs/{b_job}/image", headers=bearer(KEY_B)).content == b_image.content
         assert c.get(f"/jobs/{c_jobs[0]}/image", headers=bearer(KEY_C)).status_code == 200
+
+
+def test_a_tracker_never_forgets_a_job_of_a_key_under_its_fair_share() -> None:
+    """Past the whole, another key's queued and running jobs (bounded by the queue, not the
+    tracker) never make a key under its fair share forget a finished job."""
+    tracker = JobTracker(Settings(max_tracked_jobs=4, max_tracked_jobs_per_key=4))
+
+    def track(job_id: str, client: str, finished: bool) -> None:
+        tracked = TrackedJob(id=job_id, client=client, job=SimpleNamespace())  # type: ignore[arg-type]
+        tracked.finished_at = time.monotonic() if finished else None
+        tracker.add(tracked)
+
+    track("b1", "B", True)
+    track("b2", "B", True)
+    for i in range(4):
+        track(f"a{i}", "A", i == 0)  # A's first finished, then three still queued
+    assert list(tracker.jobs) == ["b1", "b2", "a1", "a2", "a3"]  # A (3 > 4/2) lost a0, B (2) nothing
+    track("a4", "A", False)
+    assert list(tracker.jobs) == ["b1", "b2", "a1", "a2", "a3", "a4"]  # nothing fair left to forget
+    assert tracker.expired == {"a0": "A"}
 
 
 def test_an_image_store_never_drops_a_key_under_its_fair_share() -> None:

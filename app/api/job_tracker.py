@@ -15,7 +15,7 @@ import contextlib
 import io
 import json
 import time
-from collections import OrderedDict, deque
+from collections import Counter, OrderedDict, deque
 from dataclasses import dataclass, field
 
 from fastapi import Request
@@ -80,10 +80,10 @@ class JobTracker:
 
     Finished jobs are bounded per key and in all, so one key's many jobs never make another
     key's expire early: a key with more than CRAFTSERVE_MAX_TRACKED_JOBS_PER_KEY finished jobs
-    forgets its own oldest; past CRAFTSERVE_MAX_TRACKED_JOBS in all, the key with the most
-    finished jobs forgets its oldest (that key holds at least the average, so a key under its
-    fair share never loses one). Jobs still queued or running are never forgotten: the queue
-    (and each key's share of it) bounds them."""
+    forgets its own oldest; past CRAFTSERVE_MAX_TRACKED_JOBS in all, the key holding the most
+    jobs forgets its oldest finished one, and a key holding no more than its fair share (the
+    whole over the keys holding some) never does. Jobs still queued or running are never
+    forgotten: the queue (and each key's share of it) bounds them."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -117,7 +117,7 @@ class JobTracker:
 
     def purge(self) -> None:
         """Forget finished jobs past the TTL, then past each key's budget (its oldest), then
-        past the whole (the oldest of the key with the most)."""
+        past the whole (the oldest finished of the key holding the most, above its fair share)."""
         now = time.monotonic()
         ttl = self.settings.job_ttl_s
         finished: dict[str, deque[str]] = {}  # client → its finished jobs' ids, oldest first
@@ -132,13 +132,23 @@ class JobTracker:
         for ids in finished.values():
             while len(ids) > per_key:
                 self._forget(ids.popleft())
-        while len(self.jobs) > self.settings.max_tracked_jobs and finished:
-            most = max(finished, key=lambda client: len(finished[client]))
-            if not finished[most]:
-                break
-            self._forget(finished[most].popleft())
+        if len(self.jobs) > self.settings.max_tracked_jobs:
+            self._bound_whole(finished)
         while len(self.expired) > 4 * self.settings.max_tracked_jobs:
             self.expired.popitem(last=False)
+
+    def _bound_whole(self, finished: dict[str, deque[str]]) -> None:
+        """Past the whole, forget the oldest finished job of the key holding the most jobs
+        among those above their fair share, until under it or none is left to forget."""
+        held = Counter(tracked.client for tracked in self.jobs.values())
+        fair = self.settings.max_tracked_jobs / len(held)
+        while len(self.jobs) > self.settings.max_tracked_jobs:
+            over = [client for client, ids in finished.items() if ids and held[client] > fair]
+            if not over:  # the rest are queued or running: the queue bounds those
+                return
+            most = max(over, key=lambda client: held[client])
+            self._forget(finished[most].popleft())
+            held[most] -= 1
 
     def _forget(self, job_id: str) -> None:
         tracked = self.jobs.pop(job_id)
