@@ -70,6 +70,10 @@ class Settings(BaseSettings):
 
     # Queue and batching.
     max_queue: int = Field(64, ge=1, description="jobs waiting at most; more answer 503")
+    # Jobs one key (or one anonymous address) may have waiting at once; past it that key is
+    # answered 429 and the others still find room. A key's `queue=N` in the keys file sets its
+    # own. Unset: a quarter of max_queue (at least 1). At most max_queue.
+    max_queue_per_key: int | None = Field(None, ge=1)
     queue_deadline_s: float = Field(300.0, gt=0, description="a job waiting longer is answered 503")
     max_batch: int = Field(4, ge=1)
     batch_window_ms: float = Field(25.0, ge=0)
@@ -97,13 +101,20 @@ class Settings(BaseSettings):
     openai_model_aliases: Annotated[dict[str, str], NoDecode] = Field(default_factory=dict)
 
     shutdown_grace_s: float = Field(30.0, ge=0)
-    # PNGs kept for the URLs `POST /generate` answers with (oldest dropped first).
+    # Images kept for the URLs `POST /generate`, OpenAI url answers and the job API answer with:
+    # at most this much in all, and per key (each key's oldest go first once it is past its own
+    # budget; past the whole, the key that holds the most loses its oldest). Per key unset: a
+    # quarter of the whole (at least 1 MB).
     image_store_mb: int = Field(256, ge=1)
+    image_store_mb_per_key: int | None = Field(None, ge=1)
     # The job API (POST /jobs): how long a finished job (and its image) is kept, how many jobs
-    # are tracked at most, SSE subscribers per job, and events buffered per subscriber (a slow
-    # reader loses progress events past this, never the final one).
+    # are tracked at most in all and per key (a key past its own budget forgets its oldest
+    # finished jobs; past the whole, the key with the most finished jobs does; per key unset: a
+    # quarter of the whole, at least 1), SSE subscribers per job, and events buffered per
+    # subscriber (a slow reader loses progress events past this, never the final one).
     job_ttl_s: float = Field(3600.0, gt=0)
     max_tracked_jobs: int = Field(10000, ge=1)
+    max_tracked_jobs_per_key: int | None = Field(None, ge=1)
     job_max_subscribers: int = Field(100, ge=1)
     job_subscriber_buffer: int = Field(16, ge=2)
     preview_every: int = Field(5, ge=1, description="steps between previews of a job that asks")
@@ -188,6 +199,24 @@ class Settings(BaseSettings):
                 raise ValueError("use name=model pairs, comma-separated, or a JSON object")
             return {k.strip(): v.strip() for k, v in pairs}
         return value
+
+    @model_validator(mode="after")
+    def _per_key_shares(self) -> Settings:
+        """Each per-key budget defaults to a quarter of its whole (at least 1) and is at most
+        the whole: one key alone can never take everything."""
+        for share, whole in (("max_queue_per_key", "max_queue"),
+                             ("image_store_mb_per_key", "image_store_mb"),
+                             ("max_tracked_jobs_per_key", "max_tracked_jobs")):
+            total = getattr(self, whole)
+            value = getattr(self, share)
+            if value is None:
+                setattr(self, share, max(1, total // 4))
+            elif value > total:
+                raise ValueError(
+                    f"CRAFTSERVE_{share.upper()} ({value}) is above CRAFTSERVE_{whole.upper()} "
+                    f"({total}): one key's share is at most the whole; leave it unset for a "
+                    "quarter of it")
+        return self
 
     @model_validator(mode="after")
     def _check_replicas(self) -> Settings:

@@ -53,6 +53,7 @@ class ErrorKind(StrEnum):
     NOT_ADMIN = "not_admin"  # a valid key without the `admin` role on an operator route
     UNAUTHORIZED = "unauthorized"
     RATE_LIMITED = "rate_limited"
+    KEY_QUEUE_FULL = "key_queue_full"  # the key has its whole share of the queue waiting
     # jobs
     JOB_NOT_FOUND = "job_not_found"
     JOB_CONFLICT = "job_conflict"
@@ -163,6 +164,13 @@ class RateLimited(CraftError):
         seconds = retry_after_seconds(retry_after)
         super().__init__(message, headers={"Retry-After": str(seconds)})
         self.retry_after = seconds
+
+
+class KeyQueueFull(RateLimited):
+    """A key with its whole share of the queue waiting (429, with Retry-After): its own jobs
+    are in the way, so retrying once one of them started succeeds; other keys still find room."""
+
+    kind = ErrorKind.KEY_QUEUE_FULL
 
 
 class InternalError(CraftError):

@@ -76,33 +76,80 @@ def encode_image(image: Image.Image, output_format: str, parameters: str, qualit
 
 class ImageStore:
     """Recent images served by URL: the PNGs of the spring-2024 `POST /generate` route that
-    answers `{"images": [url, ...]}`, and the images `/v1/images/generations` answers by URL
-    (PNG, JPEG or WebP: each kept with its media type). Bounded by total bytes; the oldest go
-    first. Thread-safe."""
+    answers `{"images": [url, ...]}`, the images `/v1/images/generations` answers by URL (PNG,
+    JPEG or WebP: each kept with its media type) and the job API's. Thread-safe.
 
-    def __init__(self, max_bytes: int) -> None:
+    Each image is kept for the key that made it (`owner`), so one key cannot push out another
+    key's images: a key past `max_bytes_per_key` loses its own oldest; past `max_bytes` in all,
+    the owner that holds the most loses its oldest, and an owner holding no more than its fair
+    share (`max_bytes` / owners) never loses one. The URL itself stays the credential: `get`
+    serves an image to whoever has its random key."""
+
+    def __init__(self, max_bytes: int, max_bytes_per_key: int | None = None) -> None:
         self.max_bytes = max_bytes
-        self._images: OrderedDict[str, tuple[bytes, str]] = OrderedDict()
+        self.max_bytes_per_key = max_bytes if max_bytes_per_key is None else max_bytes_per_key
+        self._images: OrderedDict[str, tuple[bytes, str, str]] = OrderedDict()  # key → data, type, owner
+        self._owned: dict[str, OrderedDict[str, int]] = {}  # owner → its keys, oldest first → size
+        self._owner_bytes: dict[str, int] = {}
         self._bytes = 0
         self._lock = threading.Lock()
 
-    def put(self, data: bytes, media_type: str = "image/png") -> str:
-        return self.put_many([data], media_type)[0]
+    def put(self, data: bytes, media_type: str = "image/png", *, owner: str = "") -> str:
+        return self.put_many([data], media_type, owner=owner)[0]
 
-    def put_many(self, images: list[bytes], media_type: str = "image/png") -> list[str]:
-        """Store one answer's images; their keys. The oldest images go first while the store is
-        over its size, but never an image of this answer: every URL of an answer works when
-        it is sent, even when the answer alone is bigger than the store (it then holds just
-        this answer until the next one)."""
+    def put_many(self, images: list[bytes], media_type: str = "image/png", *, owner: str = "") -> list[str]:
+        """Store one answer's images for `owner` (a key label); their keys. Then the owner's
+        oldest go while it is past its own budget, and the biggest owner's oldest while the
+        store is past its size, but never an image of this answer: every URL of an answer works
+        when it is sent, even when the answer alone is bigger than the budget or the store (it
+        then holds the answer past the bound until that owner's next one)."""
+        if not images:
+            return []
         keys = [secrets.token_urlsafe(16) for _ in images]  # unguessable: the URL is the credential
         with self._lock:
+            owned = self._owned.setdefault(owner, OrderedDict())
             for key, data in zip(keys, images, strict=True):
-                self._images[key] = (data, media_type)
+                self._images[key] = (data, media_type, owner)
+                owned[key] = len(data)
+                self._owner_bytes[owner] = self._owner_bytes.get(owner, 0) + len(data)
                 self._bytes += len(data)
-            while self._bytes > self.max_bytes and len(self._images) > len(keys):
-                _, (old, _) = self._images.popitem(last=False)
-                self._bytes -= len(old)
+            fresh = set(keys)
+            while self._owner_bytes[owner] > self.max_bytes_per_key and self._drop_oldest(owner, fresh):
+                pass
+            while self._bytes > self.max_bytes:
+                victim = self._biggest_over_share(fresh)
+                if victim is None or not self._drop_oldest(victim, fresh):
+                    break
         return keys
+
+    def _biggest_over_share(self, fresh: set[str]) -> str | None:
+        """The owner holding the most bytes above its fair share that has an image to drop
+        (one not of the answer being stored); of equals, the one that stored first."""
+        fair = self.max_bytes / max(1, len(self._owned))
+        candidates = [(size, owner) for owner, size in self._owner_bytes.items()
+                      if size > fair and any(key not in fresh for key in self._owned[owner])]
+        return max(candidates, key=lambda found: found[0])[1] if candidates else None
+
+    def _drop_oldest(self, owner: str, fresh: set[str]) -> bool:
+        """Drop the owner's oldest image that is not of the answer being stored; False if none."""
+        owned = self._owned[owner]
+        for key, size in owned.items():
+            if key in fresh:
+                continue
+            del owned[key]
+            del self._images[key]
+            self._owner_bytes[owner] -= size
+            self._bytes -= size
+            if not owned:
+                del self._owned[owner]
+                del self._owner_bytes[owner]
+            return True
+        return False
+
+    def bytes_of(self, owner: str) -> int:
+        """The bytes of the images kept for `owner`."""
+        with self._lock:
+            return self._owner_bytes.get(owner, 0)
 
     def get(self, key: str, media_type: str = "image/png") -> bytes | None:
         """The image stored under `key` if it has this media type (so a URL ending in .png

@@ -188,10 +188,12 @@ def create_app(settings: Settings | None = None, engine_factory: EngineFactory =
     app.state.auth = auth
     app.state.metrics = metrics
     app.state.engine = engine
-    app.state.images = ImageStore(settings.image_store_mb * 2**20)
+    app.state.images = ImageStore(settings.image_store_mb * 2**20,
+                                  (settings.image_store_mb_per_key or settings.image_store_mb) * 2**20)
     app.state.jobs = jobs_state = JobTracker(settings)  # the job API's jobs and their events
     app.state.reloads = Reloads(engine, settings.reload_interval_s)  # coalesced, admin keys only
-    app.state.a1111 = A1111State(registry)  # A1111's options and skipped jobs
+    # A1111's options (each caller's own) and skipped jobs
+    app.state.a1111 = A1111State(registry, is_key=auth.entries.__contains__)
     app.include_router(visioncraft.router)
     app.include_router(a1111.router)
     app.include_router(openai_images.router)

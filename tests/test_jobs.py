@@ -280,6 +280,7 @@ def test_an_expired_job_says_so(make_server):
             assert answer.status_code == 404
             assert answer.json()["detail"] == (
                 f"job '{job_id}' expired: finished jobs and their images are kept 0.001 s "
-                "(setting CRAFTSERVE_JOB_TTL_S)")
+                "(setting CRAFTSERVE_JOB_TTL_S), and a key's newest 2500 finished jobs at most "
+                "(setting CRAFTSERVE_MAX_TRACKED_JOBS_PER_KEY)")
         other = c.get(f"/jobs/{job_id}", headers=OTHER)
         assert other.json()["detail"] == f"no job with id '{job_id}' for this API key"

@@ -257,9 +257,11 @@ def test_renderer_tells_the_sdk_what_to_retry() -> None:
 
 
 def test_full_queue_is_503_with_retry_after(make_server) -> None:
-    server = make_server(max_queue=1, max_batch=1)
+    """The queue every key shares is full: another key than the one waiting gets 503 (the
+    waiting key is past its own share first: 429, tests/test_quota.py)."""
+    server = make_server(max_queue=1, max_batch=1, api_keys=[API_KEY, "second-key"])
     held = HeldWorker(server.app.state.engine.workers[0])
-    sdk = openai.OpenAI(base_url=server.url + "/v1", api_key=API_KEY, max_retries=0)
+    sdk = openai.OpenAI(base_url=server.url + "/v1", api_key="second-key", max_retries=0)
     try:
         with server.client() as c, ThreadPoolExecutor(2) as pool:
             running = pool.submit(c.post, "/sd", json=body(seed=1))

@@ -8,7 +8,7 @@ import time
 import httpx
 import pytest
 
-from tests.conftest import TINY_MODELS, body, png
+from tests.conftest import API_KEY, TINY_MODELS, body, png
 
 
 @pytest.mark.parametrize(
@@ -81,7 +81,9 @@ def test_unavailable_model_is_503_and_ready_says_why(make_server) -> None:
 
 
 def test_full_queue_is_503_with_retry_after(make_server) -> None:
-    server = make_server(TINY_MODELS, max_queue=1, max_batch=1)
+    """The queue every key shares is full: another key than the one waiting is answered 503
+    (the waiting key itself is past its own share first: 429, tests/test_quota.py)."""
+    server = make_server(TINY_MODELS, max_queue=1, max_batch=1, api_keys=[API_KEY, "second-key"])
     engine = server.app.state.engine
     gate = threading.Event()
     worker = engine.workers[0]
@@ -104,7 +106,7 @@ def test_full_queue_is_503_with_retry_after(make_server) -> None:
             second = threading.Thread(target=send, args=("queued", 2))
             second.start()
             _wait(lambda: len(engine.queue) == 1)
-            refused = c.post("/sd", json=body(seed=3))
+            refused = c.post("/sd", json=body(seed=3, token="second-key"))
             assert refused.status_code == 503
             assert "queue is full" in refused.json()["detail"]
             assert int(refused.headers["retry-after"]) >= 1

@@ -5,7 +5,8 @@ generation deployment, every request through Serve's HTTP proxy.
 Checked: the seed page's aiohttp client, the VisionCraft wrapper, a LoRA, the A1111 and
 OpenAI dialects, the job API's event stream (progress comes from the replica), 16 concurrent
 requests spread over both replicas, model affinity (two models, at most one a replica),
-the queue bound under a flood (503 + Retry-After in each dialect's shape, nothing hangs),
+the queue bound under a flood of many keys (503 + Retry-After in each dialect's shape,
+nothing hangs), one key's share of the queue at the ingress (429 past it, others served),
 a model that fails to load on its replica (/ready says which; the rest serve), a reload that
 every replica follows, and a replica killed mid-load (its jobs 503, the rest 200, a
 replacement comes up). The bad inputs of `craftserve serve --ray` run without a cluster.
@@ -44,6 +45,9 @@ lora_dirs: [{loras}]
 """
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
 MAX_QUEUE, MAX_BATCH, MAX_QUEUED = 8, 2, 16  # a replica takes 8 calls; 16 more wait at the ingress
+# One key may have MAX_QUEUE // 4 = 2 jobs waiting in the whole cluster (the ingress counts
+# them): the tests that load the cluster send each call with a key of its own.
+KEYS = [f"ray-key-{i:02d}" for i in range(60)]
 
 
 class Cluster:
@@ -84,7 +88,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
         weights.write_bytes(b"\0" * 64)  # the folder is well formed; its UNet weights are not
     models = write_models_file(folder, MODELS.format(broken=broken, loras=loras))
     settings = Settings(
-        models=models, api_keys=[f"{API_KEY}  admin"], auth_failures_per_minute=0, host="127.0.0.1",
+        models=models, api_keys=[f"{API_KEY}  admin", *KEYS], auth_failures_per_minute=0, host="127.0.0.1",
         port=free_port(), max_models_per_device=1, max_queue=MAX_QUEUE, max_batch=MAX_BATCH,
         load_retry_s=600, ray_min_replicas=2, ray_max_replicas=2, ray_gpus_per_replica=0,
         ray_cpus_per_replica=1, ray_max_queued=MAX_QUEUED,
@@ -197,7 +201,8 @@ def test_job_api_streams_progress_from_the_replica(cluster: Cluster) -> None:
 def test_sixteen_concurrent_requests_use_both_replicas(cluster: Cluster) -> None:
     async def flood() -> list[httpx.Response]:
         async with httpx.AsyncClient(base_url=cluster.url, timeout=120) as c:
-            return await asyncio.gather(*(c.post("/sd", json=body(seed=i, steps=8)) for i in range(16)))
+            return await asyncio.gather(*(c.post("/sd", json=body(seed=i, steps=8, token=KEYS[i]))
+                                          for i in range(16)))
 
     answers = asyncio.run(flood())
     assert [a.status_code for a in answers] == [200] * 16, [a.text for a in answers if a.status_code != 200]
@@ -232,9 +237,10 @@ def test_flood_past_the_queue_bound_is_answered_503_in_each_dialect(cluster: Clu
     async def flood() -> list[httpx.Response]:
         async with httpx.AsyncClient(base_url=cluster.url, timeout=60, headers=AUTH) as c:
             # slow jobs (30-40 steps), so few finish while the 60 calls arrive
-            calls = [c.post("/sd", json=body(seed=i, steps=30)) for i in range(40)]
-            calls += [c.post("/sdapi/v1/txt2img", json={"prompt": "x", "width": 64, "height": 64,
-                                                         "steps": 40, "seed": i}) for i in range(20)]
+            calls = [c.post("/sd", json=body(seed=i, steps=30, token=KEYS[i])) for i in range(40)]
+            calls += [c.post("/sdapi/v1/txt2img", headers={"Authorization": f"Bearer {KEYS[40 + i]}"},
+                             json={"prompt": "x", "width": 64, "height": 64, "steps": 40, "seed": i})
+                      for i in range(20)]
             return await asyncio.gather(*calls)
 
     started = time.monotonic()
@@ -256,6 +262,26 @@ def test_flood_past_the_queue_bound_is_answered_503_in_each_dialect(cluster: Clu
             assert set(data) == {"error", "detail", "body", "errors"} and "retry" in data["detail"]
     with cluster.client() as c:
         png(c.post("/sd", json=body()))  # and it serves on
+
+
+def test_one_key_past_its_share_gets_429_at_the_ingress_and_others_are_served(cluster: Cluster) -> None:
+    """The ingress counts a key's jobs no replica has started (EngineAPI.waiting): one key's
+    flood is refused 429 past its share of 2, while another key still gets its image."""
+    async def flood() -> tuple[list[httpx.Response], httpx.Response]:
+        async with httpx.AsyncClient(base_url=cluster.url, timeout=120) as c:
+            mine = [c.post("/sd", json=body(seed=i, steps=30, token=KEYS[0])) for i in range(12)]
+            answers = await asyncio.gather(*mine)
+            other = await c.post("/sd", json=body(seed=99, token=KEYS[1]))
+            return answers, other
+
+    answers, other = asyncio.run(flood())
+    codes = Counter(a.status_code for a in answers)
+    assert set(codes) == {200, 429} and codes[429] >= 6, codes
+    for answer in answers:
+        if answer.status_code == 429:
+            assert int(answer.headers["retry-after"]) >= 1
+            assert "CRAFTSERVE_MAX_QUEUE_PER_KEY" in answer.json()["error"]["message"]
+    png(other)
 
 
 def test_a_model_that_fails_to_load_is_named_and_the_rest_serve(cluster: Cluster) -> None:
@@ -302,7 +328,7 @@ def test_killed_replica_fails_only_its_jobs_and_is_replaced(cluster: Cluster) ->
     async def load_then_kill() -> list[httpx.Response]:
         async with httpx.AsyncClient(base_url=cluster.url, timeout=120) as c:
             calls = [asyncio.ensure_future(c.post("/sd", json=body(seed=i, steps=30, width=128,
-                                                                   height=128)))
+                                                                   height=128, token=KEYS[i])))
                      for i in range(16)]
             while True:  # kill it while it runs a job
                 state = (await c.get("/ready")).json()

@@ -37,7 +37,7 @@ def url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         mp.setenv(f"RAY_SERVE_{name}_AUTOSCALING_METRIC_PUSH_INTERVAL_S", "0.5")
     settings = Settings(
         models=write_models_file(tmp_path_factory.mktemp("autoscale"), MODELS),
-        api_keys=[API_KEY], port=free_port(), max_queue=16, max_batch=2,
+        api_keys=[API_KEY], port=free_port(), max_queue=16, max_queue_per_key=16, max_batch=2,
         ray_min_replicas=1, ray_max_replicas=2, ray_target_ongoing=1, ray_gpus_per_replica=0,
         ray_cpus_per_replica=1, ray_upscale_delay_s=1, ray_downscale_delay_s=3,
     )

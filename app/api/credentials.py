@@ -1,6 +1,7 @@
 """Who calls: the API key from each way a client sends it, and the dependencies every route
-that needs a key uses (`CallerDep`, `GeneratingCallerDep`, and `AdminDep` for the routes that
-change the server: reload and A1111's refresh routes).
+that needs a key uses (`CallerDep`, `GeneratingCallerDep`, `AdminDep` for the routes that
+change the server: reload and A1111's refresh routes), and the caller's share of the queue
+that generation routes hand to the shared core (`QueueShareDep`).
 
 A key travels in one of three ways, whatever the route:
 - `Authorization: Bearer <key>` (the OpenAI SDK, the page, curl);
@@ -30,7 +31,7 @@ from fastapi import Depends, Request
 from fastapi.openapi.models import HTTPBase
 from fastapi.security.base import SecurityBase
 
-from app.api.deps import AuthDep
+from app.api.deps import AuthDep, SettingsDep
 from app.auth import ANONYMOUS, HOW_TO_SEND_A_KEY
 from app.errors import NotAdmin, Unauthorized
 
@@ -164,3 +165,13 @@ def admin_caller(request: Request, client: CallerDep, auth: AuthDep) -> str:
 
 
 AdminDep = Annotated[str, Depends(admin_caller)]
+
+
+def queue_share(client: GeneratingCallerDep, auth: AuthDep, settings: SettingsDep) -> int:
+    """The jobs the caller may have waiting at once: its key's `queue=N` in the keys file, else
+    CRAFTSERVE_MAX_QUEUE_PER_KEY (anonymous callers, one label per address, get the setting's).
+    The caller is the request's own (FastAPI runs `generating_caller` once a request)."""
+    return auth.queue_share(client) or settings.max_queue_per_key or 1
+
+
+QueueShareDep = Annotated[int, Depends(queue_share)]

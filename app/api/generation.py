@@ -20,13 +20,25 @@ from app.api.rules import MAX_SEED, check_clip_skip, check_prompt_length, check_
 from app.config import Settings
 from app.engine.jobs import GenParams, Job, JobResult
 from app.engine.protocol import EngineAPI
-from app.errors import ErrorKind, InternalError, InvalidParameter, LoraError, NotServed, Unavailable
+from app.errors import (
+    ErrorKind,
+    InternalError,
+    InvalidParameter,
+    KeyQueueFull,
+    LoraError,
+    NotServed,
+    Unavailable,
+)
 from app.families import Family
 from app.imaging import encode_image, parameters_text
 from app.registry import Registry
 from app.samplers import resolve_sampler
 
 DEFAULT_SAMPLER = "DPM++ 2M Karras"
+# A key past its share of the queue is told to retry after this many seconds for each job
+# ahead of its first waiting one (an estimate: EngineAPI has no throughput), at most the cap.
+RETRY_S_PER_PLACE = 2.0
+MAX_SHARE_RETRY_S = 60.0
 
 logger = logging.getLogger(__name__)
 
@@ -173,11 +185,36 @@ async def _encode(params: GenParams, result: JobResult, output_format: str, qual
         ) from None
 
 
-def submit_job(body: ImageRequest, *, client: str, engine: EngineAPI, registry: Registry,
+def check_queue_share(engine: EngineAPI, client: str, count: int, share: int) -> None:
+    """429 (`KeyQueueFull`, Retry-After) when `count` more jobs would take `client` past its
+    share of the queue, so one key cannot fill the queue that every key shares (MAX_QUEUE).
+
+    A key's waiting jobs count, each image of a request one job; its running jobs do not (they
+    hold a worker, not room in the queue, and the fair queue gives workers to keys in turn).
+    A request is never split: one bigger than the whole share goes in when the key has nothing
+    waiting, so a key can always be served, at most one request past its share. Checked on
+    the event loop right before the jobs are submitted (nothing awaits in between), through
+    EngineAPI.waiting, so it holds for this machine's Engine and the Ray ingress alike."""
+    waiting = engine.waiting(client)
+    if not waiting or len(waiting) + count <= share:
+        return
+    place = engine.queue_position(waiting[0]) or 1
+    raise KeyQueueFull(
+        f"this caller already has {len(waiting)} jobs waiting and its share of the queue is {share} "
+        f"jobs (setting CRAFTSERVE_MAX_QUEUE_PER_KEY, or queue=N on the key's line of the keys "
+        f"file); this request would add {count}. Retry once some of them have started; other keys' "
+        "jobs are not in the way",
+        retry_after=min(MAX_SHARE_RETRY_S, place * RETRY_S_PER_PLACE),
+    )
+
+
+def submit_job(body: ImageRequest, *, client: str, share: int, engine: EngineAPI, registry: Registry,
                settings: Settings) -> Job:
-    """One job for `body`, queued (fairness, bound, deadline) without awaiting it: the job
-    API (POST /jobs) follows it by its future and its `step`."""
-    return engine.submit(to_params(body, registry, settings), client)
+    """One job for `body`, queued (the key's share, fairness, bound, deadline) without awaiting
+    it: the job API (POST /jobs) follows it by its future and its `step`."""
+    params = to_params(body, registry, settings)
+    check_queue_share(engine, client, 1, share)
+    return engine.submit(params, client)
 
 
 async def encode_result(params: GenParams, result: JobResult, job_id: str,
@@ -192,6 +229,7 @@ async def generate_images(
     request: Request,
     *,
     client: str,
+    share: int,
     engine: EngineAPI,
     registry: Registry,
     settings: Settings,
@@ -200,10 +238,12 @@ async def generate_images(
 ) -> list[Generated]:
     """`count` images of one request for the authenticated `client` (a key label), seeds
     seed, seed+1, ... (A1111's convention); they are compatible jobs, so the engine batches
-    them. Any failure fails the request and takes back its other jobs. Images are encoded as
-    `output_format` (png, jpeg, webp; `quality` for the lossy ones), off the event loop."""
+    them. `share`: the jobs the client may have waiting (`check_queue_share`). Any failure
+    fails the request and takes back its other jobs. Images are encoded as `output_format`
+    (png, jpeg, webp; `quality` for the lossy ones), off the event loop."""
     first = to_params(body, registry, settings)
     all_params = [replace(first, seed=(first.seed + i) % (MAX_SEED + 1)) for i in range(count)]
+    check_queue_share(engine, client, count, share)
     jobs: list[Job] = []
     try:
         for params in all_params:

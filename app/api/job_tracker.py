@@ -15,7 +15,7 @@ import contextlib
 import io
 import json
 import time
-from collections import OrderedDict, deque
+from collections import Counter, OrderedDict, deque
 from dataclasses import dataclass, field
 
 from fastapi import Request
@@ -76,7 +76,14 @@ class TrackedJob:
 
 class JobTracker:
     """The jobs made through POST /jobs, by id; finished ones are forgotten after the TTL
-    (their ids remembered, bounded, so a late GET says they expired)."""
+    (their ids remembered, bounded, so a late GET says they expired).
+
+    Finished jobs are bounded per key and in all, so one key's many jobs never make another
+    key's expire early: a key with more than CRAFTSERVE_MAX_TRACKED_JOBS_PER_KEY finished jobs
+    forgets its own oldest; past CRAFTSERVE_MAX_TRACKED_JOBS in all, the key holding the most
+    jobs forgets its oldest finished one, and a key holding no more than its fair share (the
+    whole over the keys holding some) never does. Jobs still queued or running are never
+    forgotten: the queue (and each key's share of it) bounds them."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -109,16 +116,43 @@ class JobTracker:
         self.jobs[tracked.id] = tracked
 
     def purge(self) -> None:
+        """Forget finished jobs past the TTL, then past each key's budget (its oldest), then
+        past the whole (the oldest finished of the key holding the most, above its fair share)."""
         now = time.monotonic()
         ttl = self.settings.job_ttl_s
+        finished: dict[str, deque[str]] = {}  # client → its finished jobs' ids, oldest first
         for job_id, tracked in list(self.jobs.items()):
-            old = tracked.finished_at is not None and now - tracked.finished_at > ttl
-            if old or (len(self.jobs) > self.settings.max_tracked_jobs
-                       and tracked.finished_at is not None):
-                del self.jobs[job_id]
-                self.expired[job_id] = tracked.client
+            if tracked.finished_at is None:
+                continue
+            if now - tracked.finished_at > ttl:
+                self._forget(job_id)
+            else:
+                finished.setdefault(tracked.client, deque()).append(job_id)
+        per_key = self.settings.max_tracked_jobs_per_key or self.settings.max_tracked_jobs
+        for ids in finished.values():
+            while len(ids) > per_key:
+                self._forget(ids.popleft())
+        if len(self.jobs) > self.settings.max_tracked_jobs:
+            self._bound_whole(finished)
         while len(self.expired) > 4 * self.settings.max_tracked_jobs:
             self.expired.popitem(last=False)
+
+    def _bound_whole(self, finished: dict[str, deque[str]]) -> None:
+        """Past the whole, forget the oldest finished job of the key holding the most jobs
+        among those above their fair share, until under it or none is left to forget."""
+        held = Counter(tracked.client for tracked in self.jobs.values())
+        fair = self.settings.max_tracked_jobs / len(held)
+        while len(self.jobs) > self.settings.max_tracked_jobs:
+            over = [client for client, ids in finished.items() if ids and held[client] > fair]
+            if not over:  # the rest are queued or running: the queue bounds those
+                return
+            most = max(over, key=lambda client: held[client])
+            self._forget(finished[most].popleft())
+            held[most] -= 1
+
+    def _forget(self, job_id: str) -> None:
+        tracked = self.jobs.pop(job_id)
+        self.expired[job_id] = tracked.client
 
     def get(self, job_id: str, client: str) -> TrackedJob:
         self.purge()
@@ -128,7 +162,9 @@ class JobTracker:
         if self.expired.get(job_id) == client:
             raise JobNotFound(
                 f"job {job_id!r} expired: finished jobs and their images are kept "
-                f"{self.settings.job_ttl_s:g} s (setting CRAFTSERVE_JOB_TTL_S)")
+                f"{self.settings.job_ttl_s:g} s (setting CRAFTSERVE_JOB_TTL_S), and a key's newest "
+                f"{self.settings.max_tracked_jobs_per_key} finished jobs at most (setting "
+                "CRAFTSERVE_MAX_TRACKED_JOBS_PER_KEY)")
         raise JobNotFound(f"no job with id {job_id!r} for this API key")
 
 
@@ -217,7 +253,7 @@ async def watch(tracked: TrackedJob, engine: EngineAPI, images: ImageStore, imag
         return
     if tracked.status in TERMINAL:
         return
-    tracked.image_key = images.put(data)
+    tracked.image_key = images.put(data, owner=tracked.client)
     tracked.queue_position = None
     end(tracked, "done", {
         "image_url": image_url, "seed": result.seed, "model": job.params.model,

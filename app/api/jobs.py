@@ -16,7 +16,7 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
 from sse_starlette.sse import EventSourceResponse
 
-from app.api.credentials import CallerDep, GeneratingCallerDep
+from app.api.credentials import CallerDep, GeneratingCallerDep, QueueShareDep
 from app.api.deps import EngineDep, ImagesDep, RegistryDep, SettingsDep
 from app.api.generation import submit_job
 from app.api.job_tracker import TERMINAL, JobTracker, TrackedJob, end, position_of, publish
@@ -40,7 +40,8 @@ _WHEN = {
          "setting expires it)",
     409: "the job's state does not allow it: its image before it is done, cancelling a finished job",
     422: "a field out of range, of the wrong type, or a name this server does not have",
-    429: "the key is past its rate limit (`Retry-After`)",
+    429: "the key is past its rate limit, or has its whole share of the queue waiting "
+         "(`CRAFTSERVE_MAX_QUEUE_PER_KEY`); `Retry-After`",
     503: "the queue is full, the model cannot be served now, or too many event subscribers "
          "(`Retry-After`)",
 }
@@ -53,10 +54,10 @@ def _errors(*statuses: int) -> dict[int | str, dict]:
 @router.post("/jobs", status_code=202, responses=_errors(403, 422, 429, 503),
              summary="Queue an image job (any /sd body); follow it by id")
 async def create_job(body: JobRequest, request: Request, client: GeneratingCallerDep,
-                     engine: EngineDep, registry: RegistryDep, settings: SettingsDep,
-                     images: ImagesDep, tracker: TrackerDep) -> dict:
-    job = submit_job(to_image_request(body), client=client, engine=engine, registry=registry,
-                     settings=settings)
+                     share: QueueShareDep, engine: EngineDep, registry: RegistryDep,
+                     settings: SettingsDep, images: ImagesDep, tracker: TrackerDep) -> dict:
+    job = submit_job(to_image_request(body), client=client, share=share, engine=engine,
+                     registry=registry, settings=settings)
     job.watched = True  # its progress events are read every 100 ms
     if body.previews:
         job.preview_every = settings.preview_every
@@ -106,7 +107,8 @@ def job_image(job_id: str, client: CallerDep, images: ImagesDep, tracker: Tracke
     data = images.get(tracked.image_key or "")
     if data is None:
         raise JobNotFound(f"the image of job {job_id!r} expired from the image store (it keeps "
-                          "the newest images up to CRAFTSERVE_IMAGE_STORE_MB)")
+                          "each key's newest images up to CRAFTSERVE_IMAGE_STORE_MB_PER_KEY, and "
+                          "CRAFTSERVE_IMAGE_STORE_MB in all)")
     return Response(data, media_type="image/png")
 
 

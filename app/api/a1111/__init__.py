@@ -15,10 +15,12 @@ Choices (documented in README.md and docs/clients.md):
   (any user name), `Authorization: Bearer <key>`; missing or wrong: 401 with
   `WWW-Authenticate: Basic`. With --allow-anonymous, a header that is not a key (clients send
   `Basic ` with nothing after it) is ignored and the caller is anonymous.
-- Options (`GET/POST options`) are one dict per server, in `app.state.a1111` (`A1111State`),
-  lost on restart, as in A1111. `sd_model_checkpoint` (the first model of models.yaml until
-  changed) is the model of requests whose override_settings name none; one a reload removed
-  answers 422 naming it.
+- Options (`GET/POST options`) are one dict per caller (API key, or address when anonymous)
+  over the server's defaults, in `app.state.a1111` (`A1111State`), lost on restart: what one
+  key POSTs applies to its own requests only (A1111 has one dict for its one user; here many
+  keys share a box). `sd_model_checkpoint` (the first model of models.yaml until the caller
+  changes it) is the model of its requests whose override_settings name none; one a reload
+  removed answers 422 naming it.
 - `CLIP_stop_at_last_layers` / `clip_skip` (1-12) is applied as A1111 does: on SD 1.x models the
   n-th layer from the end, then the final norm; SDXL always uses the penultimate layer (A1111's
   default, its `sdxl_clip_l_skip` off), so there it changes nothing, as in A1111.

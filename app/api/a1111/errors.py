@@ -52,7 +52,8 @@ GENERATION_ERRORS = {
     **INPUT_ERRORS,
     409: _error("`Interrupted`: POST /sdapi/v1/interrupt or skip with the same key stopped it"),
     500: _error("a bug; the server log has it under the job id"),
-    429: _error("the key is past its rate limit (with `Retry-After`)"),
+    429: _error("the key is past its rate limit, or `KeyQueueFull`: it has its whole share of the "
+                "queue waiting (`CRAFTSERVE_MAX_QUEUE_PER_KEY`); with `Retry-After`"),
     503: _error("the queue is full, a job outlived its queue deadline, the model cannot be served "
                 "now, out of memory, or the server is shutting down (with `Retry-After`)"),
 }

@@ -194,13 +194,13 @@ class A1111Progress(BaseModel):
 
 
 class A1111Options(BaseModel):
-    """GET /sdapi/v1/options: these keys, plus every other key a client has POSTed (kept, not
-    applied)."""
+    """GET /sdapi/v1/options: the caller's own view: these keys, plus every other key it has
+    POSTed (kept, not applied); another key's choices never show."""
 
     model_config = ConfigDict(extra="allow")
 
-    sd_model_checkpoint: str = Field(description="the model A1111 requests use unless their "
-                                     "override_settings name another")
+    sd_model_checkpoint: str = Field(description="the model this key's A1111 requests use unless "
+                                     "their override_settings name another")
     sd_checkpoint_hash: str | None = None
     sd_vae: str = "Automatic"
     CLIP_stop_at_last_layers: int = 1

@@ -28,7 +28,7 @@ from app.api.a1111.models import (
 from app.api.a1111.state import A1111State
 from app.api.a1111.translate import answer, plan
 from app.api.admin import ReloadsDep, reload_models
-from app.api.credentials import AdminDep, CallerDep, GeneratingCallerDep
+from app.api.credentials import AdminDep, CallerDep, GeneratingCallerDep, QueueShareDep
 from app.api.deps import EngineDep, RegistryDep, SettingsDep
 from app.api.generation import generate_images
 from app.api.job_tracker import JobTracker
@@ -59,6 +59,7 @@ async def txt2img(
     body: A1111Txt2ImgRequest,
     request: Request,
     client: GeneratingCallerDep,
+    share: QueueShareDep,
     state: StateDep,
     engine: EngineDep,
     registry: RegistryDep,
@@ -66,18 +67,18 @@ async def txt2img(
 ) -> JSONResponse:
     """A txt2img body as the shared core's request (translate.plan), its images as A1111's
     answer (translate.answer); an interrupt or skip by the same key answers 409."""
-    planned = plan(body, state, registry, settings)
+    planned = plan(body, state, client, registry, settings)
     try:
         generated = await generate_images(planned.request, planned.batch_size * planned.n_iter, request,
-                                          client=client, engine=engine, registry=registry,
-                                          settings=settings)
+                                          client=client, share=share, engine=engine,
+                                          registry=registry, settings=settings)
     except CraftError as exc:
         if exc.kind.stopped:  # the worker's words for a stopped job
             raise Interrupted() from exc
         raise
     restore = body.override_settings_restore_afterwards is not False
     if not restore and body.override_settings:
-        state.update(body.override_settings)  # A1111: the overrides stay
+        state.update(client, body.override_settings)  # A1111: the overrides stay (for this key)
     return JSONResponse(answer(planned, generated, registry, restore))
 
 
@@ -144,20 +145,21 @@ async def skip(client: CallerDep, engine: EngineDep, state: StateDep, tracker: T
 
 # ---- routes: options -------------------------------------------------------------------------
 @router.get("/options", response_model=None, responses={200: {"model": A1111Options}, **AUTH_ERRORS},
-            summary="A1111's options: the server's model for A1111 requests, and kept keys")
+            summary="The caller's A1111 options: its model for A1111 requests, and its kept keys")
 async def get_options(client: CallerDep, state: StateDep) -> dict[str, Any]:
-    return state.options()
+    return state.options(client)
 
 
 @router.post("/options", response_model=None, responses=INPUT_ERRORS,
-             summary="Set options; unknown keys are kept, not applied; an error changes nothing")
+             summary="Set the caller's options (never another key's); unknown keys are kept, not "
+                     "applied; an error changes nothing")
 async def set_options(
     client: CallerDep,
     state: StateDep,
     values: Annotated[dict[str, Any], Body(openapi_examples={"switch model": {
         "value": {"sd_model_checkpoint": "sdxl-base"}}})],
 ) -> None:
-    state.update(values)
+    state.update(client, values)
 
 
 # ---- routes: discovery -----------------------------------------------------------------------
@@ -226,7 +228,7 @@ async def scripts(client: CallerDep) -> A1111ScriptsList:
             summary="Textual inversion embeddings (models.yaml embedding_dirs): `loaded` those of "
             "sd_model_checkpoint's family, `skipped` the others")
 async def embeddings(client: CallerDep, registry: RegistryDep, state: StateDep) -> A1111Embeddings:
-    family = registry.models[state.checkpoint()].family
+    family = registry.models[state.checkpoint(client)].family
     listing = A1111Embeddings()
     for spec in registry.embeddings:
         entry = {"step": None, "sd_checkpoint": None, "sd_checkpoint_name": None,

@@ -1,12 +1,14 @@
-"""What A1111 keeps between requests: the options (`GET/POST /sdapi/v1/options`) and the jobs
-a `skip` stopped. One `A1111State` per app, built with it (app.main)."""
+"""What A1111 keeps between requests: each caller's options (`GET/POST /sdapi/v1/options`)
+and the jobs a `skip` stopped. One `A1111State` per app, built with it (app.main)."""
 
 from __future__ import annotations
 
 import json
 import re
 import weakref
-from collections.abc import Mapping
+from collections import OrderedDict
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from app.api.rules import check_clip_skip, check_name
@@ -14,7 +16,10 @@ from app.engine.jobs import Job
 from app.errors import InvalidParameter, NotServed
 from app.registry import Registry
 
-MAX_OPTIONS_BYTES = 1 << 20  # the kept, unapplied options keys of a server, as JSON
+MAX_OPTIONS_BYTES = 1 << 20  # the kept, unapplied options keys of one caller, as JSON
+# Option sets of callers that are no key of the keys file (anonymous callers, one label per
+# address) kept at once; the least recently used goes back to the server's defaults.
+MAX_ANONYMOUS_OPTION_SETS = 64
 _VAE_CHOICES = {"automatic": "Automatic", "none": "None", "": "Automatic"}
 _TITLE_HASH = re.compile(r"\s*\[[0-9a-fA-F]*\]\s*$")  # A1111 titles end with " [hash]"
 
@@ -49,31 +54,64 @@ def vae_choice(field: str, value: Any) -> str:
     return choice
 
 
+@dataclass(frozen=True)
+class CallerOptions:
+    """One caller's options: the server's defaults until it POSTs its own."""
+
+    chosen_checkpoint: str | None = None  # None: the first model of models.yaml
+    sd_vae: str = "Automatic"
+    clip_skip: int = 1
+    kept: Mapping[str, Any] = field(default_factory=dict)  # other keys it POSTed: kept, not applied
+
+
+DEFAULTS = CallerOptions()
+
+
 class A1111State:
-    """What A1111 keeps between requests, one per app (app.state.a1111): the options dict and
-    the jobs a `skip` stopped (for GET progress). Used from the event loop only.
+    """What A1111 keeps between requests, one per app (app.state.a1111): each caller's options
+    and the jobs a `skip` stopped (for GET progress). Used from the event loop only.
 
-    The checkpoint is held by name; until a client chooses one it is the first model of
+    Options are per caller (a key's label, or an anonymous address's), over the server's
+    defaults: what one key POSTs applies to its own requests and shows in its own GET, never
+    another key's. Memory is bounded: a caller keeps at most MAX_OPTIONS_BYTES of keys this
+    server does not use, and callers that are not keys of the keys file (`is_key`) keep at most
+    MAX_ANONYMOUS_OPTION_SETS option sets in all (the least recently used are dropped).
+
+    The checkpoint is held by name; until a caller chooses one it is the first model of
     models.yaml as it is now (a reload that changes the first model changes it too). A chosen
-    checkpoint that a reload removed is never replaced silently: requests that would use it
-    answer 422 naming it and the models served now, until a client chooses another."""
+    checkpoint that a reload removed is never replaced silently: that caller's requests that
+    would use it answer 422 naming it and the models served now, until it chooses another."""
 
-    def __init__(self, registry: Registry) -> None:
+    def __init__(self, registry: Registry, *, is_key: Callable[[str], bool] | None = None) -> None:
         self.registry = registry
-        self.chosen_checkpoint: str | None = None  # None: the first model of models.yaml
-        self.sd_vae = "Automatic"
-        self.clip_skip = 1
-        self.kept: dict[str, Any] = {}  # other keys clients POSTed: kept, not applied
+        self.is_key = is_key or (lambda client: False)
+        self._keys: dict[str, CallerOptions] = {}  # keys of the keys file: bounded by that file
+        self._others: OrderedDict[str, CallerOptions] = OrderedDict()  # least recently used first
         self.skipped: weakref.WeakSet[Job] = weakref.WeakSet()
 
-    @property
-    def checkpoint_name(self) -> str:
-        """The checkpoint as the options show it (served or not)."""
-        return self.chosen_checkpoint or next(iter(self.registry.models))
+    def of(self, client: str) -> CallerOptions:
+        """The caller's options (the server's defaults when it has set none)."""
+        if client in self._others:
+            self._others.move_to_end(client)
+            return self._others[client]
+        return self._keys.get(client, DEFAULTS)
 
-    def checkpoint(self) -> str:
-        """The model of A1111 requests that name none; 422 if a reload removed it."""
-        name = self.checkpoint_name
+    def _keep(self, client: str, options: CallerOptions) -> None:
+        if self.is_key(client):
+            self._keys[client] = options
+            return
+        self._others[client] = options
+        self._others.move_to_end(client)
+        while len(self._others) > MAX_ANONYMOUS_OPTION_SETS:
+            self._others.popitem(last=False)
+
+    def checkpoint_name(self, client: str) -> str:
+        """The caller's checkpoint as its options show it (served or not)."""
+        return self.of(client).chosen_checkpoint or next(iter(self.registry.models))
+
+    def checkpoint(self, client: str) -> str:
+        """The model of the caller's A1111 requests that name none; 422 if a reload removed it."""
+        name = self.checkpoint_name(client)
         if name not in self.registry.models:
             raise InvalidParameter(
                 "sd_model_checkpoint", name,
@@ -82,14 +120,18 @@ class A1111State:
                 "/sdapi/v1/options or override_settings")
         return name
 
-    def options(self) -> dict[str, Any]:
-        return {**self.kept, "sd_model_checkpoint": self.checkpoint_name, "sd_checkpoint_hash": None,
-                "sd_vae": self.sd_vae, "CLIP_stop_at_last_layers": self.clip_skip}
+    def options(self, client: str) -> dict[str, Any]:
+        """The caller's view of the options (GET /sdapi/v1/options)."""
+        own = self.of(client)
+        return {**own.kept, "sd_model_checkpoint": self.checkpoint_name(client), "sd_checkpoint_hash": None,
+                "sd_vae": own.sd_vae, "CLIP_stop_at_last_layers": own.clip_skip}
 
-    def update(self, values: Mapping[str, Any]) -> None:
-        """Apply a POSTed options dict: all of it, or (on any error) none of it."""
-        checkpoint, sd_vae, clip_skip = self.chosen_checkpoint, self.sd_vae, self.clip_skip
-        kept = dict(self.kept)
+    def update(self, client: str, values: Mapping[str, Any]) -> None:
+        """Apply a POSTed options dict to the caller's options: all of it, or (on any error)
+        none of it."""
+        own = self.of(client)
+        checkpoint, sd_vae, clip_skip = own.chosen_checkpoint, own.sd_vae, own.clip_skip
+        kept = dict(own.kept)
         for key, value in values.items():
             if key == "sd_checkpoint_hash":
                 continue  # derived from the checkpoint
@@ -107,5 +149,6 @@ class A1111State:
         if size > MAX_OPTIONS_BYTES:
             raise InvalidParameter("options", f"<{size} bytes of other keys>",
                                    f"keys this server does not use are kept up to {MAX_OPTIONS_BYTES} "
-                                   "bytes of JSON")
-        self.chosen_checkpoint, self.sd_vae, self.clip_skip, self.kept = checkpoint, sd_vae, clip_skip, kept
+                                   "bytes of JSON per API key")
+        self._keep(client, replace(own, chosen_checkpoint=checkpoint, sd_vae=sd_vae, clip_skip=clip_skip,
+                                   kept=kept))

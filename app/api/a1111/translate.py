@@ -102,15 +102,18 @@ def _not_applied(body: A1111Txt2ImgRequest) -> dict[str, Any]:
     return found
 
 
-def plan(body: A1111Txt2ImgRequest, state: A1111State, registry: Registry, settings: Settings) -> Plan:
-    """The core's request for a txt2img body, checked against the shared rules."""
+def plan(body: A1111Txt2ImgRequest, state: A1111State, client: str, registry: Registry,
+         settings: Settings) -> Plan:
+    """The core's request for a txt2img body of `client` (its own options apply), checked
+    against the shared rules."""
+    own = state.of(client)
     overrides = body.override_settings or {}
     checkpoint = overrides.get("sd_model_checkpoint")
-    model = state.checkpoint() if checkpoint is None else checkpoint_field(
+    model = state.checkpoint(client) if checkpoint is None else checkpoint_field(
         "override_settings.sd_model_checkpoint", checkpoint, registry)
     sd_vae = overrides.get("sd_vae")
-    sd_vae = state.sd_vae if sd_vae is None else vae_choice("override_settings.sd_vae", sd_vae)
-    clip_skip = state.clip_skip
+    sd_vae = own.sd_vae if sd_vae is None else vae_choice("override_settings.sd_vae", sd_vae)
+    clip_skip = own.clip_skip
     if body.clip_skip is not None:
         clip_skip = check_clip_skip("clip_skip", body.clip_skip)
     if overrides.get("CLIP_stop_at_last_layers") is not None:

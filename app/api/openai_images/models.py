@@ -118,8 +118,9 @@ GENERATION_ERRORS = {
     **AUTH_ERRORS,
     404: error_doc("`code` model_not_found: the model is neither served nor an alias; the message "
                 "names the served ones"),
-    429: error_doc("the key is past its rate limit (keys file or CRAFTSERVE_RATE_LIMIT), with "
-                "`Retry-After`; `code` rate_limit_exceeded"),
+    429: error_doc("the key is past its rate limit (keys file or CRAFTSERVE_RATE_LIMIT; `code` "
+                "rate_limit_exceeded), or has its whole share of the queue waiting (keys file or "
+                "CRAFTSERVE_MAX_QUEUE_PER_KEY; `code` key_queue_full); with `Retry-After`"),
     500: error_doc("a bug (the server log has it); `x-should-retry: false`"),
     503: error_doc("the queue is full, a job outlived its queue deadline or the server is shutting "
                 "down (with `Retry-After`); the model cannot be served now or there is not enough "

@@ -8,7 +8,7 @@ import time
 from fastapi import APIRouter, HTTPException, Request
 from fastapi.responses import JSONResponse, Response
 
-from app.api.credentials import CallerDep, GeneratingCallerDep
+from app.api.credentials import CallerDep, GeneratingCallerDep, QueueShareDep
 from app.api.deps import EngineDep, ImagesDep, RegistryDep, SettingsDep
 from app.api.generation import generate_images
 from app.api.openai_images.models import (
@@ -34,6 +34,7 @@ async def create_images(
     body: OpenAIImageRequest,
     request: Request,
     client: GeneratingCallerDep,
+    share: QueueShareDep,
     engine: EngineDep,
     registry: RegistryDep,
     settings: SettingsDep,
@@ -48,8 +49,8 @@ async def create_images(
         response_format = "b64_json" if (body.model or "").startswith("gpt-image") else "url"
     output_format = body.output_format or "png"
     quality = 100 if body.output_compression is None else body.output_compression
-    generated = await generate_images(core_request, count, request, client=client, engine=engine,
-                                      registry=registry, settings=settings,
+    generated = await generate_images(core_request, count, request, client=client, share=share,
+                                      engine=engine, registry=registry, settings=settings,
                                       output_format=output_format, quality=quality)
     encoded = [image.data for image in generated]
     data: list[dict] = []
@@ -57,7 +58,7 @@ async def create_images(
         data = [{"b64_json": base64.b64encode(blob).decode("ascii"), "revised_prompt": None}
                 for blob in encoded]
     else:
-        keys = images.put_many(encoded, MEDIA_TYPES[output_format])  # all of them kept
+        keys = images.put_many(encoded, MEDIA_TYPES[output_format], owner=client)  # all of them kept
         data = [{"url": str(request.url_for("openai_image_file", key=key, ext=output_format)),
                  "revised_prompt": None} for key in keys]
     return JSONResponse({"created": int(time.time()), "data": data, "output_format": output_format,

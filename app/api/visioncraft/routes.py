@@ -6,7 +6,7 @@ from __future__ import annotations
 from fastapi import APIRouter, HTTPException, Request
 from fastapi.responses import Response
 
-from app.api.credentials import GeneratingCallerDep
+from app.api.credentials import GeneratingCallerDep, QueueShareDep
 from app.api.deps import EngineDep, ImagesDep, RegistryDep, SettingsDep
 from app.api.generation import Generated, ImageRequest, generate_images
 from app.api.visioncraft.models import (
@@ -32,8 +32,9 @@ _ERROR_WHEN = {
     404: "no such image (expired from the store), or no such route",
     422: "a field out of range or of the wrong type, or a name (model, sampler, LoRA, category) "
          "this server does not have; the message says `doesn't have <field>`",
-    429: "the key is past its rate limit (`Retry-After`); the message says `users can make N "
-         "requests per P seconds`",
+    429: "the key is past its rate limit (the message says `users can make N requests per P "
+         "seconds`), or has its whole share of the queue waiting (`CRAFTSERVE_MAX_QUEUE_PER_KEY`); "
+         "`Retry-After`",
     503: "the queue is full, the model cannot be served now, out of memory, or shutting down "
          "(`Retry-After`)",
 }
@@ -55,9 +56,9 @@ def to_image_request(body: GenerateRequest) -> ImageRequest:
     )
 
 
-async def _generate(body: GenerateRequest, count: int, request: Request, client: str, engine: EngineDep,
-                    registry: RegistryDep, settings: SettingsDep) -> list[Generated]:
-    return await generate_images(to_image_request(body), count, request, client=client,
+async def _generate(body: GenerateRequest, count: int, request: Request, client: str, share: int,
+                    engine: EngineDep, registry: RegistryDep, settings: SettingsDep) -> list[Generated]:
+    return await generate_images(to_image_request(body), count, request, client=client, share=share,
                                  engine=engine, registry=registry, settings=settings)
 
 
@@ -66,11 +67,12 @@ async def sd(
     body: GenerateRequest,
     request: Request,
     client: GeneratingCallerDep,
+    share: QueueShareDep,
     engine: EngineDep,
     registry: RegistryDep,
     settings: SettingsDep,
 ) -> Response:
-    (image,) = await _generate(body, 1, request, client, engine, registry, settings)
+    (image,) = await _generate(body, 1, request, client, share, engine, registry, settings)
     return Response(image.data, media_type="image/png", headers=image.headers())
 
 
@@ -80,11 +82,12 @@ async def image_generate(
     body: GenerateRequestV2,
     request: Request,
     client: GeneratingCallerDep,
+    share: QueueShareDep,
     engine: EngineDep,
     registry: RegistryDep,
     settings: SettingsDep,
 ) -> Response:
-    return await sd(body, request, client, engine, registry, settings)
+    return await sd(body, request, client, share, engine, registry, settings)
 
 
 @router.post("/generate", response_model=ImageUrls, responses=_URLS,
@@ -96,13 +99,15 @@ async def generate(
     body: GenerateRequestV0,
     request: Request,
     client: GeneratingCallerDep,
+    share: QueueShareDep,
     engine: EngineDep,
     registry: RegistryDep,
     settings: SettingsDep,
     images: ImagesDep,
 ) -> ImageUrls:
-    generated = await _generate(body, body.image_count, request, client, engine, registry, settings)
-    keys = images.put_many([image.data for image in generated])
+    generated = await _generate(body, body.image_count, request, client, share, engine, registry,
+                                settings)
+    keys = images.put_many([image.data for image in generated], owner=client)
     return ImageUrls(images=[str(request.url_for("stored_image", key=key)) for key in keys])
 
 
