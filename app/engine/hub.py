@@ -2,14 +2,15 @@
 
 A model whose weights are not in the local Hugging Face cache is downloaded from the Hub. On a
 machine without network, huggingface_hub retries each request five times with a growing pause
-(about 23 s and a dozen warning lines per file, longer where connections time out rather than
-fail), and a worker waits through that before it loads its next model. Instead, the engine asks
-the Hub once (one request, a short timeout, no retries) the first time a model is missing from
-the cache; while the Hub does not answer, weights are looked up in the cache only
-(`local_files_only`), and one warning says which models wait for weights and how to get them.
-The answer is kept for LOAD_RETRY_S (a later load of a waiting model asks again) and forgotten
-on a reload (SIGHUP, POST /admin/reload), so weights copied in or a network that came back are
-noticed without a restart.
+(about 23 s and a dozen warning lines per file; longer where connections time out, and where a
+firewall accepts connections but never answers, the revision lookup diffusers makes first, which
+has no timeout, held the worker for over ten minutes), and the worker's other models waited.
+Instead, the engine asks the Hub once (one request, a short timeout, no retries) the first time
+a model is missing from the cache; while the Hub does not answer, weights are looked up in the
+cache only (`local_files_only`), and one warning says which models wait for weights and how to
+get them. The answer is kept for LOAD_RETRY_S (a later load of a waiting model asks again) and
+forgotten on a reload (SIGHUP, POST /admin/reload), so weights copied in or a network that came
+back are noticed without a restart.
 """
 
 from __future__ import annotations
@@ -121,7 +122,7 @@ class HubAccess:
             return "downloads are switched off (CRAFTSERVE_ALLOW_DOWNLOADS=false)"
         from huggingface_hub import constants
 
-        if constants.is_offline_mode():
+        if constants.HF_HUB_OFFLINE:
             return "the Hugging Face Hub is switched off (HF_HUB_OFFLINE=1)"
         return None
 
