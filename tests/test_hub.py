@@ -112,6 +112,27 @@ def test_the_answer_is_kept_for_recheck_s_only(hub_off: dict, caplog) -> None:
     assert len(_notices(caplog)) == 1  # ...but said once while it stays out of reach
 
 
+def test_a_hub_that_never_answers_costs_one_timeout(hub_off: dict, monkeypatch, caplog) -> None:
+    """A firewall that accepts connections and drops the rest: before, diffusers' first request
+    (it has no timeout) held the worker for as long as the connection stayed open."""
+    from huggingface_hub import constants
+
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(8)  # connections complete in the backlog; nothing is ever read or answered
+    monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{silent.getsockname()[1]}")
+    hub = HubAccess(allow_downloads=True, recheck_s=60, models=dict, timeout_s=0.5)
+    started = time.monotonic()
+    with caplog.at_level(logging.INFO):
+        reason = hub.why_not()
+        assert hub.why_not() == reason
+    silent.close()
+    assert reason is not None and "cannot be reached" in reason
+    assert hub.probes == 1
+    assert time.monotonic() - started < 10  # the probe's timeout, not a retry schedule
+    assert len(_notices(caplog)) == 1
+
+
 class _Stub(http.server.BaseHTTPRequestHandler):
     status = 200
 
@@ -198,6 +219,25 @@ def test_a_cache_miss_asks_the_hub_access_before_any_download(hub_off: dict, tmp
     assert len(hub_off["hub"]) == 1  # weights in the cache: the Hub is not asked at all
 
 
+def test_a_hub_that_answers_is_downloaded_from(stub_hub) -> None:
+    import torch
+
+    from app.engine.pipelines import _from_pretrained
+
+    class OnTheHub(_FakeRepo):
+        def from_pretrained(self, source, *, local_files_only, variant=None, **kwargs):
+            self.calls.append((local_files_only, variant))
+            if local_files_only:
+                raise OSError("not in the cache")
+            return source
+
+    repo = OnTheHub(cached=False)
+    hub = _access()
+    assert _from_pretrained(repo, "owner/repo", True, hub=hub, torch_dtype=torch.float32) == "owner/repo"
+    assert repo.calls == [(True, None), (False, None)]
+    assert hub.probes == 1
+
+
 # ---- the shipped models file on a machine without network ----------------------------------
 def _cache_repo(cache: Path, repo: str, folder: Path) -> None:
     """`folder` (a diffusers folder) as the Hugging Face cache holds a download of `repo`."""
@@ -262,3 +302,4 @@ def test_shipped_models_without_network_say_so_once_and_serve_the_rest(
             time.sleep(0.05)
     assert len(hub_off["hub"]) == 2
     server.stop()
+
