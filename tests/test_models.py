@@ -111,7 +111,7 @@ def test_shipped_models_file_offline(make_server, monkeypatch: pytest.MonkeyPatc
         png(c.post("/sd", json=body()))
         refused = c.post("/sd", json=body(model="sdxl-base"))
         assert refused.status_code == 503
-        assert "huggingface-cli download" in refused.json()["detail"]
+        assert "hf download" in refused.json()["detail"]
 
 
 def test_models_listed_by_family(client: httpx.Client) -> None:

@@ -74,7 +74,7 @@ def test_unavailable_model_is_503_and_ready_says_why(make_server) -> None:
         answer = c.post("/sd", json=body(model="gone-xl"))
         assert answer.status_code == 503
         assert "model 'gone-xl' cannot be served now" in answer.json()["detail"]
-        assert "huggingface-cli download" in answer.json()["detail"]
+        assert "hf download" in answer.json()["detail"]
         assert int(answer.headers["retry-after"]) >= 1
         png(c.post("/sd", json=body()))  # the other model keeps serving
         assert "gone-xl" in c.get("/sd/models-sdxl").json()

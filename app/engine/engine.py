@@ -12,6 +12,7 @@ import torch
 
 from app.config import Settings
 from app.engine.availability import LoadFailures
+from app.engine.hub import HubAccess, missing_repos
 from app.engine.jobs import GenParams, Job, JobQueue, new_job_id
 from app.engine.readiness import model_states, preload_split, readiness_body
 from app.engine.reload import ReloadReport, fingerprint, reload_into
@@ -74,6 +75,8 @@ class Engine:
         )
         metrics.queue_depth.set_function(lambda: len(self.queue))
         self.failures = LoadFailures(settings.load_retry_s)
+        self.hub = HubAccess(allow_downloads=settings.allow_downloads, recheck_s=settings.load_retry_s,
+                             models=lambda: self.registry.models)
         self.fingerprints = {name: fingerprint(spec) for name, spec in registry.models.items()}
         self.last_reload: ReloadReport | None = None
         self._reload_lock = threading.Lock()
@@ -88,6 +91,7 @@ class Engine:
                 metrics=metrics,
                 failures=self.failures,
                 preload=self.preload,
+                hub=self.hub,
             )
             for i, device in enumerate(parse_devices(settings.devices))
         ]
@@ -101,7 +105,9 @@ class Engine:
                 "(CRAFTSERVE_MAX_MODELS_PER_DEVICE): they load on their first request instead",
                 left, self.settings.max_models_per_device,
             )
-        return preload
+        # Models whose weights are here load first: one that must be downloaded first (or
+        # waits for weights) does not hold up the others.
+        return sorted(preload, key=lambda name: bool(missing_repos(registry.models[name])))
 
     def describe(self) -> str:
         """Where jobs run, for the start-up log line."""
@@ -204,6 +210,7 @@ class Engine:
                 self.last_reload = report
                 return report
             self.fingerprints = prints
+            self.hub.forget()  # weights may have been copied in, or the network come back
             for name in report.changed + report.added:
                 self.failures.clear(name)  # a fixed file is tried again at once
             gone = Unavailable("the model was removed from the models file by a reload",

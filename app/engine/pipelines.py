@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from app.engine.determinism import make_batch_invariant
+from app.engine.hub import HubAccess, WaitingForWeights, WeightsMissing, download_commands, hub_repos
 from app.engine.loras import LoraManager
 from app.engine.optimize import optimize_pipeline, warm_up
 from app.engine.prompts import PromptEncoder
@@ -58,18 +59,17 @@ def _vae_is_file(spec: ModelSpec) -> bool:
     return bool(spec.vae) and Path(spec.vae).suffix.lower() == ".safetensors"
 
 
-def _hub_repos(spec: ModelSpec) -> list[str]:
-    repos = [spec.source] if spec.kind == "hub" else []
-    if spec.vae and not _vae_is_file(spec) and not Path(spec.vae).expanduser().exists():
-        repos.append(spec.vae)
-    return repos
-
-
 def _unavailable(spec: ModelSpec, repo: str, exc: BaseException) -> Unavailable:
     reason = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
-    repos = _hub_repos(spec)
+    repos = hub_repos(spec)
+    commands = download_commands(repos)
+    if isinstance(exc, WeightsMissing):
+        return WaitingForWeights(
+            f"model '{spec.name}' cannot be served now: the weights of {repo} are not in the "
+            f"Hugging Face cache and {exc.reason}. Download them where there is network "
+            f"({commands}) and copy that Hugging Face cache here, or point models.yaml at local "
+            "diffusers folders", retry_after=60, kind="model_unavailable")
     if repo in repos:
-        commands = " and ".join(f"`huggingface-cli download {r}`" for r in repos)
         fix = (
             f"the weights of {repo} are not in the Hugging Face cache and could not be fetched "
             f"({reason}). Download them where there is network ({commands}), or point "
@@ -81,26 +81,45 @@ def _unavailable(spec: ModelSpec, repo: str, exc: BaseException) -> Unavailable:
                        kind=ErrorKind.MODEL_UNAVAILABLE)
 
 
-def _from_pretrained(cls: Any, source: str, allow_downloads: bool, **kwargs: Any) -> Any:
+def _from_pretrained(cls: Any, source: str, allow_downloads: bool, *, hub: HubAccess | None = None,
+                     needed_by: str | None = None, **kwargs: Any) -> Any:
     """Load from the local cache first; reach the Hub only if that fails and it is allowed.
 
+    `hub` (the engine's): asked before the Hub is, so an unreachable Hub costs one short
+    request per engine rather than huggingface_hub's retries for every file of every model;
+    while it cannot be asked, WeightsMissing (naming why) follows the cache's miss.
     In half precision the repo's fp16 `variant` files are asked for first (half the bytes to
     read or download; SDXL base ships them), then the plain files."""
     half = kwargs.get("torch_dtype") in (torch.float16, torch.bfloat16)
     variants = ["fp16", None] if half else [None]
-    attempts = [(local, v) for local in ([True, False] if allow_downloads else [True])
-                for v in variants]
-    for number, (local, variant) in enumerate(attempts, 1):
+
+    def attempt(local: bool, variant: str | None) -> Any:
         extra = {"variant": variant} if variant else {}
+        return cls.from_pretrained(source, local_files_only=local, **extra, **kwargs)
+
+    missed: Exception | None = None
+    for variant in variants:
         try:
-            return cls.from_pretrained(source, local_files_only=local, **extra, **kwargs)
-        except Exception:  # noqa: BLE001 - not there (the error type varies by library)
-            if number == len(attempts):
+            return attempt(True, variant)
+        except Exception as exc:  # noqa: BLE001 - not there (the error type varies by library)
+            missed = exc
+    assert missed is not None
+    is_repo = not Path(source).expanduser().exists()  # a local folder has nothing to fetch
+    reason = hub.why_not(needed_by) if hub is not None and is_repo else None
+    if reason is not None:
+        raise WeightsMissing(reason) from missed
+    if not allow_downloads:
+        raise missed
+    for number, variant in enumerate(variants, 1):
+        try:
+            return attempt(False, variant)
+        except Exception:  # noqa: BLE001
+            if number == len(variants):
                 raise
     raise AssertionError("unreachable")  # pragma: no cover
 
 
-def _load_vae(spec: ModelSpec, dtype: torch.dtype, allow_downloads: bool) -> Any:
+def _load_vae(spec: ModelSpec, dtype: torch.dtype, allow_downloads: bool, hub: HubAccess | None) -> Any:
     """The entry's replacement VAE: a single file (with the model family's config and scaling
     factor), a folder or a Hub repo."""
     from diffusers import AutoencoderKL
@@ -114,12 +133,14 @@ def _load_vae(spec: ModelSpec, dtype: torch.dtype, allow_downloads: bool) -> Any
 
             folder = config_folder(spec) or bundled_config(spec.family)
             return load_vae_file(spec.vae, folder, dtype)
-        return _from_pretrained(AutoencoderKL, spec.vae, allow_downloads, torch_dtype=dtype)
+        return _from_pretrained(AutoencoderKL, spec.vae, allow_downloads, hub=hub, needed_by=spec.name,
+                                torch_dtype=dtype)
     except Exception as exc:  # noqa: BLE001 - every load failure becomes a clear 503
         raise _unavailable(spec, spec.vae, exc) from exc
 
 
-def _load_single_file(spec: ModelSpec, dtype: torch.dtype, allow_downloads: bool) -> Any:
+def _load_single_file(spec: ModelSpec, dtype: torch.dtype, allow_downloads: bool,
+                      hub: HubAccess | None) -> Any:
     from app.checkpoints import CheckpointError
     from app.engine.single_file import SingleFileError, load_single_file
 
@@ -131,37 +152,40 @@ def _load_single_file(spec: ModelSpec, dtype: torch.dtype, allow_downloads: bool
             retry_after=60, kind=ErrorKind.MODEL_UNAVAILABLE,
         ) from exc
     if spec.vae:
-        pipe.vae = _load_vae(spec, dtype, allow_downloads)
+        pipe.vae = _load_vae(spec, dtype, allow_downloads, hub)
         pipe.register_modules(vae=pipe.vae)
     return pipe
 
 
-def _load_diffusers(spec: ModelSpec, dtype: torch.dtype, allow_downloads: bool) -> Any:
+def _load_diffusers(spec: ModelSpec, dtype: torch.dtype, allow_downloads: bool,
+                    hub: HubAccess | None) -> Any:
     from diffusers import DiffusionPipeline
 
     kwargs: dict[str, Any] = {"torch_dtype": dtype}
     if spec.family == "sd15":
         kwargs.update(safety_checker=None, requires_safety_checker=False)
     if spec.vae:
-        kwargs["vae"] = _load_vae(spec, dtype, allow_downloads)
+        kwargs["vae"] = _load_vae(spec, dtype, allow_downloads, hub)
     try:
-        return _from_pretrained(DiffusionPipeline, spec.source, allow_downloads, **kwargs)
+        return _from_pretrained(DiffusionPipeline, spec.source, allow_downloads, hub=hub,
+                                needed_by=spec.name, **kwargs)
     except Exception as exc:  # noqa: BLE001
         raise _unavailable(spec, spec.source, exc) from exc
 
 
-def _build(spec: ModelSpec, dtype: torch.dtype, device: torch.device, allow_downloads: bool) -> Any:
+def _build(spec: ModelSpec, dtype: torch.dtype, device: torch.device, allow_downloads: bool,
+           hub: HubAccess | None) -> Any:
     if spec.source == "builtin:random-sdxl":
         from app.engine.random_sdxl import build_random_sdxl
 
         return build_random_sdxl(dtype=dtype, device=device)
     if spec.kind == "single_file":
-        return _load_single_file(spec, dtype, allow_downloads)
+        return _load_single_file(spec, dtype, allow_downloads, hub)
     if spec.kind == "builtin":
         from app.engine import tiny
 
         return tiny.build_tiny_sdxl() if spec.source.endswith("sdxl") else tiny.build_tiny_sd15()
-    return _load_diffusers(spec, dtype, allow_downloads)
+    return _load_diffusers(spec, dtype, allow_downloads, hub)
 
 
 def _family_of(spec: ModelSpec, pipe: Any) -> Family:
@@ -192,6 +216,9 @@ def _quiet_libraries() -> None:
         logging.getLogger(name).setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", message=".*Already found a `peft_config`.*")
     warnings.filterwarnings("ignore", message=".*was active which is now deleted.*")
+    # diffusers still passes huggingface_hub an argument it ignores, and is told so on every
+    # lookup of a Hub repo (nothing the server's operator can act on)
+    warnings.filterwarnings("ignore", message=".*`local_dir_use_symlinks` argument is deprecated.*")
 
 
 def load_model(
@@ -199,6 +226,7 @@ def load_model(
     device: torch.device,
     *,
     allow_downloads: bool,
+    hub: HubAccess | None = None,
     lora_cache_size: int,
     compile: bool = False,
     exact_batches: bool = True,
@@ -214,7 +242,7 @@ def load_model(
     _quiet_libraries()
     started = time.perf_counter()
     dtype = choose_dtype(spec, device)
-    pipe = _build(spec, dtype, device, allow_downloads)
+    pipe = _build(spec, dtype, device, allow_downloads, hub)
     family = _family_of(spec, pipe)
     pipe.to(device)
     if spec.kind == "builtin" and dtype != pipe.unet.dtype:  # from_pretrained already chose

@@ -26,6 +26,7 @@ import torch
 from app.config import Settings
 from app.engine.availability import LoadFailures
 from app.engine.determinism import jobs_in_call
+from app.engine.hub import HubAccess, WaitingForWeights
 from app.engine.jobs import GenParams, Job, JobQueue, JobResult, WorkerSlot
 from app.engine.optimize import eager
 from app.engine.pipelines import LoadedModel, load_model
@@ -57,6 +58,7 @@ class Worker:
         metrics: Metrics,
         failures: LoadFailures,
         preload: Sequence[str] = (),
+        hub: HubAccess | None = None,
     ) -> None:
         self.name = name
         self.device = device
@@ -66,6 +68,7 @@ class Worker:
         self.metrics = metrics
         self.failures = failures
         self.preload = tuple(preload)
+        self.hub = hub
         self.slot = WorkerSlot(name)
         queue.register(self.slot)
         self.models: OrderedDict[str, LoadedModel] = OrderedDict()
@@ -120,6 +123,8 @@ class Worker:
                 continue
             try:
                 self.model(name)
+            except WaitingForWeights:  # the Hub notice named it, once for every such model
+                logger.info("%s: %s is not preloaded: it waits for its weights", self.name, name)
             except CraftError as exc:
                 logger.warning("%s: preload of %s failed: %s", self.name, name, exc.message)
 
@@ -177,6 +182,7 @@ class Worker:
                 spec,
                 self.device,
                 allow_downloads=settings.allow_downloads,
+                hub=self.hub,
                 lora_cache_size=settings.lora_cache_size,
                 compile=settings.compile,
                 exact_batches=settings.cpu_exact_batches,
