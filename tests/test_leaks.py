@@ -1,0 +1,91 @@
+"""What the server tells whom ("many keys, one box"): each test replays a leak over HTTP against
+a live server and shows it is closed.
+
+- /ready without a key: ready or not, state words, fixed reasons; no paths, no YAML, no
+  exception text (a valid key still gets the details);
+- URLs in answers from CRAFTSERVE_PUBLIC_URL, not from the request's Host;
+- security headers on every answer, the page and /docs under a Content-Security-Policy;
+- HEAD on every GET route;
+- /docs without a CDN.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.conftest import API_KEY, TINY_MODELS
+
+OTHER_KEY = "other-key-456"
+AUTH = {"Authorization": f"Bearer {API_KEY}"}
+OTHER = {"Authorization": f"Bearer {OTHER_KEY}"}
+
+
+@pytest.fixture(scope="module")
+def two_keys(make_server):
+    """tiny-sdxl, two keys; a preload model that cannot load (not on disk, no downloads)."""
+    models = TINY_MODELS + """
+  gone-xl:
+    source: craftserve-tests/model-that-does-not-exist
+    family: sdxl
+    preload: true
+"""
+    server = make_server(models, wait_ready=False, allow_downloads=False,
+                         api_keys=[API_KEY, OTHER_KEY])
+    deadline = time.monotonic() + 60
+    while not all(w["preloaded"] for w in server.ready().json()["workers"]):
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    return server
+
+
+# ---- 1. /ready --------------------------------------------------------------------------
+def _break_models_file(server) -> tuple[Path, str]:
+    """Rewrite the models file with an entry whose source is a path that does not exist, and
+    ask for a reload (refused: nothing changes, /ready's last_reload has the error)."""
+    models_file = Path(server.app.state.settings.models)
+    secret = "/srv/private-weights/customer-acme/model-v7"
+    models_file.write_text(models_file.read_text() + f"  broken:\n    source: {secret}\n")
+    with server.client() as c:
+        refused = c.post("/admin/reload", headers=AUTH)
+    assert refused.status_code == 500 and secret in refused.text
+    return models_file, secret
+
+
+def test_ready_without_a_key_has_no_paths_yaml_or_exception_text(two_keys) -> None:
+    models_file, secret = _break_models_file(two_keys)
+    with two_keys.client() as c:
+        public = c.get("/ready")
+        detailed = c.get("/ready", headers=OTHER)  # either key: the details
+    # load balancers: 503 either way (a preload model is unavailable)
+    assert public.status_code == detailed.status_code == 503
+    state = public.json()
+    assert set(state) == {"ready", "reasons", "models"}
+    assert state["ready"] is False
+    assert state["models"] == {"tiny-sdxl": "loaded", "gone-xl": "unavailable"}
+    assert state["reasons"] == ["gone-xl: unavailable"]
+    for leak in (secret, str(models_file), str(models_file.parent), "source", "huggingface",
+                 "craftserve-tests/", "does not exist", "last_reload", "cpu"):
+        assert leak not in public.text, leak
+    # a valid key sees what an operator needs: the failure's text and the reload's error
+    details = detailed.json()
+    assert "huggingface" in details["models"]["gone-xl"]
+    assert secret in details["last_reload"]["error"]
+    assert details["workers"] and "queue_depth" in details
+
+
+def test_ready_with_a_wrong_key_is_refused_and_counted(two_keys) -> None:
+    with two_keys.client() as c:
+        wrong = c.get("/ready", headers={"Authorization": "Bearer not-a-key"})
+        assert wrong.status_code == 403  # /ready is a VisionCraft-shaped route
+        assert "workers" not in wrong.text and "gone-xl" not in wrong.text
+        assert c.get("/ready", auth=("anyone", OTHER_KEY)).json()["workers"]  # Basic works too
+
+
+def test_ready_without_a_key_is_200_when_ready(client: httpx.Client) -> None:
+    answer = client.get("/ready")
+    assert answer.status_code == 200
+    assert answer.json() == {"ready": True, "reasons": [], "models": {"tiny-sdxl": "loaded"}}
