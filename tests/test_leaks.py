@@ -11,13 +11,14 @@ a live server and shows it is closed.
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
 import httpx
 import pytest
 
-from tests.conftest import API_KEY, TINY_MODELS
+from tests.conftest import API_KEY, TINY_MODELS, body, png
 
 OTHER_KEY = "other-key-456"
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
@@ -89,3 +90,79 @@ def test_ready_without_a_key_is_200_when_ready(client: httpx.Client) -> None:
     answer = client.get("/ready")
     assert answer.status_code == 200
     assert answer.json() == {"ready": True, "reasons": [], "models": {"tiny-sdxl": "loaded"}}
+
+
+# ---- 2. URLs in answers -------------------------------------------------------------------
+PUBLIC = "https://images.example.com/base"
+EVIL = {"Host": "attacker.example", "X-Forwarded-Host": "attacker.example",
+        "X-Forwarded-Proto": "http"}
+
+
+def _read_events(client, job_id: str, headers: dict) -> list[tuple[str, dict]]:
+    events, current = [], {}
+    with client.stream("GET", f"/jobs/{job_id}/events", headers=headers) as answer:
+        assert answer.status_code == 200
+        for line in answer.iter_lines():
+            if line.startswith(("event:", "data:")):
+                name, _, value = line.partition(":")
+                current[name] = value.strip()
+            elif not line and "event" in current:
+                events.append((current["event"], json.loads(current["data"])))
+                current = {}
+    return events
+
+
+def _local(url: str) -> str:
+    """The path of a public URL on this test server (the proxy in front would strip /base)."""
+    assert url.startswith(PUBLIC + "/"), url
+    return url.removeprefix(PUBLIC)
+
+
+@pytest.fixture(scope="module")
+def public_server(make_server):
+    return make_server(api_keys=[API_KEY, OTHER_KEY], public_url=PUBLIC + "/", max_batch=1)
+
+
+def test_without_a_public_url_links_follow_the_host_header(client: httpx.Client) -> None:
+    """Today's behaviour, kept when CRAFTSERVE_PUBLIC_URL is unset (and documented as the risk):
+    a client chooses the host of the links it is handed."""
+    answer = client.post("/generate", json=body(image_count=1), headers={"Host": "attacker.example"})
+    assert answer.json()["images"][0].startswith("http://attacker.example/images/")
+
+
+def test_every_url_in_an_answer_starts_with_the_public_url(public_server) -> None:
+    with public_server.client() as c:
+        # VisionCraft /generate, with another key
+        urls = c.post("/generate", json=body(image_count=2, token=OTHER_KEY), headers=EVIL).json()
+        assert len(urls["images"]) == 2
+        for url in urls["images"]:
+            png(c.get(_local(url)))
+        # OpenAI url answers
+        made = c.post("/v1/images/generations", headers={**AUTH, **EVIL},
+                      json={"model": "tiny-sdxl", "prompt": "a lighthouse", "size": "64x64",
+                            "response_format": "url", "n": 1})
+        assert made.status_code == 200, made.text
+        png(c.get(_local(made.json()["data"][0]["url"])))
+        # the job API: status, events and image URLs, in every answer that carries them
+        job = c.post("/jobs", json=body(steps=2), headers={**AUTH, **EVIL}).json()
+        for name in ("status_url", "events_url", "image_url"):
+            assert job[name] == f"{PUBLIC}/jobs/{job['id']}" + {"status_url": "", "events_url": "/events",
+                                                                 "image_url": "/image"}[name]
+        events = _read_events(c, job["id"], {**AUTH, **EVIL})
+        assert events[-1][0] == "done" and events[-1][1]["image_url"] == job["image_url"]
+        state = c.get(_local(job["status_url"]), headers={**AUTH, **EVIL}).json()
+        assert state["image_url"] == job["image_url"]
+        png(c.get(_local(job["image_url"]), headers=AUTH))
+        # nothing in any of these answers names the host the client sent
+        assert "attacker" not in json.dumps([urls, made.json(), job, events, state])
+
+
+@pytest.mark.parametrize("value", ["ftp://images.example.com", "https://images.example.com/?a=1",
+                                   "images.example.com", "https:///base", "https://x.example/#top"])
+def test_a_public_url_that_is_not_one_is_refused_at_start(value: str) -> None:
+    from pydantic import ValidationError
+
+    from app.config import Settings
+
+    with pytest.raises(ValidationError, match="CRAFTSERVE_PUBLIC_URL"):
+        Settings(public_url=value)
