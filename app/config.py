@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import json
 from functools import lru_cache
-from urllib.parse import urlsplit
 from pathlib import Path
 from typing import Annotated
+from urllib.parse import urlsplit
 
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
