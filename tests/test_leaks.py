@@ -12,6 +12,7 @@ a live server and shows it is closed.
 from __future__ import annotations
 
 import json
+import re
 import time
 from pathlib import Path
 
@@ -166,3 +167,173 @@ def test_a_public_url_that_is_not_one_is_refused_at_start(value: str) -> None:
 
     with pytest.raises(ValidationError, match="CRAFTSERVE_PUBLIC_URL"):
         Settings(public_url=value)
+
+
+# ---- 3. security headers ------------------------------------------------------------------
+def _images_and_job_answers(c: httpx.Client) -> dict[str, httpx.Response]:
+    """One answer of each kind that carries an image or a job's state, in every dialect."""
+    answers = {"sd": c.post("/sd", json=body())}
+    urls = c.post("/generate", json=body(image_count=1))
+    answers["generate"] = urls
+    answers["stored image"] = c.get(urls.json()["images"][0])
+    answers["openai"] = c.post("/v1/images/generations", headers=AUTH,
+                               json={"model": "tiny-sdxl", "prompt": "x", "size": "64x64",
+                                     "response_format": "url"})
+    answers["openai image"] = c.get(answers["openai"].json()["data"][0]["url"])
+    answers["a1111"] = c.post("/sdapi/v1/txt2img", auth=("u", API_KEY),
+                              json={"prompt": "x", "steps": 2, "width": 64, "height": 64})
+    answers["a1111 progress"] = c.get("/sdapi/v1/progress", auth=("u", API_KEY))
+    job = c.post("/jobs", json=body(steps=2), headers=AUTH)
+    answers["job"] = job
+    with c.stream("GET", f"/jobs/{job.json()['id']}/events", headers=AUTH) as events:
+        events.read()
+        answers["job events"] = events
+    answers["job state"] = c.get(f"/jobs/{job.json()['id']}", headers=AUTH)
+    answers["job image"] = c.get(f"/jobs/{job.json()['id']}/image", headers=AUTH)
+    return answers
+
+
+def test_images_and_answers_with_images_or_job_state_are_private_no_store(client) -> None:
+    for name, answer in _images_and_job_answers(client).items():
+        assert answer.status_code in (200, 202), (name, answer.text)
+        assert answer.headers["cache-control"] == "private, no-store", name
+        assert answer.headers["x-content-type-options"] == "nosniff", name
+
+
+def test_every_answer_says_nosniff_errors_included(server, client) -> None:
+    answers = {
+        "health": client.get("/health"),
+        "ready": client.get("/ready"),
+        "metrics": client.get("/metrics"),
+        "listing": client.get("/sd/models-sdxl"),
+        "not found": client.get("/no-such-route"),
+        "no key": client.post("/sd", json=body(token=...)),
+        "invalid": client.post("/sd", json=body(steps=999)),
+        "URL too long (edge)": client.get("/health?" + "x" * 9000),
+        "openai no key": client.get("/v1/models"),
+        "a1111 no key": client.get("/sdapi/v1/sd-models"),
+        "wrong method": client.get("/sd"),
+    }
+    engine = server.app.state.engine
+    real = engine.readiness
+    engine.readiness = lambda: 1 / 0  # a bug: FastAPI's ServerErrorMiddleware answers 500
+    try:
+        answers["500"] = client.get("/ready")
+    finally:
+        engine.readiness = real
+    assert answers["500"].status_code == 500
+    for name, answer in answers.items():
+        assert answer.headers.get("x-content-type-options") == "nosniff", name
+        assert "content-security-policy" not in answer.headers, name  # HTML only
+
+
+@pytest.mark.parametrize("path", ["/", "/docs"])
+def test_the_page_and_docs_run_under_a_self_only_policy(client, path: str) -> None:
+    answer = client.get(path)
+    assert answer.status_code == 200 and answer.headers["content-type"].startswith("text/html")
+    policy = dict(part.strip().split(" ", 1) for part in answer.headers["content-security-policy"].split(";"))
+    assert policy["default-src"] == "'none'"
+    assert policy["script-src"] == policy["style-src"] == policy["connect-src"] == "'self'"
+    assert policy["frame-ancestors"] == "'none'"
+    assert "unsafe-inline" not in answer.headers["content-security-policy"]
+    assert answer.headers["x-frame-options"] == "DENY"
+    assert answer.headers["referrer-policy"] == "no-referrer"
+    assert answer.headers["x-content-type-options"] == "nosniff"
+    # nothing inline the policy would block: scripts and styles are files of this server
+    html = answer.text
+    assert "<style" not in html and " style=" not in html and " on" not in html.replace("\n", " ")
+    assert re.findall(r"<script(?![^>]*\bsrc=)[^>]*>", html) == []
+    for ref in re.findall(r'(?:src|href)="([^"]+)"', html):
+        if ref.startswith(("#", "/docs")):
+            continue
+        asset = client.get(ref if ref.startswith("/") else "/" + ref)
+        assert asset.status_code == 200, ref
+        assert asset.headers["x-content-type-options"] == "nosniff"
+
+
+def test_a_public_url_on_another_origin_may_be_connected_to(public_server) -> None:
+    with public_server.client() as c:
+        policy = c.get("/").headers["content-security-policy"]
+    assert "connect-src 'self' https://images.example.com;" in policy
+
+
+# ---- 4. HEAD ------------------------------------------------------------------------------
+def _same_but_body(get: httpx.Response, head: httpx.Response) -> None:
+    assert head.status_code == get.status_code, (get.request.url, head.text)
+    assert head.content == b""
+    drop = {"date"}
+    assert {k: v for k, v in head.headers.items() if k not in drop} == \
+        {k: v for k, v in get.headers.items() if k not in drop}, get.request.url
+
+
+def test_head_answers_every_get_route_with_the_same_headers(two_keys) -> None:
+    with two_keys.client() as c:
+        urls = c.post("/generate", json=body(image_count=1, token=OTHER_KEY)).json()["images"]
+        made = c.post("/v1/images/generations", headers=OTHER,
+                      json={"model": "tiny-sdxl", "prompt": "x", "size": "64x64",
+                            "response_format": "url"}).json()
+        job = c.post("/jobs", json=body(steps=2), headers=AUTH).json()
+        _read_events(c, job["id"], AUTH)  # until done
+        routes = [
+            ("/", {}), ("/docs", {}), ("/static/app.js", {}), ("/openapi.json", {}),
+            ("/health", {}), ("/ready", {}), ("/ready", OTHER), ("/metrics", {}),
+            # VisionCraft
+            ("/sd/models-sdxl", {}), ("/sd/samplers", {}), ("/image/models/SDXL-1.0", {}),
+            (urls[0], {}), ("/images/no-such-key.png", {}),
+            # A1111
+            ("/sdapi/v1/sd-models", {"Authorization": "Basic dTpvdGhlci1rZXktNDU2"}),
+            ("/sdapi/v1/options", {}),  # no key: its 401
+            # OpenAI
+            ("/v1/models", OTHER), ("/v1/models/tiny-sdxl", OTHER), (made["data"][0]["url"], {}),
+            ("/v1/models", {"Authorization": "Bearer wrong"}),
+            # jobs: its key sees it, the other key gets the same 404 as for no job
+            (f"/jobs/{job['id']}", AUTH), (f"/jobs/{job['id']}/image", AUTH),
+            (f"/jobs/{job['id']}", OTHER),
+        ]
+        for url, headers in routes:
+            _same_but_body(c.get(url, headers=headers), c.head(url, headers=headers))
+        # a route without GET: HEAD is refused as GET is
+        assert c.head("/sd").status_code == c.get("/sd").status_code == 405
+
+
+def test_head_on_a_live_event_stream_answers_at_once_and_lets_go(two_keys) -> None:
+    tracker = two_keys.app.state.jobs
+    with two_keys.client(timeout=20) as c:
+        made = c.post("/jobs", json=body(steps=30, width=512, height=512), headers=AUTH)
+        assert made.status_code == 202, made.text
+        job = made.json()
+        try:
+            head = c.head(f"/jobs/{job['id']}/events", headers=AUTH)
+            assert head.status_code == 200 and head.content == b""
+            assert head.headers["content-type"].startswith("text/event-stream")
+            assert tracker.jobs[job["id"]].status in ("queued", "running")  # the stream is live
+            deadline = time.monotonic() + 10
+            while tracker.jobs[job["id"]].subscribers:  # the stream stopped: no subscriber left
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+        finally:
+            c.delete(f"/jobs/{job['id']}", headers=AUTH)
+
+
+# ---- 6. /docs without a CDN ---------------------------------------------------------------
+def test_docs_load_nothing_from_another_host(client) -> None:
+    html = client.get("/docs").text
+    assert not re.search(r"(?:src|href)=\"(?:https?:)?//", html)
+    assert "cdn" not in html.lower() and "http" not in html
+    assets = dict.fromkeys(re.findall(r'(?:src|href)="([^"]+)"', html))
+    assert len(assets) == 4  # favicon, Swagger UI's CSS and JS, the page's own init script
+    types = {".js": "text/javascript", ".css": "text/css", ".png": "image/png"}
+    for ref in assets:
+        answer = client.get("/" + ref)  # relative to /docs
+        assert answer.status_code == 200, ref
+        assert answer.headers["content-type"].split(";")[0] == types[Path(ref).suffix], ref
+        assert "http://" not in answer.text[:0]
+    bundle = client.get("/static/swagger/swagger-ui-bundle.js")
+    assert len(bundle.content) > 500_000 and b"SwaggerUIBundle" in bundle.content
+    assert client.get("/static/swagger/swagger-ui.css").text.startswith(".swagger-ui")
+    assert client.get("/static/docs.js").text.count('url: "openapi.json"') == 1
+    assert client.get("/openapi.json").status_code == 200
+    assert client.get("/redoc").status_code == 404  # ReDoc loaded from a CDN too: not served
+    assert client.get("/docs/oauth2-redirect").status_code == 404
+    assert client.get("/static/../app/main.py").status_code == 404
+    assert client.get("/static/swagger/LICENSE").status_code == 404  # only what /docs loads
