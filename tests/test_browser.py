@@ -135,6 +135,7 @@ def test_the_page_and_docs_work_under_their_content_security_policy(server, brow
     assert "frame-ancestors 'none'" in answer.headers["content-security-policy"]
     wait_until(page, "document.querySelector('#model').options.length > 0")
     assert page.evaluate("getComputedStyle(document.body).maxWidth") == "760px"  # app.css
+    assert page.evaluate("typeof craftSnippets.curlCommand") == "function"
     violations += page.evaluate("window.__violations || []")
 
     page.goto(server.url + "/docs")

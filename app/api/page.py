@@ -21,6 +21,7 @@ router = APIRouter(include_in_schema=False)
 _FILES = {
     "app.js": "text/javascript",
     "app.css": "text/css",
+    "snippets.js": "text/javascript",
     "docs.js": "text/javascript",
     "swagger/swagger-ui-bundle.js": "text/javascript",
     "swagger/swagger-ui.css": "text/css",
