@@ -337,3 +337,24 @@ def test_docs_load_nothing_from_another_host(client) -> None:
     assert client.get("/docs/oauth2-redirect").status_code == 404
     assert client.get("/static/../app/main.py").status_code == 404
     assert client.get("/static/swagger/LICENSE").status_code == 404  # only what /docs loads
+
+
+def test_the_short_ready_body_keeps_only_fixed_words() -> None:
+    """Both engines' bodies (this machine's workers; Ray replicas, whose failures name the
+    replica): every state that is not a known word is "unavailable", every reason fixed."""
+    from app.engine.readiness import NO_REPLICA, public_readiness, readiness_body
+
+    models = {"a": "loaded", "b": "unavailable: loading it failed (OSError) /srv/weights/b",
+              "c": "replica-1: unavailable: /models/c.safetensors is truncated",
+              "d": "loading", "e": "loads on first request"}
+    _, body = readiness_body(models=models, preload=["a", "b", "c", "d"], accepting=False,
+                             workers=[{"name": "w0", "device": "cuda:0"}], queue_depth=3,
+                             last_reload=None, first=[NO_REPLICA],
+                             last=["worker-0-cuda:0: not ready", "/etc/secret: something new"])
+    assert public_readiness(body) == {
+        "ready": False,
+        "models": {"a": "loaded", "b": "unavailable", "c": "unavailable", "d": "loading",
+                   "e": "loads on first request"},
+        "reasons": [NO_REPLICA, "b: unavailable", "c: unavailable", "d: loading",
+                    "the server is shutting down", "a worker is not ready", "not ready"],
+    }
