@@ -10,6 +10,7 @@ import json
 from functools import lru_cache
 from pathlib import Path
 from typing import Annotated
+from urllib.parse import urlsplit
 
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -23,6 +24,11 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
     models: Path = Path("models.yaml")
+    # Where clients reach the server, e.g. "https://images.example.com/base": every URL an
+    # answer carries (/generate's images, OpenAI `url`, the job API's URLs) starts with it.
+    # Unset: built from each request's scheme and Host header, which a client chooses
+    # (app.api.urls); set it on any server reached through a name or a proxy.
+    public_url: str | None = None
 
     # Auth. Keys from CRAFTSERVE_API_KEYS (comma-separated) and/or a file with one key a line.
     api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list)
@@ -179,6 +185,27 @@ class Settings(BaseSettings):
                 name = name.partition(":")[0]
             names.append(name)
         return names
+
+    @field_validator("public_url")
+    @classmethod
+    def _check_public_url(cls, value: str | None) -> str | None:
+        if value is None or not value.strip():
+            return None
+        text = value.strip()
+        parts = urlsplit(text)
+        problem = (
+            "its scheme must be http or https" if parts.scheme.lower() not in ("http", "https")
+            else "it names no host" if not parts.hostname
+            else "it must not have a query (?...)" if parts.query or text.endswith("?")
+            else "it must not have a fragment (#...)" if parts.fragment or "#" in text
+            else "it must not hold a user or password" if parts.username or parts.password
+            else None
+        )
+        if problem is not None:
+            raise ValueError(f"CRAFTSERVE_PUBLIC_URL {text!r}: {problem}; give the address clients "
+                             "reach the server at, e.g. https://images.example.com or "
+                             "https://example.com/images")
+        return text.rstrip("/")
 
     @field_validator("rate_limit")
     @classmethod

@@ -14,6 +14,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp
 
 from app import __version__
 from app.api import a1111, admin, health, jobs, openai_images, openapi, page, visioncraft
@@ -22,7 +23,9 @@ from app.api.admin import Reloads
 from app.api.edge import EdgeLimits
 from app.api.errors import ErrorInfo, ErrorRenderers
 from app.api.guards import RequestGuards, allowed_hosts
+from app.api.head import HeadAsGet
 from app.api.job_tracker import JobTracker
+from app.api.security_headers import SecurityHeaders
 from app.auth import Authenticator
 from app.config import Settings, get_settings
 from app.engine.engine import Engine
@@ -182,6 +185,8 @@ def create_app(settings: Settings | None = None, engine_factory: EngineFactory =
         version=__version__,
         description="Self-hosted, VisionCraft-compatible image generation on diffusers.",
         lifespan=lifespan,
+        docs_url=None,  # /docs is served from the package (app.api.page), not from a CDN
+        redoc_url=None,
     )
     app.state.settings = settings
     app.state.registry = registry
@@ -211,4 +216,17 @@ def create_app(settings: Settings | None = None, engine_factory: EngineFactory =
     renderers.register("/v1/", openai_images.render_error)
     _install_error_handlers(app, metrics, renderers)
     openapi.install(app)
+    _wrap_outside(app, settings)
     return app
+
+
+def _wrap_outside(app: FastAPI, settings: Settings) -> None:
+    """HEAD as GET (app.api.head) and the security headers (app.api.security_headers) go
+    outside FastAPI's whole stack, its ServerErrorMiddleware included, so that every answer,
+    a 500 too, gets them (`add_middleware` would put them inside it)."""
+    build = app.build_middleware_stack
+
+    def build_middleware_stack() -> ASGIApp:
+        return SecurityHeaders(HeadAsGet(build()), public_url=settings.public_url)
+
+    app.build_middleware_stack = build_middleware_stack  # type: ignore[method-assign]

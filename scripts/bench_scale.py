@@ -40,7 +40,8 @@ def wait_ready(url: str, replicas: int, timeout: float = 180) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
-            state = httpx.get(url + "/ready", timeout=5).json()
+            state = httpx.get(url + "/ready", headers={"Authorization": f"Bearer {KEY}"},
+                              timeout=5).json()
             if state["ready"] and len(state["workers"]) == replicas:
                 return
         except (httpx.HTTPError, ValueError):

@@ -380,7 +380,7 @@ def run(args: argparse.Namespace) -> dict:
         if alive:
             soak.record("client threads", "unfinished", None, f"{len(alive)} still running")
         with httpx.Client(base_url=url, timeout=30) as c:
-            ready = c.get("/ready").json()
+            ready = c.get("/ready", headers={"Authorization": f"Bearer {KEY}"}).json()
         rss_end = rss_mb(pid)
         routes = sorted({r for r, _ in soak.counts})
         figures.update({

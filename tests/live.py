@@ -17,6 +17,7 @@ from pathlib import Path
 import httpx
 import uvicorn
 
+from app.auth import parse_key_entry
 from app.cli import uvicorn_options
 from app.config import Settings
 from app.main import create_app
@@ -27,6 +28,9 @@ ROOT = Path(__file__).resolve().parent.parent
 class LiveServer:
     def __init__(self, settings: Settings) -> None:
         self.app = create_app(settings)
+        keys = [parse_key_entry(k).key for k in settings.all_api_keys()]
+        # /ready shows its details (workers, failures' text) to a request with a valid key
+        self.ready_headers = {"Authorization": f"Bearer {keys[0]}"} if keys else {}
         # IPPROTO_TCP explicitly: asyncio then sets TCP_NODELAY on accepted connections, as
         # on the socket `craftserve serve` lets uvicorn create. With protocol 0 it does not,
         # and each keep-alive response waits ~40 ms for the client's delayed ACK (Nagle).
@@ -51,15 +55,20 @@ class LiveServer:
         return self
 
     def wait_ready(self, timeout: float = 120.0) -> dict:
-        """Poll /ready until 200, a model is reported unavailable, or the timeout."""
+        """Poll /ready (with the first key: its details) until 200, a model is reported
+        unavailable, or the timeout."""
         deadline = time.monotonic() + timeout
         while True:
-            answer = httpx.get(self.url + "/ready", timeout=10)
+            answer = httpx.get(self.url + "/ready", headers=self.ready_headers, timeout=10)
             state = answer.json()
             failed = [r for r in state.get("reasons", []) if "unavailable" in r]
             if answer.status_code == 200 or failed or time.monotonic() > deadline:
                 return state
             time.sleep(0.05)
+
+    def ready(self) -> httpx.Response:
+        """GET /ready with the first key: the detailed answer (workers, failures' text)."""
+        return httpx.get(self.url + "/ready", headers=self.ready_headers, timeout=10)
 
     def client(self, **kwargs) -> httpx.Client:
         return httpx.Client(base_url=self.url, timeout=kwargs.pop("timeout", 120), **kwargs)

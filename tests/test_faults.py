@@ -72,7 +72,7 @@ def expected(server: LiveServer, **fields) -> bytes:
 
 
 def workers_alive(server: LiveServer) -> list[bool]:
-    state = httpx.get(server.url + "/ready", timeout=10).json()
+    state = server.ready().json()
     return [w["alive"] for w in state["workers"]]
 
 
@@ -206,7 +206,7 @@ def test_model_load_fault_is_503_then_the_model_loads(faulty: LiveServer, refere
                                      "loading it failed")
         assert "Retry-After" in answer.headers
         assert calls == ["tiny-sd15"]
-        state = httpx.get(faulty.url + "/ready", timeout=10).json()
+        state = faulty.ready().json()
         assert state["models"]["tiny-sd15"].startswith("unavailable")
         assert workers_alive(faulty) == [True]
         # the other model is untouched meanwhile

@@ -101,7 +101,7 @@ def test_shipped_models_file_offline(make_server, monkeypatch: pytest.MonkeyPatc
                          allow_downloads=False)
     with server.client() as c:
         deadline = time.monotonic() + 60
-        while not all(w["preloaded"] for w in c.get("/ready").json()["workers"]):
+        while not all(w["preloaded"] for w in server.ready().json()["workers"]):
             assert time.monotonic() < deadline
             time.sleep(0.05)
         ready = c.get("/ready")

@@ -65,7 +65,7 @@ def test_unavailable_model_is_503_and_ready_says_why(make_server) -> None:
     deadline = time.monotonic() + 60
     with server.client() as c:
         while True:
-            state = c.get("/ready")
+            state = server.ready()
             if all(w["preloaded"] for w in state.json()["workers"]) or time.monotonic() > deadline:
                 break
             time.sleep(0.05)

@@ -59,7 +59,7 @@ class Cluster:
         return httpx.Client(base_url=self.url, timeout=120, **kwargs)
 
     def ready(self) -> dict:
-        return httpx.get(self.url + "/ready", timeout=10).json()
+        return httpx.get(self.url + "/ready", headers=AUTH, timeout=10).json()
 
     def wait(self, predicate, what: str, timeout: float = 90) -> dict:  # noqa: ANN001
         deadline = time.monotonic() + timeout
@@ -331,7 +331,7 @@ def test_killed_replica_fails_only_its_jobs_and_is_replaced(cluster: Cluster) ->
                                                                    height=128, token=KEYS[i])))
                      for i in range(16)]
             while True:  # kill it while it runs a job
-                state = (await c.get("/ready")).json()
+                state = (await c.get("/ready", headers=AUTH)).json()
                 if any(w["name"] == victim["name"] and w["running"] for w in state["workers"]):
                     break
                 await asyncio.sleep(0.05)

@@ -55,7 +55,7 @@ def url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 
 def replicas(url: str) -> int:
-    state = httpx.get(url + "/ready", timeout=10).json()
+    state = httpx.get(url + "/ready", headers={"Authorization": f"Bearer {API_KEY}"}, timeout=10).json()
     return len(state["workers"]) if state["ready"] else 0
 
 

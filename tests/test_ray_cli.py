@@ -26,7 +26,8 @@ def wait(url: str, predicate, what: str, proc: subprocess.Popen, timeout: float 
     while True:
         assert proc.poll() is None, f"craftserve serve --ray exited: {proc.stdout.read()[-3000:]}"
         try:
-            state = httpx.get(url + "/ready", timeout=5).json()
+            state = httpx.get(url + "/ready", headers={"Authorization": f"Bearer {API_KEY}"},
+                              timeout=5).json()
             if predicate(state):
                 return state
         except (httpx.HTTPError, ValueError):

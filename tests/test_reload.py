@@ -44,7 +44,7 @@ def _write(models_file: Path, text: str) -> None:
 def _wait_unloaded(c: httpx.Client, name: str) -> dict:
     deadline = time.monotonic() + 30
     while True:
-        state = c.get("/ready").json()
+        state = c.get("/ready", headers=AUTH).json()
         if all(name not in w["models"] for w in state["workers"]):
             return state
         assert time.monotonic() < deadline, state
@@ -68,7 +68,7 @@ def test_added_changed_and_removed_models(make_server, setup):
     with server.client() as c:
         before = c.post("/sd", json=body(model="folder-sd15"))
         png(before)
-        assert "folder-sd15" in c.get("/ready").json()["workers"][0]["models"]
+        assert "folder-sd15" in c.get("/ready", headers=AUTH).json()["workers"][0]["models"]
 
         # nothing changed
         report = c.post("/admin/reload", headers=AUTH).json()
@@ -126,7 +126,7 @@ def test_removed_model_finishes_its_running_job_and_answers_its_waiting_ones(mak
             assert time.monotonic() < deadline
             time.sleep(0.02)
         waiting = pool.submit(c.post, "/sd", json=body(model="folder-sd15", seed=8))
-        while c.get("/ready").json()["queue_depth"] < 1:
+        while c.get("/ready", headers=AUTH).json()["queue_depth"] < 1:
             assert time.monotonic() < deadline and not running.done()
             time.sleep(0.02)
         _write(models_file, _models(folder, with_folder=False))
@@ -149,7 +149,7 @@ def test_invalid_file_changes_nothing(make_server, setup):
         assert "reload failed, nothing changed" in answer.json()["detail"]
         a1111 = c.post("/sdapi/v1/refresh-checkpoints", auth=("u", API_KEY))
         assert a1111.status_code == 500 and "nothing changed" in a1111.json()["detail"]
-        assert c.get("/ready").json()["last_reload"]["error"]
+        assert c.get("/ready", headers=AUTH).json()["last_reload"]["error"]
         png(c.post("/sd", json=body(model="folder-sd15")))
 
 
@@ -165,7 +165,8 @@ def test_sighup_reloads_the_real_process(tmp_path: Path):
         while "tiny-sd15" not in httpx.get(url + "/sd/models-sd", timeout=5).json():
             assert time.monotonic() < deadline and proc.poll() is None
             time.sleep(0.1)
-        assert httpx.get(url + "/ready", timeout=5).json()["last_reload"]["added"] == ["tiny-sd15"]
+        state = httpx.get(url + "/ready", headers=AUTH, timeout=5).json()
+        assert state["last_reload"]["added"] == ["tiny-sd15"]
     finally:
         proc.send_signal(signal.SIGTERM)
         out, _ = proc.communicate(timeout=60)

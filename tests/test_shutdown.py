@@ -26,7 +26,8 @@ def test_sigterm_finishes_running_and_refuses_waiting(tmp_path: Path) -> None:
             time.sleep(0.5)  # the first job is now on the worker
             waiting = [pool.submit(c.post, "/sd", json=body(seed=s)) for s in (2, 3)]
             deadline = time.monotonic() + 30
-            while httpx.get(url + "/ready", timeout=5).json()["queue_depth"] < 2:
+            auth = {"Authorization": f"Bearer {API_KEY}"}  # /ready's queue_depth needs a key
+            while httpx.get(url + "/ready", headers=auth, timeout=5).json()["queue_depth"] < 2:
                 assert time.monotonic() < deadline and not running.done()
                 time.sleep(0.02)
             assert not running.done()

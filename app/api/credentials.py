@@ -112,27 +112,50 @@ _bearer = _Documented("bearer", "a craftserve API key")
 _basic = _Documented("basic", "any user name, the craftserve API key as the password")
 
 
+async def presented_key(request: Request, auth: AuthDep) -> str | None:
+    """The key the request carries, None without one. A body `token` comes first: a client
+    behind a proxy with HTTP Basic auth of its own still reaches craftserve with the key in its
+    body. An Authorization header that carries no key is a failed key check (401, counted
+    against the address), except with anonymous access, where it is ignored."""
+    key = await body_key(request)
+    if key is not None:
+        return key
+    found = header_key(request.headers.get("authorization"))
+    if isinstance(found, Unreadable):
+        if auth.allow_anonymous:
+            return None
+        host = client_host(request)
+        auth.failures.check(host)
+        auth.failures.record(host)
+        raise Unauthorized(f"Invalid API key: the Authorization header carries none, "
+                           f"{found.reason}; {HOW_TO_SEND_A_KEY}")
+    return found
+
+
 async def caller(request: Request, auth: AuthDep, _bearer_doc: Annotated[None, Depends(_bearer)],
                  _basic_doc: Annotated[None, Depends(_basic)]) -> str:
     """The caller's label (a key's, or an anonymous address's with --allow-anonymous); 401
-    (`Unauthorized`) without a valid key. A body `token` comes first: a client behind a proxy
-    with HTTP Basic auth of its own still reaches craftserve with the key in its body."""
-    host = client_host(request)
-    key = await body_key(request)
+    (`Unauthorized`) without a valid key."""
+    return auth.authenticate(await presented_key(request, auth), client_host(request))
+
+
+async def optional_caller(request: Request, auth: AuthDep,
+                          _bearer_doc: Annotated[None, Depends(_bearer)],
+                          _basic_doc: Annotated[None, Depends(_basic)]) -> str | None:
+    """The label of the key the request carries, or None when it carries none: for routes
+    that answer everyone and tell a caller with a key more (/ready). A key that is sent is
+    checked as on every route: a wrong one is 401 and counts against the address, so the
+    route is no way to try keys unthrottled. An anonymous label (--allow-anonymous) is never
+    returned: it is not a key."""
+    key = await presented_key(request, auth)
     if key is None:
-        found = header_key(request.headers.get("authorization"))
-        if isinstance(found, Unreadable):
-            if not auth.allow_anonymous:  # anonymous access: a header that is not a key is ignored
-                auth.failures.check(host)
-                auth.failures.record(host)
-                raise Unauthorized(f"Invalid API key: the Authorization header carries none, "
-                                   f"{found.reason}; {HOW_TO_SEND_A_KEY}")
-            found = None
-        key = found
-    return auth.authenticate(key, host)
+        return None
+    label = auth.authenticate(key, client_host(request))
+    return label if label in auth.entries else None
 
 
 CallerDep = Annotated[str, Depends(caller)]
+OptionalCallerDep = Annotated[str | None, Depends(optional_caller)]
 
 
 def generating_caller(client: CallerDep, auth: AuthDep) -> str:

@@ -22,6 +22,7 @@ from fastapi import Request
 from PIL import Image
 
 from app.api.generation import encode_result
+from app.api.urls import public_url_for
 from app.config import Settings
 from app.engine.jobs import Job
 from app.engine.protocol import EngineAPI
@@ -69,7 +70,7 @@ class TrackedJob:
             "eta_s": self.eta_s(),
             "seed": self.job.params.seed,
             "error": self.error,
-            "image_url": str(request.url_for("job_image", job_id=self.id))
+            "image_url": public_url_for(request, "job_image", job_id=self.id)
             if self.status == "done" else None,
         }
 

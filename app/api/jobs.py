@@ -20,6 +20,7 @@ from app.api.credentials import CallerDep, GeneratingCallerDep, QueueShareDep
 from app.api.deps import EngineDep, ImagesDep, RegistryDep, SettingsDep
 from app.api.generation import submit_job
 from app.api.job_tracker import TERMINAL, JobTracker, TrackedJob, end, position_of, publish
+from app.api.urls import public_url_for
 from app.api.visioncraft import to_image_request
 from app.api.visioncraft.models import ErrorBody, JobRequest
 from app.errors import ErrorKind, JobConflict, JobNotFound, Unavailable
@@ -64,12 +65,12 @@ async def create_job(body: JobRequest, request: Request, client: GeneratingCalle
     tracked = TrackedJob(id=job.id, client=client, job=job)
     tracked.queue_position = position_of(engine, job)
     publish(tracked, "queued", {"position": tracked.queue_position})
-    image_url = str(request.url_for("job_image", job_id=job.id))
+    image_url = public_url_for(request, "job_image", job_id=job.id)
     tracker.follow(tracked, engine, images, image_url)
     return {
         "id": job.id,
-        "status_url": str(request.url_for("job_status", job_id=job.id)),
-        "events_url": str(request.url_for("job_events", job_id=job.id)),
+        "status_url": public_url_for(request, "job_status", job_id=job.id),
+        "events_url": public_url_for(request, "job_events", job_id=job.id),
         "image_url": image_url,
     }
 

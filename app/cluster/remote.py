@@ -28,7 +28,7 @@ from app.cluster.board import REPORT_EVERY_S
 from app.cluster.wire import DONE, ERROR, PREVIEW, PROGRESS, STARTED, JobCall, error_from_wire
 from app.config import Settings
 from app.engine.jobs import GenParams, Job, JobResult
-from app.engine.readiness import model_states, preload_split, readiness_body
+from app.engine.readiness import NO_REPLICA, model_states, preload_split, readiness_body
 from app.engine.reload import ReloadReport, fingerprint, reload_into
 from app.errors import CraftError, ErrorKind, InternalError, Unavailable
 from app.metrics import Metrics
@@ -260,8 +260,7 @@ class RemoteEngine:
             for r in replicas
         ]
         self.metrics.workers_ready.set(sum(1 for r in replicas if r["alive"] and r["preloaded"]))
-        no_replica = [] if replicas else [
-            "no generation replica is up yet (Ray Serve is starting or replacing them)"]
+        no_replica = [] if replicas else [NO_REPLICA]
         return readiness_body(
             models=models, preload=preload, accepting=self.accepting, workers=workers,
             queue_depth=len(self._waiting) + sum(r["queue_depth"] for r in replicas),

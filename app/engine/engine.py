@@ -14,7 +14,7 @@ from app.config import Settings
 from app.engine.availability import LoadFailures
 from app.engine.hub import HubAccess, missing_repos
 from app.engine.jobs import GenParams, Job, JobQueue, new_job_id
-from app.engine.readiness import model_states, preload_split, readiness_body
+from app.engine.readiness import WORKER_NOT_READY, model_states, preload_split, readiness_body
 from app.engine.reload import ReloadReport, fingerprint, reload_into
 from app.engine.worker import Worker
 from app.errors import CraftError, ErrorKind, InvalidParameter, Unavailable
@@ -251,5 +251,5 @@ class Engine:
         return readiness_body(
             models=models, preload=self.preload, accepting=self.accepting, workers=workers,
             queue_depth=len(self.queue), last_reload=self.last_reload,
-            last=[f"{name}: not ready" for name in not_ready],
+            last=[f"{name}: {WORKER_NOT_READY}" for name in not_ready],
         )

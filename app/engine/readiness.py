@@ -3,6 +3,10 @@
 The Engine (this machine's workers) and RemoteEngine (the Ray ingress, over its replicas)
 differ only in where they learn which models are loaded or failed and what their `workers`
 list holds; the rules and the JSON are written once, here.
+
+/ready answers everyone (load balancers send no key), but a failed model's state and a failed
+reload carry exception text: file paths, lines of the models file. `public_readiness` is what
+a request without a key sees: ready or not, each model's state word, reasons in fixed words.
 """
 
 from __future__ import annotations
@@ -11,6 +15,14 @@ from collections.abc import Callable, Container, Iterable
 
 from app.engine.reload import ReloadReport
 from app.registry import Registry
+
+SHUTTING_DOWN = "the server is shutting down"
+NO_REPLICA = "no generation replica is up yet (Ray Serve is starting or replacing them)"
+WORKER_NOT_READY = "not ready"  # a worker's reason: "<worker>: not ready"
+# The states a model can be in, as /ready shows them to a request without a key; a model in
+# any other state (its failure, with the exception's text) shows as "unavailable".
+STATE_WORDS = ("loaded", "loading", "loads on first request")
+UNAVAILABLE = "unavailable"
 
 
 def preload_split(registry: Registry, per_device: int) -> tuple[list[str], list[str]]:
@@ -45,7 +57,7 @@ def readiness_body(*, models: dict[str, str], preload: Iterable[str], accepting:
     `first`, each preload model not loaded, shutting down, then `last`."""
     reasons = [*first, *(f"{n}: {models[n]}" for n in preload if models[n] != "loaded")]
     if not accepting:
-        reasons.append("the server is shutting down")
+        reasons.append(SHUTTING_DOWN)
     reasons += last
     ready = not reasons
     body = {"ready": ready, "reasons": reasons, "models": models, "workers": workers,
@@ -53,3 +65,29 @@ def readiness_body(*, models: dict[str, str], preload: Iterable[str], accepting:
     if last_reload is not None:
         body["last_reload"] = last_reload.as_dict()
     return ready, body
+
+
+def state_word(state: str) -> str:
+    """A model's state without its details: one of STATE_WORDS, else "unavailable"."""
+    return state if state in STATE_WORDS else UNAVAILABLE
+
+
+def public_readiness(body: dict) -> dict:
+    """/ready's body for a request without a key: `ready`, each model's state word, and the
+    reasons in fixed words (a preload model's state word; shutting down; no replica yet; a
+    worker not ready). No worker, device, path, models-file or exception text."""
+    models = {name: state_word(str(state)) for name, state in body.get("models", {}).items()}
+    reasons: list[str] = []
+    for reason in body.get("reasons", []):
+        name = max((n for n in models if reason.startswith(f"{n}: ")), key=len, default=None)
+        if name is not None:
+            public = f"{name}: {models[name]}"
+        elif reason in (SHUTTING_DOWN, NO_REPLICA):
+            public = reason
+        elif reason.endswith(f": {WORKER_NOT_READY}"):
+            public = f"a worker is {WORKER_NOT_READY}"
+        else:
+            public = "not ready"  # a reason this list does not know: none of its words
+        if public not in reasons:
+            reasons.append(public)
+    return {"ready": bool(body.get("ready")), "reasons": reasons, "models": models}

@@ -127,11 +127,6 @@ $("cancel").addEventListener("click", async () => {
   const state = await answer.json();
   if (!answer.ok) showError(state); else $("status").textContent = state.status;
 });
-$("curl").addEventListener("click", () => navigator.clipboard.writeText(
-  `curl -X POST ${location.origin}/jobs -H 'Authorization: Bearer YOUR_KEY' -H 'Content-Type: application/json' -d '${JSON.stringify(lastBody)}'`));
-$("py").addEventListener("click", () => {
-  const b = lastBody;
-  navigator.clipboard.writeText(`import requests\n\nanswer = requests.post("${location.origin}/sd", json={"token": "YOUR_KEY", ${
-    Object.entries(b).filter(([k]) => k !== "previews").map(([k, v]) => `"${k}": ${JSON.stringify(v)}`).join(", ")}})\nopen("image.png", "wb").write(answer.content)\n`);
-});
+$("curl").addEventListener("click", () => navigator.clipboard.writeText(craftSnippets.curlCommand(location.origin, lastBody)));
+$("py").addEventListener("click", () => navigator.clipboard.writeText(craftSnippets.pythonSnippet(location.origin, lastBody)));
 showKey();

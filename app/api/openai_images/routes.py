@@ -21,6 +21,7 @@ from app.api.openai_images.models import (
     error_doc,
 )
 from app.api.openai_images.translate import image_request, model_named, size_of
+from app.api.urls import public_url_for
 from app.config import Settings
 from app.imaging import MEDIA_TYPES
 from app.registry import Registry
@@ -59,7 +60,7 @@ async def create_images(
                 for blob in encoded]
     else:
         keys = images.put_many(encoded, MEDIA_TYPES[output_format], owner=client)  # all of them kept
-        data = [{"url": str(request.url_for("openai_image_file", key=key, ext=output_format)),
+        data = [{"url": public_url_for(request, "openai_image_file", key=key, ext=output_format),
                  "revised_prompt": None} for key in keys]
     return JSONResponse({"created": int(time.time()), "data": data, "output_format": output_format,
                          "size": f"{width}x{height}"})

@@ -9,6 +9,7 @@ from fastapi.responses import Response
 from app.api.credentials import GeneratingCallerDep, QueueShareDep
 from app.api.deps import EngineDep, ImagesDep, RegistryDep, SettingsDep
 from app.api.generation import Generated, ImageRequest, generate_images
+from app.api.urls import public_url_for
 from app.api.visioncraft.models import (
     ErrorBody,
     GenerateRequest,
@@ -108,7 +109,7 @@ async def generate(
     generated = await _generate(body, body.image_count, request, client, share, engine, registry,
                                 settings)
     keys = images.put_many([image.data for image in generated], owner=client)
-    return ImageUrls(images=[str(request.url_for("stored_image", key=key)) for key in keys])
+    return ImageUrls(images=[public_url_for(request, "stored_image", key=key) for key in keys])
 
 
 @router.get("/images/{key}.png", name="stored_image", response_class=Response,
