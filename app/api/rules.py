@@ -4,7 +4,8 @@ The dialects (VisionCraft, A1111, OpenAI, the job API) translate their bodies on
 their own defaults and field names differ, the rules do not. Server-wide limits that an
 operator sets (prompt length, A1111 sizes and steps, images a request) come from the settings
 and every message names the setting. Names and values are quoted at most `SHOWN_CHARS`
-characters long: a client may send a megabyte anywhere.
+characters long (`shown`, in app.errors with the errors that quote them): a client may send a
+megabyte anywhere.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from typing import Annotated, Any
 from pydantic import BeforeValidator
 
 from app.config import Settings
-from app.errors import InvalidParameter
+from app.errors import InvalidParameter, shown
 from app.prompt_syntax import PromptSyntaxError, parse_prompt
 
 MAX_SEED = 2**32 - 1  # seeds are 0..MAX_SEED; -1 or absent: random
@@ -25,14 +26,6 @@ MIN_SIDE = 64  # pixels, width and height, in every dialect
 MIN_CFG, MAX_CFG = 1.0, 30.0  # cfg_scale, in every dialect
 DEFAULT_CFG = 7.0  # cfg_scale where a body is silent (VisionCraft, A1111 and OpenAI agree)
 MAX_NAME_LENGTH = 200  # model, sampler, scheduler, LoRA, VAE names: longer ones are refused unread
-SHOWN_CHARS = 60  # a value quoted in a message is cut to this many characters
-
-
-def shown(value: str, limit: int = SHOWN_CHARS) -> str:
-    """A value for a message, cut short."""
-    return value if len(value) <= limit else f"{value[:limit]}... ({len(value)} characters)"
-
-
 def _setting(name: str | None) -> str:
     return f" (setting CRAFTSERVE_{name})" if name else ""
 
@@ -129,3 +122,4 @@ def _lora_weights(value: Any) -> Any:
 Int = Annotated[int, BeforeValidator(_no_bool)]
 Number = Annotated[float, BeforeValidator(_no_bool)]
 Loras = Annotated[dict[str, float], BeforeValidator(_lora_weights)]
+
