@@ -10,6 +10,7 @@ megabyte anywhere.
 
 from __future__ import annotations
 
+import json
 import math
 from typing import Annotated, Any
 
@@ -123,3 +124,73 @@ Int = Annotated[int, BeforeValidator(_no_bool)]
 Number = Annotated[float, BeforeValidator(_no_bool)]
 Loras = Annotated[dict[str, float], BeforeValidator(_lora_weights)]
 
+
+# ---- text that is not Unicode -------------------------------------------------------------------
+def _lone_surrogate(text: str) -> int:
+    """The index of the first lone surrogate in `text` (JSON decodes a `\\ud800` escape without
+    its pair to one), or -1."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as bad:
+        return bad.start
+    return -1
+
+
+_Where = tuple  # (the parent's _Where or None, key or index): a path, built only when needed
+
+
+def _path(where: _Where | None) -> str:
+    parts: list[str] = []
+    while where is not None:
+        where, part = where
+        parts.append(shown(str(part).encode("utf-8", "backslashreplace").decode("utf-8"), 40))
+    return ".".join(reversed(parts)) or "body"
+
+
+def _surrogate_rule(text: str, at: int, what: str = "text") -> str:
+    return (f"{what} must be valid Unicode; character {at} is a lone surrogate "
+            f"(\\u{ord(text[at]):04x}), a \\u escape of half a UTF-16 pair; send the pair or the "
+            "character itself")
+
+
+def check_unicode(data: Any) -> None:
+    """422 for text anywhere in a parsed JSON body, object keys included, that is not valid
+    Unicode: a lone surrogate (a `\\ud800` escape without its pair). No encoder takes such text:
+    the tokenizer fails, and so would every answer that quotes it. The message names the path
+    of one of them (`prompt`, `override_settings.sd_vae`, `loras.<name>`, `styles.0`, the
+    name escaped and cut short) and quotes a few characters around it, escaped. A body without
+    such text costs about what parsing it did (its JSON text made again at C speed encodes);
+    one with it, a walk of the parsed body in Python, iterative (a body may nest as deep as the
+    JSON parser goes), a few times that."""
+    try:
+        json.dumps(data, ensure_ascii=False).encode("utf-8")
+        return
+    except (UnicodeEncodeError, RecursionError, ValueError):
+        pass  # find it
+    if isinstance(data, str):
+        _check_text(None, data)
+    stack: list[tuple[_Where | None, Any]] = [(None, data)]
+    while stack:  # containers only; their strings are checked as they are met
+        where, value = stack.pop()
+        if isinstance(value, dict):
+            for key, item in value.items():
+                if not key.isascii():
+                    _check_text((where, key), key, "an object key")
+                if isinstance(item, str):
+                    if not item.isascii():
+                        _check_text((where, key), item)
+                elif isinstance(item, dict | list):
+                    stack.append(((where, key), item))
+        elif isinstance(value, list):
+            for index, item in enumerate(value):
+                if isinstance(item, str):
+                    if not item.isascii():
+                        _check_text((where, index), item)
+                elif isinstance(item, dict | list):
+                    stack.append(((where, index), item))
+
+
+def _check_text(where: _Where | None, text: str, what: str = "text") -> None:
+    at = _lone_surrogate(text)
+    if at >= 0:
+        raise InvalidParameter(_path(where), text[max(0, at - 20):at + 20], _surrogate_rule(text, at, what))
