@@ -129,6 +129,20 @@ class InvalidParameter(CraftError):
         self.value = value
 
 
+class TooManyPromptChunks(InvalidParameter):
+    """A prompt (or negative prompt) that encodes to more chunks of 75 tokens than the setting
+    CRAFTSERVE_MAX_PROMPT_CHUNKS allows (422): every chunk is one more pass of the text
+    encoders and 77 more tokens every denoising step attends to. `at_least`: the count is a
+    lower bound (counted before the model's tokenizer is at hand)."""
+
+    def __init__(self, field: str, count: int, limit: int, *, at_least: bool = False) -> None:
+        counted = f"at least {count}" if at_least else str(count)
+        super().__init__(field, f"<{counted} chunks>",
+                         f"{field} encodes to {counted} chunks of 75 tokens (each BREAK starts a new "
+                         f"one); at most {limit} are accepted (setting CRAFTSERVE_MAX_PROMPT_CHUNKS)")
+        self.count = count
+
+
 class NotServed(CraftError):
     """A name (model, sampler, LoRA, ...) that this server does not serve (422). The message
     quotes the name short, suggests close served names and lists at most LISTED_NAMES."""

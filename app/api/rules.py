@@ -17,8 +17,8 @@ from typing import Annotated, Any
 from pydantic import BeforeValidator
 
 from app.config import Settings
-from app.errors import InvalidParameter, shown
-from app.prompt_syntax import PromptSyntaxError, parse_prompt
+from app.errors import InvalidParameter, TooManyPromptChunks, shown
+from app.prompt_syntax import PromptSyntaxError, least_chunks, parse_prompt
 
 MAX_SEED = 2**32 - 1  # seeds are 0..MAX_SEED; -1 or absent: random
 MAX_LORA_WEIGHT = 10.0  # a LoRA weight lies within ±MAX_LORA_WEIGHT
@@ -75,6 +75,16 @@ def check_prompt_syntax(field: str, text: str) -> None:
         parse_prompt(text)
     except PromptSyntaxError as exc:
         raise InvalidParameter(field, exc.fragment, exc.rule) from None
+
+
+def check_prompt_chunks(field: str, text: str, settings: Settings) -> None:
+    """422 for a prompt that surely encodes to more than CRAFTSERVE_MAX_PROMPT_CHUNKS chunks of
+    75 tokens (each BREAK starts one), before it is queued: `least_chunks`, a count that needs
+    no tokenizer and never exceeds the encoder's. The worker counts exactly with the model's
+    tokenizer before encoding anything (app.engine.worker) and refuses the rest the same way."""
+    count = least_chunks(text)
+    if count > settings.max_prompt_chunks:
+        raise TooManyPromptChunks(field, count, settings.max_prompt_chunks, at_least=True)
 
 
 def check_clip_skip(field: str, value: object) -> int:

@@ -6,9 +6,10 @@ pristine config, activates exactly the batch's LoRAs and resets them afterwards,
 answers every job of the batch, whatever happens. It never dies with a job: deliberate
 errors go to their jobs, anything else is logged with its traceback and answered 500.
 
-A job never fails the jobs batched with it, whoever sent them: a batch that fails for a reason
-that is not the whole batch's (a bug, one job's input) is run again in halves down to the job
-at fault (`_run_jobs`); only that job gets the error. A model
+A job never fails the jobs batched with it, whoever sent them: prompts are checked one job at
+a time before anything is encoded (the model's tokenizer, CRAFTSERVE_MAX_PROMPT_CHUNKS), and a
+batch that fails for a reason that is not the whole batch's (a bug, one job's input) is run
+again in halves down to the job at fault (`_run_jobs`); only that job gets the error. A model
 that cannot be loaded, and memory that runs out after the retries, concern every job alike.
 
 It meets the rest of the server only through what it is given: the queue it takes from,
@@ -37,7 +38,7 @@ from app.engine.pipelines import LoadedModel, load_model
 from app.engine.previews import approx_cheap
 from app.engine.prompts import PromptEncoder
 from app.engine.schedulers import make_scheduler
-from app.errors import CraftError, ErrorKind, InternalError, LoraError, Unavailable
+from app.errors import CraftError, ErrorKind, InternalError, LoraError, TooManyPromptChunks, Unavailable
 from app.metrics import Metrics
 from app.registry import ModelSpec
 
@@ -249,7 +250,9 @@ class Worker:
             logger.exception("%s: batch %s failed", self.name, [j.id for j in live])
             self._fail(live, _internal(live[0]))
             return
-        self._run_jobs(model, live, first=True)
+        live = self._checked_prompts(model, live)
+        if live:
+            self._run_jobs(model, live, first=True)
 
     def _present(self, jobs: list[Job]) -> list[Job]:
         """The jobs whose clients are still there; the others are answered (cancelled) now."""
@@ -258,6 +261,35 @@ class Worker:
             self._fail(gone, Unavailable("the client went away before its job started",
                                          kind=ErrorKind.CANCELLED))
         return [job for job in jobs if not job.cancelled.is_set()] if gone else jobs
+
+    def _checked_prompts(self, model: LoadedModel, jobs: list[Job]) -> list[Job]:
+        """The jobs whose prompts this model's tokenizer can read and which encode to at most
+        CRAFTSERVE_MAX_PROMPT_CHUNKS chunks (an exact count; the HTTP side refused what was
+        surely over before queueing). Any other job is answered on its own now, before
+        anything is encoded: 422 over the limit, 500 naming the job if its prompt breaks the
+        tokenizer."""
+        encoder = model.prompts
+        if encoder is None:  # the pipeline encodes (and truncates) every prompt itself
+            return jobs
+        limit = self.settings.max_prompt_chunks
+        kept = []
+        for job in jobs:
+            p = job.params
+            try:
+                for field, text in (("prompt", p.prompt), ("negative_prompt", p.negative_prompt)):
+                    if text and encoder.needs_encoding(text, p.clip_skip, p.embeddings):
+                        count = encoder.chunk_count(text, p.embeddings)
+                        if count > limit:
+                            raise TooManyPromptChunks(field, count, limit)
+            except CraftError as exc:
+                self._fail([job], exc)
+                continue
+            except Exception:
+                logger.exception("%s: job %s: its prompts cannot be tokenized", self.name, job.id)
+                self._fail([job], _internal(job))
+                continue
+            kept.append(job)
+        return kept
 
     def _run_jobs(self, model: LoadedModel, jobs: list[Job], *, first: bool = False) -> None:
         """Generate `jobs` as one batch and answer each. An error that concerns the whole batch
