@@ -72,6 +72,9 @@ class Settings(BaseSettings):
 
     # Request limits.
     max_prompt_length: int = Field(2000, ge=1, description="characters, prompt and negative prompt")
+    # Chunks of 75 tokens a prompt (and a negative prompt) may encode to; each BREAK starts one.
+    # Each is another pass of the text encoders and 77 more tokens for every denoising step.
+    max_prompt_chunks: int = Field(8, ge=1)
     max_loras: int = Field(5, ge=0)
 
     # Queue and batching.

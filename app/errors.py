@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import difflib
 import math
+import reprlib
 import sys
 from collections.abc import Iterable
 from enum import Enum
@@ -94,34 +95,78 @@ class CraftError(Exception):
             self.kind = kind
 
 
+SHOWN_CHARS = 60  # a value quoted in a message is cut to this many characters
+LISTED_NAMES = 20  # an unknown name's answer lists at most this many of the served ones
+
+
+def shown(value: str, limit: int = SHOWN_CHARS) -> str:
+    """A value for a message, cut short: a client may send a megabyte anywhere."""
+    return value if len(value) <= limit else f"{value[:limit]}... ({len(value)} characters)"
+
+
+_SHORT_REPR = reprlib.Repr()  # (keyword arguments only from Python 3.12)
+_SHORT_REPR.maxlevel = 2
+_SHORT_REPR.maxdict = _SHORT_REPR.maxlist = _SHORT_REPR.maxtuple = _SHORT_REPR.maxset = 4
+_SHORT_REPR.maxstring = _SHORT_REPR.maxlong = _SHORT_REPR.maxother = SHOWN_CHARS
+
+
+def quoted(value: object) -> str:
+    """`repr(value)` for a message, at most a few times SHOWN_CHARS characters and made in
+    time bounded the same way, whatever the value (a string cut by `shown` already is quoted
+    whole). repr escapes what is not printable, lone surrogates included, so the message can
+    always be encoded."""
+    if isinstance(value, str):
+        return repr(value if len(value) <= 2 * SHOWN_CHARS else shown(value))
+    return _SHORT_REPR.repr(value)
+
+
 class InvalidParameter(CraftError):
     """A request field has a value the server refuses (422). The message reads
     "This server doesn't have <field> <value>: <rule>", the phrase the VisionCraft wrapper
-    parses to name the parameter (`InvalidParam.param`)."""
+    parses to name the parameter (`InvalidParam.param`). The value is quoted short (`quoted`)."""
 
     status = 422
     kind = ErrorKind.INVALID_PARAMETER
 
     def __init__(self, field: str, value: object, rule: str) -> None:
-        super().__init__(f"This server doesn't have {field} {value!r}: {rule}")
+        super().__init__(f"This server doesn't have {field} {quoted(value)}: {rule}")
         self.field = field
         self.value = value
 
 
+class TooManyPromptChunks(InvalidParameter):
+    """A prompt (or negative prompt) that encodes to more chunks of 75 tokens than the setting
+    CRAFTSERVE_MAX_PROMPT_CHUNKS allows (422): every chunk is one more pass of the text
+    encoders and 77 more tokens every denoising step attends to. `at_least`: the count is a
+    lower bound (counted before the model's tokenizer is at hand)."""
+
+    def __init__(self, field: str, count: int, limit: int, *, at_least: bool = False) -> None:
+        counted = f"at least {count}" if at_least else str(count)
+        super().__init__(field, f"<{counted} chunks>",
+                         f"{field} encodes to {counted} chunks of 75 tokens (each BREAK starts a new "
+                         f"one); at most {limit} are accepted (setting CRAFTSERVE_MAX_PROMPT_CHUNKS)")
+        self.count = count
+
+
 class NotServed(CraftError):
-    """A name (model, sampler, LoRA, ...) that this server does not serve (422)."""
+    """A name (model, sampler, LoRA, ...) that this server does not serve (422). The message
+    quotes the name short, suggests close served names and lists at most LISTED_NAMES."""
 
     status = 422
     kind = ErrorKind.NOT_SERVED
 
     def __init__(self, field: str, value: str, available: Iterable[str]) -> None:
         names = sorted(available)
-        exact_case = [n for n in names if n.lower() == value.lower()]
-        close = list(dict.fromkeys(exact_case + difflib.get_close_matches(value, names, n=3, cutoff=0.5)))
+        # a name longer than any served one is compared by its start: difflib's cost grows with it
+        probe = value[: 4 * SHOWN_CHARS]
+        exact_case = [n for n in names if n.lower() == probe.lower()]
+        close = list(dict.fromkeys(exact_case + difflib.get_close_matches(probe, names, n=3, cutoff=0.5)))
         hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
-        listing = ", ".join(names) if names else "none"
+        listing = ", ".join(names[:LISTED_NAMES]) if names else "none"
+        if len(names) > LISTED_NAMES:
+            listing += f" and {len(names) - LISTED_NAMES} more"
         super().__init__(
-            f"This server doesn't have {field} '{value}'.{hint} Available: {listing}"
+            f"This server doesn't have {field} {quoted(value)}.{hint} Available: {listing}"
         )
         self.field = field
         self.value = value

@@ -31,7 +31,7 @@ from app.config import Settings, get_settings
 from app.engine.engine import Engine
 from app.engine.lora_fit import match_loras
 from app.engine.protocol import EngineAPI
-from app.errors import CraftError, ErrorKind
+from app.errors import CraftError, ErrorKind, quoted, shown
 from app.imaging import ImageStore
 from app.metrics import Metrics
 from app.registry import Registry, load_registry
@@ -39,13 +39,13 @@ from app.registry import Registry, load_registry
 logger = logging.getLogger(__name__)
 
 
-def _short(value: object, limit: int = 80) -> str:
-    text = repr(value)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
+def _loc(err: dict) -> list:
+    """The error's location, each part cut short (a JSON object key may be a megabyte)."""
+    return [shown(p) if isinstance(p, str) else p for p in err.get("loc", ())]
 
 
 def _field_of(err: dict) -> str:
-    loc = [str(p) for p in err.get("loc", ())]
+    loc = [str(p) for p in _loc(err)]
     return ".".join(loc[1:] if loc and loc[0] == "body" else loc) or "body"
 
 
@@ -79,7 +79,7 @@ def describe_validation_errors(errors: list[dict]) -> str:
                          "send a JSON object")
         else:
             rule = _rule(field, str(err.get("msg", "invalid")))
-            parts.append(f"This server doesn't have {field} {_short(err.get('input'))}: {rule}")
+            parts.append(f"This server doesn't have {field} {quoted(err.get('input'))}: {rule}")
     return "; ".join(parts)
 
 
@@ -94,7 +94,7 @@ def _install_error_handlers(app: FastAPI, metrics: Metrics, renderers: ErrorRend
     async def invalid_request(request: Request, exc: RequestValidationError) -> Response:
         metrics.errors.labels(ErrorKind.INVALID_PARAMETER).inc()
         errors = [
-            {"loc": list(e.get("loc", ())), "msg": e.get("msg"), "type": e.get("type")}
+            {"loc": _loc(e), "msg": e.get("msg"), "type": e.get("type")}
             for e in exc.errors()
         ]
         fields = [_field_of(e) for e in exc.errors()]

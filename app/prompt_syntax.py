@@ -20,15 +20,20 @@ the rules of AUTOMATIC1111's web UI (its "Original" emphasis; this is our own co
 
 Adjacent pieces of equal weight are merged. The encoder half (tokens, chunks, emphasis,
 embeddings) is app.engine.prompts.
+
+`least_chunks` is how many 75-token chunks a prompt encodes to at least, whatever CLIP
+tokenizer encodes it, counted without one (the HTTP side refuses prompts over
+CRAFTSERVE_MAX_PROMPT_CHUNKS with it before they are queued; the worker counts exactly).
 """
 
 from __future__ import annotations
 
 import math
 import re
+import unicodedata
 from dataclasses import dataclass
 
-__all__ = ["MAX_WEIGHT", "Piece", "PromptSyntaxError", "is_plain", "parse_prompt"]
+__all__ = ["MAX_WEIGHT", "Piece", "PromptSyntaxError", "is_plain", "least_chunks", "parse_prompt"]
 
 MAX_WEIGHT = 100.0
 ROUND_FACTOR = 1.1
@@ -160,3 +165,40 @@ def is_plain(prompt: str, pieces: list[Piece]) -> bool:
     """True when the syntax changes nothing: one piece, the prompt itself, weight 1."""
     return len(pieces) == 1 and not pieces[0].is_break and pieces[0].weight == 1.0 \
         and pieces[0].text == prompt
+
+
+CHUNK_TOKENS = 75  # content tokens a chunk holds (BOS and EOS around them make 77)
+# The units CLIP's tokenizers split text into before BPE (its pattern, `[\p{L}]+`, `[\p{N}]`,
+# `[^\s\p{L}\p{N}]+`, contractions apart): each becomes at least one token.
+_PRE_TOKEN = re.compile(r"[^\W\d_]+|\d|(?:[^\w\s]|_)+")
+
+
+def _least_tokens(text: str) -> int:
+    """A lower bound of the tokens any CLIP tokenizer makes of `text`: its pre-tokenizer units
+    after the normalizations that can merge units (composition; dropping combining marks,
+    which would otherwise split a run). Contractions and BPE only ever make more."""
+    text = unicodedata.normalize("NFC", text)
+    if not text.isascii():
+        text = "".join(c for c in unicodedata.normalize("NFD", text) if not unicodedata.combining(c))
+    return sum(1 for _ in _PRE_TOKEN.finditer(text))
+
+
+def least_chunks(prompt: str) -> int:
+    """How many chunks the prompt encoder (app.engine.prompts) makes of `prompt` at least, with
+    any CLIP tokenizer: each BREAK closes a chunk (empty ones too), a run of text between BREAKs
+    takes a chunk for each 75 tokens begun, and a run after the last BREAK only if it has text.
+    Exact for prompts of BREAKs and short text; the comma backtrack and embeddings only add.
+    Raises PromptSyntaxError as parse_prompt does."""
+    pieces = parse_prompt(prompt)
+    chunks = 0
+    tokens = 0
+    breaks = 0
+    for piece in pieces:
+        if piece.is_break:
+            chunks += max(1, math.ceil(tokens / CHUNK_TOKENS))
+            tokens = 0
+            breaks += 1
+        else:
+            tokens += _least_tokens(piece.text)
+    last = math.ceil(tokens / CHUNK_TOKENS)
+    return chunks + (last if last or breaks else 1)

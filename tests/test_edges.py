@@ -192,4 +192,4 @@ def test_each_limit_is_defined_once() -> None:
     assert {"MAX_SEED", "MIN_SIDE", "MAX_NAME_LENGTH", "DEFAULT_CFG", "MAX_CFG"} <= set(where)
     assert {name: paths for name, paths in where.items() if len(paths) > 1} == {}
     assert {name: paths for name, paths in functions.items() if len(paths) > 1} == {}
-    assert functions["shown"] == ["api/rules.py"] and functions["check_range"] == ["api/rules.py"]
+    assert functions["shown"] == ["errors.py"] and functions["check_range"] == ["api/rules.py"]

@@ -17,12 +17,19 @@ A missing or wrong key raises `Unauthorized` (401); each dialect renders it in i
 learns nothing about the server's rules. A valid key without the `admin` role on an operator
 route raises `NotAdmin` (403 in every dialect).
 
+They also hold the one check every JSON body gets, whatever its route and dialect, once the
+key is known (and, for routes that queue work, counted): text that is not valid Unicode (a lone
+surrogate) anywhere in it is a 422 naming its path (app.api.rules.check_unicode), before any
+route reads the body. Such text would fail the tokenizer inside a batch, and every answer that
+quoted it.
+
 The client address is the connection's peer, or the address a proxy named in
 CRAFTSERVE_TRUSTED_PROXIES forwards (uvicorn reads `X-Forwarded-For` only from those; app.cli).
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 from typing import Annotated
@@ -32,6 +39,7 @@ from fastapi.openapi.models import HTTPBase
 from fastapi.security.base import SecurityBase
 
 from app.api.deps import AuthDep, SettingsDep
+from app.api.rules import check_unicode
 from app.auth import ANONYMOUS, HOW_TO_SEND_A_KEY
 from app.errors import NotAdmin, Unauthorized
 
@@ -132,11 +140,41 @@ async def presented_key(request: Request, auth: AuthDep) -> str | None:
     return found
 
 
-async def caller(request: Request, auth: AuthDep, _bearer_doc: Annotated[None, Depends(_bearer)],
-                 _basic_doc: Annotated[None, Depends(_basic)]) -> str:
+async def readable_body(request: Request) -> None:
+    """422 for a JSON body holding text that is not valid Unicode (`check_unicode`). The parsed
+    body is the one FastAPI parsed (Starlette keeps it); the walk is skipped when the bytes
+    cannot hold a lone surrogate: UTF-8 (no byte order mark, no NUL among the first four bytes,
+    as the JSON parser detects encodings), with no `\\u` escape and no 0xED byte (that starts
+    a surrogate's UTF-8 form, which the JSON parser decodes as one)."""
+    if request.method in ("GET", "HEAD", "DELETE"):
+        return
+    body = await request.body()
+    if not body or (b"\\u" not in body and b"\xed" not in body and b"\x00" not in body[:4]
+                    and not body.startswith((b"\xff\xfe", b"\xfe\xff"))):
+        return
+    try:
+        data = await request.json()
+    except ValueError:
+        return  # not JSON: FastAPI answers it (this runs only where it could parse it)
+    # Off the event loop: finding a lone surrogate in a body of many small items is a walk in
+    # Python, a few times the parse's cost, which other requests should not wait for.
+    await asyncio.to_thread(check_unicode, data)
+
+
+async def _identified(request: Request, auth: AuthDep, _bearer_doc: Annotated[None, Depends(_bearer)],
+                      _basic_doc: Annotated[None, Depends(_basic)]) -> str:
     """The caller's label (a key's, or an anonymous address's with --allow-anonymous); 401
     (`Unauthorized`) without a valid key."""
     return auth.authenticate(await presented_key(request, auth), client_host(request))
+
+
+IdentifiedDep = Annotated[str, Depends(_identified)]
+
+
+async def caller(client: IdentifiedDep, request: Request) -> str:
+    """The caller's label (`_identified`); then the body's text is checked (`readable_body`)."""
+    await readable_body(request)
+    return client
 
 
 async def optional_caller(request: Request, auth: AuthDep,
@@ -158,10 +196,12 @@ CallerDep = Annotated[str, Depends(caller)]
 OptionalCallerDep = Annotated[str | None, Depends(optional_caller)]
 
 
-def generating_caller(client: CallerDep, auth: AuthDep) -> str:
-    """`caller`, and the request counts against the caller's rate limit (429 past it). Every
-    route that queues work uses this one; discovery and status routes use `caller`."""
+async def generating_caller(client: IdentifiedDep, auth: AuthDep, request: Request) -> str:
+    """`caller`, and the request counts against the caller's rate limit (429 past it) before
+    its body is checked or validated, so an invalid body counts too. Every route that queues
+    work uses this one; discovery and status routes use `caller`."""
     auth.admit(client)
+    await readable_body(request)
     return client
 
 

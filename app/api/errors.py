@@ -3,13 +3,16 @@
 Every deliberate error (app.errors.CraftError), every body that fails validation and every
 HTTP error (unknown route, ...) becomes an `ErrorInfo`; the renderer registered for the
 request's path prefix (`/sdapi/` A1111, `/v1/` OpenAI) turns it into a response, and the
-VisionCraft shape serves every other path.
+VisionCraft shape serves every other path. Whatever an error quotes, its answer can be encoded:
+text that is not valid Unicode (a lone surrogate from a JSON `\\ud800` escape) is escaped
+before any renderer sees it, never answered as a 500 from the JSON encoder.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
+from typing import Any
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
@@ -28,6 +31,28 @@ class ErrorInfo:
 
 
 Renderer = Callable[[Request, ErrorInfo], Response]
+
+
+def encodable(value: Any) -> Any:
+    """`value` (text, or lists and dicts of it) with every lone surrogate written as its escape
+    (`\\ud800`), so that UTF-8 can encode it; anything else as it is."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return value.encode("utf-8", "backslashreplace").decode("utf-8")
+        return value
+    if isinstance(value, list | tuple):
+        return [encodable(v) for v in value]
+    if isinstance(value, dict):
+        return {encodable(k): encodable(v) for k, v in value.items()}
+    return value
+
+
+def _encodable_info(info: ErrorInfo) -> ErrorInfo:
+    return dataclasses.replace(
+        info, message=encodable(info.message), field=encodable(info.field),
+        errors=None if info.errors is None else encodable(info.errors))
 
 
 def visioncraft_message(info: ErrorInfo) -> str:
@@ -67,6 +92,7 @@ class ErrorRenderers:
         self._by_prefix.sort(key=lambda item: -len(item[0]))  # the longest prefix wins
 
     def render(self, request: Request, info: ErrorInfo) -> Response:
+        info = _encodable_info(info)
         path = request.url.path
         for prefix, renderer in self._by_prefix:
             if path.startswith(prefix):

@@ -16,7 +16,13 @@ from dataclasses import dataclass, field, replace
 
 from fastapi import Request
 
-from app.api.rules import MAX_SEED, check_clip_skip, check_prompt_length, check_prompt_syntax
+from app.api.rules import (
+    MAX_SEED,
+    check_clip_skip,
+    check_prompt_chunks,
+    check_prompt_length,
+    check_prompt_syntax,
+)
 from app.config import Settings
 from app.engine.jobs import GenParams, Job, JobResult
 from app.engine.protocol import EngineAPI
@@ -108,6 +114,7 @@ def to_params(body: ImageRequest, registry: Registry, settings: Settings) -> Gen
         text = getattr(body, name)
         check_prompt_length(name, text, settings)
         check_prompt_syntax(name, text)
+        check_prompt_chunks(name, text, settings)
     clip_skip = 1 if body.clip_skip is None else check_clip_skip("clip_skip", body.clip_skip)
     sampler = resolve_sampler(body.sampler or spec.default_sampler or DEFAULT_SAMPLER, body.scheduler)
     if len(body.loras) > settings.max_loras:

@@ -4,19 +4,21 @@ The dialects (VisionCraft, A1111, OpenAI, the job API) translate their bodies on
 their own defaults and field names differ, the rules do not. Server-wide limits that an
 operator sets (prompt length, A1111 sizes and steps, images a request) come from the settings
 and every message names the setting. Names and values are quoted at most `SHOWN_CHARS`
-characters long: a client may send a megabyte anywhere.
+characters long (`shown`, in app.errors with the errors that quote them): a client may send a
+megabyte anywhere.
 """
 
 from __future__ import annotations
 
+import json
 import math
 from typing import Annotated, Any
 
 from pydantic import BeforeValidator
 
 from app.config import Settings
-from app.errors import InvalidParameter
-from app.prompt_syntax import PromptSyntaxError, parse_prompt
+from app.errors import InvalidParameter, TooManyPromptChunks, shown
+from app.prompt_syntax import PromptSyntaxError, least_chunks, parse_prompt
 
 MAX_SEED = 2**32 - 1  # seeds are 0..MAX_SEED; -1 or absent: random
 MAX_LORA_WEIGHT = 10.0  # a LoRA weight lies within ±MAX_LORA_WEIGHT
@@ -25,14 +27,6 @@ MIN_SIDE = 64  # pixels, width and height, in every dialect
 MIN_CFG, MAX_CFG = 1.0, 30.0  # cfg_scale, in every dialect
 DEFAULT_CFG = 7.0  # cfg_scale where a body is silent (VisionCraft, A1111 and OpenAI agree)
 MAX_NAME_LENGTH = 200  # model, sampler, scheduler, LoRA, VAE names: longer ones are refused unread
-SHOWN_CHARS = 60  # a value quoted in a message is cut to this many characters
-
-
-def shown(value: str, limit: int = SHOWN_CHARS) -> str:
-    """A value for a message, cut short."""
-    return value if len(value) <= limit else f"{value[:limit]}... ({len(value)} characters)"
-
-
 def _setting(name: str | None) -> str:
     return f" (setting CRAFTSERVE_{name})" if name else ""
 
@@ -83,6 +77,16 @@ def check_prompt_syntax(field: str, text: str) -> None:
         raise InvalidParameter(field, exc.fragment, exc.rule) from None
 
 
+def check_prompt_chunks(field: str, text: str, settings: Settings) -> None:
+    """422 for a prompt that surely encodes to more than CRAFTSERVE_MAX_PROMPT_CHUNKS chunks of
+    75 tokens (each BREAK starts one), before it is queued: `least_chunks`, a count that needs
+    no tokenizer and never exceeds the encoder's. The worker counts exactly with the model's
+    tokenizer before encoding anything (app.engine.worker) and refuses the rest the same way."""
+    count = least_chunks(text)
+    if count > settings.max_prompt_chunks:
+        raise TooManyPromptChunks(field, count, settings.max_prompt_chunks, at_least=True)
+
+
 def check_clip_skip(field: str, value: object) -> int:
     """A clip skip as A1111's CLIP_stop_at_last_layers: a whole number 1..12 (422 otherwise)."""
     whole = isinstance(value, int | float) and not isinstance(value, bool) \
@@ -129,3 +133,74 @@ def _lora_weights(value: Any) -> Any:
 Int = Annotated[int, BeforeValidator(_no_bool)]
 Number = Annotated[float, BeforeValidator(_no_bool)]
 Loras = Annotated[dict[str, float], BeforeValidator(_lora_weights)]
+
+
+# ---- text that is not Unicode -------------------------------------------------------------------
+def _lone_surrogate(text: str) -> int:
+    """The index of the first lone surrogate in `text` (JSON decodes a `\\ud800` escape without
+    its pair to one), or -1."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as bad:
+        return bad.start
+    return -1
+
+
+_Where = tuple  # (the parent's _Where or None, key or index): a path, built only when needed
+
+
+def _path(where: _Where | None) -> str:
+    parts: list[str] = []
+    while where is not None:
+        where, part = where
+        parts.append(shown(str(part).encode("utf-8", "backslashreplace").decode("utf-8"), 40))
+    return ".".join(reversed(parts)) or "body"
+
+
+def _surrogate_rule(text: str, at: int, what: str = "text") -> str:
+    return (f"{what} must be valid Unicode; character {at} is a lone surrogate "
+            f"(\\u{ord(text[at]):04x}), a \\u escape of half a UTF-16 pair; send the pair or the "
+            "character itself")
+
+
+def check_unicode(data: Any) -> None:
+    """422 for text anywhere in a parsed JSON body, object keys included, that is not valid
+    Unicode: a lone surrogate (a `\\ud800` escape without its pair). No encoder takes such text:
+    the tokenizer fails, and so would every answer that quotes it. The message names the path
+    of one of them (`prompt`, `override_settings.sd_vae`, `loras.<name>`, `styles.0`, the
+    name escaped and cut short) and quotes a few characters around it, escaped. A body without
+    such text costs about what parsing it did (its JSON text made again at C speed encodes);
+    one with it, a walk of the parsed body in Python, iterative (a body may nest as deep as the
+    JSON parser goes), a few times that."""
+    try:
+        json.dumps(data, ensure_ascii=False).encode("utf-8")
+        return
+    except (UnicodeEncodeError, RecursionError, ValueError):
+        pass  # find it
+    if isinstance(data, str):
+        _check_text(None, data)
+    stack: list[tuple[_Where | None, Any]] = [(None, data)]
+    while stack:  # containers only; their strings are checked as they are met
+        where, value = stack.pop()
+        if isinstance(value, dict):
+            for key, item in value.items():
+                if not key.isascii():
+                    _check_text((where, key), key, "an object key")
+                if isinstance(item, str):
+                    if not item.isascii():
+                        _check_text((where, key), item)
+                elif isinstance(item, dict | list):
+                    stack.append(((where, key), item))
+        elif isinstance(value, list):
+            for index, item in enumerate(value):
+                if isinstance(item, str):
+                    if not item.isascii():
+                        _check_text((where, index), item)
+                elif isinstance(item, dict | list):
+                    stack.append(((where, index), item))
+
+
+def _check_text(where: _Where | None, text: str, what: str = "text") -> None:
+    at = _lone_surrogate(text)
+    if at >= 0:
+        raise InvalidParameter(_path(where), text[max(0, at - 20):at + 20], _surrogate_rule(text, at, what))

@@ -6,6 +6,12 @@ pristine config, activates exactly the batch's LoRAs and resets them afterwards,
 answers every job of the batch, whatever happens. It never dies with a job: deliberate
 errors go to their jobs, anything else is logged with its traceback and answered 500.
 
+A job never fails the jobs batched with it, whoever sent them: prompts are checked one job at
+a time before anything is encoded (the model's tokenizer, CRAFTSERVE_MAX_PROMPT_CHUNKS), and a
+batch that fails for a reason that is not the whole batch's (a bug, one job's input) is run
+again in halves down to the job at fault (`_run_jobs`); only that job gets the error. A model
+that cannot be loaded, and memory that runs out after the retries, concern every job alike.
+
 It meets the rest of the server only through what it is given: the queue it takes from,
 the settings, the model specs, the metrics and the load-failure record.
 """
@@ -33,7 +39,7 @@ from app.engine.pipelines import LoadedModel, load_model
 from app.engine.previews import approx_cheap
 from app.engine.prompts import PromptEncoder
 from app.engine.schedulers import make_scheduler
-from app.errors import CraftError, ErrorKind, InternalError, Unavailable
+from app.errors import CraftError, ErrorKind, InternalError, LoraError, TooManyPromptChunks, Unavailable
 from app.metrics import Metrics
 from app.registry import ModelSpec
 
@@ -44,6 +50,19 @@ OutOfMemory = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
 
 class _Interrupted(Exception):
     """Raised from the step callback when every client of a running batch is gone."""
+
+
+def _concerns_the_batch(exc: CraftError) -> bool:
+    """An error every job of the batch would get alone too, so none is run again: the model
+    cannot be served, memory ran out even after the retries (Unavailable), the batch's LoRAs
+    (every job of a batch has the same) cannot be used, another server-side error. A bug (not
+    a CraftError), or a CraftError about a request's own input, may be one job's."""
+    return isinstance(exc, Unavailable | LoraError) or exc.status >= 500
+
+
+def _internal(job: Job) -> InternalError:
+    return InternalError(f"internal error while generating (job {job.id}); the server log has the "
+                         "details and the server goes on serving")
 
 
 class Worker:
@@ -225,34 +244,93 @@ class Worker:
         for job in batch:
             job.started_at = now
             self.metrics.queue_wait.observe(now - job.enqueued_at)
-        live = [job for job in batch if not job.cancelled.is_set()]
-        gone = [job for job in batch if job.cancelled.is_set()]
-        if gone:
-            self._fail(gone, Unavailable("the client went away before its job started",
-                                         kind=ErrorKind.CANCELLED))
+        live = self._present(batch)
         if not live:
             return
-        params = live[0].params
-        started = time.perf_counter()
         try:
-            model = self.model(params.model)
-            images = self._generate_with_recovery(model, live)
-        except _Interrupted:
-            self._fail(live, Unavailable("every client of this job went away; it was stopped",
-                                         kind=ErrorKind.INTERRUPTED))
-            return
-        except CraftError as exc:
+            model = self.model(live[0].params.model)
+        except CraftError as exc:  # the model: every job of the batch needs it, none is rerun
             self._fail(live, exc)
             return
         except Exception:
             logger.exception("%s: batch %s failed", self.name, [j.id for j in live])
-            self._fail(live, InternalError(
-                f"internal error while generating (job {live[0].id}); the server log has "
-                "the details and the server goes on serving"
-            ))
+            self._fail(live, _internal(live[0]))
             return
-        seconds = time.perf_counter() - started
-        self._report(model, live, images, seconds)
+        live = self._checked_prompts(model, live)
+        if live:
+            self._run_jobs(model, live, first=True)
+
+    def _present(self, jobs: list[Job]) -> list[Job]:
+        """The jobs whose clients are still there; the others are answered (cancelled) now."""
+        gone = [job for job in jobs if job.cancelled.is_set()]
+        if gone:
+            self._fail(gone, Unavailable("the client went away before its job started",
+                                         kind=ErrorKind.CANCELLED))
+        return [job for job in jobs if not job.cancelled.is_set()] if gone else jobs
+
+    def _checked_prompts(self, model: LoadedModel, jobs: list[Job]) -> list[Job]:
+        """The jobs whose prompts this model's tokenizer can read and which encode to at most
+        CRAFTSERVE_MAX_PROMPT_CHUNKS chunks (an exact count; the HTTP side refused what was
+        surely over before queueing). Any other job is answered on its own now, before
+        anything is encoded: 422 over the limit, 500 naming the job if its prompt breaks the
+        tokenizer."""
+        encoder = model.prompts
+        if encoder is None:  # the pipeline encodes (and truncates) every prompt itself
+            return jobs
+        limit = self.settings.max_prompt_chunks
+        kept = []
+        for job in jobs:
+            p = job.params
+            try:
+                for field, text in (("prompt", p.prompt), ("negative_prompt", p.negative_prompt)):
+                    if text and encoder.needs_encoding(text, p.clip_skip, p.embeddings):
+                        count = encoder.chunk_count(text, p.embeddings)
+                        if count > limit:
+                            raise TooManyPromptChunks(field, count, limit)
+            except CraftError as exc:
+                self._fail([job], exc)
+                continue
+            except Exception:
+                logger.exception("%s: job %s: its prompts cannot be tokenized", self.name, job.id)
+                self._fail([job], _internal(job))
+                continue
+            kept.append(job)
+        return kept
+
+    def _run_jobs(self, model: LoadedModel, jobs: list[Job], *, first: bool = False) -> None:
+        """Generate `jobs` as one batch and answer each. An error that concerns the whole batch
+        (`_concerns_the_batch`) answers them all. Any other, a bug or an error about one job's
+        input, never fails the jobs batched with the job at fault: the batch is split in halves
+        and each half run again, down to the job (or jobs) at fault, which alone get the error.
+        One job at fault among n costs about 2 * log2(n) more pipeline calls, of smaller
+        batches; the others' images are those they get alone (batching keeps each job's bytes)."""
+        jobs = jobs if first else self._present(jobs)
+        if not jobs:
+            return
+        started = time.perf_counter()
+        try:
+            images = self._generate_with_recovery(model, jobs)
+        except _Interrupted:
+            self._fail(jobs, Unavailable("every client of this job went away; it was stopped",
+                                         kind=ErrorKind.INTERRUPTED))
+            return
+        except Exception as exc:
+            if isinstance(exc, CraftError) and _concerns_the_batch(exc):
+                self._fail(jobs, exc)
+            elif len(jobs) > 1:
+                logger.warning("%s: a batch of %d jobs failed (%s); running its halves again to "
+                               "find the job at fault", self.name, len(jobs), type(exc).__name__,
+                               exc_info=first)
+                half = len(jobs) // 2
+                self._run_jobs(model, jobs[:half])
+                self._run_jobs(model, jobs[half:])
+            elif isinstance(exc, CraftError):
+                self._fail(jobs, exc)
+            else:
+                logger.exception("%s: job %s failed", self.name, jobs[0].id)
+                self._fail(jobs, _internal(jobs[0]))
+            return
+        self._report(model, jobs, images, time.perf_counter() - started)
 
     def _finish(self, jobs: list[Job], seconds: float | None = None) -> None:
         """Tell the queue these jobs are done, before answering them: a lone client's next

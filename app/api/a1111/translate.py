@@ -45,20 +45,21 @@ def split_loras(prompt: str, apply: bool = True) -> tuple[str, dict[str, float]]
     for match in _LORA_TAG.finditer(prompt):
         tag = match.group(0)
         name, *weights = (part.strip() for part in match.group(1).split(":"))
+        example = f"<lora:{shown(name, 40)}:0.8>"  # (a name is quoted short: the prompt may be long)
         if not name:
             raise InvalidParameter("prompt", tag, "a LoRA tag is <lora:NAME:WEIGHT>, e.g. "
                                    "<lora:my-style:0.8>, with NAME as GET /sdapi/v1/loras lists it")
         if not weights or not weights[0]:
-            raise InvalidParameter("prompt", tag, f"the tag has no weight; write <lora:{name}:WEIGHT>, "
-                                   f"e.g. <lora:{name}:0.8>")
+            raise InvalidParameter("prompt", tag, f"the tag has no weight; write <lora:NAME:WEIGHT>, "
+                                   f"e.g. {example}")
         if len(weights) > 1:
             raise InvalidParameter("prompt", tag, "separate text-encoder and UNet weights are not "
-                                   f"supported; give one weight, e.g. <lora:{name}:0.8>")
+                                   f"supported; give one weight, e.g. {example}")
         try:
             weight = float(weights[0])
         except ValueError:
-            raise InvalidParameter("prompt", tag, f"the weight {weights[0]!r} is not a number; write "
-                                   f"e.g. <lora:{name}:0.8>") from None
+            raise InvalidParameter("prompt", tag, f"the weight {shown(weights[0])!r} is not a number; "
+                                   f"write e.g. {example}") from None
         if not math.isfinite(weight) or abs(weight) > MAX_LORA_WEIGHT:
             raise InvalidParameter("prompt", tag, f"a LoRA weight is a number from "
                                    f"-{MAX_LORA_WEIGHT:g} to {MAX_LORA_WEIGHT:g}")
