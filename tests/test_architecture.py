@@ -28,7 +28,7 @@ def lint_imports(cwd: Path, *args: str) -> subprocess.CompletedProcess:
     code = "import sys; from importlinter.cli import lint_imports_command; sys.exit(lint_imports_command())"
     env = {**os.environ, "PYTHONPATH": str(cwd), "COLUMNS": "250", "NO_COLOR": "1"}
     return subprocess.run(
-        [sys.executable, "-c", code, "--no-cache", "--no-logo", *args],
+        [sys.executable, "-c", code, "--no-cache", *args],
         cwd=cwd, env=env, capture_output=True, text=True, timeout=300,
     )
 
