@@ -71,23 +71,16 @@ def _record_logs_and_keys():
 # ---- two tiers: `-m "not slow"` is the fast one ------------------------------------------------
 # The markers that say why a test is slow (pyproject.toml); each implies `slow`.
 SLOW_BECAUSE = ("soak", "ray", "browser", "fuzz", "subprocess", "bigfile", "fullsize", "compile")
-# Under `pytest -n N --dist loadgroup` (make test-all) these run one after another on one worker:
-# a local Ray cluster (two would share the cores and Ray's ports), a craftserve process on a port
-# picked free before it binds, a 6 GB checkpoint. The group is the largest unit of work, so
-# xdist hands it out first and the other workers take the rest meanwhile.
-SERIAL = ("ray", "subprocess", "bigfile")
 
 
-@pytest.hookimpl(tryfirst=True)  # before -m deselects and before xdist reads xdist_group
+@pytest.hookimpl(tryfirst=True)  # before -m deselects
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     for item in items:
         if any(item.get_closest_marker(name) for name in SLOW_BECAUSE):
             item.add_marker(pytest.mark.slow)
-        if any(item.get_closest_marker(name) for name in SERIAL):
-            item.add_marker(pytest.mark.xdist_group("serial"))
 
 
-# ---- pytest-xdist (make test-all runs -n 2) -----------------------------------------------------
+# ---- pytest-xdist (make test-all's first run: -n 2) -----------------------------------------------
 # One worker per core, so one torch thread per worker: torch's default of one thread per core
 # in each worker would put twice the threads on the cores, and its threads spin while waiting.
 if os.environ.get("PYTEST_XDIST_WORKER"):
