@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import os
 import socket
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -67,9 +68,44 @@ def _record_logs_and_keys():
     auth.Authenticator.__init__ = original
 
 
+# ---- two tiers: `-m "not slow"` is the fast one ------------------------------------------------
+# The markers that say why a test is slow (pyproject.toml); each implies `slow`.
+SLOW_BECAUSE = ("soak", "ray", "browser", "fuzz", "subprocess", "bigfile", "fullsize", "compile")
+
+
+@pytest.hookimpl(tryfirst=True)  # before -m deselects
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if any(item.get_closest_marker(name) for name in SLOW_BECAUSE):
+            item.add_marker(pytest.mark.slow)
+
+
+# ---- pytest-xdist (make test-all's first run: -n 2) -----------------------------------------------
+# One worker per core, so one torch thread per worker: torch's default of one thread per core
+# in each worker would put twice the threads on the cores, and its threads spin while waiting.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    import torch
+
+    _WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // _WORKERS))
+
+_WORKER_LEAKS: list[tuple[str, str]] = []
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node, error) -> None:  # noqa: ANN001 - xdist's hook, on the controller
+    """A worker's leaks (pytest_sessionfinish below, on the worker) reach the controller."""
+    _WORKER_LEAKS.extend(tuple(pair) for pair in getattr(node, "workeroutput", {}).get("key_leaks", []))
+
+
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     keys = {k for k in _KEYS_USED if len(k) >= 6 and not k.startswith("sha256:")}
     leaks = sorted({(k, line) for line in _LOGS.lines for k in keys if k in line})
+    workeroutput = getattr(session.config, "workeroutput", None)
+    if workeroutput is not None:  # an xdist worker: the controller reports
+        workeroutput["key_leaks"] = [list(pair) for pair in leaks]
+        return
+    leaks = sorted(set(leaks) | set(_WORKER_LEAKS))
     if leaks:
         print(f"\nAPI keys found in the session's logs ({len(leaks)} lines):")
         for key, line in leaks[:20]:

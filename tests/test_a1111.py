@@ -116,6 +116,7 @@ def test_webuiapi_txt2img_batches_and_seeds(api: webuiapi.WebUIApi) -> None:
     assert len({image.tobytes() for image in result.images}) == 4
 
 
+@pytest.mark.fullsize  # A1111's defaults: 512², 50 steps
 def test_a1111_defaults_where_the_body_is_silent(c: httpx.Client) -> None:
     answer = c.post("/sdapi/v1/txt2img", json={"prompt": "a lighthouse"})
     assert answer.status_code == 200, answer.text

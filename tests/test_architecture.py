@@ -1,109 +1,87 @@
-"""Dependencies point one way: no import circle in the package, between files or between its
-top-level units (app/engine, app/api, app/registry.py, ...), imports inside functions included."""
+"""Dependencies point one way: the import-linter contracts of pyproject.toml ([tool.importlinter])
+hold for the package, imports inside functions included. The layers of top-level units (app.cli
+over app.cluster over app.main over app.api over app.imaging over app.engine over the shared
+modules over app.errors), no import cycle between the modules of any package, the API dialects
+independent of each other, and the web framework and Ray kept at their edges.
+
+The second test shows that each contract can fail: the same configuration, run on a copy of the
+package with one offending import added, reports that contract broken."""
 
 from __future__ import annotations
 
-import ast
+import os
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
-APP = Path(__file__).resolve().parent.parent / "app"
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+CONTRACTS = ("layers", "acyclic", "dialects", "http-edge", "ray-edge")
 
 
-def _module_name(path: Path) -> str:
-    parts = list(path.relative_to(APP.parent).with_suffix("").parts)
-    if parts[-1] == "__init__":
-        parts.pop()
-    return ".".join(parts)
+def lint_imports(cwd: Path, *args: str) -> subprocess.CompletedProcess:
+    """`lint-imports` with the interpreter running the tests, reading `cwd`/pyproject.toml and
+    analysing the `app` package found in `cwd` (the linter puts its working directory first on
+    sys.path). No cache: it would leave an .import_linter_cache folder behind."""
+    code = "import sys; from importlinter.cli import lint_imports_command; sys.exit(lint_imports_command())"
+    env = {**os.environ, "PYTHONPATH": str(cwd), "COLUMNS": "250", "NO_COLOR": "1"}
+    return subprocess.run(
+        [sys.executable, "-c", code, "--no-cache", *args],
+        cwd=cwd, env=env, capture_output=True, text=True, timeout=300,
+    )
 
 
-def _imports(path: Path, modules: set[str]) -> set[str]:
-    """The package's modules `path` imports anywhere in it (module level or in functions)."""
-    name = _module_name(path)
-    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
-    found: set[str] = set()
-    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
-        if isinstance(node, ast.Import):
-            targets = [alias.name for alias in node.names]
-        elif isinstance(node, ast.ImportFrom):
-            base = node.module or ""
-            if node.level:
-                anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
-                base = ".".join(anchor + ([base] if base else []))
-            targets = [f"{base}.{alias.name}" for alias in node.names] + [base]
+def test_the_import_contracts_hold() -> None:
+    done = lint_imports(ROOT)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert f"Contracts: {len(CONTRACTS)} kept, 0 broken." in done.stdout, done.stdout
+
+
+@pytest.fixture(scope="module")
+def package_copy(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The package's Python files and pyproject.toml in a temporary folder."""
+    folder = tmp_path_factory.mktemp("import-contracts")
+    skip = shutil.ignore_patterns("__pycache__", "configs", "static")
+    shutil.copytree(ROOT / "app", folder / "app", ignore=skip)
+    shutil.copy(ROOT / "pyproject.toml", folder / "pyproject.toml")
+    return folder
+
+
+def test_the_copy_keeps_the_contracts(package_copy: Path) -> None:
+    done = lint_imports(package_copy)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+@pytest.mark.parametrize(
+    ("module", "line", "contract"),
+    [
+        ("engine/tiny.py", "from app.api import deps", "layers"),  # the engine reaches up to the HTTP layer
+        ("errors.py", "import app.registry", "layers"),  # the bottom module imports a shared one
+        ("newunit.py", "import app.errors", "layers"),  # a top-level module the layers do not name
+        ("engine/jobs.py", "from app.engine import worker", "acyclic"),  # jobs ↔ worker
+        ("api/visioncraft.py", "from app.api import a1111", "dialects"),
+        ("engine/engine.py", "import fastapi", "http-edge"),
+        ("registry.py", "import app.api.deps", "http-edge"),  # fastapi indirectly (and a layer broken)
+        ("api/health.py", "import ray", "ray-edge"),
+    ],
+)
+def test_a_contract_breaks(package_copy: Path, module: str, line: str, contract: str) -> None:
+    """One offending import (inside a function, where imports hide best) and the contract is
+    reported broken, naming the importing module (the cycle report names it relative to its
+    package: `.worker -> .jobs`)."""
+    path = package_copy / "app" / module
+    original = path.read_text(encoding="utf-8") if path.exists() else None
+    path.write_text((original or "") + f"\n\ndef _offending():\n    {line}  # noqa\n", encoding="utf-8")
+    try:
+        done = lint_imports(package_copy, "--contract", contract)
+    finally:
+        if original is None:
+            path.unlink()
         else:
-            continue
-        for target in targets:
-            while target and target not in modules:  # `from app.x import name`: the module
-                target = target.rpartition(".")[0]
-            if target and target != name:
-                found.add(target)
-    return found
-
-
-def _graph() -> dict[str, set[str]]:
-    files = sorted(APP.rglob("*.py"))
-    modules = {_module_name(f) for f in files}
-    return {_module_name(f): _imports(f, modules) for f in files}
-
-
-def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
-    """Strongly connected components of more than one node (Tarjan)."""
-    index: dict[str, int] = {}
-    low: dict[str, int] = {}
-    stack: list[str] = []
-    on_stack: set[str] = set()
-    found: list[list[str]] = []
-
-    def visit(node: str) -> None:
-        index[node] = low[node] = len(index)
-        stack.append(node)
-        on_stack.add(node)
-        for nxt in graph.get(node, ()):
-            if nxt not in index:
-                visit(nxt)
-                low[node] = min(low[node], low[nxt])
-            elif nxt in on_stack:
-                low[node] = min(low[node], index[nxt])
-        if low[node] == index[node]:
-            component = []
-            while True:
-                member = stack.pop()
-                on_stack.discard(member)
-                component.append(member)
-                if member == node:
-                    break
-            if len(component) > 1:
-                found.append(sorted(component))
-
-    for node in sorted(graph):
-        if node not in index:
-            visit(node)
-    return found
-
-
-def _unit(module: str) -> str:
-    """app.engine.worker → app.engine; app.registry → app.registry; app → app."""
-    return ".".join(module.split(".")[:2])
-
-
-def test_no_import_circle_between_files() -> None:
-    graph = _graph()
-    assert len(graph) > 20  # the walk found the package
-    assert _cycles(graph) == []
-
-
-def test_no_import_circle_between_top_level_units() -> None:
-    units: dict[str, set[str]] = {}
-    for module, targets in _graph().items():
-        if module == "app":
-            continue
-        units.setdefault(_unit(module), set()).update(
-            _unit(t) for t in targets if t != "app" and _unit(t) != _unit(module)
-        )
-    assert _cycles(units) == []
-
-
-def test_the_cycle_finder_finds_circles() -> None:
-    """The checks above can fail: a circle through three modules is reported."""
-    assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
-    assert _cycles({"a": {"b"}, "b": set()}) == []
+            path.write_text(original, encoding="utf-8")
+    output = done.stdout + done.stderr
+    assert done.returncode == 1, output
+    assert "BROKEN" in output and "0 kept, 1 broken" in output, output
+    assert module.removesuffix(".py").rpartition("/")[2] in output, output

@@ -16,6 +16,8 @@ import pytest
 
 from tests.conftest import API_KEY
 
+pytestmark = pytest.mark.browser
+
 CHROMIUM = os.environ.get("CRAFTSERVE_CHROMIUM") or shutil.which("chromium") or shutil.which(
     "chromium-browser")
 try:

@@ -159,6 +159,7 @@ def _rss_mb() -> float:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
+@pytest.mark.soak
 def test_200_requests_cycling_lora_sets_keep_memory_flat(c: httpx.Client) -> None:
     sets = [{}, {"style-peft": 1.0}, {"style-kohya": 0.6}, {"style-peft": 0.4, "style-kohya": 1.0},
             {"declared-style": 0.8}, {"style-peft": 0.0}]

@@ -616,6 +616,7 @@ def _rss_mb() -> float:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
+@pytest.mark.soak
 def test_memory_stays_bounded_under_churn(sd15, loras, managers, tmp_path):
     pipe, base = sd15
     files = [

@@ -338,6 +338,7 @@ def test_open_webui_openai_mode_body(client: httpx.Client, server: LiveServer) -
     assert all(png(client.get(url)).size == (64, 64) for url in urls)
 
 
+@pytest.mark.fullsize  # 1024²
 def test_librechat_dalle3_tool_body(client: httpx.Client, monkeypatch) -> None:
     # LibreChat's DALL-E 3 tool (DALLE_REVERSE_PROXY): the openai node SDK with these fields;
     # it reads data[0].url, takes the file extension from the URL and downloads it without auth.
@@ -354,6 +355,7 @@ def test_librechat_dalle3_tool_body(client: httpx.Client, monkeypatch) -> None:
     assert image.size == (1024, 1024) and "Steps: 2" in image.text["parameters"]
 
 
+@pytest.mark.fullsize  # 1024²
 def test_librechat_gpt_image_tool_body(client: httpx.Client, monkeypatch) -> None:
     # LibreChat's OpenAI image tool (IMAGE_GEN_OAI_BASEURL) asks gpt-image-1 with size "auto",
     # sends no response_format and reads data[0].b64_json.

@@ -15,6 +15,8 @@ import socket
 import httpx
 import pytest
 
+pytestmark = pytest.mark.fuzz
+
 schemathesis = pytest.importorskip("schemathesis")
 from hypothesis import HealthCheck, Phase, given, settings  # noqa: E402
 from schemathesis.checks import not_a_server_error  # noqa: E402

@@ -418,6 +418,7 @@ def test_eager_is_a_no_op_for_an_uncompiled_pipeline(base):
     assert "forward" not in vars(pipe.unet)
 
 
+@pytest.mark.compile
 def test_lora_batches_under_eager_never_compile(base, lora_file):
     """With dynamo itself (backend "eager": tracing without inductor, seconds on the CPU)."""
     from torch._dynamo.utils import counters
@@ -454,7 +455,7 @@ def test_lora_batches_under_eager_never_compile(base, lora_file):
     assert graphs() == rewarmed
 
 
-@pytest.mark.slow
+@pytest.mark.compile
 @pytest.mark.skipif(
     not os.environ.get("CRAFTSERVE_COMPILE_TESTS"),
     reason="inductor compiles for minutes on a small CPU; set CRAFTSERVE_COMPILE_TESTS=1",
@@ -477,7 +478,7 @@ def test_compiled_path_on_the_cpu(base):
 # ---- the benchmark script ------------------------------------------------------------
 
 
-@pytest.mark.slow
+@pytest.mark.subprocess
 def test_bench_gpu_tiny_runs_on_the_cpu(tmp_path):
     out = tmp_path / "bench.json"
     command = [

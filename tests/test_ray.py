@@ -33,6 +33,8 @@ from tests.conftest import API_KEY, body, png, write_models_file
 from tests.live import free_port
 from tests.lora_files import write_peft_lora
 
+pytestmark = pytest.mark.ray
+
 ray = pytest.importorskip("ray", reason="Ray Serve is the `craftserve[ray]` extra")
 pytest.importorskip("ray.serve")
 

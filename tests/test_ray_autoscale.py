@@ -21,6 +21,8 @@ import pytest
 from tests.conftest import API_KEY, body, write_models_file
 from tests.live import free_port
 
+pytestmark = pytest.mark.ray
+
 ray = pytest.importorskip("ray", reason="Ray Serve is the `craftserve[ray]` extra")
 pytest.importorskip("ray.serve")
 

@@ -16,6 +16,8 @@ import pytest
 from tests.conftest import API_KEY, body, png, write_models_file
 from tests.live import ROOT, free_port
 
+pytestmark = [pytest.mark.ray, pytest.mark.subprocess]
+
 pytest.importorskip("ray.serve", reason="Ray Serve is the `craftserve[ray]` extra")
 
 MODELS = 'models:\n  tiny-sdxl: {source: "builtin:tiny-sdxl", preload: true}\n'

@@ -113,6 +113,7 @@ def test_added_changed_and_removed_models(make_server, setup):
         png(c.post("/sd", json=body()))  # the other model never stopped
 
 
+@pytest.mark.fullsize  # a 768², 30-step job holds the worker while the model is removed
 def test_removed_model_finishes_its_running_job_and_answers_its_waiting_ones(make_server, setup):
     _, folder = setup
     server = make_server(_models(folder), max_batch=1, **ADMIN)
@@ -153,6 +154,7 @@ def test_invalid_file_changes_nothing(make_server, setup):
         png(c.post("/sd", json=body(model="folder-sd15")))
 
 
+@pytest.mark.subprocess
 def test_sighup_reloads_the_real_process(tmp_path: Path):
     models = tmp_path / "models.yaml"
     _write(models, "models:\n  tiny-sdxl: {source: builtin:tiny-sdxl, preload: true}\n")

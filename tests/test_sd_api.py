@@ -27,6 +27,7 @@ def detail(answer: httpx.Response) -> str:
     return data["detail"]
 
 
+@pytest.mark.fullsize  # 1024², 30 steps
 def test_seed_page_example_body_uses_the_contract_defaults(client: httpx.Client) -> None:
     # The API page's Python example sends only model, prompt and token.
     answer = client.post("/sd", json={"model": "tiny-sdxl", "prompt": "Beautiful landscape",

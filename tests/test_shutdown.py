@@ -9,9 +9,12 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
+import pytest
 
 from tests.conftest import API_KEY, body
 from tests.live import serve_process
+
+pytestmark = pytest.mark.subprocess
 
 
 def test_sigterm_finishes_running_and_refuses_waiting(tmp_path: Path) -> None:

@@ -17,7 +17,7 @@ import pytest
 from tests.conftest import body, png
 from tests.original_layout import write_random_checkpoint
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.bigfile
 
 
 def test_full_size_sd15_single_file_serves_offline(make_server, network_off: list,

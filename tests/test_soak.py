@@ -10,6 +10,10 @@ import importlib.util
 import json
 from pathlib import Path
 
+import pytest
+
+pytestmark = [pytest.mark.soak, pytest.mark.subprocess]
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
