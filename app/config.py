@@ -45,7 +45,7 @@ class Settings(BaseSettings):
     # requests that come meanwhile share it (0: back to back, still one at a time).
     reload_interval_s: float = Field(2.0, ge=0)
 
-    # Who the client is, and which names it may use for the server (docs/security-admin.md).
+    # Who the client is, and which names it may use for the server (docs/security.md).
     # Proxies whose X-Forwarded-For (and X-Forwarded-Proto) are believed: IP addresses or
     # networks, comma-separated, or "*" (any peer: only when nothing but the proxy can reach the
     # server). Unset: none; the client is the connection's peer, whatever headers it sends.
