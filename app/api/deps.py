@@ -6,6 +6,7 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
+from app.api.job_tracker import JobTracker
 from app.auth import Authenticator
 from app.config import Settings
 from app.engine.protocol import EngineAPI
@@ -33,8 +34,13 @@ def _images(request: Request) -> ImageStore:
     return request.app.state.images
 
 
+def _tracker(request: Request) -> JobTracker:
+    return request.app.state.jobs
+
+
 EngineDep = Annotated[EngineAPI, Depends(_engine)]
 RegistryDep = Annotated[Registry, Depends(_registry)]
 SettingsDep = Annotated[Settings, Depends(_settings)]
 AuthDep = Annotated[Authenticator, Depends(_auth)]
 ImagesDep = Annotated[ImageStore, Depends(_images)]
+TrackerDep = Annotated[JobTracker, Depends(_tracker)]  # the job API's jobs

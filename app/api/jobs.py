@@ -10,29 +10,21 @@ per job is capped. The key comes as every route's does (app.api.credentials), ne
 from __future__ import annotations
 
 import asyncio
-from typing import Annotated
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Request
 from fastapi.responses import Response
 from sse_starlette.sse import EventSourceResponse
 
 from app.api.credentials import CallerDep, GeneratingCallerDep, QueueShareDep
-from app.api.deps import EngineDep, ImagesDep, RegistryDep, SettingsDep
+from app.api.deps import EngineDep, ImagesDep, RegistryDep, SettingsDep, TrackerDep
 from app.api.generation import submit_job
-from app.api.job_tracker import TERMINAL, JobTracker, TrackedJob, end, position_of, publish
+from app.api.job_tracker import TERMINAL, TrackedJob, end, position_of, publish
 from app.api.urls import public_url_for
 from app.api.visioncraft import to_image_request
 from app.api.visioncraft.models import ErrorBody, JobRequest
 from app.errors import ErrorKind, JobConflict, JobNotFound, Unavailable
 
 router = APIRouter(tags=["jobs"])
-
-
-def _tracker(request: Request) -> JobTracker:
-    return request.app.state.jobs
-
-
-TrackerDep = Annotated[JobTracker, Depends(_tracker)]
 
 
 _WHEN = {

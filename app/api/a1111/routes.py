@@ -29,7 +29,7 @@ from app.api.a1111.state import A1111State
 from app.api.a1111.translate import answer, plan
 from app.api.admin import ReloadsDep, reload_models
 from app.api.credentials import AdminDep, CallerDep, GeneratingCallerDep, QueueShareDep
-from app.api.deps import EngineDep, RegistryDep, SettingsDep
+from app.api.deps import EngineDep, RegistryDep, SettingsDep, TrackerDep
 from app.api.generation import generate_images
 from app.api.job_tracker import JobTracker
 from app.engine.jobs import Job
@@ -44,12 +44,7 @@ def _state(request: Request) -> A1111State:
     return request.app.state.a1111
 
 
-def _tracker(request: Request) -> JobTracker:
-    return request.app.state.jobs
-
-
 StateDep = Annotated[A1111State, Depends(_state)]
-TrackerDep = Annotated[JobTracker, Depends(_tracker)]
 
 
 # ---- routes: generation ----------------------------------------------------------------------
