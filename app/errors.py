@@ -92,7 +92,7 @@ class CraftError(Exception):
         self.message = message
         self.headers = headers or {}
         if kind:
-            self.kind = kind
+            self.kind = ErrorKind(kind)  # a bare string of no kind fails here, not in the worker
 
 
 SHOWN_CHARS = 60  # a value quoted in a message is cut to this many characters

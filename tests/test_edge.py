@@ -97,18 +97,22 @@ def test_long_url_and_big_headers(edge):
 
 
 def test_failed_keys_throttle_one_address_only(make_server):
-    server = make_server(auth_failures_per_minute=3)
+    # API_KEY has been used from 127.0.0.1 (the server's readiness poll); FRESH has not
+    fresh = "a-key-never-used-from-here"
+    server = make_server(auth_failures_per_minute=3, api_keys=[API_KEY, fresh])
     port = server.url.rsplit(":", 1)[1]
     other = httpx.Client(base_url=f"http://127.0.0.1:{port}",
                          transport=httpx.HTTPTransport(local_address="127.0.0.2"), timeout=60)
     with server.client() as c, other:
         for _ in range(3):
             assert c.post("/sd", json=body(token="wrong")).status_code == 403
-        refused = c.post("/sd", json=body())  # even the right key, from this address
+        # a token not seen valid from this address is refused unchecked, a right one too
+        refused = c.post("/sd", json=body(token=fresh))
         assert refused.status_code == 429
         assert int(refused.headers["Retry-After"]) >= 1
         assert "failed API key attempts from this address" in refused.json()["detail"]
-        png(other.post("/sd", json=body()))  # another address with a valid key: served
+        png(other.post("/sd", json=body(token=fresh)))  # another address with a valid key: served
+        png(c.post("/sd", json=body()))  # a key that succeeded from here before: served
 
 
 def test_hashed_keys_authenticate_and_share_the_label():

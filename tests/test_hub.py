@@ -263,10 +263,10 @@ def test_shipped_models_without_network_say_so_once_and_serve_the_rest(
     with caplog.at_level(logging.INFO):
         server = make_server(text, wait_ready=False, max_batch=1, max_models_per_device=3)
         with server.client() as c:
-            while not all(w["preloaded"] for w in c.get("/ready").json()["workers"]):
+            while not all(w["preloaded"] for w in server.ready().json()["workers"]):
                 assert time.monotonic() - started < 120
                 time.sleep(0.05)
-            ready = c.get("/ready")
+            ready = server.ready()  # with a key: /ready's details
             assert ready.status_code == 503
             state = ready.json()
             assert state["models"]["tiny-sdxl"] == "loaded"

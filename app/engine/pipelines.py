@@ -68,7 +68,7 @@ def _unavailable(spec: ModelSpec, repo: str, exc: BaseException) -> Unavailable:
             f"model '{spec.name}' cannot be served now: the weights of {repo} are not in the "
             f"Hugging Face cache and {exc.reason}. Download them where there is network "
             f"({commands}) and copy that Hugging Face cache here, or point models.yaml at local "
-            "diffusers folders", retry_after=60, kind="model_unavailable")
+            "diffusers folders", retry_after=60, kind=ErrorKind.MODEL_UNAVAILABLE)
     if repo in repos:
         fix = (
             f"the weights of {repo} are not in the Hugging Face cache and could not be fetched "
