@@ -373,8 +373,11 @@ def test_unreachable_address_is_one_clear_line(address: str, capsys, tmp_path) -
     assert cli.main(["serve", "--ray", "--address", address, "--models", str(models)]) == 2
     assert time.monotonic() - started < 10
     err = capsys.readouterr().err
-    assert err.startswith(f"craftserve: cannot reach the Ray cluster at '{address}': nothing answers")
-    assert err.count("\n") == 1
+    # Ray forwards its replicas' log lines (of this file's cluster) to stderr whenever they come:
+    # of what the command itself writes there is one line, and no traceback.
+    own = [line for line in err.splitlines() if line.startswith(("craftserve:", "Traceback"))]
+    assert len(own) == 1, err
+    assert own[0].startswith(f"craftserve: cannot reach the Ray cluster at '{address}': nothing answers")
 
 
 def test_max_replicas_below_min_is_refused(monkeypatch, capsys, tmp_path) -> None:
