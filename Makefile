@@ -9,8 +9,8 @@ PYTHON ?= python3
 VENV   ?= .venv
 # The CPU build is enough for the tests; on a GPU box install a CUDA build of torch instead.
 TORCH  ?= torch==2.13.0
-# pytest-xdist workers of make test-all's first run, one per core of the 2-core build machine
-# (WORKERS=0: one process)
+# pytest-xdist workers of make test and of make test-all's first run, one per core of the
+# 2-core build machine (WORKERS=0: one process)
 WORKERS ?= 2
 # make test-all's second run, in one process after the first: tests that need the machine to
 # themselves: a local Ray cluster (ray.init(num_cpus=2) and its replicas), a craftserve process
@@ -47,7 +47,7 @@ lint: $(STAMP_TEST)
 	$(VENV)/bin/ruff check .
 
 test: $(STAMP_TEST) lint
-	$(VENV)/bin/python -m pytest -q -m "not slow" $(PYTEST_ARGS)
+	$(VENV)/bin/python -m pytest -q -n $(WORKERS) -m "not slow" $(PYTEST_ARGS)
 
 # Both runs go to the end; exit status 5 (no test selected) of one run is fine, of both is 5.
 test-all: $(STAMP_RAY) lint
