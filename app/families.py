@@ -21,8 +21,14 @@ PIPELINE_FAMILIES: dict[str, Family] = {
     "StableDiffusionXLImg2ImgPipeline": "sdxl",
     "StableDiffusionPipeline": "sd15",
     "StableDiffusionImg2ImgPipeline": "sd15",
+    "StableDiffusionXLInpaintPipeline": "sdxl",
+    "StableDiffusionInpaintPipeline": "sd15",
 }
-SERVED_PIPELINES: frozenset[str] = frozenset({"StableDiffusionXLPipeline", "StableDiffusionPipeline"})
+# Dedicated inpainting checkpoints load as the inpainting pipelines (9-channel UNets); they
+# serve every task through it (app.engine.img2img).
+SERVED_PIPELINES: frozenset[str] = frozenset({"StableDiffusionXLPipeline", "StableDiffusionPipeline",
+                                              "StableDiffusionXLInpaintPipeline",
+                                              "StableDiffusionInpaintPipeline"})
 
 
 def family_label(family: str) -> str:

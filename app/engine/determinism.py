@@ -104,6 +104,19 @@ def _take(value: Any, rows: torch.Tensor, batch: int) -> Any:
     return value
 
 
+def _contiguous(value: Any) -> Any:
+    """Every tensor in ``value`` made contiguous (a no-op for those that are)."""
+    if isinstance(value, torch.Tensor):
+        return value.contiguous()
+    if isinstance(value, dict):
+        return type(value)((k, _contiguous(v)) for k, v in value.items())
+    if isinstance(value, list):
+        return [_contiguous(v) for v in value]
+    if isinstance(value, tuple) and not hasattr(value, "_fields"):
+        return tuple(_contiguous(v) for v in value)
+    return value
+
+
 def _scatter(parts: list, groups: list[torch.Tensor], batch: int) -> Any:
     """Reassemble per-job outputs of identical structure into the batch's row order."""
     first = parts[0]
@@ -133,7 +146,9 @@ def _per_job(forward, state: _CallState):
         jobs = state.jobs
         batch = _batch_size(args, kwargs)
         if jobs <= 1 or batch is None or batch % jobs:
-            return forward(*args, **kwargs)
+            # Contiguous as each job's rows are made below: a picture's latents come out of the
+            # VAE encoder channels-last, and a job alone must see the layout it sees batched.
+            return forward(*_contiguous(args), **_contiguous(kwargs))
         groups = [torch.arange(i, batch, jobs) for i in range(jobs)]
         outs = [forward(*_take(args, g, batch), **_take(kwargs, g, batch)) for g in groups]
         return _scatter(outs, groups, batch)

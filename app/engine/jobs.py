@@ -31,12 +31,47 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from app.engine.image_ops import Source
 from app.errors import ErrorKind, Unavailable
 from app.samplers import SamplerChoice
 
 
 def round_up8(value: int) -> int:
     return int(math.ceil(value / 8) * 8)
+
+
+@dataclass(frozen=True)
+class Hires:
+    """A1111's hires fix of a text-to-image job: the first pass at the job's size, its result
+    upscaled to `upscale_size` (latents by a latent mode, else pixels by an upscaler), centre-
+    cropped to `size` where both hr_resize sides were given with another aspect ratio, then an
+    image-to-image pass at `strength` with its own steps, sampler, prompts and CFG."""
+
+    size: tuple[int, int]  # (width, height) of the answer
+    upscale_size: tuple[int, int]  # (width, height) the first pass is upscaled to
+    upscaler: str  # a latent mode of app.engine.upscalers.LATENT_MODES or a pixel upscaler's name
+    steps: int  # the second pass's steps before strength (A1111: hr_second_pass_steps or steps)
+    strength: float
+    sampler: SamplerChoice
+    cfg_scale: float
+    # The second pass's prompts (A1111: hr_prompt, else the job's): per job, so jobs with other
+    # prompts still share a batch (each job's prompts are encoded for it).
+    prompt: str = field(default="", compare=False)
+    negative_prompt: str = field(default="", compare=False)
+
+    @property
+    def latent(self) -> bool:
+        return self.upscaler.startswith("Latent")
+
+    @property
+    def denoising_steps(self) -> int:
+        return denoising_steps(self.steps, self.strength)
+
+
+def denoising_steps(steps: int, strength: float) -> int:
+    """The steps an image-to-image pass runs: int(steps x strength) (A1111's and diffusers'
+    rule), at least 1."""
+    return max(1, min(steps, int(steps * strength)))
 
 
 @dataclass(frozen=True)
@@ -57,11 +92,36 @@ class GenParams:
     clip_skip: int = 1
     # Textual inversion embeddings of the model's family the prompts may use: (name, file).
     embeddings: tuple[tuple[str, Path], ...] = ()
+    # Image to image: the job's own picture (and mask), prepared by app.engine.image_ops;
+    # `strength` is A1111's denoising_strength; `fill` its inpainting_fill (the latent modes 2
+    # and 3 act in the worker). None: text to image.
+    source: Source | None = None
+    strength: float = 1.0
+    fill: int = 1
+    hires: Hires | None = None
 
     @property
     def gen_size(self) -> tuple[int, int]:
         """(width, height) actually generated: each side rounded up to a multiple of 8."""
         return round_up8(self.width), round_up8(self.height)
+
+    @property
+    def task(self) -> str:
+        """txt2img, img2img or inpaint: which pipeline of the model runs the job."""
+        if self.source is None:
+            return "txt2img"
+        return "img2img" if self.source.mask is None else "inpaint"
+
+    @property
+    def out_size(self) -> tuple[int, int]:
+        """(width, height) of the answer: the hires fix's size, else the requested one."""
+        return self.hires.size if self.hires is not None else (self.width, self.height)
+
+    @property
+    def total_steps(self) -> int:
+        """The denoising steps the job runs in all (what progress counts to)."""
+        first = self.steps if self.source is None else denoising_steps(self.steps, self.strength)
+        return first + (self.hires.denoising_steps if self.hires is not None else 0)
 
     def batch_key(self) -> tuple:
         """Jobs with equal keys can share one pipeline call and keep their own bytes."""
@@ -75,6 +135,12 @@ class GenParams:
             self.cfg_scale,
             self.loras,
             seed_part,
+            self.task,
+            self.strength if self.source is not None else None,
+            self.fill if self.task == "inpaint" and self.fill in (2, 3) else None,
+            self.source.latent_resize if self.source is not None else None,
+            self.hires,
+            bool(self.hires.negative_prompt) if self.hires is not None else None,
         )
         # Prompts (their syntax, length, embeddings, clip skip) are per job: the worker encodes
         # each job's own and runs jobs whose encodings differ in length in separate calls.

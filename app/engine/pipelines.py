@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +41,9 @@ class LoadedModel:
     dtype: torch.dtype
     load_seconds: float
     prompts: PromptEncoder | None = None  # A1111 prompt encoding, when the pipeline's own won't do
+    # The image-to-image and inpainting pipelines made from `pipe`'s components on first use
+    # (app.engine.img2img.pipeline_for), by task.
+    variants: dict[str, Any] = field(default_factory=dict)
 
 
 def choose_dtype(spec: ModelSpec, device: torch.device) -> torch.dtype:
@@ -219,6 +222,20 @@ def _quiet_libraries() -> None:
     # diffusers still passes huggingface_hub an argument it ignores, and is told so on every
     # lookup of a Hub repo (nothing the server's operator can act on)
     warnings.filterwarnings("ignore", message=".*`local_dir_use_symlinks` argument is deprecated.*")
+    # diffusers' image-to-image pipelines move a force_upcast VAE to fp32 and back around every
+    # encode, and each move warns about modules "kept in float32" (none: the list is empty)
+    modeling = logging.getLogger("diffusers.models.modeling_utils")
+    if not any(isinstance(f, _DropMessage) for f in modeling.filters):
+        modeling.addFilter(_DropMessage("should be kept in float32"))
+
+
+class _DropMessage(logging.Filter):
+    def __init__(self, text: str) -> None:
+        super().__init__()
+        self.text = text
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return self.text not in record.getMessage()
 
 
 def load_model(

@@ -24,21 +24,25 @@ import logging
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
+from PIL import Image
 
 from app.config import Settings
 from app.engine.availability import LoadFailures
 from app.engine.determinism import jobs_in_call
 from app.engine.hub import HubAccess, WaitingForWeights
-from app.engine.jobs import GenParams, Job, JobQueue, JobResult, WorkerSlot
+from app.engine.image_ops import finish
+from app.engine.img2img import blank_sources, encode_latents, inpainting_unet, pipeline_for
+from app.engine.jobs import GenParams, Job, JobQueue, JobResult, WorkerSlot, round_up8
 from app.engine.optimize import eager
 from app.engine.pipelines import LoadedModel, load_model
 from app.engine.previews import approx_cheap
 from app.engine.prompts import PromptEncoder
 from app.engine.schedulers import make_scheduler
+from app.engine.upscalers import Upscalers, upscale_latents
 from app.errors import CraftError, ErrorKind, InternalError, LoraError, TooManyPromptChunks, Unavailable
 from app.metrics import Metrics
 from app.registry import ModelSpec
@@ -78,6 +82,7 @@ class Worker:
         failures: LoadFailures,
         preload: Sequence[str] = (),
         hub: HubAccess | None = None,
+        upscaler_specs: Callable[[], Mapping[str, Any]] = dict,
     ) -> None:
         self.name = name
         self.device = device
@@ -88,6 +93,8 @@ class Worker:
         self.failures = failures
         self.preload = tuple(preload)
         self.hub = hub
+        self.upscaler_specs = upscaler_specs  # the served model upscalers, by name (a reload swaps them)
+        self.upscalers = Upscalers(device)  # loaded on this thread when a job needs one
         self.slot = WorkerSlot(name)
         queue.register(self.slot)
         self.models: OrderedDict[str, LoadedModel] = OrderedDict()
@@ -405,92 +412,206 @@ class Worker:
         )
 
     def generate(self, model: LoadedModel, jobs: list[Job]) -> list:
-        """The images of a batch of compatible jobs, each cropped to its requested size: one
-        pipeline call, or one per prompt length when some job's prompts need A1111 encoding
-        (app.engine.prompts) and their encodings differ in length. The batch's LoRAs are
-        active throughout (they change the text encoders too, so prompts are encoded here)."""
+        """The images of a batch of compatible jobs, each at its answer's size: one pipeline
+        call (two with the hires fix), or one per prompt length when some job's prompts need
+        A1111 encoding (app.engine.prompts) and their encodings differ in length. The batch's
+        LoRAs are active throughout (they change the text encoders too, so prompts are encoded
+        here). Image-to-image and inpainting jobs run on the model's pipelines for those tasks
+        (app.engine.img2img), each job with its own picture and mask."""
         params = jobs[0].params
-        pipe = model.pipe
         images: dict[str, Any] = {}
         try:
             model.loras.apply(params.loras)
-            width, height = params.gen_size
-            for group, embeds in _prompt_groups(model, jobs):
-                pipe.scheduler = make_scheduler(params.sampler, model.scheduler_config, params.seed)
-                # A compiled pipe runs batches with LoRAs eagerly: their adapter layers would
-                # otherwise recompile on the request path for every new LoRA state.
-                uncompiled = eager(pipe) if params.loras else contextlib.nullcontext()
-                with jobs_in_call(pipe, len(group)), uncompiled:
-                    output = self._call(pipe, group, width, height, embeds, jobs)
-                images.update((job.id, image) for job, image in zip(group, output.images, strict=True))
+            # A compiled pipe runs batches with LoRAs eagerly: their adapter layers would
+            # otherwise recompile on the request path for every new LoRA state.
+            uncompiled = eager(model.pipe) if params.loras else contextlib.nullcontext()
+            with uncompiled:
+                for group, embeds in _prompt_groups(model, jobs):
+                    output = self._first_pass(model, group, embeds, jobs)
+                    if params.hires is not None:
+                        output = self._hires_pass(model, group, output, jobs)
+                    images.update((job.id, image) for job, image in zip(group, output, strict=True))
         finally:
             model.loras.reset()
-        # Jobs whose sizes round up to the same multiple of 8 share a batch: each is cropped
-        # to its own size.
-        return [_crop(images[job.id], job.params.width, job.params.height) for job in jobs]
+        return [_finished(images[job.id], job.params) for job in jobs]
+
+    def _first_pass(self, model: LoadedModel, group: list[Job], embeds: dict[str, Any] | None,
+                    batch: list[Job]) -> list:
+        """The job's own pass: text to image (latents when a hires pass follows), image to
+        image or inpainting."""
+        params = group[0].params
+        task = params.task
+        pipe = pipeline_for(model, task)
+        pipe.scheduler = make_scheduler(params.sampler, model.scheduler_config, params.seed)
+        width, height = params.gen_size
+        kwargs: dict[str, Any] = {"width": width, "height": height}
+        if task == "txt2img" and inpainting_unet(model.pipe):
+            image, mask = blank_sources(len(group), width, height)
+            kwargs.update(image=image, mask_image=mask, strength=1.0)
+        elif task != "txt2img":
+            kwargs.update(self._image_arguments(pipe, group, width, height))
+        if params.hires is not None:
+            kwargs["output_type"] = "latent" if params.hires.latent else "pil"
+        with jobs_in_call(model.pipe, len(group)):
+            if task == "inpaint" and params.fill in (2, 3):
+                pipe.craft_fill = (params.fill, [j.params.source.mask for j in group],
+                                   [j.params.seed for j in group])
+            try:
+                output = self._call(pipe, group, embeds, batch, steps=params.steps, cfg=params.cfg_scale,
+                                    seeds=[j.params.seed for j in group], **kwargs)
+            finally:
+                if task == "inpaint":
+                    pipe.craft_fill = None
+        return list(output.images)
+
+    def _image_arguments(self, pipe: Any, group: list[Job], width: int, height: int) -> dict[str, Any]:
+        params = group[0].params
+        sources = [job.params.source for job in group]
+        kwargs: dict[str, Any] = {"strength": params.strength}
+        if params.source.latent_resize:  # A1111's resize mode 3: the latents are resized
+            latents = [encode_latents(pipe, s.image, torch.Generator("cpu").manual_seed(j.params.seed))
+                       for s, j in zip(sources, group, strict=True)]
+            kwargs["image"] = torch.cat([
+                torch.nn.functional.interpolate(lat, size=(height // 8, width // 8), mode="bilinear")
+                for lat in latents])
+        else:
+            kwargs["image"] = [s.image for s in sources]
+        if params.task == "inpaint":
+            kwargs["mask_image"] = [s.mask for s in sources]
+        else:  # the image-to-image pipelines take their size from the picture
+            kwargs.pop("width", None)
+        return kwargs
+
+    def _hires_pass(self, model: LoadedModel, group: list[Job], first: list, batch: list[Job]) -> list:
+        """A1111's hires fix: the first pass upscaled (latents, or pixels by an upscaler),
+        cropped to the answer's aspect where asked, then an image-to-image pass."""
+        hires = group[0].params.hires
+        assert hires is not None
+        up_w, up_h = hires.upscale_size
+        out_w, out_h = round_up8(hires.size[0]), round_up8(hires.size[1])
+        if hires.latent:
+            latents = upscale_latents(torch.stack(first), round_up8(up_h), round_up8(up_w), hires.upscaler)
+            top, left = (latents.shape[2] - out_h // 8) // 2, (latents.shape[3] - out_w // 8) // 2
+            image: Any = latents[:, :, top:top + out_h // 8, left:left + out_w // 8]
+        else:
+            image = [_centre_crop(self.upscale(picture, hires.upscaler, up_w, up_h), out_w, out_h)
+                     for picture in first]
+        pipe = pipeline_for(model, "img2img")
+        seeds = [job.params.seed for job in group]
+        pipe.scheduler = make_scheduler(hires.sampler, model.scheduler_config, seeds[0])
+        kwargs: dict[str, Any] = {"image": image, "strength": hires.strength}
+        if inpainting_unet(model.pipe):
+            kwargs.update(mask_image=[Image.new("L", (out_w, out_h), 255)] * len(group),
+                          width=out_w, height=out_h)
+        output: list = []
+        offset = group[0].params.steps
+        for sub, embeds in _prompt_groups(model, group, hires=True):
+            index = [group.index(job) for job in sub]
+            sub_kwargs = dict(kwargs)
+            sub_kwargs["image"] = (image[index] if isinstance(image, torch.Tensor)
+                                   else [image[i] for i in index])
+            if "mask_image" in sub_kwargs:
+                sub_kwargs["mask_image"] = sub_kwargs["mask_image"][:len(sub)]
+            with jobs_in_call(model.pipe, len(sub)):
+                result = self._call(pipe, sub, embeds, batch, steps=hires.steps, cfg=hires.cfg_scale,
+                                    seeds=[j.params.seed for j in sub], offset=offset, hires=True,
+                                    **sub_kwargs)
+            output.extend(zip(sub, result.images, strict=True))
+        by_job = dict(output)
+        return [by_job[job] for job in group]
+
+    def upscale(self, image: Any, name: str, width: int, height: int) -> Any:
+        """A picture upscaled by a pixel upscaler on this worker's device."""
+        return self.upscalers.upscale(image, name, width, height, self.upscaler_specs())
 
     @staticmethod
-    def _call(pipe, jobs: list[Job], width: int, height: int,  # noqa: ANN001, ANN205
-              embeds: dict[str, Any] | None = None, batch: list[Job] | None = None):
-        params = jobs[0].params
+    def _call(pipe, jobs: list[Job], embeds: dict[str, Any] | None, batch: list[Job], *,  # noqa: ANN001, ANN205
+              steps: int, cfg: float, seeds: list[int], offset: int = 0, hires: bool = False,
+              **kwargs: Any):
         if embeds is not None:
             prompts: dict[str, Any] = embeds
         else:
+            texts = [_texts(job.params, hires) for job in jobs]
             prompts = {
-                "prompt": [job.params.prompt for job in jobs],
+                "prompt": [prompt for prompt, _ in texts],
                 # No negative prompt at all (not [""]) lets the pipeline do what the model's
                 # config asks for an empty one (SDXL base: zeros, skipping two encoder calls).
-                "negative_prompt": [j.params.negative_prompt for j in jobs] if params.negative_prompt
-                else None,
+                "negative_prompt": [negative for _, negative in texts] if texts[0][1] else None,
             }
         return pipe(
             **prompts,
-            num_inference_steps=params.steps,
-            guidance_scale=params.cfg_scale,
-            width=width,
-            height=height,
-            generator=[torch.Generator("cpu").manual_seed(j.params.seed) for j in jobs],
-            callback_on_step_end=_stop_when_abandoned(jobs, batch or jobs),
+            num_inference_steps=steps,
+            guidance_scale=cfg,
+            generator=[torch.Generator("cpu").manual_seed(seed) for seed in seeds],
+            callback_on_step_end=_stop_when_abandoned(jobs, batch, offset),
+            **kwargs,
         )
 
 
-def _prompt_groups(model: LoadedModel, jobs: list[Job]) -> list[tuple[list[Job], dict[str, Any] | None]]:
+def _texts(params: GenParams, hires: bool = False) -> tuple[str, str]:
+    """The (prompt, negative prompt) of a job's pass: the hires pass has its own."""
+    if hires and params.hires is not None:
+        return params.hires.prompt, params.hires.negative_prompt
+    return params.prompt, params.negative_prompt
+
+
+def _finished(image: Any, params: GenParams) -> Any:
+    """A generated picture as answered: inpainting's overlay (and "only masked"'s paste back,
+    which answers at the original picture's size), else cropped to the answer's size (sides
+    are generated at multiples of 8)."""
+    if params.source is not None and params.source.overlay is not None:
+        image = finish(image, params.source)
+        if params.source.paste is not None:
+            return image
+    return _crop(image, *params.out_size)
+
+
+def _centre_crop(image: Any, width: int, height: int) -> Any:
+    return _crop(image, width, height)
+
+
+def _prompt_groups(model: LoadedModel, jobs: list[Job], *, hires: bool = False,
+                   ) -> list[tuple[list[Job], dict[str, Any] | None]]:
     """The batch as pipeline calls: [(jobs, None)] (the pipeline encodes the prompt strings)
     unless some job needs A1111 encoding; then every job's prompts are encoded here (for a
     plain prompt that is the pipeline's own encoding, bit for bit) and jobs are grouped by
-    their number of 75-token chunks, since one call needs one prompt length."""
+    their number of 75-token chunks, since one call needs one prompt length. `hires`: the
+    prompts of the hires fix's second pass."""
     encoder = model.prompts
     if encoder is None or not any(
         encoder.needs_encoding(text, job.params.clip_skip, job.params.embeddings)
-        for job in jobs for text in (job.params.prompt, job.params.negative_prompt)
+        for job in jobs for text in _texts(job.params, hires)
     ):
         return [(jobs, None)]
-    zero_negative = (model.family == "sdxl" and not jobs[0].params.negative_prompt
+    zero_negative = (model.family == "sdxl" and not _texts(jobs[0].params, hires)[1]
                      and bool(model.pipe.config.get("force_zeros_for_empty_prompt", False)))
     groups: dict[int, list[Job]] = {}
     for job in jobs:
         p = job.params
-        count = encoder.chunk_count(p.prompt, p.embeddings)
+        prompt, negative = _texts(p, hires)
+        count = encoder.chunk_count(prompt, p.embeddings)
         if not zero_negative:
-            count = max(count, encoder.chunk_count(p.negative_prompt, p.embeddings))
+            count = max(count, encoder.chunk_count(negative, p.embeddings))
         groups.setdefault(count, []).append(job)
-    return [(group, _embeds(encoder, [j.params for j in group], count, zero_negative))
+    return [(group, _embeds(encoder, [_texts(j.params, hires) + (j.params,) for j in group], count,
+                            zero_negative))
             for count, group in groups.items()]
 
 
-def _embeds(encoder: PromptEncoder, jobs: Sequence[GenParams], count: int,
+def _embeds(encoder: PromptEncoder, jobs: Sequence[tuple[str, str, GenParams]], count: int,
             zero_negative: bool) -> dict[str, Any]:
-    """The pipeline's prompt_embeds (and negative, pooled) arguments for jobs of `count` chunks;
-    `zero_negative` leaves the negative to the pipeline (an empty SDXL one: zeros)."""
+    """The pipeline's prompt_embeds (and negative, pooled) arguments for jobs of `count` chunks
+    ((prompt, negative, params) each); `zero_negative` leaves the negative to the pipeline (an
+    empty SDXL one: zeros)."""
     def encode(text: str, params: GenParams):  # noqa: ANN202
         return encoder.encode(text, params.clip_skip, params.embeddings, min_chunks=count)
 
-    cond = [encode(p.prompt, p) for p in jobs]
+    cond = [encode(prompt, p) for prompt, _, p in jobs]
     kwargs: dict[str, Any] = {"prompt_embeds": torch.cat([c.hidden for c in cond])}
     if encoder.family == "sdxl":
         kwargs["pooled_prompt_embeds"] = torch.cat([c.pooled for c in cond])
     if not zero_negative:
-        uncond = [encode(p.negative_prompt, p) for p in jobs]
+        uncond = [encode(negative, p) for _, negative, p in jobs]
         kwargs["negative_prompt_embeds"] = torch.cat([u.hidden for u in uncond])
         if encoder.family == "sdxl":
             kwargs["negative_pooled_prompt_embeds"] = torch.cat([u.pooled for u in uncond])
@@ -514,12 +635,12 @@ def _low_memory_decode(vae: Any) -> Iterator[None]:
          vae.tile_sample_min_size, vae.tile_latent_min_size) = saved
 
 
-def _stop_when_abandoned(jobs: list[Job], batch: list[Job]):
-    """The step callback: records the call's progress, and stops it once every job of the
-    batch is cancelled."""
+def _stop_when_abandoned(jobs: list[Job], batch: list[Job], offset: int = 0):
+    """The step callback: records the call's progress (`offset`: the steps of the job's
+    earlier passes), and stops it once every job of the batch is cancelled."""
     def callback(pipe, step, timestep, callback_kwargs):  # noqa: ANN001 - diffusers' signature
         for index, job in enumerate(jobs):
-            job.step = step + 1
+            job.step = offset + step + 1
             if job.preview_every and job.step % job.preview_every == 0:
                 latents = callback_kwargs["latents"][index]
                 job.preview = (job.step, approx_cheap(latents, "XL" in type(pipe).__name__))
