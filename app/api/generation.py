@@ -13,6 +13,7 @@ import logging
 import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 from fastapi import Request
 
@@ -22,10 +23,14 @@ from app.api.rules import (
     check_prompt_chunks,
     check_prompt_length,
     check_prompt_syntax,
+    check_range,
+    check_steps,
 )
 from app.config import Settings
-from app.engine.jobs import GenParams, Job, JobResult
+from app.engine.image_ops import Source, prepare_source
+from app.engine.jobs import GenParams, Hires, Job, JobResult, UpscaleParams
 from app.engine.protocol import EngineAPI
+from app.engine.upscalers import LATENT_MODES, PIXEL_BUILTINS
 from app.errors import (
     ErrorKind,
     InternalError,
@@ -36,7 +41,7 @@ from app.errors import (
     Unavailable,
 )
 from app.families import Family
-from app.imaging import encode_image, parameters_text
+from app.imaging import encode_image, encode_png, parameters_text
 from app.registry import Registry
 from app.samplers import resolve_sampler
 
@@ -47,6 +52,41 @@ RETRY_S_PER_PLACE = 2.0
 MAX_SHARE_RETRY_S = 60.0
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, eq=False)
+class ImageInput:
+    """The pictures of an image-to-image request, decoded and checked (app.image_inputs), and
+    A1111's knobs for them (its API's defaults; a dialect sets what its clients mean).
+
+    `images` are used in turn: image i of the request starts from images[i % len(images)]."""
+
+    images: tuple[Any, ...]  # PIL images, RGB
+    mask: Any = None  # PIL image (any mode; app.engine.image_ops.binary_mask reads it), or None
+    strength: float = 0.75
+    resize_mode: int = 0
+    mask_blur: float = 4
+    fill: int = 0
+    full_res: bool = True
+    padding: int = 0
+    invert: bool = False
+
+
+@dataclass(frozen=True)
+class HiresRequest:
+    """A1111's hires fix fields as asked (0 / "" / None: A1111's meaning of unset)."""
+
+    scale: float = 2.0
+    resize_x: int = 0
+    resize_y: int = 0
+    upscaler: str | None = None  # None: "Latent"
+    steps: int = 0  # 0: the first pass's steps
+    strength: float = 0.75
+    sampler: str | None = None  # None: the first pass's
+    scheduler: str | None = None
+    prompt: str = ""  # "": the first pass's
+    negative_prompt: str = ""
+    cfg_scale: float | None = None  # None: the first pass's
 
 
 @dataclass(frozen=True)
@@ -67,6 +107,8 @@ class ImageRequest:
     loras: Mapping[str, float] = field(default_factory=dict)
     seed: int | None = None  # None or negative: random
     clip_skip: int | None = None  # A1111's CLIP_stop_at_last_layers; None: 1 (the last layer)
+    image: ImageInput | None = None  # image to image / inpainting
+    hires: HiresRequest | None = None  # text to image with A1111's hires fix
 
 
 @dataclass(frozen=True)
@@ -130,6 +172,8 @@ def to_params(body: ImageRequest, registry: Registry, settings: Settings) -> Gen
         if reason:
             raise LoraError(name, reason)
     seed = body.seed if body.seed is not None and body.seed >= 0 else secrets.randbelow(MAX_SEED + 1)
+    hires = None if body.hires is None else _hires(body, sampler, registry, settings)
+    image = body.image
     return GenParams(
         model=spec.name,
         prompt=body.prompt,
@@ -143,8 +187,93 @@ def to_params(body: ImageRequest, registry: Registry, settings: Settings) -> Gen
                            for name, weight in body.loras.items())),
         seed=seed,
         clip_skip=clip_skip,
-        embeddings=_embeddings_used(registry, spec.family, (body.prompt, body.negative_prompt)),
+        embeddings=_embeddings_used(registry, spec.family, (body.prompt, body.negative_prompt)
+                                    + ((hires.prompt, hires.negative_prompt) if hires else ())),
+        strength=1.0 if image is None else image.strength,
+        fill=1 if image is None or image.mask is None else image.fill,
+        hires=hires,
     )
+
+
+def served_upscalers(registry: Registry) -> list[str]:
+    """Every upscaler name a request may use: A1111's latent modes, the built-in pixel ones,
+    then the model upscalers of models.yaml's upscaler_dirs."""
+    return [*LATENT_MODES, *PIXEL_BUILTINS, *sorted(getattr(registry, "upscalers", {}) or {})]
+
+
+def check_upscaler(field: str, name: str, registry: Registry, *, latent: bool = True) -> str:
+    served = served_upscalers(registry)
+    if not latent:
+        served = [n for n in served if n not in LATENT_MODES]
+    if name not in served:
+        raise NotServed(field, name, served)
+    return name
+
+
+def hires_size(width: int, height: int, hires: HiresRequest) -> tuple[tuple[int, int], tuple[int, int]]:
+    """(answer size, upscale size) of A1111's hires fix: the scale, or hr_resize_x/y (one of them
+    keeps the aspect ratio; both: upscaled to cover, then centre-cropped)."""
+    x, y = hires.resize_x, hires.resize_y
+    if x == 0 and y == 0:
+        size = (int(width * hires.scale), int(height * hires.scale))
+        return size, size
+    if y == 0:
+        size = (x, x * height // width)
+        return size, size
+    if x == 0:
+        size = (y * width // height, y)
+        return size, size
+    if width / height < x / y:
+        return (x, y), (x, x * height // width)
+    return (x, y), (y * width // height, y)
+
+
+def _hires(body: ImageRequest, sampler: Any, registry: Registry, settings: Settings) -> Hires:
+    asked = body.hires
+    assert asked is not None
+    if body.image is not None:
+        raise InvalidParameter("enable_hr", True, "the hires fix is for text to image; send the "
+                               "picture to img2img at the size you want instead")
+    check_range("hr_scale", asked.scale, 1.0, 8.0)
+    limit = settings.a1111_max_size
+    for name, side in (("hr_resize_x", asked.resize_x), ("hr_resize_y", asked.resize_y)):
+        check_range(name, side, 0, limit, setting="A1111_MAX_SIZE", note=" (0: by hr_scale)")
+    size, upscale_size = hires_size(body.width, body.height, asked)
+    if max(*size, *upscale_size) > limit or min(size) < 8:
+        raise InvalidParameter("hr_scale", asked.scale, f"the hires fix would answer {size[0]}x{size[1]} "
+                               f"(upscaled to {upscale_size[0]}x{upscale_size[1]}); each side must be at "
+                               f"most {limit} (setting CRAFTSERVE_A1111_MAX_SIZE)")
+    steps = asked.steps or body.steps
+    check_steps("hr_second_pass_steps", steps, settings)
+    check_range("denoising_strength", asked.strength, 0.0, 1.0)
+    hr_sampler = sampler if asked.sampler is None and asked.scheduler is None else resolve_sampler(
+        asked.sampler or sampler.sampler, asked.scheduler)
+    for name, text in (("hr_prompt", asked.prompt), ("hr_negative_prompt", asked.negative_prompt)):
+        check_prompt_length(name, text, settings)
+        check_prompt_syntax(name, text)
+        check_prompt_chunks(name, text, settings)
+    upscaler = check_upscaler("hr_upscaler", asked.upscaler or "Latent", registry)
+    return Hires(
+        size=size, upscale_size=upscale_size, upscaler=upscaler, steps=steps, strength=asked.strength,
+        sampler=hr_sampler, cfg_scale=float(body.cfg_scale if asked.cfg_scale is None else asked.cfg_scale),
+        prompt=asked.prompt or body.prompt, negative_prompt=asked.negative_prompt or body.negative_prompt,
+    )
+
+
+async def prepare_sources(body: ImageRequest, params: GenParams) -> list[Source | None]:
+    """Each init picture of the request prepared for the worker (resize mode, mask, fill,
+    "only masked": app.engine.image_ops), off the event loop; [None] for text to image."""
+    image = body.image
+    if image is None:
+        return [None]
+    width, height = params.gen_size
+
+    def prepare(picture: Any) -> Source:
+        return prepare_source(picture, width, height, mask=image.mask, resize_mode=image.resize_mode,
+                              mask_blur=image.mask_blur, fill_mode=image.fill, full_res=image.full_res,
+                              padding=image.padding, invert=image.invert)
+
+    return list(await asyncio.gather(*(asyncio.to_thread(prepare, p) for p in image.images)))
 
 
 async def _client_gone(request: Request) -> None:
@@ -215,13 +344,14 @@ def check_queue_share(engine: EngineAPI, client: str, count: int, share: int) ->
     )
 
 
-def submit_job(body: ImageRequest, *, client: str, share: int, engine: EngineAPI, registry: Registry,
-               settings: Settings) -> Job:
+async def submit_job(body: ImageRequest, *, client: str, share: int, engine: EngineAPI,
+                     registry: Registry, settings: Settings) -> Job:
     """One job for `body`, queued (the key's share, fairness, bound, deadline) without awaiting
     it: the job API (POST /jobs) follows it by its future and its `step`."""
     params = to_params(body, registry, settings)
+    source = (await prepare_sources(body, params))[0]
     check_queue_share(engine, client, 1, share)
-    return engine.submit(params, client)
+    return engine.submit(replace(params, source=source), client)
 
 
 async def encode_result(params: GenParams, result: JobResult, job_id: str,
@@ -249,7 +379,9 @@ async def generate_images(
     fails the request and takes back its other jobs. Images are encoded as `output_format`
     (png, jpeg, webp; `quality` for the lossy ones), off the event loop."""
     first = to_params(body, registry, settings)
-    all_params = [replace(first, seed=(first.seed + i) % (MAX_SEED + 1)) for i in range(count)]
+    sources = await prepare_sources(body, first)
+    all_params = [replace(first, seed=(first.seed + i) % (MAX_SEED + 1), source=sources[i % len(sources)])
+                  for i in range(count)]
     check_queue_share(engine, client, count, share)
     jobs: list[Job] = []
     try:
@@ -264,3 +396,61 @@ async def generate_images(
                                      for p, r, job in zip(all_params, results, jobs, strict=True)))
     return [Generated(data, params, result, job.id)
             for data, params, result, job in zip(encoded, all_params, results, jobs, strict=True)]
+
+
+@dataclass(frozen=True)
+class Upscaled:
+    """One upscaled picture: its PNG bytes and facts."""
+
+    data: bytes
+    size: tuple[int, int]
+    info: str  # A1111's extras info ("Postprocess upscale by: 2, Postprocess upscaler: ...")
+    result: JobResult
+    job_id: str
+
+
+def extras_size(image_size: tuple[int, int], *, scale: float | None = None,
+                to: tuple[int, int] | None = None, crop: bool = True,
+                ) -> tuple[tuple[int, int], tuple[int, int]]:
+    """(upscaled size, answer size) of A1111's extras: by `scale`, or to `to` = (w, h) by the
+    larger of the two ratios, centre-cropped to exactly `to` when `crop`."""
+    width, height = image_size
+    if to is None:
+        assert scale is not None
+        size = (int(width * scale), int(height * scale))
+        return size, size
+    by = max(to[0] / width, to[1] / height)
+    size = (int(width * by), int(height * by))
+    return size, (to if crop else size)
+
+
+async def upscale_image(image: Any, request: Request, *, upscaler: str, size: tuple[int, int],
+                        out_size: tuple[int, int], client: str, share: int, engine: EngineAPI,
+                        registry: Registry, settings: Settings, upscaler_2: str | None = None,
+                        visibility: float = 0.0, field: str = "upscaler_1") -> Upscaled:
+    """`image` upscaled on a worker (queued as every job is: fair turns, the key's share, the
+    deadline), as a PNG carrying A1111's extras info."""
+    check_upscaler(field, upscaler, registry, latent=False)
+    if upscaler_2 is not None:
+        check_upscaler("upscaler_2", upscaler_2, registry, latent=False)
+    limit = settings.max_image_pixels
+    for what, (w, h) in (("the upscaled picture", size), ("the answer", out_size)):
+        if w < 1 or h < 1 or w * h > limit:
+            raise InvalidParameter(field, upscaler, f"{what} would be {w}x{h}; at most {limit} pixels "
+                                   "(setting CRAFTSERVE_MAX_IMAGE_PIXELS)")
+    params = UpscaleParams(image=image, upscaler=upscaler, size=size, out_size=out_size,
+                           upscaler_2=upscaler_2, visibility=visibility)
+    check_queue_share(engine, client, 1, share)
+    job = engine.submit(params, client)  # type: ignore[arg-type]
+    result = (await run_jobs(engine, [job], request))[0]
+    scale = size[0] / image.width
+    info = f"Postprocess upscale by: {scale:g}, Postprocess upscaler: {upscaler}"
+    if upscaler_2 is not None and visibility > 0:
+        info += f", Postprocess upscaler 2: {upscaler_2}"
+    try:
+        data = await asyncio.to_thread(encode_png, result.image, info)
+    except Exception:
+        logger.exception("job %s: encoding the upscaled image failed", job.id)
+        raise InternalError(f"internal error while encoding the image (job {job.id}); the server "
+                            "log has the details and the server goes on serving") from None
+    return Upscaled(data=data, size=result.image.size, info=info, result=result, job_id=job.id)

@@ -51,7 +51,7 @@ class TrackedJob:
 
     @property
     def steps(self) -> int:
-        return self.job.params.steps
+        return self.job.params.total_steps
 
     def eta_s(self) -> float | None:
         step = self.job.step

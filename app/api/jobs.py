@@ -49,7 +49,7 @@ def _errors(*statuses: int) -> dict[int | str, dict]:
 async def create_job(body: JobRequest, request: Request, client: GeneratingCallerDep,
                      share: QueueShareDep, engine: EngineDep, registry: RegistryDep,
                      settings: SettingsDep, images: ImagesDep, tracker: TrackerDep) -> dict:
-    job = submit_job(to_image_request(body), client=client, share=share, engine=engine,
+    job = await submit_job(to_image_request(body), client=client, share=share, engine=engine,
                      registry=registry, settings=settings)
     job.watched = True  # its progress events are read every 100 ms
     if body.previews:

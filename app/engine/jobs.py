@@ -146,6 +146,30 @@ class GenParams:
         # each job's own and runs jobs whose encodings differ in length in separate calls.
 
 
+@dataclass(frozen=True, eq=False)
+class UpscaleParams:
+    """An upscaling job (A1111's extras, VisionCraft's /upscale): no diffusion model, a worker
+    and its device only. `upscaler` takes the picture to `size`; `upscaler_2` (if any) too,
+    blended in at `visibility`; the result is centre-cropped (or padded) to `out_size`."""
+
+    image: Any  # PIL image, RGB
+    upscaler: str
+    size: tuple[int, int]
+    out_size: tuple[int, int]
+    upscaler_2: str | None = None
+    visibility: float = 0.0
+    seed: int = 0  # (no randomness; the log line and the answer's facts read it)
+    model: str = ""  # no model: the queue's model affinity and failure records pass it by
+    steps: int = 1
+
+    @property
+    def total_steps(self) -> int:
+        return 1
+
+    def batch_key(self) -> tuple:
+        return ("upscale", id(self))  # each runs alone
+
+
 @dataclass
 class JobResult:
     image: Any  # PIL.Image.Image, already cropped to the requested size

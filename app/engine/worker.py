@@ -36,7 +36,7 @@ from app.engine.determinism import jobs_in_call
 from app.engine.hub import HubAccess, WaitingForWeights
 from app.engine.image_ops import finish
 from app.engine.img2img import blank_sources, encode_latents, inpainting_unet, pipeline_for
-from app.engine.jobs import GenParams, Job, JobQueue, JobResult, WorkerSlot, round_up8
+from app.engine.jobs import GenParams, Job, JobQueue, JobResult, UpscaleParams, WorkerSlot, round_up8
 from app.engine.optimize import eager
 from app.engine.pipelines import LoadedModel, load_model
 from app.engine.previews import approx_cheap
@@ -254,6 +254,9 @@ class Worker:
         live = self._present(batch)
         if not live:
             return
+        if isinstance(live[0].params, UpscaleParams):
+            self._run_upscales(live)
+            return
         try:
             model = self.model(live[0].params.model)
         except CraftError as exc:  # the model: every job of the batch needs it, none is rerun
@@ -266,6 +269,36 @@ class Worker:
         live = self._checked_prompts(model, live)
         if live:
             self._run_jobs(model, live, first=True)
+
+    def _run_upscales(self, jobs: list[Job]) -> None:
+        """Upscaling jobs, one at a time: the picture through its upscaler(s) on this device."""
+        for job in jobs:
+            started = time.perf_counter()
+            p: UpscaleParams = job.params  # type: ignore[assignment]
+            try:
+                image = self.upscale(p.image, p.upscaler, *p.size)
+                if p.upscaler_2 and p.visibility > 0:
+                    second = self.upscale(p.image, p.upscaler_2, *p.size)
+                    image = Image.blend(image, second, p.visibility)
+                if image.size != p.out_size:
+                    canvas = Image.new("RGB", p.out_size)
+                    canvas.paste(image, (p.out_size[0] // 2 - image.width // 2,
+                                         p.out_size[1] // 2 - image.height // 2))
+                    image = canvas
+            except CraftError as exc:
+                self._fail([job], exc)
+                continue
+            except Exception:
+                logger.exception("%s: upscaling job %s failed", self.name, job.id)
+                self._fail([job], _internal(job))
+                continue
+            seconds = time.perf_counter() - started
+            self._finish([job], seconds)
+            wait = (job.started_at or job.enqueued_at) - job.enqueued_at
+            logger.info("job %s client=%s upscaler=%r size=%dx%d wait=%.3fs gen=%.3fs", job.id,
+                        job.client, p.upscaler, *p.out_size, wait, seconds)
+            job.resolve(JobResult(image=image, seed=0, sampler_label=p.upscaler, queue_wait_s=wait,
+                                  generation_s=seconds, batch_size=1, worker=self.name))
 
     def _present(self, jobs: list[Job]) -> list[Job]:
         """The jobs whose clients are still there; the others are answered (cancelled) now."""
@@ -289,7 +322,10 @@ class Worker:
         for job in jobs:
             p = job.params
             try:
-                for field, text in (("prompt", p.prompt), ("negative_prompt", p.negative_prompt)):
+                texts = [("prompt", p.prompt), ("negative_prompt", p.negative_prompt)]
+                if p.hires is not None:
+                    texts += [("hr_prompt", p.hires.prompt), ("hr_negative_prompt", p.hires.negative_prompt)]
+                for field, text in texts:
                     if text and encoder.needs_encoding(text, p.clip_skip, p.embeddings):
                         count = encoder.chunk_count(text, p.embeddings)
                         if count > limit:

@@ -62,7 +62,8 @@ class A1111Txt2ImgRequest(BaseModel):
     do_not_save_samples: bool | None = _ignored()
     do_not_save_grid: bool | None = _ignored()
     eta: Number | None = _ignored()
-    denoising_strength: Number | None = _ignored()
+    denoising_strength: Number | None = Field(None, allow_inf_nan=False, description="the hires "
+                                              "fix's (txt2img) or img2img's strength, 0 to 1; absent: 0.75")
     s_min_uncond: Number | None = _ignored()
     s_churn: Number | None = _ignored()
     s_tmax: Number | None = _ignored()
@@ -80,19 +81,23 @@ class A1111Txt2ImgRequest(BaseModel):
         None, description="true: `<lora:...>` tags are taken out of the prompt and not applied")
     firstpass_image: str | None = _ignored()
     comments: dict[str, Any] | None = _ignored()
-    enable_hr: bool | None = _ignored("accepted; the hires fix is not applied")
+    enable_hr: bool | None = Field(None, description="true: A1111's hires fix: the first pass, "
+                                   "upscaled by `hr_upscaler`, then an img2img pass at `denoising_strength`")
     firstphase_width: Int | None = _ignored()
     firstphase_height: Int | None = _ignored()
-    hr_scale: Number | None = _ignored()
-    hr_upscaler: str | None = _ignored()
-    hr_second_pass_steps: Int | None = _ignored()
-    hr_resize_x: Int | None = _ignored()
-    hr_resize_y: Int | None = _ignored()
-    hr_checkpoint_name: str | None = _ignored()
-    hr_sampler_name: str | None = _ignored()
-    hr_scheduler: str | None = _ignored()
-    hr_prompt: str | None = _ignored()
-    hr_negative_prompt: str | None = _ignored()
+    hr_scale: Number | None = Field(None, allow_inf_nan=False, description="absent: 2 (1 to 8)")
+    hr_upscaler: str | None = Field(None, description="absent: `Latent`; GET /sdapi/v1/upscalers "
+                                    "and /sdapi/v1/latent-upscale-modes list the names")
+    hr_second_pass_steps: Int | None = Field(None, description="0 or absent: `steps`")
+    hr_resize_x: Int | None = Field(None, description="0 or absent: by hr_scale")
+    hr_resize_y: Int | None = Field(None, description="0 or absent: by hr_scale")
+    hr_checkpoint_name: str | None = _ignored("accepted; the second pass uses the first pass's model")
+    hr_sampler_name: str | None = Field(None, description="absent: the first pass's sampler")
+    hr_scheduler: str | None = Field(None, description="absent: the first pass's schedule")
+    hr_prompt: str | None = Field(None, description="empty or absent: `prompt`")
+    hr_negative_prompt: str | None = Field(None, description="empty or absent: `negative_prompt`")
+    hr_cfg: Number | None = Field(None, allow_inf_nan=False, description="Forge's: the second pass's "
+                                  "CFG; absent: `cfg_scale`")
     force_task_id: str | None = _ignored()
     script_name: str | None = _ignored("accepted; no scripts run (GET /sdapi/v1/scripts)")
     script_args: list[Any] | None = _ignored()
@@ -102,6 +107,68 @@ class A1111Txt2ImgRequest(BaseModel):
     infotext: str | None = _ignored()
     clip_skip: Int | None = Field(None, description="SillyTavern's copy of "
                                   "`override_settings.CLIP_stop_at_last_layers`")
+
+
+class A1111Img2ImgRequest(A1111Txt2ImgRequest):
+    """Body of POST /sdapi/v1/img2img: every txt2img field, the picture(s) and A1111's img2img
+    knobs, with A1111's API defaults (not its web UI's)."""
+
+    init_images: list[str] | None = Field(None, description="base64 pictures, with or without a "
+                                           "`data:` prefix (http(s) URLs where the server allows "
+                                           "them); image i of the request starts from init_images[i "
+                                           "% len]")
+    mask: str | None = Field(None, description="white repaints; an RGBA mask that is not fully "
+                             "opaque is read from its alpha; resized to the picture as A1111 does")
+    resize_mode: Int | None = Field(None, description="0 just resize (absent), 1 crop and resize, 2 "
+                                    "resize and fill, 3 just resize (latent upscale)")
+    image_cfg_scale: Number | None = _ignored("accepted; for instruct-pix2pix models only")
+    mask_blur: Int | None = Field(None, description="absent: 4 (pixels, a Gaussian's sigma)")
+    mask_blur_x: Int | None = Field(None, description="absent: `mask_blur`")
+    mask_blur_y: Int | None = Field(None, description="absent: `mask_blur` (as x: one sigma is used)")
+    mask_round: bool | None = _ignored()
+    inpainting_fill: Int | None = Field(None, description="masked content: 0 fill (absent), 1 "
+                                        "original, 2 latent noise, 3 latent nothing")
+    inpaint_full_res: bool | Int | None = Field(None, description="\"only masked\": absent or true: "
+                                                "the mask's box is generated at the full size and "
+                                                "pasted back")
+    inpaint_full_res_padding: Int | None = Field(None, description="absent: 0 (pixels around the box)")
+    inpainting_mask_invert: Int | None = Field(None, description="1: the black area repaints")
+    initial_noise_multiplier: Number | None = _ignored()
+    latent_mask: str | None = _ignored()
+    include_init_images: bool | None = Field(None, description="true: `parameters` echoes "
+                                             "init_images and mask")
+
+
+class A1111ExtraSingleRequest(BaseModel):
+    """Body of POST /sdapi/v1/extra-single-image (and the common part of extra-batch-images)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    image: str | None = Field(None, description="a base64 picture")
+    resize_mode: Int | None = Field(None, description="0 by upscaling_resize (absent), 1 to "
+                                    "upscaling_resize_w x _h")
+    show_extras_results: bool | None = _ignored()
+    gfpgan_visibility: Number | None = _ignored("accepted; no face restorer is served")
+    codeformer_visibility: Number | None = _ignored("accepted; no face restorer is served")
+    codeformer_weight: Number | None = _ignored()
+    upscaling_resize: Number | None = Field(None, allow_inf_nan=False, description="absent: 2 (1 to 8)")
+    upscaling_resize_w: Int | None = Field(None, description="absent: 512")
+    upscaling_resize_h: Int | None = Field(None, description="absent: 512")
+    upscaling_crop: bool | None = Field(None, description="absent: true (crop to the exact size)")
+    upscaler_1: str | None = Field(None, description="absent: None (GET /sdapi/v1/upscalers)")
+    upscaler_2: str | None = Field(None, description="absent: None")
+    extras_upscaler_2_visibility: Number | None = Field(None, allow_inf_nan=False,
+                                                        description="0 to 1; absent: 0")
+    upscale_first: bool | None = _ignored()
+
+
+class A1111ImageData(BaseModel):
+    data: str
+    name: str | None = None
+
+
+class A1111ExtraBatchRequest(A1111ExtraSingleRequest):
+    imageList: list[A1111ImageData] | None = None  # noqa: N815 - A1111's name
 
 
 class A1111Txt2ImgResponse(BaseModel):

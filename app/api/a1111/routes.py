@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import html
 import time
 from typing import Annotated, Any
 
@@ -11,6 +13,9 @@ from fastapi.responses import JSONResponse
 from app.api.a1111.errors import ADMIN_ERRORS, AUTH_ERRORS, GENERATION_ERRORS, INPUT_ERRORS, REFRESH_FAILED
 from app.api.a1111.models import (
     A1111Embeddings,
+    A1111ExtraBatchRequest,
+    A1111ExtraSingleRequest,
+    A1111Img2ImgRequest,
     A1111LatentUpscaleMode,
     A1111Lora,
     A1111Options,
@@ -26,15 +31,17 @@ from app.api.a1111.models import (
     A1111Upscaler,
 )
 from app.api.a1111.state import A1111State
-from app.api.a1111.translate import answer, plan
+from app.api.a1111.translate import Plan, answer, plan, plan_img2img
 from app.api.admin import ReloadsDep, reload_models
 from app.api.credentials import AdminDep, CallerDep, GeneratingCallerDep, QueueShareDep
 from app.api.deps import EngineDep, RegistryDep, SettingsDep, TrackerDep
-from app.api.generation import generate_images
+from app.api.generation import extras_size, generate_images, upscale_image
 from app.api.job_tracker import JobTracker
+from app.api.rules import check_range
 from app.engine.jobs import Job
 from app.engine.protocol import EngineAPI
-from app.errors import CraftError, Interrupted
+from app.engine.upscalers import LATENT_MODES, PIXEL_BUILTINS
+from app.errors import CraftError, Interrupted, InvalidParameter
 from app.samplers import SAMPLERS, SCHEDULES, a1111_sampler_names, resolve_sampler
 
 router = APIRouter(prefix="/sdapi/v1", tags=["a1111"])
@@ -63,6 +70,31 @@ async def txt2img(
     """A txt2img body as the shared core's request (translate.plan), its images as A1111's
     answer (translate.answer); an interrupt or skip by the same key answers 409."""
     planned = plan(body, state, client, registry, settings)
+    return await _run(planned, body, request, client, share, state, engine, registry, settings)
+
+
+@router.post("/img2img", response_model=A1111Txt2ImgResponse,
+             responses={**GENERATION_ERRORS, 404: {"description": "no init image (A1111's \"Init "
+                                                                  "image not found\")"}},
+             summary="Image to image and inpainting (A1111)")
+async def img2img(
+    body: A1111Img2ImgRequest,
+    request: Request,
+    client: GeneratingCallerDep,
+    share: QueueShareDep,
+    state: StateDep,
+    engine: EngineDep,
+    registry: RegistryDep,
+    settings: SettingsDep,
+) -> JSONResponse:
+    """txt2img's fields plus the pictures (`init_images`, `mask`) and A1111's img2img knobs with
+    its API's defaults (translate.plan_img2img); answered as txt2img is."""
+    planned = await plan_img2img(body, state, client, registry, settings)
+    return await _run(planned, body, request, client, share, state, engine, registry, settings)
+
+
+async def _run(planned: Plan, body: A1111Txt2ImgRequest, request: Request, client: str, share: int,
+               state: A1111State, engine: EngineAPI, registry: Any, settings: Any) -> JSONResponse:
     try:
         generated = await generate_images(planned.request, planned.batch_size * planned.n_iter, request,
                                           client=client, share=share, engine=engine,
@@ -75,6 +107,72 @@ async def txt2img(
     if not restore and body.override_settings:
         state.update(client, body.override_settings)  # A1111: the overrides stay (for this key)
     return JSONResponse(answer(planned, generated, registry, restore))
+
+
+async def _extras(body: A1111ExtraSingleRequest, value: str | None, field: str, request: Request,
+                  client: str, share: int, engine: EngineAPI, registry: Any, settings: Any,
+                  ) -> tuple[str, str]:
+    """One picture through A1111's extras upscaling: (base64 PNG, html_info)."""
+    from app.image_inputs import read_image
+
+    if not value:
+        raise InvalidParameter(field, value, "send a base64 picture")
+    upscaler = body.upscaler_1 or "None"
+    upscaler_2 = body.upscaler_2 if body.upscaler_2 and body.upscaler_2 != "None" else None
+    visibility = float(body.extras_upscaler_2_visibility or 0)
+    check_range("extras_upscaler_2_visibility", visibility, 0, 1)
+    mode = body.resize_mode or 0
+    check_range("resize_mode", mode, 0, 1, note=" (0 by upscaling_resize, 1 to upscaling_resize_w x _h)")
+    image = await read_image(field, value, settings)
+    if mode == 0:
+        scale = 2.0 if body.upscaling_resize is None else float(body.upscaling_resize)
+        check_range("upscaling_resize", scale, 1, 8)
+        size, out_size = extras_size(image.size, scale=scale)
+    else:
+        to = (body.upscaling_resize_w or 512, body.upscaling_resize_h or 512)
+        for name, side in (("upscaling_resize_w", to[0]), ("upscaling_resize_h", to[1])):
+            check_range(name, side, 1, 8192)
+        size, out_size = extras_size(image.size, to=to, crop=body.upscaling_crop is not False)
+    try:
+        done = await upscale_image(image, request, upscaler=upscaler, size=size, out_size=out_size,
+                                   client=client, share=share, engine=engine, registry=registry,
+                                   settings=settings, upscaler_2=upscaler_2, visibility=visibility)
+    except CraftError as exc:
+        if exc.kind.stopped:
+            raise Interrupted() from exc
+        raise
+    return base64.b64encode(done.data).decode("ascii"), f"<p>{html.escape(done.info)}</p>"
+
+
+@router.post("/extra-single-image", response_model=dict[str, Any], responses=GENERATION_ERRORS,
+             summary="Upscale one picture (A1111's extras): `upscaler_1` by `upscaling_resize` or to "
+                     "`upscaling_resize_w` x `_h`")
+async def extra_single_image(body: A1111ExtraSingleRequest, request: Request, client: GeneratingCallerDep,
+                             share: QueueShareDep, engine: EngineDep, registry: RegistryDep,
+                             settings: SettingsDep) -> dict[str, Any]:
+    image, info = await _extras(body, body.image, "image", request, client, share, engine, registry,
+                                settings)
+    return {"image": image, "html_info": info}
+
+
+@router.post("/extra-batch-images", response_model=dict[str, Any], responses=GENERATION_ERRORS,
+             summary="Upscale several pictures (A1111's extras): `imageList` [{data, name}]")
+async def extra_batch_images(body: A1111ExtraBatchRequest, request: Request, client: GeneratingCallerDep,
+                             share: QueueShareDep, engine: EngineDep, registry: RegistryDep,
+                             settings: SettingsDep) -> dict[str, Any]:
+    pictures = body.imageList or []
+    if not pictures:
+        raise InvalidParameter("imageList", None, "send at least one {\"data\": base64 picture}")
+    limit = settings.a1111_max_images
+    if len(pictures) > limit:
+        raise InvalidParameter("imageList", f"<{len(pictures)} images>", f"at most {limit} pictures a "
+                               "request (setting CRAFTSERVE_A1111_MAX_IMAGES)")
+    images, info = [], ""
+    for index, item in enumerate(pictures):
+        image, info = await _extras(body, item.data, f"imageList[{index}].data", request, client, share,
+                                    engine, registry, settings)
+        images.append(image)
+    return {"images": images, "html_info": info}
 
 
 def _running(engine: EngineAPI, client: str, tracker: JobTracker) -> tuple[list[Job], list[Job]]:
@@ -97,7 +195,7 @@ async def progress(client: CallerDep, engine: EngineDep, state: StateDep, tracke
     if not jobs:
         return A1111Progress(progress=0.0, eta_relative=0.0, state=A1111ProgressState())
     job = jobs[0]
-    steps = job.params.steps
+    steps = job.params.total_steps
     done = min(job.step, steps) if running else 0
     fraction = done / steps if steps else 0.0
     eta = 0.0
@@ -202,15 +300,22 @@ async def sd_vae(client: CallerDep) -> list[A1111SdVae]:
 
 
 @router.get("/upscalers", response_model=list[A1111Upscaler], responses=AUTH_ERRORS,
-            summary="Always empty: no hires fix or upscaling")
-async def upscalers(client: CallerDep) -> list[A1111Upscaler]:
-    return []
+            summary="The pixel upscalers hr_upscaler and the extras take: None, Lanczos, Nearest "
+                    "and the model upscalers of models.yaml's upscaler_dirs")
+async def upscalers(client: CallerDep, registry: RegistryDep) -> list[A1111Upscaler]:
+    builtin = [A1111Upscaler(name=name, model_name=None, model_path=None, model_url=None,
+                             scale=4 if name != "None" else 1)
+               for name in PIXEL_BUILTINS]
+    models = getattr(registry, "upscalers", {}) or {}
+    return builtin + [A1111Upscaler(name=name, model_name=name, model_path=str(spec.path), model_url=None,
+                                    scale=spec.scale or 4)
+                      for name, spec in sorted(models.items())]
 
 
 @router.get("/latent-upscale-modes", response_model=list[A1111LatentUpscaleMode], responses=AUTH_ERRORS,
-            summary="Always empty: no hires fix")
+            summary="The latent modes hr_upscaler takes")
 async def latent_upscale_modes(client: CallerDep) -> list[A1111LatentUpscaleMode]:
-    return []
+    return [A1111LatentUpscaleMode(name=name) for name in LATENT_MODES]
 
 
 @router.get("/scripts", response_model=A1111ScriptsList, responses=AUTH_ERRORS,

@@ -8,13 +8,19 @@ import json
 import math
 import re
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from app import __version__
-from app.api.a1111.models import DEFAULT_SAMPLER, DEFAULT_SIZE, DEFAULT_STEPS, A1111Txt2ImgRequest
+from app.api.a1111.models import (
+    DEFAULT_SAMPLER,
+    DEFAULT_SIZE,
+    DEFAULT_STEPS,
+    A1111Img2ImgRequest,
+    A1111Txt2ImgRequest,
+)
 from app.api.a1111.state import A1111State, checkpoint_field, vae_choice
-from app.api.generation import Generated, ImageRequest
+from app.api.generation import Generated, HiresRequest, ImageInput, ImageRequest
 from app.api.rules import (
     DEFAULT_CFG,
     MAX_CFG,
@@ -80,14 +86,20 @@ class Plan:
     clip_skip: int
     not_applied: dict[str, Any]
     send_images: bool
+    # what `parameters` and `info` report beyond txt2img's (img2img's fields, the hires fix's)
+    parameters: dict[str, Any] = field(default_factory=dict)
+    info: dict[str, Any] = field(default_factory=dict)
 
 
 def _not_applied(body: A1111Txt2ImgRequest) -> dict[str, Any]:
     """The fields sent with a value that would change the image in A1111 and changes nothing here."""
     found: dict[str, Any] = {}
-    for field in ("enable_hr", "restore_faces", "tiling"):
-        if getattr(body, field):
-            found[field] = True
+    for name in ("restore_faces", "tiling"):
+        if getattr(body, name):
+            found[name] = True
+    same = ("", "use same checkpoint")
+    if body.enable_hr and body.hr_checkpoint_name and body.hr_checkpoint_name.lower() not in same:
+        found["hr_checkpoint_name"] = shown(body.hr_checkpoint_name)
     if body.subseed_strength:
         found["subseed_strength"] = body.subseed_strength
     if (body.seed_resize_from_w or 0) > 0 or (body.seed_resize_from_h or 0) > 0:
@@ -132,8 +144,8 @@ def plan(body: A1111Txt2ImgRequest, state: A1111State, client: str, registry: Re
     batch_size = 1 if body.batch_size is None else body.batch_size
     n_iter = 1 if body.n_iter is None else body.n_iter
     limit = settings.a1111_max_images
-    for field, count in (("batch_size", batch_size), ("n_iter", n_iter)):
-        check_range(field, count, 1, limit, setting="A1111_MAX_IMAGES",
+    for name, count in (("batch_size", batch_size), ("n_iter", n_iter)):
+        check_range(name, count, 1, limit, setting="A1111_MAX_IMAGES",
                     note="; batch_size x n_iter images a request")
     if batch_size * n_iter > limit:
         raise InvalidParameter("batch_size", batch_size, f"batch_size x n_iter = {batch_size * n_iter} "
@@ -142,8 +154,8 @@ def plan(body: A1111Txt2ImgRequest, state: A1111State, client: str, registry: Re
     check_steps("steps", steps, settings)
     width = DEFAULT_SIZE if body.width is None else body.width
     height = DEFAULT_SIZE if body.height is None else body.height
-    for field, side in (("width", width), ("height", height)):
-        check_side(field, side, settings)
+    for name, side in (("width", width), ("height", height)):
+        check_side(name, side, settings)
     cfg_scale = DEFAULT_CFG if body.cfg_scale is None else float(body.cfg_scale)
     check_range("cfg_scale", cfg_scale, MIN_CFG, MAX_CFG)
     seed = -1 if body.seed is None else body.seed
@@ -154,9 +166,111 @@ def plan(body: A1111Txt2ImgRequest, state: A1111State, client: str, registry: Re
         scheduler=scheduler, steps=steps, width=width, height=height, cfg_scale=cfg_scale,
         loras=loras, seed=seed, clip_skip=clip_skip,
     )
+    parameters: dict[str, Any] = {}
+    info: dict[str, Any] = {}
+    if body.enable_hr and not isinstance(body, A1111Img2ImgRequest):
+        hires = _hires(body, apply_loras=not body.disable_extra_networks)
+        request = replace(request, hires=hires)
+        strength = hires.strength
+        parameters = {
+            "enable_hr": True, "denoising_strength": strength, "hr_scale": hires.scale,
+            "hr_upscaler": hires.upscaler, "hr_second_pass_steps": body.hr_second_pass_steps or 0,
+            "hr_resize_x": hires.resize_x, "hr_resize_y": hires.resize_y,
+            "hr_sampler_name": body.hr_sampler_name, "hr_scheduler": body.hr_scheduler,
+            "hr_prompt": body.hr_prompt or "", "hr_negative_prompt": body.hr_negative_prompt or "",
+        }
+        info = {"denoising_strength": strength}
     return Plan(request=request, prompt=prompt, batch_size=batch_size, n_iter=n_iter, sd_vae=sd_vae,
                 clip_skip=clip_skip, not_applied=_not_applied(body),
-                send_images=body.send_images is not False)
+                send_images=body.send_images is not False, parameters=parameters, info=info)
+
+
+def _strength(body: A1111Txt2ImgRequest) -> float:
+    strength = 0.75 if body.denoising_strength is None else float(body.denoising_strength)
+    check_range("denoising_strength", strength, 0.0, 1.0)
+    return strength
+
+
+def _hires(body: A1111Txt2ImgRequest, *, apply_loras: bool) -> HiresRequest:
+    """A1111's hires fix fields (the core checks sizes, steps, names and prompts)."""
+    scale = 2.0 if body.hr_scale is None else float(body.hr_scale)
+    check_range("hr_scale", scale, 1.0, 8.0)
+    steps = body.hr_second_pass_steps or 0
+    check_range("hr_second_pass_steps", steps, 0, 10_000, note=" (0: steps)")
+    hr_sampler = None if body.hr_sampler_name is None else check_name("hr_sampler_name", body.hr_sampler_name)
+    hr_scheduler = None if body.hr_scheduler is None else check_name("hr_scheduler", body.hr_scheduler)
+    upscaler = None if body.hr_upscaler is None else check_name("hr_upscaler", body.hr_upscaler)
+    cfg = None if body.hr_cfg is None else float(body.hr_cfg)
+    if cfg is not None:
+        check_range("hr_cfg", cfg, MIN_CFG, MAX_CFG)
+    # hr prompts may carry LoRA tags too: the first pass's LoRAs stay active, the tags are text
+    hr_prompt = split_loras(body.hr_prompt or "", apply=apply_loras)[0]
+    hr_negative = body.hr_negative_prompt or ""
+    return HiresRequest(
+        scale=scale, resize_x=body.hr_resize_x or 0, resize_y=body.hr_resize_y or 0,
+        upscaler=upscaler, steps=steps, strength=_strength(body), sampler=hr_sampler,
+        scheduler=hr_scheduler, prompt=hr_prompt, negative_prompt=hr_negative, cfg_scale=cfg,
+    )
+
+
+_RESIZE_MODES = (0, 1, 2, 3)
+
+
+async def plan_img2img(body: A1111Img2ImgRequest, state: A1111State, client: str, registry: Registry,
+                       settings: Settings) -> Plan:
+    """The core's request for an img2img body: txt2img's plan, the pictures decoded and
+    checked, and A1111's img2img fields with its API's defaults."""
+    from app.image_inputs import read_image, read_mask
+
+    base = plan(body, state, client, registry, settings)
+    if not body.init_images:
+        raise InitImageMissing()
+    limit = settings.a1111_max_images
+    if len(body.init_images) > limit:
+        raise InvalidParameter("init_images", f"<{len(body.init_images)} images>",
+                               f"at most {limit} pictures a request (setting CRAFTSERVE_A1111_MAX_IMAGES)")
+    resize_mode = 0 if body.resize_mode is None else body.resize_mode
+    check_range("resize_mode", resize_mode, 0, 3, note=" (0 just resize, 1 crop and resize, 2 resize "
+                "and fill, 3 latent upscale)")
+    fill = 0 if body.inpainting_fill is None else body.inpainting_fill
+    check_range("inpainting_fill", fill, 0, 3, note=" (0 fill, 1 original, 2 latent noise, 3 latent "
+                "nothing)")
+    blur = body.mask_blur_x if body.mask_blur_x is not None else body.mask_blur
+    blur = 4 if blur is None else blur
+    check_range("mask_blur", blur, 0, 64)
+    padding = body.inpaint_full_res_padding or 0
+    check_range("inpaint_full_res_padding", padding, 0, 1024)
+    invert = body.inpainting_mask_invert or 0
+    check_range("inpainting_mask_invert", invert, 0, 1)
+    strength = _strength(body)
+    images = tuple([await read_image(f"init_images[{i}]", value, settings)
+                    for i, value in enumerate(body.init_images)])
+    mask = None if not body.mask else await read_mask("mask", body.mask, settings, convention="a1111")
+    full_res = True if body.inpaint_full_res is None else bool(body.inpaint_full_res)
+    picture = ImageInput(images=images, mask=mask, strength=strength, resize_mode=resize_mode,
+                         mask_blur=blur, fill=fill, full_res=full_res, padding=padding,
+                         invert=bool(invert))
+    include = bool(body.include_init_images)
+    parameters = {
+        "init_images": body.init_images if include else None, "mask": body.mask if include else None,
+        "resize_mode": resize_mode, "denoising_strength": strength, "image_cfg_scale": body.image_cfg_scale,
+        "mask_blur": blur, "mask_blur_x": blur, "mask_blur_y": blur, "inpainting_fill": fill,
+        "inpaint_full_res": full_res, "inpaint_full_res_padding": padding,
+        "inpainting_mask_invert": invert, "initial_noise_multiplier": None, "latent_mask": None,
+        "include_init_images": include, "mask_round": True,
+    }
+    return replace(base, request=replace(base.request, image=picture), parameters=parameters,
+                   info={"denoising_strength": strength})
+
+
+class InitImageMissing(InvalidParameter):
+    """A1111's answer to img2img without a picture: 404 "Init image not found"."""
+
+    status = 404
+
+    def __init__(self) -> None:
+        super().__init__("init_images", None, "Init image not found: send at least one base64 "
+                         "picture in init_images")
 
 
 _SCHEDULE_BY_SUFFIX = {s.suffix: s for s in SCHEDULES}
@@ -192,6 +306,7 @@ def answer(plan: Plan, generated: list[Generated], registry: Registry,
         "sd_model_name": params.model, "sd_model_hash": None,
         "sd_vae_name": vae, "sd_vae_hash": None,
         "seed_resize_from_w": -1, "seed_resize_from_h": -1, "denoising_strength": None,
+        **plan.info,
         "extra_generation_params": {"Schedule type": schedule_label},
         "index_of_first_image": 0,
         "infotexts": [parameters_text(g.params, g.result.seed, g.result.sampler_label)
@@ -213,6 +328,7 @@ def answer(plan: Plan, generated: list[Generated], registry: Registry,
                               "CLIP_stop_at_last_layers": plan.clip_skip},
         "override_settings_restore_afterwards": restore_afterwards,
         "send_images": plan.send_images,
+        **plan.parameters,
     }
     images = [base64.b64encode(g.data).decode("ascii") for g in generated] if plan.send_images else []
     return {"images": images, "parameters": parameters, "info": json.dumps(info)}

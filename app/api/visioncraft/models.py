@@ -8,7 +8,7 @@ ignored.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -77,6 +77,45 @@ class GenerateRequestV0(GenerateRequest):
     as URLs."""
 
     image_count: Int = Field(1, ge=1, le=MAX_IMAGES)
+
+
+MAX_STEPS_IMG2IMG = 50
+
+
+class Img2ImgRequest(BaseModel):
+    """Body of POST /img2img, as the published wrapper sends it (`image2image`)."""
+
+    model_config = ConfigDict(extra="ignore", str_strip_whitespace=False)
+
+    token: str | None = Field(None, description="API key (or send `Authorization: Bearer <key>`)")
+    image: str = Field(..., description="the picture: base64 (a `data:` URL too), or an http(s) URL "
+                       "where the server allows them (CRAFTSERVE_IMAGE_URLS)")
+    prompt: str = Field(..., examples=["the same scene at night"])
+    negative_prompt: str = ""
+    scheduler: str | None = Field(None, max_length=MAX_NAME_LENGTH, description="a sampler name "
+                                  "(GET /img2img/schedulers); absent: the model's default")
+    refiner: str | None = Field(None, max_length=MAX_NAME_LENGTH, description="the served model "
+                                "that runs the pass (GET /img2img/refiners); absent: the first served")
+    mask: str = Field("", description="optional: white repaints (as A1111), the rest is kept; "
+                      "base64 or URL as `image`")
+    steps: Int = Field(MAX_STEPS_IMG2IMG, ge=1, le=MAX_STEPS_IMG2IMG,
+                       description="the pass runs int(steps x strength) of them")
+    strength: Number = Field(0.8, ge=0.1, le=1.0, allow_inf_nan=False)
+    seed: Int | None = Field(None, ge=-1, le=MAX_SEED, description="extension; absent or -1: random")
+    cfg_scale: Number = Field(DEFAULT_CFG, ge=MIN_CFG, le=MAX_CFG, allow_inf_nan=False,
+                              description="extension")
+
+
+class UpscaleRequest(BaseModel):
+    """Body of POST /upscale, as the published wrapper sends it (`image_upscaling`)."""
+
+    model_config = ConfigDict(extra="ignore", str_strip_whitespace=False)
+
+    token: str | None = Field(None, description="API key (or send `Authorization: Bearer <key>`)")
+    image: str = Field(..., description="the picture: base64, or an http(s) URL where allowed")
+    model: str = Field("Lanczos", max_length=MAX_NAME_LENGTH, description="an upscaler "
+                       "(GET /models-upscale)")
+    resize: Literal[2, 4] = Field(2, description="2 or 4 times each side")
 
 
 class ImageUrls(BaseModel):
