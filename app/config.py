@@ -61,6 +61,32 @@ class Settings(BaseSettings):
     body_timeout_s: float = Field(30.0, gt=0)
     max_url_bytes: int = Field(8192, ge=256)
     max_header_bytes: int = Field(16384, ge=1024)
+    # Images clients send (app.image_inputs): base64 or data: URLs in JSON, files in multipart
+    # forms, http(s) URLs where allowed. Each image (a mask too) is at most max_image_bytes
+    # once decoded from base64 and at most max_image_pixels (width x height, read from its
+    # header before any pixel is decoded: a 100 kB PNG may declare 20000x20000). The pixel cap
+    # stays below Pillow's own decompression-bomb limit (89 million pixels) so that ours
+    # always speaks first.
+    max_image_bytes: int = Field(16 * 2**20, ge=1024)
+    max_image_pixels: int = Field(4096 * 4096, ge=64 * 64, le=8192 * 8192)
+    # The body cap of the routes that take images (/img2img, /upscale, /sdapi/v1/img2img,
+    # /sdapi/v1/extra-*, /v1/images/edits and /variations, /jobs; app.api.edge.IMAGE_ROUTES),
+    # instead of max_body_bytes. Unset: room for four images at max_image_bytes as base64
+    # (4/3 of the bytes, plus line breaks and a data: prefix) on top of max_body_bytes for the
+    # rest: an init image and its mask, or a few images of a batch (about 90 MiB by default).
+    # The edge reads a body whole before the route parses it, so this is memory per request.
+    max_image_body_bytes: int | None = Field(None, ge=1024)
+    # http(s) URLs given instead of image data are fetched only when this is on (off: a 422
+    # naming this setting). Then: only hosts matching image_url_hosts when it is set (names,
+    # "*.example.com" for its subdomains, "*" any); never a host that resolves to a loopback,
+    # private, link-local, multicast, unspecified or reserved address (every address of the
+    # name, again after each redirect, at most 3 redirects) unless the host is named in
+    # image_url_private_hosts (names, addresses or networks such as 10.0.0.0/8); the body at
+    # most max_image_bytes (counted while it streams), the whole fetch within image_url_timeout_s.
+    allow_image_urls: bool = False
+    image_url_hosts: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    image_url_private_hosts: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    image_url_timeout_s: float = Field(10.0, gt=0)
     # Connections (uvicorn): keep-alive connections close this long after a response; any
     # connection with no request in progress for idle_timeout_s on end (one that never sends
     # its request head) is closed; more open connections than max_connections (0: no limit;
@@ -156,7 +182,8 @@ class Settings(BaseSettings):
             return [k.strip() for k in value.split(",") if k.strip()]
         return value
 
-    @field_validator("trusted_proxies", "allowed_hosts", mode="before")
+    @field_validator("trusted_proxies", "allowed_hosts", "image_url_hosts", "image_url_private_hosts",
+                     mode="before")
     @classmethod
     def _split_names(cls, value: object) -> object:
         if isinstance(value, str):
@@ -186,6 +213,21 @@ class Settings(BaseSettings):
                 name = name[1:].partition("]")[0]
             elif name.count(":") == 1:  # a port is not part of the name
                 name = name.partition(":")[0]
+            names.append(name)
+        return names
+
+    @field_validator("image_url_hosts", "image_url_private_hosts")
+    @classmethod
+    def _lower_url_hosts(cls, value: list[str]) -> list[str]:
+        names = []
+        for item in value:
+            name = item.strip().lower()
+            if name.startswith("[") and name.endswith("]"):  # [::1]: an IPv6 address as in a URL
+                name = name[1:-1]
+            if not name or (("/" in name or ":" in name) and not _is_network(name)):
+                raise ValueError(f"{item!r} is not a host name, address or network: write names "
+                                 "(images.example.com, *.example.com), addresses or networks "
+                                 "(10.0.0.5, 10.0.0.0/8, ::1), comma-separated, without scheme or port")
             names.append(name)
         return names
 
@@ -273,6 +315,14 @@ class Settings(BaseSettings):
                 if line and not line.startswith("#"):
                     keys.append(line)
         return keys
+
+
+def _is_network(text: str) -> bool:
+    try:
+        ipaddress.ip_network(text, strict=False)
+    except ValueError:
+        return False
+    return True
 
 
 @lru_cache

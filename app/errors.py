@@ -304,10 +304,11 @@ class PayloadTooLarge(CraftError):
     kind = ErrorKind.BODY_TOO_LARGE
     field = "body"
 
-    def __init__(self, size: int, cap: int, *, streamed: bool = False) -> None:
+    def __init__(self, size: int, cap: int, *, streamed: bool = False,
+                 setting: str = "CRAFTSERVE_MAX_BODY_BYTES") -> None:
         what = f"passed {cap} bytes while being sent" if streamed else f"is {size} bytes"
         super().__init__(f"the request body {what}; at most {cap} bytes are accepted on this route "
-                         "(setting CRAFTSERVE_MAX_BODY_BYTES)")
+                         f"(setting {setting})")
 
 
 class RequestTimeout(CraftError):

@@ -20,7 +20,7 @@ from app import __version__
 from app.api import a1111, admin, health, jobs, openai_images, openapi, page, visioncraft
 from app.api.a1111 import A1111State
 from app.api.admin import Reloads
-from app.api.edge import EdgeLimits
+from app.api.edge import EdgeLimits, image_route_caps
 from app.api.errors import ErrorInfo, ErrorRenderers
 from app.api.guards import RequestGuards, allowed_hosts
 from app.api.head import HeadAsGet
@@ -32,6 +32,7 @@ from app.engine.engine import Engine
 from app.engine.lora_fit import match_loras
 from app.engine.protocol import EngineAPI
 from app.errors import CraftError, ErrorKind, quoted, shown
+from app.image_inputs import image_body_cap
 from app.imaging import ImageStore
 from app.metrics import Metrics
 from app.registry import Registry, load_registry
@@ -206,7 +207,8 @@ def create_app(settings: Settings | None = None, engine_factory: EngineFactory =
     app.include_router(admin.router)
     app.add_middleware(EdgeLimits, max_body_bytes=settings.max_body_bytes,
                        body_timeout_s=settings.body_timeout_s, max_url_bytes=settings.max_url_bytes,
-                       max_header_bytes=settings.max_header_bytes)
+                       max_header_bytes=settings.max_header_bytes,
+                       route_caps=image_route_caps(image_body_cap(settings)))
     # outside the edge limits: a refused Host or a form post is answered before its body is read
     app.add_middleware(RequestGuards, allowed=allowed_hosts(settings.allowed_hosts, settings.host))
     app.include_router(jobs.router)

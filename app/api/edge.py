@@ -4,7 +4,8 @@
 - Body: a `Content-Length` over the route's cap → 413 at once, without reading the body; a
   body without one (chunked) is read up to the cap and answered 413 as soon as it passes it.
   The cap is `max_body_bytes` (setting MAX_BODY_BYTES, 2 MiB) unless a route prefix has its
-  own (`route_caps`, for routes that take images later).
+  own (`route_caps`): the routes that take images (IMAGE_ROUTES) have the cap
+  app.image_inputs.image_body_cap derives from the image settings (MAX_IMAGE_BODY_BYTES).
 - The whole body must arrive within `body_timeout_s`; a body that never ends (a chunked body
   without its last chunk, a Content-Length that lies) is answered 408 then.
 
@@ -33,6 +34,22 @@ Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
+# Path prefixes of the routes whose bodies carry images (base64 in JSON, files in multipart
+# forms): VisionCraft's img2img and upscale, A1111's img2img and extras, OpenAI's edits and
+# variations, the job API.
+IMAGE_ROUTES = (
+    "/img2img", "/upscale",
+    "/sdapi/v1/img2img", "/sdapi/v1/extra-single-image", "/sdapi/v1/extra-batch-images",
+    "/v1/images/edits", "/v1/images/variations",
+    "/jobs",
+)
+IMAGE_BODY_SETTING = "CRAFTSERVE_MAX_IMAGE_BODY_BYTES"
+
+
+def image_route_caps(cap: int) -> dict[str, int]:
+    """`route_caps` giving every image route (IMAGE_ROUTES) the body cap `cap`."""
+    return dict.fromkeys(IMAGE_ROUTES, cap)
+
 
 class EdgeLimits:
     def __init__(
@@ -44,6 +61,7 @@ class EdgeLimits:
         max_url_bytes: int,
         max_header_bytes: int,
         route_caps: Mapping[str, int] | None = None,
+        route_caps_setting: str = IMAGE_BODY_SETTING,
     ) -> None:
         self.app = app
         self.max_body_bytes = max_body_bytes
@@ -51,10 +69,16 @@ class EdgeLimits:
         self.max_url_bytes = max_url_bytes
         self.max_header_bytes = max_header_bytes
         self.route_caps = dict(route_caps or {})
+        self.route_caps_setting = route_caps_setting  # named in the 413 of a route with its own cap
 
     def cap_for(self, path: str) -> int:
+        return self._cap_and_setting(path)[0]
+
+    def _cap_and_setting(self, path: str) -> tuple[int, str]:
         best = max((p for p in self.route_caps if path.startswith(p)), key=len, default=None)
-        return self.route_caps[best] if best is not None else self.max_body_bytes
+        if best is None:
+            return self.max_body_bytes, "CRAFTSERVE_MAX_BODY_BYTES"
+        return self.route_caps[best], self.route_caps_setting
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -92,16 +116,16 @@ class EdgeLimits:
         chunked = b"chunked" in headers.get(b"transfer-encoding", b"").lower()
         if length is None and not chunked:
             return None
-        cap = self.cap_for(scope["path"])
+        cap, setting = self._cap_and_setting(scope["path"])
         if length is not None:
             try:
                 announced = int(length)
             except ValueError:
                 announced = -1
             if announced > cap:
-                raise PayloadTooLarge(announced, cap)
+                raise PayloadTooLarge(announced, cap, setting=setting)
         try:
-            return await asyncio.wait_for(self._collect(receive, cap), self.body_timeout_s)
+            return await asyncio.wait_for(self._collect(receive, cap, setting), self.body_timeout_s)
         except TimeoutError:
             raise RequestTimeout(
                 f"the request body did not arrive within {self.body_timeout_s:g} s (setting "
@@ -109,7 +133,7 @@ class EdgeLimits:
             ) from None
 
     @staticmethod
-    async def _collect(receive: Receive, cap: int) -> bytes:
+    async def _collect(receive: Receive, cap: int, setting: str) -> bytes:
         parts: list[bytes] = []
         size = 0
         while True:
@@ -119,7 +143,7 @@ class EdgeLimits:
             chunk = message.get("body", b"")
             size += len(chunk)
             if size > cap:
-                raise PayloadTooLarge(size, cap, streamed=True)
+                raise PayloadTooLarge(size, cap, streamed=True, setting=setting)
             parts.append(chunk)
             if not message.get("more_body", False):
                 return b"".join(parts)
