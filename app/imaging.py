@@ -4,6 +4,7 @@ store of recent images answered by URL."""
 from __future__ import annotations
 
 import io
+import json
 import secrets
 import threading
 from collections import OrderedDict
@@ -12,6 +13,7 @@ from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
 from app import __version__
+from app.engine.image_ops import FILL_MODES
 from app.engine.jobs import GenParams
 
 
@@ -29,6 +31,19 @@ def parameters_text(params: GenParams, seed: int, sampler_label: str) -> str:
     ]
     if params.clip_skip != 1:  # A1111 writes it only when it is not the default
         fields.append(f"Clip skip: {params.clip_skip}")
+    if params.source is not None:  # img2img / inpainting, as A1111 writes them
+        fields.append(f"Denoising strength: {params.strength:g}")
+        if params.source.mask is not None:
+            fields.append(f"Masked content: {FILL_MODES[params.fill]}")
+    hires = params.hires
+    if hires is not None:
+        fields += [f"Denoising strength: {hires.strength:g}",
+                   f"Hires resize: {hires.size[0]}x{hires.size[1]}",
+                   f"Hires steps: {hires.steps}", f"Hires upscaler: {hires.upscaler}"]
+        if hires.prompt != params.prompt:
+            fields.append(f"Hires prompt: {json.dumps(hires.prompt)}")
+        if hires.negative_prompt != params.negative_prompt:
+            fields.append(f"Hires negative prompt: {json.dumps(hires.negative_prompt)}")
     fields.append(f"Version: craftserve {__version__}")
     lines = [params.prompt + lora_tags]
     if params.negative_prompt:

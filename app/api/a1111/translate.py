@@ -36,7 +36,7 @@ from app.api.rules import (
     shown,
 )
 from app.config import Settings
-from app.errors import InvalidParameter
+from app.errors import CraftError, ErrorKind, InvalidParameter
 from app.imaging import parameters_text
 from app.registry import Registry
 from app.samplers import SCHEDULES
@@ -263,14 +263,14 @@ async def plan_img2img(body: A1111Img2ImgRequest, state: A1111State, client: str
                    info={"denoising_strength": strength})
 
 
-class InitImageMissing(InvalidParameter):
+class InitImageMissing(CraftError):
     """A1111's answer to img2img without a picture: 404 "Init image not found"."""
 
     status = 404
+    kind = ErrorKind.INVALID_PARAMETER
 
     def __init__(self) -> None:
-        super().__init__("init_images", None, "Init image not found: send at least one base64 "
-                         "picture in init_images")
+        super().__init__("Init image not found")
 
 
 _SCHEDULE_BY_SUFFIX = {s.suffix: s for s in SCHEDULES}
