@@ -440,21 +440,23 @@ async def _connect(field: str, url: str, client: httpx.AsyncClient, target: http
     the checked address itself, not to the name resolved again (which could then answer
     another address: DNS rebinding); Host and TLS (SNI, certificate) keep the name."""
     extensions = {"sni_hostname": target.raw_host.decode("ascii")} if target.scheme == "https" else {}
+    failure = ""
     for address in addresses:
         request = client.build_request("GET", target.copy_with(host=address.partition("%")[0]),
                                        headers={"Host": target.netloc.decode("ascii")},
                                        extensions=extensions)
         try:
             return await client.send(request, stream=True)
-        except httpx.ConnectError:
+        except httpx.ConnectError as exc:  # refused, unreachable, or TLS (a certificate) failed
+            failure = str(exc)[:160]
             continue
         except httpx.TimeoutException:
             raise
         except httpx.HTTPError as exc:
             raise InvalidParameter(field, url, f"the image could not be fetched "
                                    f"({type(exc).__name__})") from None
-    raise InvalidParameter(field, url, "the image could not be fetched: no address of its host "
-                           "accepted the connection")
+    raise InvalidParameter(field, url, f"the image could not be fetched: no address of its host "
+                           f"took the connection ({failure or 'none'})")
 
 
 async def _read_capped(field: str, url: str, response: httpx.Response, settings: Settings) -> bytes:

@@ -585,6 +585,73 @@ def test_a_host_that_does_not_resolve(remote) -> None:
     assert "the host 'no-such-host.invalid' does not resolve" in error.message
 
 
+def _certificate(folder, name: str) -> tuple[str, str]:
+    """A self-signed certificate for the DNS name `name` only (no IP address in it), and its key."""
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(subject).issuer_name(subject)
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(hours=1))
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName(name)]), critical=False)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .sign(key, hashes.SHA256()))
+    cert_file, key_file = folder / f"{name}.pem", folder / f"{name}.key"
+    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_file.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    return str(cert_file), str(key_file)
+
+
+@pytest.mark.parametrize("certified", ["localhost", "other.example"])
+def test_https_keeps_the_name_for_sni_and_the_certificate(tmp_path, monkeypatch, certified) -> None:
+    """The connection goes to the checked address (127.0.0.1), yet TLS sends the URL's name
+    (SNI) and checks the certificate against it: a certificate for the name only is accepted,
+    one for another name refused."""
+    pytest.importorskip("cryptography")
+    import ssl
+
+    import httpx
+
+    cert_file, key_file = _certificate(tmp_path, certified)
+    server = _Remote()
+    served = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    served.load_cert_chain(cert_file, key_file)
+    names: list = []
+    served.sni_callback = lambda _sock, name, _context: names.append(name)
+    server.socket = served.wrap_socket(server.socket, server_side=True)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    trusted = ssl.create_default_context(cafile=cert_file)
+
+    class TrustingClient(httpx.AsyncClient):  # the test's own CA, else as the server makes it
+        def __init__(self, **options) -> None:
+            super().__init__(verify=trusted, **options)
+
+    monkeypatch.setattr(httpx, "AsyncClient", TrustingClient)
+    url = f"https://localhost:{server.server_address[1]}/img.png"
+    try:
+        if certified == "localhost":
+            image = image_of(url, allow_image_urls=True, image_url_private_hosts=["localhost"])
+            assert np.array_equal(np.asarray(image), PICTURE)
+            assert "localhost" in names
+        else:
+            error = refused(url, allow_image_urls=True, image_url_private_hosts=["localhost"])
+            assert "could not be fetched: no address of its host took the connection" in error.message
+            assert "CERTIFICATE_VERIFY_FAILED" in error.message
+            assert server.paths == []
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 @pytest.mark.parametrize(("address", "kind"), [
     ("127.0.0.1", "loopback"), ("::1", "loopback"), ("::ffff:127.0.0.1", "loopback"),
     ("2002:7f00:1::", "loopback"),  # 6to4 around 127.0.0.1
