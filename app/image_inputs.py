@@ -92,7 +92,7 @@ def base64_chars(size: int) -> int:
 def image_body_cap(settings: Settings) -> int:
     """The body cap of the routes that take images (app.api.edge.IMAGE_ROUTES):
     CRAFTSERVE_MAX_IMAGE_BODY_BYTES, or room for IMAGES_PER_BODY images at the byte cap as
-    base64 on top of CRAFTSERVE_MAX_BODY_BYTES (never below that)."""
+    base64 on top of CRAFTSERVE_MAX_BODY_BYTES."""
     if settings.max_image_body_bytes is not None:
         return settings.max_image_body_bytes
     return settings.max_body_bytes + IMAGES_PER_BODY * base64_chars(settings.max_image_bytes)
