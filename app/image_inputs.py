@@ -92,7 +92,7 @@ def base64_chars(size: int) -> int:
 def image_body_cap(settings: Settings) -> int:
     """The body cap of the routes that take images (app.api.edge.IMAGE_ROUTES):
     CRAFTSERVE_MAX_IMAGE_BODY_BYTES, or room for IMAGES_PER_BODY images at the byte cap as
-    base64 on top of CRAFTSERVE_MAX_BODY_BYTES (never below that)."""
+    base64 on top of CRAFTSERVE_MAX_BODY_BYTES."""
     if settings.max_image_body_bytes is not None:
         return settings.max_image_body_bytes
     return settings.max_body_bytes + IMAGES_PER_BODY * base64_chars(settings.max_image_bytes)
@@ -183,10 +183,12 @@ def _open(field: str, data: bytes, settings: Settings, shown: str) -> Image.Imag
         raise InvalidParameter(field, shown, f"it is {len(data)} bytes; {_bytes_rule(settings)}")
     try:
         image = Image.open(io.BytesIO(data), formats=FORMATS)  # the header only
-    except Image.DecompressionBombError:
+    except Image.DecompressionBombError as exc:
         # Pillow's own limit (twice Image.MAX_IMAGE_PIXELS), left as it is for other code;
         # the settings keep our cap below it, so such an image is past ours too
-        raise InvalidParameter(field, shown, _pixels_rule(settings)) from None
+        found = re.search(r"\((\d+) pixels\)", str(exc))
+        pixels = int(found[1]) if found else None
+        raise InvalidParameter(field, shown, _pixels_rule(settings, pixels=pixels)) from None
     except UnidentifiedImageError:
         raise InvalidParameter(field, shown, f"it is not an image in a format this server reads "
                                f"({_FORMAT_NAMES})") from None
@@ -210,9 +212,11 @@ def _open(field: str, data: bytes, settings: Settings, shown: str) -> Image.Imag
 _DAMAGED = "the image cannot be decoded: it is truncated or damaged"
 
 
-def _pixels_rule(settings: Settings, size: tuple[int, int] | None = None) -> str:
+def _pixels_rule(settings: Settings, size: tuple[int, int] | None = None, *,
+                 pixels: int | None = None) -> str:
     side = math.isqrt(settings.max_image_pixels)
     declared = (f"it is {size[0]}x{size[1]} pixels ({size[0] * size[1]})" if size
+                else f"it declares {pixels} pixels" if pixels
                 else "it declares more pixels than accepted")
     return (f"{declared}; at most {settings.max_image_pixels} pixels (e.g. {side}x{side}) are "
             "accepted per image (setting CRAFTSERVE_MAX_IMAGE_PIXELS)")
@@ -331,7 +335,8 @@ async def _fetch(field: str, url: str, settings: Settings) -> bytes:
                     if not location:
                         raise InvalidParameter(field, url, f"the URL answered HTTP "
                                                f"{response.status_code} without a Location")
-                    current = str(target.join(location))
+                    # an absolute target as it came (so that a message quotes it as sent)
+                    current = location if _SCHEME.match(location) else str(target.join(location))
                     continue
                 if response.status_code != 200:
                     raise InvalidParameter(field, url, f"the URL answered HTTP {response.status_code}, "
@@ -388,7 +393,7 @@ def non_public_kind(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> s
         inner = address.ipv4_mapped or address.sixtofour
         if inner is not None:
             return non_public_kind(inner)
-    for kind in ("loopback", "link_local", "multicast", "unspecified", "private", "reserved"):
+    for kind in ("loopback", "link_local", "multicast", "unspecified", "reserved", "private"):
         if getattr(address, f"is_{kind}"):
             return kind.replace("_", "-")
     return None if address.is_global else "non-global"
@@ -435,21 +440,23 @@ async def _connect(field: str, url: str, client: httpx.AsyncClient, target: http
     the checked address itself, not to the name resolved again (which could then answer
     another address: DNS rebinding); Host and TLS (SNI, certificate) keep the name."""
     extensions = {"sni_hostname": target.raw_host.decode("ascii")} if target.scheme == "https" else {}
+    failure = ""
     for address in addresses:
         request = client.build_request("GET", target.copy_with(host=address.partition("%")[0]),
                                        headers={"Host": target.netloc.decode("ascii")},
                                        extensions=extensions)
         try:
             return await client.send(request, stream=True)
-        except httpx.ConnectError:
+        except httpx.ConnectError as exc:  # refused, unreachable, or TLS (a certificate) failed
+            failure = str(exc)[:160]
             continue
         except httpx.TimeoutException:
             raise
         except httpx.HTTPError as exc:
             raise InvalidParameter(field, url, f"the image could not be fetched "
                                    f"({type(exc).__name__})") from None
-    raise InvalidParameter(field, url, "the image could not be fetched: no address of its host "
-                           "accepted the connection")
+    raise InvalidParameter(field, url, f"the image could not be fetched: no address of its host "
+                           f"took the connection ({failure or 'none'})")
 
 
 async def _read_capped(field: str, url: str, response: httpx.Response, settings: Settings) -> bytes:
