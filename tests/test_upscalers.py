@@ -24,6 +24,7 @@ from PIL import Image
 from safetensors.torch import save_file
 
 import app.engine.upscalers as upscalers_module
+from app.engine.reload import fingerprint, reload_into
 from app.engine.upscalers import (
     LATENT_MODES,
     PIXEL_BUILTINS,
@@ -414,3 +415,15 @@ def test_a_missing_upscaler_dir_stops_the_start_like_a_lora_dir(tmp_path: Path) 
         load_registry(models)
     assert str(models) in str(info.value) and "upscaler_dirs" in str(info.value)
     assert "nowhere" in str(info.value)
+
+
+def test_a_reload_serves_the_upscalers_found_now(tmp_path: Path, folder: Path) -> None:
+    models = tmp_path / "models.yaml"
+    models.write_text("models:\n  m: {source: builtin:tiny-sd15}\nupscaler_dirs: [upscalers]\n",
+                      encoding="utf-8")
+    registry = load_registry(models)
+    assert registry.upscalers == {}
+    save_safetensors(tiny_esrgan(2), folder / "2x-new.safetensors")
+    report, _ = reload_into(registry, {n: fingerprint(s) for n, s in registry.models.items()})
+    assert report.error is None
+    assert list(registry.upscalers) == ["2x-new"]
