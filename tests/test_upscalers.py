@@ -224,6 +224,20 @@ def test_a_target_no_larger_than_the_image_runs_no_model(folder: Path) -> None:
     assert upscalers.loaded() == []
 
 
+def test_no_pass_makes_more_than_the_pixel_guard(folder: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    save_safetensors(tiny_esrgan(2), folder / "2x-tiny.safetensors")
+    specs = discover_upscalers([folder])
+    upscalers = Upscalers(CPU)
+    calls: list[int] = []
+    upscalers.model("2x-tiny", specs).model.register_forward_pre_hook(lambda *_: calls.append(1))
+    monkeypatch.setattr(upscalers_module, "MAX_PASS_PIXELS", 24 * 20 * 4 - 1)
+    image = noise_image(12, 10)
+    out = upscalers.upscale(image, "2x-tiny", 48, 40, specs)  # 12x10 -> 24x20, then 48x40 is too many
+    assert calls == [1]
+    once = as_image(run_directly(tiny_esrgan(2), image)).resize((48, 40), Image.Resampling.LANCZOS)
+    assert np.abs(np.asarray(out, dtype=int) - np.asarray(once, dtype=int)).max() <= 1
+
+
 def test_tiled_run_matches_the_untiled_one(folder: Path) -> None:
     save_safetensors(tiny_esrgan(2, seed=9), folder / "2x-tiny.safetensors")
     specs = discover_upscalers([folder])
@@ -283,6 +297,14 @@ def test_a_pth_that_needs_a_full_pickle_is_refused_without_running_it(folder: Pa
     message = info.value.message
     assert "2x-pickled" in message and "2x-pickled.pth" in message and "weights-only" in message
     assert str(folder) not in message
+
+
+def test_a_training_file_with_more_than_weights_serves(folder: Path) -> None:
+    module = tiny_esrgan(2, seed=4)
+    torch.save({**module.state_dict(), "iter": 5000, "note": "a"}, folder / "2x-trained.pth")
+    image = noise_image(8, 8)
+    out = Upscalers(CPU).upscale(image, "2x-trained", 16, 16, discover_upscalers([folder]))
+    assert np.abs(as_float(out) - run_directly(module, image)).max() <= LEVEL / 2 + 1e-6
 
 
 def test_a_garbage_safetensors_is_skipped_at_discovery_and_refused_at_load(

@@ -85,6 +85,9 @@ LATENT_MODES: dict[str, tuple[str, bool]] = {
 LATENT_FACTOR = 8  # pixels per latent cell of the SD 1.x / SDXL VAE
 MAX_PASSES = 3  # A1111's Upscaler.upscale runs a model at most three times
 MAX_SIDE = 16384  # no upscale target past this many pixels a side (a guard, not a setting)
+# no model pass whose output would pass this many pixels: the rest is Lanczos (a 4x model on a
+# 4096² image for a 4100² target would otherwise make 16384² on the device first)
+MAX_PASS_PIXELS = 8192 * 8192
 _MAX_REASON = 200
 
 TileCallback = Callable[[int, int], None]  # (tiles done, tiles in all); raising stops the run
@@ -222,8 +225,10 @@ def load_descriptor(spec: UpscalerSpec) -> Any:
     """The spandrel ImageModelDescriptor of a super-resolution file, on the CPU in float32."""
     spandrel = import_spandrel(spec.name)
     state = spandrel.canonicalize_state_dict(read_state_dict(spec))
-    if not state or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
-        raise UpscalerError(spec.name, f"its file {spec.path.name} is not a state dict of tensors")
+    # training files carry a step count or options beside the weights: only tensors are the model
+    state = {k: v for k, v in state.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
+    if not state:
+        raise UpscalerError(spec.name, f"its file {spec.path.name} holds no tensors")
     try:
         descriptor = spandrel.ModelLoader(device="cpu").load_from_state_dict(state)
     except spandrel.UnsupportedModelError:
@@ -426,6 +431,10 @@ class Upscalers:
         descriptor = self.model(name, specs)
         out = image.convert("RGB")
         for _ in range(MAX_PASSES):
+            if out.width * out.height * descriptor.scale ** 2 > MAX_PASS_PIXELS:
+                log.warning("upscaler %r: a pass on %dx%d would pass %d pixels; Lanczos does the rest",
+                            name, out.width, out.height, MAX_PASS_PIXELS)
+                break
             before = out.size
             out = self._run(descriptor, out, on_tile)
             if out.size == before or (out.width >= width and out.height >= height):
