@@ -5,8 +5,10 @@ Three kinds, all resizing to an exact target size:
   latents of a hires-fix first pass with `torch.nn.functional.interpolate` in the mode and
   antialias A1111's `shared.latent_upscale_modes` give each name.
 - Pixel built-ins: "Lanczos" and "Nearest" are PIL resizes to the target. "None" is A1111's
-  UpscalerNone: no model runs, and the resize that follows every upscaler (images.resize_image)
-  brings the image to the target with Lanczos.
+  UpscalerNone in hires fix: no model runs, and the resize that follows every upscaler
+  (images.resize_image) brings the image to the target with Lanczos. (A1111's extras,
+  extra-single-image, treat upscaler_1 "None" differently: the image comes back unchanged;
+  that route should not call `upscale` then.)
 - Model upscalers (ESRGAN, Real-ESRGAN, SwinIR, HAT, DAT, ... whatever spandrel's main,
   permissively licensed registry detects; spandrel_extra_arches is not used) from the files of
   models.yaml's `upscaler_dirs:` (app.upscaler_files). A1111's Upscaler.upscale: the model
