@@ -9,6 +9,8 @@ PYTHON ?= python3
 VENV   ?= .venv
 # The CPU build is enough for the tests; on a GPU box install a CUDA build of torch instead.
 TORCH  ?= torch==2.13.0
+# model upscalers; --no-deps, see pyproject.toml (its torchvision would replace the CPU torch)
+SPANDREL ?= spandrel>=0.4,<0.5
 # pytest-xdist workers of make test and of make test-all's first run, one per core of the
 # 2-core build machine (WORKERS=0: one process)
 WORKERS ?= 2
@@ -30,6 +32,7 @@ $(STAMP): pyproject.toml
 	$(VENV)/bin/python -m pip install --quiet --upgrade pip
 	$(VENV)/bin/python -m pip install --quiet "$(TORCH)"
 	$(VENV)/bin/python -m pip install --quiet -e .
+	$(VENV)/bin/python -m pip install --quiet --no-deps "$(SPANDREL)"
 	touch $(STAMP)
 
 $(STAMP_TEST): $(STAMP) pyproject.toml

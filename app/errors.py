@@ -251,6 +251,18 @@ class LoraError(CraftError):
         self.reason = reason
 
 
+class UpscalerError(InvalidParameter):
+    """A model upscaler that cannot be used (422): its file is unreadable, a pickle that a
+    weights-only load refuses, not an architecture spandrel knows, or not a super-resolution
+    model. The message names the upscaler and its file (the file name, never the server's
+    folder): "This server doesn't have upscaler '<name>': <reason>"."""
+
+    def __init__(self, name: str, reason: str, *, field: str = "upscaler") -> None:
+        super().__init__(field, name, reason)
+        self.name = name
+        self.reason = reason
+
+
 class Interrupted(CraftError):
     """The caller's POST /sdapi/v1/interrupt (or skip) stopped this request's jobs (409)."""
 

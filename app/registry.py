@@ -16,6 +16,7 @@ loras:
   my-style: {path: loras/my-style.safetensors, family: sdxl}
 lora_dirs: [loras]
 embedding_dirs: [embeddings]   # textual inversion files (.safetensors), one word each: the stem
+upscaler_dirs: [upscalers]     # ESRGAN/Real-ESRGAN/SwinIR/... .safetensors or weights-only .pth: the stem
 model_dirs: [checkpoints]   # every *.safetensors checkpoint registers by its file stem
 ```
 """
@@ -44,6 +45,7 @@ from app.errors import CraftError, LoraError
 from app.families import PIPELINE_FAMILIES, Family, family_label
 from app.lora_files import check_lora_file, read_header
 from app.samplers import resolve_sampler
+from app.upscaler_files import UpscalerSpec, discover_upscalers
 
 logger = logging.getLogger(__name__)
 
@@ -87,6 +89,7 @@ class _File(BaseModel):
     loras: dict[str, _LoraEntry] = {}
     lora_dirs: list[str] = []
     embedding_dirs: list[str] = []
+    upscaler_dirs: list[str] = []
     model_dirs: list[str] = []
 
 
@@ -148,6 +151,8 @@ class Registry:
     models: dict[str, ModelSpec]
     loras: dict[str, LoraSpec] = field(default_factory=dict)
     embeddings: list[EmbeddingSpec] = field(default_factory=list)
+    # model upscalers of upscaler_dirs, by name (the file stem); app.engine.upscalers runs them
+    upscalers: dict[str, UpscalerSpec] = field(default_factory=dict)
 
     def embeddings_for(self, family: Family) -> dict[str, EmbeddingSpec]:
         """The embeddings prompts of `family` can use, by name; a file made for the other
@@ -525,4 +530,5 @@ def load_registry(path: Path) -> Registry:
     if not models:
         raise RegistryError(f"{path}: model_dirs: no servable checkpoint found; see the warnings above")
     return Registry(path=path, models=models, loras=_collect_loras(data, base, path),
-                    embeddings=_collect_embeddings(data, base, path, models))
+                    embeddings=_collect_embeddings(data, base, path, models),
+                    upscalers=discover_upscalers(_folders(data.upscaler_dirs, "upscaler_dirs", base, path)))

@@ -98,6 +98,7 @@ class ReloadPlan:
         registry.models = self.registry.models
         registry.loras = self.registry.loras
         registry.embeddings = self.registry.embeddings
+        registry.upscalers = self.registry.upscalers
 
 
 def plan_reload(current: Registry, prints: Mapping[str, Fingerprint]) -> ReloadPlan:
