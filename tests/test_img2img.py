@@ -339,3 +339,35 @@ def test_visioncraft_img2img_bad_input(client) -> None:  # noqa: ANN001
         answer = client.post(route, json={**good, **fields})
         assert answer.status_code == 422, (fields, answer.text)
         assert named in answer.json()["error"]["message"]
+
+
+# ---- a model upscaler from models.yaml's upscaler_dirs, over HTTP -------------------------------
+@pytest.fixture(scope="module")
+def upscaler_server(make_server, tmp_path_factory):  # noqa: ANN001, ANN201
+    from tests.test_upscalers import save_safetensors, tiny_esrgan
+
+    folder = tmp_path_factory.mktemp("upscalers")
+    save_safetensors(tiny_esrgan(2, seed=3), folder / "2x-Tiny.safetensors")
+    return make_server(f"""
+models:
+  tiny-sdxl: {{source: builtin:tiny-sdxl, preload: true}}
+upscaler_dirs: [{folder}]
+""")
+
+
+def test_a_model_upscaler_serves_the_extras_and_the_hires_fix(upscaler_server) -> None:  # noqa: ANN001
+    from tests.test_upscalers import as_image, run_directly, tiny_esrgan
+
+    with upscaler_server.client() as client:
+        listed = client.get("/sdapi/v1/upscalers", headers=AUTH).json()
+        assert {"name": "2x-Tiny", "scale": 2.0}.items() <= next(u for u in listed if u["name"] == "2x-Tiny").items()
+        assert "2x-Tiny" in client.get("/models-upscale").json()
+        picture = noise(24, 16, seed=4)
+        answer = client.post("/sdapi/v1/extra-single-image", json={
+            "image": b64(picture), "upscaler_1": "2x-Tiny", "upscaling_resize": 2}, headers=AUTH)
+        assert answer.status_code == 200, answer.text
+        expected = as_image(run_directly(tiny_esrgan(2, seed=3), picture))
+        assert np.abs(arr(decoded(answer.json()["image"])) - arr(expected)).max() <= 1
+        hires = client.post("/sdapi/v1/txt2img", json={**TXT, "hr_upscaler": "2x-Tiny"}, headers=AUTH)
+        assert hires.status_code == 200, hires.text
+        assert decoded(hires.json()["images"][0]).size == (128, 128)

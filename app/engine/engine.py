@@ -92,6 +92,7 @@ class Engine:
                 failures=self.failures,
                 preload=self.preload,
                 hub=self.hub,
+                upscaler_specs=lambda: self.registry.upscalers,
             )
             for i, device in enumerate(parse_devices(settings.devices))
         ]

@@ -124,7 +124,9 @@ async def _extras(body: A1111ExtraSingleRequest, value: str | None, field: str, 
     mode = body.resize_mode or 0
     check_range("resize_mode", mode, 0, 1, note=" (0 by upscaling_resize, 1 to upscaling_resize_w x _h)")
     image = await read_image(field, value, settings)
-    if mode == 0:
+    if upscaler == "None" and upscaler_2 is None:  # A1111's extras: no upscaler, the picture as it is
+        size = out_size = image.size
+    elif mode == 0:
         scale = 2.0 if body.upscaling_resize is None else float(body.upscaling_resize)
         check_range("upscaling_resize", scale, 1, 8)
         size, out_size = extras_size(image.size, scale=scale)
