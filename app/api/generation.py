@@ -41,6 +41,7 @@ from app.errors import (
     Unavailable,
 )
 from app.families import Family
+from app.image_inputs import off_loop
 from app.imaging import encode_image, encode_png, parameters_text
 from app.registry import Registry
 from app.samplers import resolve_sampler
@@ -273,7 +274,7 @@ async def prepare_sources(body: ImageRequest, params: GenParams) -> list[Source 
                               mask_blur=image.mask_blur, fill_mode=image.fill, full_res=image.full_res,
                               padding=image.padding, invert=image.invert)
 
-    return list(await asyncio.gather(*(asyncio.to_thread(prepare, p) for p in image.images)))
+    return [await off_loop(prepare, picture) for picture in image.images]
 
 
 async def _client_gone(request: Request) -> None:

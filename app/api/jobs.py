@@ -15,6 +15,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response
 from sse_starlette.sse import EventSourceResponse
 
+from app.api.bodies import ImageRoute
 from app.api.credentials import CallerDep, GeneratingCallerDep, QueueShareDep
 from app.api.deps import EngineDep, ImagesDep, RegistryDep, SettingsDep, TrackerDep
 from app.api.generation import submit_job
@@ -24,7 +25,7 @@ from app.api.visioncraft import to_image_request
 from app.api.visioncraft.models import ErrorBody, JobRequest
 from app.errors import ErrorKind, JobConflict, JobNotFound, Unavailable
 
-router = APIRouter(tags=["jobs"])
+router = APIRouter(tags=["jobs"], route_class=ImageRoute)
 
 
 _WHEN = {

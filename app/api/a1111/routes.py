@@ -33,6 +33,7 @@ from app.api.a1111.models import (
 from app.api.a1111.state import A1111State
 from app.api.a1111.translate import Plan, answer, plan, plan_img2img
 from app.api.admin import ReloadsDep, reload_models
+from app.api.bodies import ImageRoute
 from app.api.credentials import AdminDep, CallerDep, GeneratingCallerDep, QueueShareDep
 from app.api.deps import EngineDep, RegistryDep, SettingsDep, TrackerDep
 from app.api.generation import extras_size, generate_images, upscale_image
@@ -44,7 +45,7 @@ from app.engine.upscalers import LATENT_MODES, PIXEL_BUILTINS
 from app.errors import CraftError, Interrupted, InvalidParameter
 from app.samplers import SAMPLERS, SCHEDULES, a1111_sampler_names, resolve_sampler
 
-router = APIRouter(prefix="/sdapi/v1", tags=["a1111"])
+router = APIRouter(prefix="/sdapi/v1", tags=["a1111"], route_class=ImageRoute)
 
 
 def _state(request: Request) -> A1111State:

@@ -6,6 +6,7 @@ from __future__ import annotations
 from fastapi import APIRouter, HTTPException, Request
 from fastapi.responses import Response
 
+from app.api.bodies import ImageRoute
 from app.api.credentials import GeneratingCallerDep, QueueShareDep
 from app.api.deps import EngineDep, ImagesDep, RegistryDep, SettingsDep
 from app.api.generation import (
@@ -33,7 +34,7 @@ from app.engine.upscalers import LATENT_MODES
 from app.errors import NotServed
 from app.samplers import a1111_sampler_names, comfy_sampler_ids, comfy_scheduler_names
 
-router = APIRouter(tags=["visioncraft"])
+router = APIRouter(tags=["visioncraft"], route_class=ImageRoute)
 
 
 def _errors(*statuses: int) -> dict[int | str, dict]:
