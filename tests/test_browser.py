@@ -7,12 +7,17 @@ CRAFTSERVE_REQUIRE_BROWSER=1 (.ci/run sets it after installing Chromium): then i
 
 from __future__ import annotations
 
+import base64
+import io
+import json
 import os
 import shutil
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
+from PIL import Image
 
 from tests.conftest import API_KEY
 
@@ -85,6 +90,7 @@ def test_the_page_end_to_end(browser_page):
 
     # No key: nothing is sent, the page says why.
     fill_form(page, steps=6, size=64)
+    assert page.input_value("#size") == "64x64"  # the preset follows width and height
     page.click("#go")
     assert page.text_content("#err-body") == "enter your API key first"
     assert jobs_posted == []
@@ -136,7 +142,8 @@ def test_the_page_and_docs_work_under_their_content_security_policy(server, brow
     answer = page.goto(server.url + "/")
     assert "frame-ancestors 'none'" in answer.headers["content-security-policy"]
     wait_until(page, "document.querySelector('#model').options.length > 0")
-    assert page.evaluate("getComputedStyle(document.body).maxWidth") == "760px"  # app.css
+    drop_style = "getComputedStyle(document.querySelector('#drop')).borderStyle"
+    assert page.evaluate(drop_style) == "dashed"  # app.css applies
     assert page.evaluate("typeof craftSnippets.curlCommand") == "function"
     violations += page.evaluate("window.__violations || []")
 
@@ -150,3 +157,111 @@ def test_the_page_and_docs_work_under_their_content_security_policy(server, brow
     assert violations == []
     assert elsewhere == []
     assert [e for e in errors if "Content Security Policy" in e] == []
+
+
+def _png_bytes(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _data_url_image(url: str) -> Image.Image:
+    header, _, payload = url.partition(",")
+    assert header == "data:image/png;base64", header
+    return Image.open(io.BytesIO(base64.b64decode(payload)))
+
+
+def test_the_page_inpaints_a_painted_mask_on_a_wide_screen(make_server, browser):
+    """A picture through the file input fills width and height; a mouse stroke on the canvas
+    becomes the mask sent (white where painted); the job answers an image of the picture's size
+    whose pixels far from the stroke are the picture's own, shown large beside the form."""
+    server = make_server(max_batch=1)
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    posted = []
+    page.on("request", lambda r: r.url.endswith("/jobs") and r.method == "POST" and posted.append(r))
+    page.goto(server.url + "/")
+    wait_until(page, "document.querySelector('#model').options.length > 0")
+    page.fill("#key", API_KEY)
+    page.keyboard.press("Enter")
+
+    # The size preset follows the width and height inputs, both ways.
+    page.select_option("#size", "512x512")
+    assert (page.input_value("#width"), page.input_value("#height")) == ("512", "512")
+    page.fill("#width", "64")
+    page.fill("#height", "64")
+    assert page.input_value("#size") == "64x64"
+    page.fill("#width", "72")
+    assert page.input_value("#size") == ""  # custom
+
+    rng = np.random.default_rng(7)
+    source = Image.fromarray(rng.integers(0, 256, (64, 96, 3), dtype=np.uint8))
+    page.set_input_files("#file", files=[{"name": "source.png", "mimeType": "image/png",
+                                          "buffer": _png_bytes(source)}])
+    page.wait_for_selector("#canvaswrap:not([hidden])")
+    wait_until(page, "document.querySelector('#source').naturalWidth === 96")
+    assert (page.input_value("#width"), page.input_value("#height")) == ("96", "64")
+    assert page.input_value("#size") == ""
+
+    # One stroke across the middle, with the mouse; then a clear, invert twice: the same mask.
+    page.fill("#brush", "40")
+    page.locator("#mask").scroll_into_view_if_needed()
+    box = page.locator("#mask").bounding_box()
+    assert box["width"] > 300  # the picture is shown large enough to paint on
+
+    def to_screen(x: float, y: float) -> tuple[float, float]:
+        return box["x"] + x * box["width"] / 96, box["y"] + y * box["height"] / 64
+
+    page.mouse.move(*to_screen(5, 5))
+    page.mouse.down()
+    page.mouse.move(*to_screen(10, 5), steps=3)
+    page.mouse.up()
+    page.click("#clearmask")
+    assert page.evaluate("maskPainted()") is False
+    page.mouse.move(*to_screen(30, 32))
+    page.mouse.down()
+    page.mouse.move(*to_screen(66, 32), steps=8)
+    page.mouse.up()
+    page.click("#invertmask")
+    page.click("#invertmask")
+    page.fill("#strength", "1")
+    assert page.text_content("#strengthval") == "1.00"
+    page.fill("#prompt", "a lighthouse at dusk")
+    page.fill("#steps", "3")
+    page.fill("#seed", "5")
+    page.uncheck("#previews")
+    shot(page, "6-mask-painted")
+    page.click("#go")
+    page.wait_for_selector("#result:not([hidden])", timeout=120000)
+    wait_until(page, "document.querySelector('#result').naturalWidth > 0")
+    shot(page, "7-inpainted")
+
+    sent = json.loads(posted[-1].post_data)
+    assert sent["strength"] == 1 and sent["inpaint_full_res"] is False and sent["mask_blur"] == 4
+    assert np.array_equal(np.asarray(_data_url_image(sent["init_image"]).convert("RGB")),
+                          np.asarray(source))
+    mask = np.asarray(_data_url_image(sent["mask"]).convert("L"))
+    assert mask.shape == (64, 96)
+    # the stroke: 40 screen px wide, so about 40 * 96 / box width canvas px; its middle is white
+    assert mask[32, 35:62].min() == 255
+    assert mask[:5].max() == 0 and mask[:, :12].max() == 0 and mask[:, 86:].max() == 0
+    rows, cols = np.nonzero(mask)
+    assert rows.min() > 20 and rows.max() < 44  # the cleared first stroke left nothing
+
+    size = page.evaluate("[document.querySelector('#result').naturalWidth,"
+                         " document.querySelector('#result').naturalHeight]")
+    assert size == [96, 64]
+    assert page.locator("#result").bounding_box()["width"] > 300  # not shown 96 px wide
+    form, output = page.locator("#gen").bounding_box(), page.locator("#output").bounding_box()
+    assert output["x"] >= form["x"] + form["width"]  # beside the form, not under it
+    job_id = page.get_attribute("#download", "download").removesuffix(".png")
+    with server.client() as c:  # the page's blob: URL is its own; the same image by its job
+        answer = c.get(f"/jobs/{job_id}/image", headers={"Authorization": f"Bearer {API_KEY}"})
+    assert answer.status_code == 200
+    result = np.asarray(Image.open(io.BytesIO(answer.content)).convert("RGB"))
+    # mask_blur 4: a 21-tap kernel reaches 10 pixels past the painted area
+    near = np.zeros(mask.shape, dtype=bool)
+    near[max(0, rows.min() - 11):rows.max() + 12, max(0, cols.min() - 11):cols.max() + 12] = True
+    assert np.array_equal(result[~near], np.asarray(source)[~near])
+    painted = mask == 255
+    assert np.mean(np.any(result[painted] != np.asarray(source)[painted], axis=-1)) > 0.9
+    page.close()

@@ -258,7 +258,7 @@ async def watch(tracked: TrackedJob, engine: EngineAPI, images: ImageStore, imag
     tracked.queue_position = None
     end(tracked, "done", {
         "image_url": image_url, "seed": result.seed, "model": job.params.model,
-        "sampler": result.sampler_label, "width": job.params.width, "height": job.params.height,
+        "sampler": result.sampler_label, "width": job.params.out_size[0], "height": job.params.out_size[1],
         "queue_wait_ms": round(result.queue_wait_s * 1000, 1),
         "generation_ms": round(result.generation_s * 1000, 1),
         "batch_size": result.batch_size, "worker": result.worker,

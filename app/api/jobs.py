@@ -10,6 +10,7 @@ per job is capped. The key comes as every route's does (app.api.credentials), ne
 from __future__ import annotations
 
 import asyncio
+from dataclasses import replace
 
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
@@ -18,12 +19,14 @@ from sse_starlette.sse import EventSourceResponse
 from app.api.bodies import ImageRoute
 from app.api.credentials import CallerDep, GeneratingCallerDep, QueueShareDep
 from app.api.deps import EngineDep, ImagesDep, RegistryDep, SettingsDep, TrackerDep
-from app.api.generation import submit_job
+from app.api.generation import HiresRequest, ImageInput, ImageRequest, submit_job
 from app.api.job_tracker import TERMINAL, TrackedJob, end, position_of, publish
 from app.api.urls import public_url_for
 from app.api.visioncraft import to_image_request
 from app.api.visioncraft.models import ErrorBody, JobRequest
-from app.errors import ErrorKind, JobConflict, JobNotFound, Unavailable
+from app.api.visioncraft.routes import img2img_size
+from app.config import Settings
+from app.errors import ErrorKind, InvalidParameter, JobConflict, JobNotFound, Unavailable
 
 router = APIRouter(tags=["jobs"], route_class=ImageRoute)
 
@@ -45,12 +48,42 @@ def _errors(*statuses: int) -> dict[int | str, dict]:
     return {status: {"model": ErrorBody, "description": _WHEN[status]} for status in statuses}
 
 
+async def job_request(body: JobRequest, settings: Settings) -> ImageRequest:
+    """The core's request for a job body: its /sd fields, the picture and mask decoded and
+    checked (app.image_inputs, off the event loop) with their A1111 knobs, or the hires fix."""
+    from app.image_inputs import read_image, read_mask
+
+    request = to_image_request(body)
+    if body.init_image is None:
+        for name in ("mask", "strength"):
+            if getattr(body, name) is not None:
+                raise InvalidParameter(name, getattr(body, name), "it applies to image to image; "
+                                       "send `init_image` with it")
+    else:
+        picture = await read_image("init_image", body.init_image, settings)
+        mask = None if not body.mask else await read_mask("mask", body.mask, settings, convention="a1111")
+        sent = body.model_fields_set
+        if "width" not in sent and "height" not in sent:
+            width, height = img2img_size(*picture.size)
+            request = replace(request, width=width, height=height)
+        strength = 0.75 if body.strength is None else float(body.strength)
+        request = replace(request, image=ImageInput(
+            images=(picture,), mask=mask, strength=strength, resize_mode=body.resize_mode,
+            mask_blur=body.mask_blur, fill=body.inpainting_fill, full_res=body.inpaint_full_res,
+            padding=body.inpaint_full_res_padding, invert=body.inpainting_mask_invert))
+    if body.enable_hr:
+        request = replace(request, hires=HiresRequest(
+            scale=float(body.hr_scale), upscaler=body.hr_upscaler, steps=body.hr_second_pass_steps,
+            strength=float(body.denoising_strength)))
+    return request
+
+
 @router.post("/jobs", status_code=202, responses=_errors(403, 422, 429, 503),
              summary="Queue an image job (any /sd body); follow it by id")
 async def create_job(body: JobRequest, request: Request, client: GeneratingCallerDep,
                      share: QueueShareDep, engine: EngineDep, registry: RegistryDep,
                      settings: SettingsDep, images: ImagesDep, tracker: TrackerDep) -> dict:
-    job = await submit_job(to_image_request(body), client=client, share=share, engine=engine,
+    job = await submit_job(await job_request(body, settings), client=client, share=share, engine=engine,
                      registry=registry, settings=settings)
     job.watched = True  # its progress events are read every 100 ms
     if body.previews:

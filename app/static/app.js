@@ -22,7 +22,17 @@ async function fill(select, routes) {
 fill($("model"), ["/sd/models-sdxl", "/sd/models-sd"]);
 fill($("sampler"), ["/sd/samplers"]);
 fill($("lora"), ["/sd/loras-sdxl", "/sd/loras-sd"]);
-$("size").addEventListener("change", () => { const [w, h] = $("size").value.split("x"); $("width").value = w; $("height").value = h; });
+$("size").addEventListener("change", () => {
+  if (!$("size").value) return;  // "custom": width and height stay as typed
+  const [w, h] = $("size").value.split("x"); $("width").value = w; $("height").value = h;
+});
+// The preset follows width and height: the matching one, else "custom".
+function syncSize() {
+  const wanted = $("width").value + "x" + $("height").value;
+  $("size").value = [...$("size").options].some((o) => o.value === wanted) ? wanted : "";
+}
+for (const id of ["width", "height"]) { $(id).addEventListener("input", syncSize); $(id).addEventListener("change", syncSize); }
+syncSize();
 $("reuse").addEventListener("click", () => { if (lastSeed !== null) $("seed").value = lastSeed; });
 
 function clearErrors() { document.querySelectorAll(".err").forEach((el) => { el.textContent = ""; }); }
@@ -47,8 +57,115 @@ function requestBody() {
     previews: $("previews").checked,
   };
   if ($("lora").value) body.loras = { [$("lora").value]: Number($("loraweight").value) };
+  if (source) {
+    body.init_image = source;
+    body.strength = Number($("strength").value);
+    if (maskPainted()) {
+      body.mask = maskPng();
+      body.mask_blur = Number($("mask_blur").value);
+      body.inpaint_full_res = $("inpaint_full_res").checked;
+    }
+  }
   return body;
 }
+
+// -- the source picture and its mask --------------------------------------------------------
+// The picture is sent as the data: URL it was read as. The mask is painted white on a
+// transparent canvas of the picture's own size (shown half-opaque over it) and sent as a PNG,
+// white (repaint) on black (keep).
+let source = null;  // data: URL of the picture, or null
+const canvas = $("mask"), pen = canvas.getContext("2d");
+
+function fitSize(w, h) {  // the server's rule for img2img sizes: at most 1024 a side, at least 64, multiples of 8
+  let scale = Math.min(1, 1024 / Math.max(w, h));
+  scale = Math.max(scale, 64 / Math.min(w, h));
+  const side = (v) => Math.min(1024, Math.max(64, Math.round(v * scale / 8) * 8));
+  return [side(w), side(h)];
+}
+
+function setPicture(file) {
+  if (!file || !file.type.startsWith("image/")) {
+    $("err-init_image").textContent = file ? `${file.name || "that"} is not a picture` : "";
+    return;
+  }
+  const reader = new FileReader();
+  reader.onload = () => {
+    const img = $("source");
+    img.onload = () => {
+      canvas.width = img.naturalWidth; canvas.height = img.naturalHeight;
+      clearMask();
+      const [w, h] = fitSize(img.naturalWidth, img.naturalHeight);
+      $("width").value = w; $("height").value = h; syncSize();
+      $("canvaswrap").hidden = false; $("imagetools").hidden = false;
+    };
+    img.onerror = () => { $("err-init_image").textContent = "this browser cannot show that picture"; removePicture(); };
+    source = reader.result; img.src = source; $("err-init_image").textContent = "";
+  };
+  reader.readAsDataURL(file);
+}
+
+function removePicture() {
+  source = null; $("source").removeAttribute("src"); $("file").value = "";
+  $("canvaswrap").hidden = true; $("imagetools").hidden = true;
+}
+
+function clearMask() { pen.clearRect(0, 0, canvas.width, canvas.height); }
+
+function invertMask() {  // painted becomes clear and clear becomes painted
+  const pixels = pen.getImageData(0, 0, canvas.width, canvas.height), d = pixels.data;
+  for (let i = 0; i < d.length; i += 4) { d[i] = d[i + 1] = d[i + 2] = 255; d[i + 3] = 255 - d[i + 3]; }
+  pen.putImageData(pixels, 0, 0);
+}
+
+function maskPainted() {
+  if (!canvas.width) return false;
+  const d = pen.getImageData(0, 0, canvas.width, canvas.height).data;
+  for (let i = 3; i < d.length; i += 4) if (d[i]) return true;
+  return false;
+}
+
+function maskPng() {
+  const out = document.createElement("canvas");
+  out.width = canvas.width; out.height = canvas.height;
+  const ctx = out.getContext("2d");
+  ctx.fillStyle = "#000"; ctx.fillRect(0, 0, out.width, out.height);
+  ctx.drawImage(canvas, 0, 0);
+  return out.toDataURL("image/png");
+}
+
+// Painting: pointer events (mouse, pen, touch), in the canvas's own pixels whatever its shown size.
+let last = null;
+function at(e) {
+  const box = canvas.getBoundingClientRect();
+  return [(e.clientX - box.left) * canvas.width / box.width, (e.clientY - box.top) * canvas.height / box.height];
+}
+function brushWidth() { return Number($("brush").value) * canvas.width / Math.max(1, canvas.getBoundingClientRect().width); }
+function stroke(from, to) {
+  pen.strokeStyle = pen.fillStyle = "#fff"; pen.lineWidth = brushWidth(); pen.lineCap = pen.lineJoin = "round";
+  pen.beginPath(); pen.moveTo(...from); pen.lineTo(...to); pen.stroke();
+}
+canvas.addEventListener("pointerdown", (e) => {
+  e.preventDefault(); canvas.setPointerCapture(e.pointerId); last = at(e); stroke(last, last);
+});
+canvas.addEventListener("pointermove", (e) => { if (last) { const p = at(e); stroke(last, p); last = p; } });
+for (const name of ["pointerup", "pointercancel"]) canvas.addEventListener(name, () => { last = null; });
+
+$("file").addEventListener("change", () => setPicture($("file").files[0]));
+$("drop").addEventListener("dragover", (e) => { e.preventDefault(); $("drop").classList.add("over"); });
+$("drop").addEventListener("dragleave", () => $("drop").classList.remove("over"));
+$("drop").addEventListener("drop", (e) => {
+  e.preventDefault(); $("drop").classList.remove("over"); setPicture(e.dataTransfer.files[0]);
+});
+$("drop").addEventListener("keydown", (e) => { if (e.key === "Enter" || e.key === " ") { e.preventDefault(); $("file").click(); } });
+document.addEventListener("paste", (e) => {
+  const file = [...(e.clipboardData ? e.clipboardData.files : [])].find((f) => f.type.startsWith("image/"));
+  if (file) { e.preventDefault(); setPicture(file); }  // text pastes into fields as usual
+});
+$("clearmask").addEventListener("click", clearMask);
+$("invertmask").addEventListener("click", invertMask);
+$("removeimage").addEventListener("click", removePicture);
+$("strength").addEventListener("input", () => { $("strengthval").textContent = Number($("strength").value).toFixed(2); });
+$("brush").addEventListener("input", () => { $("brushval").textContent = $("brush").value; });
 
 async function events(url, onEvent) {
   const answer = await fetch(url, { headers: auth() });
@@ -103,7 +220,8 @@ async function done(made, data) {
   $("result").src = url; $("result").hidden = false; $("preview").hidden = true;
   $("download").href = url; $("download").download = made.id + ".png"; $("download").hidden = false;
   $("info").textContent = pngText(new Uint8Array(await blob.arrayBuffer())); $("info").hidden = false;
-  $("curl").hidden = false; $("py").hidden = false;
+  // the Python snippet posts to /sd, which takes no picture: offered for text to image only
+  $("curl").hidden = false; $("py").hidden = Boolean(lastBody && lastBody.init_image);
   const thumb = new Image(); thumb.src = url; thumb.alt = "seed " + data.seed; $("history").prepend(thumb);
   while ($("history").children.length > 12) $("history").lastChild.remove();
 }

@@ -59,11 +59,45 @@ class GenerateRequest(BaseModel):
         "(1: the last layer); SD 1.x models only, SDXL ignores it as A1111 does")
 
 
+MAX_MASK_BLUR = 64
+MAX_PADDING = 1024
+MAX_HR_SCALE = 8.0
+
+
 class JobRequest(GenerateRequest):
-    """Body of POST /jobs: any /sd body, plus `previews`."""
+    """Body of POST /jobs: any /sd body, plus `previews`, the image inputs of image to image
+    and inpainting, and the hires fix, named as A1111 names them."""
 
     previews: bool = Field(False, description="send `preview` events (small PNGs of the latents "
                                               "every few steps) on the job's event stream")
+    init_image: str | None = Field(
+        None, description="image to image: the picture to start from, base64 (a `data:` URL "
+        "too), or an http(s) URL where the server allows them (CRAFTSERVE_IMAGE_URLS). Without "
+        "`width`/`height` the job runs at the picture's size (fitted to 1024 a side, multiples of 8)")
+    mask: str | None = Field(None, description="inpainting, with `init_image`: white repaints, black "
+                             "is kept (a mask with transparency: its alpha); base64 as `init_image`")
+    strength: Number | None = Field(None, ge=0.0, le=1.0, allow_inf_nan=False, description="how much "
+                                    "of the picture is redrawn; the job runs int(steps x strength) "
+                                    "steps; default 0.75 with `init_image`")
+    resize_mode: Int = Field(0, ge=0, le=3, description="the picture to width x height: 0 just "
+                             "resize, 1 crop and resize, 2 resize and fill, 3 latent upscale")
+    mask_blur: Int = Field(4, ge=0, le=MAX_MASK_BLUR, description="the mask's blur, in pixels")
+    inpainting_fill: Int = Field(1, ge=0, le=3, description="what the masked area starts from: "
+                                 "0 fill, 1 original (default, as A1111's UI), 2 latent noise, "
+                                 "3 latent nothing")
+    inpaint_full_res: bool = Field(False, description="\"only masked\": generate the mask's box "
+                                   "(plus padding) at width x height and paste it back")
+    inpaint_full_res_padding: Int = Field(32, ge=0, le=MAX_PADDING,
+                                          description="pixels around the mask's box (only masked)")
+    inpainting_mask_invert: bool = Field(False, description="repaint the black part instead")
+    enable_hr: bool = Field(False, description="text to image with A1111's hires fix: a first "
+                            "pass, an upscale, an image-to-image pass at `denoising_strength`")
+    hr_scale: Number = Field(2.0, ge=1.0, le=MAX_HR_SCALE, allow_inf_nan=False)
+    hr_upscaler: str | None = Field(None, max_length=MAX_NAME_LENGTH, description="a latent mode "
+                                    "or an upscaler (GET /sdapi/v1/upscalers); default Latent")
+    hr_second_pass_steps: Int = Field(0, ge=0, le=MAX_STEPS, description="0: `steps`")
+    denoising_strength: Number = Field(0.75, ge=0.0, le=1.0, allow_inf_nan=False,
+                                       description="the hires fix's second pass strength")
 
 
 class GenerateRequestV2(GenerateRequest):

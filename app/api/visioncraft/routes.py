@@ -126,7 +126,7 @@ async def generate(
     return ImageUrls(images=[public_url_for(request, "stored_image", key=key) for key in keys])
 
 
-def _img2img_size(width: int, height: int) -> tuple[int, int]:
+def img2img_size(width: int, height: int) -> tuple[int, int]:
     """The picture's size, scaled down to fit MAX_SIDE a side and up to MIN_SIDE, in multiples of 8."""
     scale = min(1.0, MAX_SIDE / max(width, height))
     scale = max(scale, MIN_SIDE / min(width, height))
@@ -152,7 +152,7 @@ async def img2img(
         raise NotServed("refiner", model, registry.models)
     picture = await read_image("image", body.image, settings)
     mask = await read_mask("mask", body.mask, settings, convention="a1111") if body.mask else None
-    width, height = _img2img_size(*picture.size)
+    width, height = img2img_size(*picture.size)
     request_ = ImageRequest(
         model=model, prompt=body.prompt, negative_prompt=body.negative_prompt, sampler=body.scheduler,
         steps=body.steps, width=width, height=height, cfg_scale=float(body.cfg_scale), seed=body.seed,
