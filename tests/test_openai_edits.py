@@ -237,6 +237,14 @@ def test_json_body_names_multipart(client: httpx.Client) -> None:
     assert "multipart/form-data" in error["message"]
 
 
+@pytest.mark.parametrize("content_type", ["multipart/form-data", "multipart/form-data; boundary=xyz"])
+def test_damaged_multipart_body(client: httpx.Client, content_type: str) -> None:
+    answer = client.post("/v1/images/edits", content=b"--xyz\r\nnot a part header\r\n\r\n--xy",
+                         headers={"content-type": content_type})
+    assert 400 <= answer.status_code < 500, answer.text
+    assert set(answer.json()["error"]) == {"message", "type", "param", "code"}
+
+
 def test_variation_takes_one_picture(client: httpx.Client) -> None:
     one = ("a.png", png_bytes(picture(64, 64, 10)), "image/png")
     answer = client.post("/v1/images/variations", files=[("image", one), ("image", one)], data=EXTRA)

@@ -33,7 +33,7 @@ from starlette.exceptions import HTTPException
 from app.api.openai_images.models import MAX_EDIT_IMAGES
 from app.config import Settings
 from app.errors import InvalidParameter
-from app.image_inputs import read_image, read_mask
+from app.image_inputs import base64_chars, read_image, read_mask
 
 _IMAGE_KEY = re.compile(r"image(\[[0-9]{0,4}\])?")
 _LORA_KEY = re.compile(r"loras\[(.{1,200})\]", re.DOTALL)
@@ -93,7 +93,10 @@ async def read_form(request: Request, model: type[BaseModel], settings: Settings
     Text fields are validated, and `check`ed (the route's own cheap checks: model, size, n),
     before any picture is decoded."""
     try:
-        form = await request.form(max_files=MAX_EDIT_IMAGES + 2, max_fields=MAX_FIELDS)
+        # a text part may hold a picture as base64: as long as the byte cap allows (the body's
+        # own cap, CRAFTSERVE_MAX_IMAGE_BODY_BYTES, bounds the whole at the edge)
+        form = await request.form(max_files=MAX_EDIT_IMAGES + 2, max_fields=MAX_FIELDS,
+                                  max_part_size=base64_chars(settings.max_image_bytes))
     except HTTPException as exc:  # Starlette's answer for a damaged multipart body
         raise InvalidParameter("body", "<multipart body>", f"it cannot be read as multipart/form-data: "
                                f"{exc.detail}") from None
