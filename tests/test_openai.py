@@ -219,7 +219,7 @@ def test_missing_prompt_and_malformed_json(client: httpx.Client) -> None:
                             headers={"content-type": "application/json"})
     assert error_of(malformed, 400)["code"] == "invalid_json"
     assert error_of(client.get("/v1/images/generations"), 405)["type"] == "invalid_request_error"
-    assert error_of(client.post("/v1/images/edits", json={}), 404)["message"] == "Not Found"
+    assert error_of(client.post("/v1/images/masks", json={}), 404)["message"] == "Not Found"
 
 
 def test_base64_in_unexpected_places_is_refused_briefly(client: httpx.Client) -> None:

@@ -90,11 +90,20 @@ def header_key(header: str | None) -> str | Unreadable | None:
     return Unreadable("it is neither `Bearer <key>` nor HTTP Basic")
 
 
+def _is_multipart(request: Request) -> bool:
+    return request.headers.get("content-type", "").lower().lstrip().startswith("multipart/")
+
+
 async def body_key(request: Request) -> str | None:
     """The `token` of a JSON object body. FastAPI parsed the body before any dependency runs
     and Starlette keeps the parsed value, so this costs nothing for a JSON body; anything that
-    is not a JSON object with a string `token` carries no key."""
-    if request.method in ("GET", "HEAD", "DELETE") or not await request.body():
+    is not a JSON object with a string `token` carries no key, and a multipart body is not read
+    here at all."""
+    if request.method in ("GET", "HEAD", "DELETE"):
+        return None
+    if _is_multipart(request):
+        return None  # an upload (OpenAI's edits): the route reads it as a stream, the key is a header
+    if not await request.body():
         return None
     try:
         data = await request.json()
@@ -146,8 +155,8 @@ async def readable_body(request: Request) -> None:
     cannot hold a lone surrogate: UTF-8 (no byte order mark, no NUL among the first four bytes,
     as the JSON parser detects encodings), with no `\\u` escape and no 0xED byte (that starts
     a surrogate's UTF-8 form, which the JSON parser decodes as one)."""
-    if request.method in ("GET", "HEAD", "DELETE"):
-        return
+    if request.method in ("GET", "HEAD", "DELETE") or _is_multipart(request):
+        return  # multipart text is decoded by the form parser (UTF-8, else Latin-1): no surrogates
     body = await request.body()
     if not body or (b"\\u" not in body and b"\xed" not in body and b"\x00" not in body[:4]
                     and not body.startswith((b"\xff\xfe", b"\xfe\xff"))):

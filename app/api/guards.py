@@ -23,6 +23,14 @@ ASGI middleware), answered in the shape of the path's dialect (app.api.errors).
     covers a body-less `fetch` with no Content-Type.
   Programs (curl, webuiapi, the OpenAI SDK, the VisionCraft wrapper) send JSON or nothing,
   and no Sec-Fetch-Site; the page at / sends JSON from the server's own origin.
+- **One exception, multipart uploads of OpenAI's image routes** (`MULTIPART_ROUTES`:
+  `POST /v1/images/edits` and `/v1/images/variations`, which OpenAI defines as
+  `multipart/form-data` only): a multipart body passes there when the request carries
+  `Authorization: Bearer <something>`. A browser never adds a Bearer header by itself (the
+  credentials it keeps and sends on its own are HTTP Basic and cookies), and a page that sets
+  one makes the request non-simple, so it goes out only after a CORS preflight that craftserve
+  never grants. A cross-site form post therefore still arrives without one and is refused as
+  before; the Sec-Fetch-Site check above applies to these routes too.
 """
 
 from __future__ import annotations
@@ -40,6 +48,8 @@ PROBES = frozenset({"/health", "/ready"})
 CHANGES_STATE = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 # the types an HTML form (or a no-cors fetch) sends to any site without a preflight
 FORM_TYPES = frozenset({"application/x-www-form-urlencoded", "multipart/form-data", "text/plain"})
+# OpenAI's image routes that take multipart/form-data (with a Bearer header: see the docstring)
+MULTIPART_ROUTES = frozenset({"/v1/images/edits", "/v1/images/variations"})
 _JSON_RULE = ("a request that changes state takes a JSON body sent as `Content-Type: application/json`, "
               "or no body and no Content-Type")
 
@@ -90,6 +100,19 @@ def is_json(kind: str) -> bool:
     return kind == "application/json" or (kind.startswith("application/") and kind.endswith("+json"))
 
 
+def has_bearer(header: bytes) -> bool:
+    """Whether an Authorization header is `Bearer <token>` with a token: what no browser adds
+    on its own (whether the key is right is the route's business)."""
+    scheme, _, token = header.decode("latin-1").strip().partition(" ")
+    return scheme.lower() == "bearer" and bool(token.strip())
+
+
+def multipart_allowed(method: str, path: str, kind: str, headers: dict[bytes, bytes]) -> bool:
+    """A multipart upload to one of OpenAI's image routes from a program (the docstring)."""
+    return (method == "POST" and path in MULTIPART_ROUTES and kind == "multipart/form-data"
+            and has_bearer(headers.get(b"authorization", b"")))
+
+
 class RequestGuards:
     def __init__(self, app: ASGIApp, *, allowed: tuple[str, ...] | None) -> None:
         self.app = app
@@ -134,10 +157,16 @@ class RequestGuards:
         length = headers.get(b"content-length", b"").strip()
         has_body = (length not in (b"", b"0")
                     or b"chunked" in headers.get(b"transfer-encoding", b"").lower())
+        if multipart_allowed(method, scope.get("path", ""), kind, headers):
+            return
         if kind in FORM_TYPES or (has_body and not is_json(kind)):
+            rule = _JSON_RULE
+            if scope.get("path", "") in MULTIPART_ROUTES and kind == "multipart/form-data":
+                rule = ("this route takes multipart/form-data only with the API key sent as "
+                        "`Authorization: Bearer <key>` (no browser adds that header by itself)")
             sent = f"`Content-Type: {kind}`" if kind else "no Content-Type"
             raise RequestRefused(
                 415, ErrorKind.UNSUPPORTED_MEDIA_TYPE,
-                f"{route} came with {sent}{' and a body' if has_body else ''}: {_JSON_RULE} (a "
+                f"{route} came with {sent}{' and a body' if has_body else ''}: {rule} (a "
                 "web page can make a browser send a form's content type to any site, so it is "
                 "never accepted)")

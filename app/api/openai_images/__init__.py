@@ -1,5 +1,5 @@
-"""OpenAI's images API (`/v1/images/generations`, `/v1/models`): a translator onto the shared
-generation core.
+"""OpenAI's images API (`/v1/images/generations`, `/edits`, `/variations`, `/v1/models`): a
+translator onto the shared generation core.
 
 What the openai SDK, Open WebUI (OpenAI mode) and LibreChat send is mapped onto an
 `ImageRequest`; the answer is OpenAI's `{"created", "data": [...], ...}` and every error under
@@ -17,6 +17,11 @@ Choices (documented in README.md and docs/clients.md):
 - URLs point into the in-memory image store (`/v1/images/files/<key>.<png|jpeg|webp>`): the
   random key is the credential, as for `/generate`; the Bearer header clients such as Open
   WebUI send along is accepted and not needed.
+
+- Edits and variations are multipart/form-data (forms.py reads them; the form guard lets them
+  through with a Bearer header, app/api/guards.py): a mask's alpha-0 pixels are inpainted at
+  strength 1.0 and the rest kept; no mask: image to image at 0.75 (variations 0.6, no prompt);
+  `size` auto: the picture's size scaled down to the model's trained area (translate.edit_size).
 
 - models.py: the request and answer shapes; translate.py: a request as the core's;
   errors.py: OpenAI's error shape; routes.py: the routes. The key: as every route's

@@ -128,3 +128,68 @@ GENERATION_ERRORS = {
 }
 
 
+
+
+# ---- edits and variations (multipart/form-data) -------------------------------------------------
+DEFAULT_EDIT_STRENGTH = 0.75  # no mask: image to image of the whole picture (A1111's default)
+DEFAULT_INPAINT_STRENGTH = 1.0  # a mask: its area generated anew from the prompt, the rest kept
+DEFAULT_VARIATION_STRENGTH = 0.6  # a variation: the picture's layout and colours, details anew
+EDIT_MASK_BLUR = 4  # A1111's default: the seam is blended over 4 pixels or so
+MAX_EDIT_IMAGES = 16  # OpenAI's limit for gpt-image edits
+
+
+class OpenAIEditRequest(OpenAIImageRequest):
+    """The text fields of POST /v1/images/edits (its files, `image`/`image[]` and `mask`, are
+    read apart). Every field of /v1/images/generations, plus OpenAI's edit-only ones and
+    craftserve's image-to-image extensions. Multipart sends text: numbers are parsed."""
+
+    input_fidelity: Any = Field(None, description="accepted and ignored")
+    safety_identifier: Any = Field(None, description="accepted and ignored")
+    strength: Number | None = Field(
+        None, ge=0.0, le=1.0, allow_inf_nan=False,
+        description=f"extension: how much of the picture is generated anew (A1111's denoising "
+        f"strength; int(steps x strength) steps run); absent: {DEFAULT_INPAINT_STRENGTH:g} with a "
+        f"mask (its area regenerated), {DEFAULT_EDIT_STRENGTH:g} without")
+    resize_mode: Int | None = Field(
+        None, ge=0, le=3, description="extension: A1111's resize mode when `size` differs from the "
+        "picture's: 0 just resize, 1 crop and resize (absent), 2 resize and fill, 3 latent upscale")
+
+
+class OpenAIVariationRequest(OpenAIEditRequest):
+    """The text fields of POST /v1/images/variations: no prompt (an extension may give one)."""
+
+    prompt: str = Field("", description=f"extension; absent: empty (a variation of the picture "
+                        f"at strength {DEFAULT_VARIATION_STRENGTH:g})")
+
+
+def multipart_schema(fields: type[BaseModel], *, several: bool, mask: bool) -> dict:
+    """The OpenAPI request body of a multipart route: the files and the model's text fields."""
+    properties: dict[str, Any] = {}
+    binary = {"type": "string", "format": "binary"}
+    if several:
+        properties["image"] = {"description": "the picture(s) (PNG, JPEG, WebP, GIF, BMP, TIFF); "
+                               "several as repeated `image[]` parts: answer image i starts from "
+                               "picture i modulo their count", **binary}
+    else:
+        properties["image"] = {"description": "the picture", **binary}
+    if mask:
+        properties["mask"] = {"description": "a PNG with alpha, the size of the first picture: its "
+                              "fully transparent pixels are regenerated, the others kept", **binary}
+    schema = fields.model_json_schema()
+    for name, prop in schema.get("properties", {}).items():
+        if name != "loras":  # a JSON object as text: `loras={"name": 0.8}` or `loras[name]=0.8`
+            properties[name] = prop
+    required = ["image"] + [n for n in schema.get("required", []) if n in properties]
+    return {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
+        "type": "object", "properties": properties, "required": required}}}}}
+
+
+EDIT_ERRORS = {
+    **GENERATION_ERRORS,
+    400: error_doc("a field out of range or of the wrong type, a missing prompt or image, an image "
+                   "or mask that is not an image or is past the byte or pixel caps "
+                   "(CRAFTSERVE_MAX_IMAGE_BYTES, CRAFTSERVE_MAX_IMAGE_PIXELS), a mask without alpha "
+                   "or of another size than the first image; `param` names the field"),
+    413: error_doc("the body is past CRAFTSERVE_MAX_IMAGE_BODY_BYTES"),
+    415: error_doc("not multipart/form-data with an `Authorization: Bearer` key (app/api/guards.py)"),
+}

@@ -1,29 +1,39 @@
-"""The /v1 routes: images/generations, the image files answered by URL, and models."""
+"""The /v1 routes: images/generations, edits and variations, the image files answered by URL, and
+models."""
 
 from __future__ import annotations
 
 import base64
 import time
+from dataclasses import replace
 
 from fastapi import APIRouter, HTTPException, Request
 from fastapi.responses import JSONResponse, Response
 
 from app.api.credentials import CallerDep, GeneratingCallerDep, QueueShareDep
 from app.api.deps import EngineDep, ImagesDep, RegistryDep, SettingsDep
-from app.api.generation import generate_images
+from app.api.generation import ImageRequest, generate_images
+from app.api.openai_images.forms import read_form
 from app.api.openai_images.models import (
     AUTH_ERRORS,
+    DEFAULT_EDIT_STRENGTH,
+    DEFAULT_VARIATION_STRENGTH,
+    EDIT_ERRORS,
     GENERATION_ERRORS,
+    OpenAIEditRequest,
     OpenAIImageRequest,
     OpenAIImagesResponse,
     OpenAIModel,
     OpenAIModelList,
+    OpenAIVariationRequest,
     error_doc,
+    multipart_schema,
 )
-from app.api.openai_images.translate import image_request, model_named, size_of
+from app.api.openai_images.translate import edit_input, edit_size, image_request, model_named, size_of
 from app.api.urls import public_url_for
 from app.config import Settings
-from app.imaging import MEDIA_TYPES
+from app.engine.protocol import EngineAPI
+from app.imaging import MEDIA_TYPES, ImageStore
 from app.registry import Registry
 
 router = APIRouter(prefix="/v1", tags=["openai"])
@@ -44,6 +54,14 @@ async def create_images(
     model = model_named(body.model, registry, settings)
     width, height = size_of(body.size, registry.models[model].family, settings)
     core_request, count = image_request(body, model, (width, height), settings)
+    return await _answer(body, core_request, count, request, client=client, share=share, engine=engine,
+                         registry=registry, settings=settings, images=images)
+
+
+async def _answer(body: OpenAIImageRequest, core_request: ImageRequest, count: int, request: Request, *,
+                  client: str, share: int, engine: EngineAPI, registry: Registry, settings: Settings,
+                  images: ImageStore) -> JSONResponse:
+    """Generate and answer as OpenAI does: `{"created", "data": [...], "output_format", "size"}`."""
     if body.response_format is not None:
         response_format = body.response_format
     else:
@@ -63,7 +81,68 @@ async def create_images(
         data = [{"url": public_url_for(request, "openai_image_file", key=key, ext=output_format),
                  "revised_prompt": None} for key in keys]
     return JSONResponse({"created": int(time.time()), "data": data, "output_format": output_format,
-                         "size": f"{width}x{height}"})
+                         "size": f"{core_request.width}x{core_request.height}"})
+
+
+async def _edit(request: Request, form_model: type[OpenAIEditRequest], *, takes_mask: bool, several: bool,
+                default_strength: float, client: str, share: int, engine: EngineAPI, registry: Registry,
+                settings: Settings, images: ImageStore) -> JSONResponse:
+    """An edit or a variation: the multipart form read (forms.py), the pictures as the core's
+    image input (translate.edit_input), then answered as a generation."""
+    def check(fields: OpenAIEditRequest) -> None:  # before any picture is decoded
+        model = model_named(fields.model, registry, settings)
+        edit_size(fields.size, (1024, 1024), registry.models[model].family, settings)
+        image_request(fields, model, (1024, 1024), settings)  # n, steps, stream
+
+    form = await read_form(request, form_model, settings, takes_mask=takes_mask, several=several,
+                           check=check)
+    body = form.fields
+    model = model_named(body.model, registry, settings)
+    size = edit_size(body.size, form.images[0].size, registry.models[model].family, settings)
+    core_request, count = image_request(body, model, size, settings)
+    core_request = replace(core_request, image=edit_input(body, form.images, form.mask,
+                                                          default_strength=default_strength))
+    return await _answer(body, core_request, count, request, client=client, share=share, engine=engine,
+                         registry=registry, settings=settings, images=images)
+
+
+@router.post("/images/edits", response_model=OpenAIImagesResponse, responses=EDIT_ERRORS,
+             openapi_extra=multipart_schema(OpenAIEditRequest, several=True, mask=True),
+             summary="Edit pictures (OpenAI images API; multipart/form-data)")
+async def edit_images(
+    request: Request,
+    client: GeneratingCallerDep,
+    share: QueueShareDep,
+    engine: EngineDep,
+    registry: RegistryDep,
+    settings: SettingsDep,
+    images: ImagesDep,
+) -> JSONResponse:
+    """With a `mask`: its fully transparent pixels are generated anew from the prompt (strength
+    1.0 there), every other pixel is the picture's own. Without one: image to image of the whole
+    picture at strength 0.75. `strength` (extension) overrides either; see docs/clients.md."""
+    return await _edit(request, OpenAIEditRequest, takes_mask=True, several=True,
+                       default_strength=DEFAULT_EDIT_STRENGTH, client=client, share=share, engine=engine,
+                       registry=registry, settings=settings, images=images)
+
+
+@router.post("/images/variations", response_model=OpenAIImagesResponse, responses=EDIT_ERRORS,
+             openapi_extra=multipart_schema(OpenAIVariationRequest, several=False, mask=False),
+             summary="A variation of a picture (OpenAI images API; multipart/form-data)")
+async def create_variation(
+    request: Request,
+    client: GeneratingCallerDep,
+    share: QueueShareDep,
+    engine: EngineDep,
+    registry: RegistryDep,
+    settings: SettingsDep,
+    images: ImagesDep,
+) -> JSONResponse:
+    """Image to image of the picture with an empty prompt at strength 0.6 (`strength` and
+    `prompt` as extensions)."""
+    return await _edit(request, OpenAIVariationRequest, takes_mask=False, several=False,
+                       default_strength=DEFAULT_VARIATION_STRENGTH, client=client, share=share,
+                       engine=engine, registry=registry, settings=settings, images=images)
 
 
 @router.get("/images/files/{key}.{ext}", name="openai_image_file", response_class=Response,

@@ -4,10 +4,19 @@ count, checked against the shared rules (app.api.rules)."""
 from __future__ import annotations
 
 import difflib
+import math
 import re
 
-from app.api.generation import ImageRequest
-from app.api.openai_images.models import DEFAULT_STEPS, OpenAIImageRequest
+from PIL import Image
+
+from app.api.generation import ImageInput, ImageRequest
+from app.api.openai_images.models import (
+    DEFAULT_INPAINT_STRENGTH,
+    DEFAULT_STEPS,
+    EDIT_MASK_BLUR,
+    OpenAIEditRequest,
+    OpenAIImageRequest,
+)
 from app.api.rules import DEFAULT_CFG, MIN_SIDE, check_range, check_side, check_steps, shown
 from app.config import Settings
 from app.errors import InvalidParameter, ModelNotFound
@@ -80,3 +89,44 @@ def image_request(body: OpenAIImageRequest, model: str, size: tuple[int, int],
         loras=body.loras or {}, seed=body.seed, clip_skip=body.clip_skip,
     )
     return request, count
+
+
+def edit_size(value: str | None, picture: tuple[int, int], family: str,
+              settings: Settings) -> tuple[int, int]:
+    """The answer's size for an edit or variation: `WIDTHxHEIGHT` as for generations, or `auto`
+    (absent): the first picture's size, scaled down (aspect kept, never up) to at most the
+    model's trained area (1024² SDXL, 512² SD 1.x) and to the side limit, each side then
+    rounded down to a multiple of 8 and kept within MIN_SIDE..CRAFTSERVE_A1111_MAX_SIZE. A
+    picture already within those limits and a multiple of 8 keeps its exact size (so the
+    pixels a mask keeps come back unchanged)."""
+    if value is not None and value.strip().lower() != "auto":
+        return size_of(value, family, settings)
+    width, height = picture
+    native = NATIVE_SIZE.get(family, 1024)
+    limit = settings.a1111_max_size
+    scale = min(1.0, math.sqrt(native * native / (width * height)), limit / width, limit / height)
+    sides = (max(MIN_SIDE, min(limit, int(side * scale) // 8 * 8)) for side in (width, height))
+    return next(sides), next(sides)
+
+
+def edit_input(body: OpenAIEditRequest, pictures: tuple[Image.Image, ...], mask: Image.Image | None, *,
+               default_strength: float) -> ImageInput:
+    """The core's image input of an edit or a variation. A mask of another size than the first
+    picture is refused (400 `param: mask`, as OpenAI). With a mask: inpainting where it is
+    transparent at strength 1.0 (the area generated anew from the prompt), A1111's "original"
+    fill (the picture under the noise; at strength 1.0 the noise covers it), over the whole
+    picture (not "only masked": the answer is the size asked), the seam blurred by EDIT_MASK_BLUR
+    pixels and every pixel outside the blurred mask the picture's own. Without one: image to
+    image of each picture at `default_strength`. `strength` and `resize_mode` (extensions)
+    override; a `size` of another aspect than the picture's is filled by "crop and resize"."""
+    if mask is not None and mask.size != pictures[0].size:
+        raise InvalidParameter("mask", f"{mask.width}x{mask.height}",
+                               f"the mask must be the size of the (first) image, "
+                               f"{pictures[0].width}x{pictures[0].height}")
+    if body.strength is not None:
+        strength = float(body.strength)
+    else:
+        strength = DEFAULT_INPAINT_STRENGTH if mask is not None else default_strength
+    return ImageInput(images=pictures, mask=mask, strength=strength,
+                      resize_mode=1 if body.resize_mode is None else body.resize_mode,
+                      mask_blur=EDIT_MASK_BLUR, fill=1, full_res=False, padding=0, invert=False)
