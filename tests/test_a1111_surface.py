@@ -302,6 +302,16 @@ def test_a_style_can_carry_a_lora_and_info_names_its_hash(c: httpx.Client, files
     assert unstyled["images"][0] != data["images"][0]  # the style's LoRA changed the image
 
 
+def test_styles_apply_to_the_hires_prompts_given(c: httpx.Client) -> None:
+    data = txt2img(c, prompt="a fox", styles=["sharp"], seed=5, enable_hr=True, hr_scale=1.5,
+                   hr_upscaler="Latent", hr_second_pass_steps=2, denoising_strength=0.5,
+                   hr_prompt="a cat", hr_negative_prompt="dull")
+    infotext = json.loads(data["info"])["infotexts"][0]
+    assert infotext.startswith("a fox, sharp focus\nNegative prompt: blurry\n")
+    assert 'Hires prompt: "a cat, sharp focus"' in infotext  # styled, as A1111 styles it
+    assert 'Hires negative prompt: "dull, blurry"' in infotext
+
+
 def test_an_unknown_style_is_a_422_naming_it(c: httpx.Client) -> None:
     error = a1111_error(c.post("/sdapi/v1/txt2img", json={**SMALL, "prompt": "x",
                                                            "styles": ["sharp", "film-noir"]}), 422)
@@ -342,6 +352,21 @@ def test_the_lists_craftserve_has_none_of_are_empty(c: httpx.Client, api: webuia
         assert answer.status_code == 200 and answer.json() == [], route
     with httpx.Client(base_url=c.base_url) as anonymous:
         a1111_error(anonymous.get("/sdapi/v1/hypernetworks"), 401)
+
+
+def test_realesrgan_models_are_the_upscalers_named_so() -> None:
+    from app.api.a1111.extra_routes import realesrgan_models
+    from app.upscaler_files import UpscalerSpec
+
+    upscalers = {name: UpscalerSpec(name, Path(f"/u/{name}.pth"), scale) for name, scale in (
+        ("RealESRGAN_x4plus", 4), ("realesr-general-x4v3", 4), ("4x-UltraSharp", 4),
+        ("RealESRGAN_x2plus", 2), ("real_esrnet_odd", None))}
+    assert [m.model_dump() for m in realesrgan_models(upscalers)] == [
+        {"name": "RealESRGAN_x2plus", "path": "/u/RealESRGAN_x2plus.pth", "scale": 2},
+        {"name": "RealESRGAN_x4plus", "path": "/u/RealESRGAN_x4plus.pth", "scale": 4},
+        {"name": "real_esrnet_odd", "path": "/u/real_esrnet_odd.pth", "scale": 4},
+        {"name": "realesr-general-x4v3", "path": "/u/realesr-general-x4v3.pth", "scale": 4},
+    ]
 
 
 def test_memory_is_this_process_and_machine(api: webuiapi.WebUIApi) -> None:

@@ -61,7 +61,8 @@ class A1111Memory(BaseModel):
 class A1111PngInfoRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
-    image: str = Field(description="a base64 image (PNG, JPEG, WebP; a data: URL prefix is fine)")
+    image: str = Field(description="a base64 image (PNG, JPEG, WebP, ...; a data: URL is fine; an "
+                       "http(s) URL where CRAFTSERVE_ALLOW_IMAGE_URLS lets it be fetched)")
 
 
 class A1111PngInfoResponse(BaseModel):

@@ -4,9 +4,9 @@ Under /sdapi/v1 (`router`, behind a key like every A1111 route):
 - real data: `prompt-styles` (models.yaml `styles_file:`), `cmd-flags` (A1111's flags that
   craftserve has a counterpart for, from its settings), `memory` (app.api.a1111.memory),
   `png-info` (app.api.a1111.infotext);
-- empty lists where craftserve has none: `hypernetworks`, `face-restorers`,
-  `realesrgan-models`, `sd-modules` (Forge's VAE / text encoder list: each model runs with
-  its own), `extensions`, `script-info`;
+- `realesrgan-models`: the model upscalers whose file name says Real-ESRGAN;
+- empty lists where craftserve has none: `hypernetworks`, `face-restorers`, `sd-modules`
+  (Forge's VAE / text encoder list: each model runs with its own), `extensions`, `script-info`;
 - `refresh-vae` and `refresh-embeddings` reload models.yaml and its folders, as the other
   refreshes (admin key);
 - `unload-checkpoint` / `reload-checkpoint` release and load again the device memory of the
@@ -23,14 +23,14 @@ reachable and logged in: `GET /internal/ping` (`{}`, no key, like /health), `GET
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import io
+import re
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from fastapi import APIRouter
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from app import __version__
 from app.api.a1111.errors import ADMIN_ERRORS, AUTH_ERRORS, INPUT_ERRORS, REFRESH_FAILED
@@ -57,7 +57,9 @@ from app.api.credentials import AdminDep, CallerDep
 from app.api.deps import EngineDep, RegistryDep, SettingsDep
 from app.config import Settings
 from app.errors import InvalidParameter, shown
+from app.image_inputs import FORMATS, decode_base64, fetch_image_url, is_url
 from app.registry import Registry
+from app.upscaler_files import UpscalerSpec
 
 router = APIRouter(prefix="/sdapi/v1", tags=["a1111"])
 gradio_router = APIRouter(tags=["a1111"])
@@ -91,7 +93,20 @@ def _empty(path: str, item: type, what: str) -> None:
 
 _empty("hypernetworks", A1111Hypernetwork, "no hypernetworks are served")
 _empty("face-restorers", A1111FaceRestorer, "no face restoration")
-_empty("realesrgan-models", A1111Realesrgan, "no Real-ESRGAN models are served")
+_REAL_ESRGAN = re.compile(r"real[-_ ]?esr", re.IGNORECASE)  # RealESRGAN_x4plus, realesr-general-x4v3
+
+
+def realesrgan_models(upscalers: Mapping[str, UpscalerSpec]) -> list[A1111Realesrgan]:
+    """The model upscalers (models.yaml upscaler_dirs) whose file name says Real-ESRGAN, as
+    A1111 lists its Real-ESRGAN models: name, path, scale (from the name; 4 when it says none)."""
+    return [A1111Realesrgan(name=name, path=str(spec.path), scale=spec.scale or 4)
+            for name, spec in sorted(upscalers.items()) if _REAL_ESRGAN.search(name)]
+
+
+@router.get("/realesrgan-models", response_model=list[A1111Realesrgan], responses=AUTH_ERRORS,
+            summary="The model upscalers of upscaler_dirs whose file name says Real-ESRGAN")
+async def get_realesrgan_models(client: CallerDep, registry: RegistryDep) -> list[A1111Realesrgan]:
+    return realesrgan_models(registry.upscalers)
 _empty("sd-modules", A1111SdModule, "each model runs with its own VAE and text encoders")
 _empty("extensions", A1111Extension, "no A1111 extensions run here")
 _empty("script-info", A1111ScriptInfo, "no scripts run")
@@ -143,33 +158,26 @@ async def get_memory(client: CallerDep) -> A1111Memory:
 
 
 # ---- png-info, interrogate ---------------------------------------------------------------------
-def open_image(field: str, value: str) -> Image.Image:
-    """A base64 image (a data: URL prefix allowed) opened without decoding its pixels; 422
-    naming the field otherwise."""
-    text = value.strip()
-    if text.startswith(("http://", "https://")):
-        raise InvalidParameter(field, shown(text), "images are not fetched from URLs here; send the "
-                               "image itself, base64-encoded")
-    if text.startswith("data:"):
-        text = text.partition(",")[2]
-    if not text:
-        raise InvalidParameter(field, value[:60], "send a base64-encoded image (PNG, JPEG or WebP)")
+async def open_image(field: str, value: str, settings: Settings) -> Image.Image:
+    """An image as clients send one to the image routes (base64, a data: URL, an http(s) URL
+    where the settings allow fetching; app.image_inputs' rules and byte cap), opened without
+    decoding its pixels: its metadata is all png-info reads. 422 naming the field otherwise."""
+    if is_url(value):
+        data = await fetch_image_url(field, value, settings)
+    else:
+        data = await asyncio.to_thread(decode_base64, field, value, settings)
     try:
-        data = base64.b64decode(text)
-        return Image.open(io.BytesIO(data))
-    except (binascii.Error, ValueError):
-        raise InvalidParameter(field, shown(value), "is not valid base64; send a base64-encoded "
-                               "image (PNG, JPEG or WebP)") from None
-    except (UnidentifiedImageError, Image.DecompressionBombError, OSError):
-        raise InvalidParameter(field, shown(value), "is not an image Pillow can read; send a PNG, "
+        return Image.open(io.BytesIO(data), formats=FORMATS)
+    except Exception:  # noqa: BLE001 - whatever the parser refuses: not an image it reads
+        raise InvalidParameter(field, shown(value), "is not an image this server reads; send a PNG, "
                                "JPEG or WebP, base64-encoded") from None
 
 
 @router.post("/png-info", response_model=A1111PngInfoResponse, responses=INPUT_ERRORS,
              summary="The generation parameters an image carries (A1111 infotext), parsed")
-async def png_info(body: A1111PngInfoRequest, client: CallerDep,
-                   registry: RegistryDep) -> A1111PngInfoResponse:
-    image = open_image("image", body.image)
+async def png_info(body: A1111PngInfoRequest, client: CallerDep, registry: RegistryDep,
+                   settings: SettingsDep) -> A1111PngInfoResponse:
+    image = await open_image("image", body.image, settings)
     text, items = read_info_from_image(image)
     text = text or ""
     parameters = parse_generation_parameters(text, registry.styles)

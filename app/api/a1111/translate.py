@@ -8,6 +8,7 @@ import json
 import math
 import re
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -41,7 +42,7 @@ from app.errors import CraftError, ErrorKind, InvalidParameter
 from app.imaging import parameters_text
 from app.registry import Registry
 from app.samplers import SCHEDULES
-from app.styles import apply_styles
+from app.styles import PromptStyle, apply_styles
 
 _LORA_TAG = re.compile(r"<(?:lora|lyco):([^<>]*)>", re.IGNORECASE)
 
@@ -175,7 +176,8 @@ def plan(body: A1111Txt2ImgRequest, state: A1111State, client: str, registry: Re
     parameters: dict[str, Any] = {}
     info: dict[str, Any] = {}
     if body.enable_hr and not isinstance(body, A1111Img2ImgRequest):
-        hires = _hires(body, apply_loras=not body.disable_extra_networks)
+        hires = _hires(body, apply_loras=not body.disable_extra_networks,
+                       styles=(styles, registry.styles))
         request = replace(request, hires=hires)
         strength = hires.strength
         parameters = {
@@ -199,8 +201,11 @@ def _strength(body: A1111Txt2ImgRequest) -> float:
     return strength
 
 
-def _hires(body: A1111Txt2ImgRequest, *, apply_loras: bool) -> HiresRequest:
-    """A1111's hires fix fields (the core checks sizes, steps, names and prompts)."""
+def _hires(body: A1111Txt2ImgRequest, *, apply_loras: bool,
+           styles: tuple[Sequence[str], Mapping[str, PromptStyle]] = ((), {})) -> HiresRequest:
+    """A1111's hires fix fields (the core checks sizes, steps, names and prompts). The request's
+    `styles` apply to the hires prompts it gives, as A1111 applies them (empty ones mean the first
+    pass's, styled already)."""
     scale = 2.0 if body.hr_scale is None else float(body.hr_scale)
     check_range("hr_scale", scale, 1.0, 8.0)
     steps = body.hr_second_pass_steps or 0
@@ -212,8 +217,10 @@ def _hires(body: A1111Txt2ImgRequest, *, apply_loras: bool) -> HiresRequest:
     if cfg is not None:
         check_range("hr_cfg", cfg, MIN_CFG, MAX_CFG)
     # hr prompts may carry LoRA tags too: the first pass's LoRAs stay active, the tags are text
-    hr_prompt = split_loras(body.hr_prompt or "", apply=apply_loras)[0]
-    hr_negative = body.hr_negative_prompt or ""
+    hr_prompt, hr_negative = body.hr_prompt or "", body.hr_negative_prompt or ""
+    styled_prompt, styled_negative = apply_styles(hr_prompt, hr_negative, *styles)
+    hr_prompt = split_loras(styled_prompt if hr_prompt else "", apply=apply_loras)[0]
+    hr_negative = styled_negative if hr_negative else ""
     return HiresRequest(
         scale=scale, resize_x=body.hr_resize_x or 0, resize_y=body.hr_resize_y or 0,
         upscaler=upscaler, steps=steps, strength=_strength(body), sampler=hr_sampler,
