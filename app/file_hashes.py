@@ -4,8 +4,9 @@
 (`<cache dir>/hashes.json`, CRAFTSERVE_CACHE_DIR), keyed by the file's resolved path, size and
 modification time (ns): a 7 GB checkpoint is read once, not at every start, and read again
 only when its size or time changes (as A1111's `cache.json` does). Two threads asking for
-the same file wait for one reading. A cache file that cannot be read or written only costs
-hashing again: it is logged once, never an error.
+the same file wait for one reading. Writing merges what another process wrote meanwhile
+(servers may share the folder). A cache file that cannot be read or written only costs
+hashing again: it is logged, never an error.
 
 Which file stands for a model (`weights_file`), so that its hash means its weights:
 - a single-file checkpoint: the file itself (A1111 hashes the same file, so the hashes match);
@@ -143,8 +144,10 @@ class HashCache:
     def _save(self) -> None:
         if self.file is None:
             return
+        on_disk = self._load() if self.file.is_file() else {}  # another process's entries stay
         with self._lock:
-            text = json.dumps({"version": 1, "files": self._entries}, indent=1, sort_keys=True)
+            merged = {**on_disk, **self._entries}
+            text = json.dumps({"version": 1, "files": merged}, indent=1, sort_keys=True)
         try:
             self.file.parent.mkdir(parents=True, exist_ok=True)
             temporary = self.file.with_name(f".{CACHE_FILE}.{os.getpid()}.{threading.get_ident()}")

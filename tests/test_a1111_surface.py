@@ -601,3 +601,15 @@ def test_a_second_start_does_not_read_the_weights_again(make_server, files, tmp_
         listed = {m["model_name"]: m["sha256"] for m in client.get("/sdapi/v1/sd-models").json()}
     assert listed["folder"] == original != sha256sum(weights)
     assert second.app.state.a1111.hashes.cache.reads == 0
+
+
+def test_two_processes_sharing_the_cache_keep_each_others_hashes(tmp_path: Path) -> None:
+    one, two = tmp_path / "one.bin", tmp_path / "two.bin"
+    one.write_bytes(b"first weights")
+    two.write_bytes(b"second weights")
+    first, second = HashCache(tmp_path / "cache"), HashCache(tmp_path / "cache")  # both started
+    first.sha256(one)
+    second.sha256(two)  # written after `first`, without its entry in memory
+    third = HashCache(tmp_path / "cache")
+    assert (third.sha256(one), third.sha256(two)) == (file_sha256(one), file_sha256(two))
+    assert third.reads == 0
