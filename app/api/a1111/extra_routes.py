@@ -93,6 +93,11 @@ def _empty(path: str, item: type, what: str) -> None:
 
 _empty("hypernetworks", A1111Hypernetwork, "no hypernetworks are served")
 _empty("face-restorers", A1111FaceRestorer, "no face restoration")
+_empty("sd-modules", A1111SdModule, "each model runs with its own VAE and text encoders")
+_empty("extensions", A1111Extension, "no A1111 extensions run here")
+_empty("script-info", A1111ScriptInfo, "no scripts run")
+
+
 _REAL_ESRGAN = re.compile(r"real[-_ ]?esr", re.IGNORECASE)  # RealESRGAN_x4plus, realesr-general-x4v3
 
 
@@ -107,10 +112,6 @@ def realesrgan_models(upscalers: Mapping[str, UpscalerSpec]) -> list[A1111Reales
             summary="The model upscalers of upscaler_dirs whose file name says Real-ESRGAN")
 async def get_realesrgan_models(client: CallerDep, registry: RegistryDep) -> list[A1111Realesrgan]:
     return realesrgan_models(registry.upscalers)
-_empty("sd-modules", A1111SdModule, "each model runs with its own VAE and text encoders")
-_empty("extensions", A1111Extension, "no A1111 extensions run here")
-_empty("script-info", A1111ScriptInfo, "no scripts run")
-
 
 def _first_folder(paths: list[Path]) -> str | None:
     return str(paths[0].parent) if paths else None
