@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import os
 from functools import lru_cache
 from pathlib import Path
 from typing import Annotated
@@ -123,6 +124,10 @@ class Settings(BaseSettings):
     lora_cache_size: int = Field(8, ge=1)
     load_retry_s: float = Field(60.0, ge=0)  # a failed model load is retried after this pause
     allow_downloads: bool = True  # fetch missing weights from the Hugging Face Hub
+    # What the server keeps between runs (today: hashes.json, the sha256 of each weight file
+    # by path, size and time, app.file_hashes). Unset: $XDG_CACHE_HOME/craftserve, else
+    # ~/.cache/craftserve; "none": nothing is kept (large files are hashed at every start).
+    cache_dir: Path | None = None
     compile: bool = False  # torch.compile the UNet and VAE on CUDA (warm-up before /ready)
 
     # AUTOMATIC1111 dialect (/sdapi/v1): its own limits, wider than VisionCraft's ranges.
@@ -299,6 +304,13 @@ class Settings(BaseSettings):
                 "be at least the fewest (equal: a fixed number, no autoscaling)"
             )
         return self
+
+    def cache_folder(self) -> Path | None:
+        """Where the server keeps its caches (None: nowhere, CRAFTSERVE_CACHE_DIR=none)."""
+        if self.cache_dir is not None:
+            return None if str(self.cache_dir).lower() == "none" else self.cache_dir.expanduser()
+        xdg = os.environ.get("XDG_CACHE_HOME")
+        return (Path(xdg) if xdg else Path.home() / ".cache") / "craftserve"
 
     def all_api_keys(self) -> list[str]:
         """Keys from the setting and the keys file (blank lines and # comments skipped)."""

@@ -71,6 +71,7 @@ class ErrorKind(StrEnum):
     OUT_OF_MEMORY = "out_of_memory"
     REPLICA_LOST = "replica_lost"
     REFRESH_FAILED = "refresh_failed"
+    NOT_SUPPORTED = "not_supported"  # a route this way of running cannot serve (e.g. under Ray)
     INTERNAL = "internal"
 
     @property
@@ -279,6 +280,14 @@ class RefreshFailed(CraftError):
 
     status = 500
     kind = ErrorKind.REFRESH_FAILED
+
+
+class NotSupported(CraftError):
+    """What the request asks cannot be done by this server as it runs (501): e.g. releasing a
+    model's device memory from the Ray ingress, whose replicas manage their own models."""
+
+    status = 501
+    kind = ErrorKind.NOT_SUPPORTED
 
 
 class ModelNotFound(CraftError):

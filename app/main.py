@@ -18,7 +18,7 @@ from starlette.types import ASGIApp
 
 from app import __version__
 from app.api import a1111, admin, health, jobs, openai_images, openapi, page, visioncraft
-from app.api.a1111 import A1111State
+from app.api.a1111 import A1111State, ModelHashes
 from app.api.admin import Reloads
 from app.api.edge import EdgeLimits, image_route_caps
 from app.api.errors import ErrorInfo, ErrorRenderers
@@ -32,6 +32,7 @@ from app.engine.engine import Engine
 from app.engine.lora_fit import match_loras
 from app.engine.protocol import EngineAPI
 from app.errors import CraftError, ErrorKind, quoted, shown
+from app.file_hashes import HashCache
 from app.image_inputs import image_body_cap
 from app.imaging import ImageStore
 from app.metrics import Metrics
@@ -166,6 +167,7 @@ def create_app(settings: Settings | None = None, engine_factory: EngineFactory =
                 "  (use --allow-anonymous to open the server on a trusted network)\n\n"
             )
         engine.start()
+        hashes.warm()  # every model's sha256, in a background thread (cached across restarts)
         reload_on_hangup(engine)
         logger.info(
             "craftserve %s serving %s on %s",
@@ -199,9 +201,12 @@ def create_app(settings: Settings | None = None, engine_factory: EngineFactory =
     app.state.jobs = jobs_state = JobTracker(settings)  # the job API's jobs and their events
     app.state.reloads = Reloads(engine, settings.reload_interval_s)  # coalesced, admin keys only
     # A1111's options (each caller's own) and skipped jobs
-    app.state.a1111 = A1111State(registry, is_key=auth.entries.__contains__)
+    hashes = ModelHashes(registry, HashCache(settings.cache_folder()))
+    app.state.a1111 = A1111State(registry, is_key=auth.entries.__contains__, hashes=hashes)
     app.include_router(visioncraft.router)
     app.include_router(a1111.router)
+    app.include_router(a1111.extra_router)
+    app.include_router(a1111.gradio_router)
     app.include_router(openai_images.router)
     app.include_router(health.router)
     app.include_router(admin.router)
@@ -215,6 +220,8 @@ def create_app(settings: Settings | None = None, engine_factory: EngineFactory =
     app.include_router(page.router)
     app.state.error_renderers = renderers = ErrorRenderers()
     renderers.register("/sdapi/", a1111.render_error)
+    for path in ("/queue/status", "/login_check"):  # gradio's: a 401 as A1111 clients expect it
+        renderers.register(path, a1111.render_error)
     renderers.register("/v1/", openai_images.render_error)
     _install_error_handlers(app, metrics, renderers)
     openapi.install(app)

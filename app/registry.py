@@ -18,6 +18,7 @@ lora_dirs: [loras]
 embedding_dirs: [embeddings]   # textual inversion files (.safetensors), one word each: the stem
 upscaler_dirs: [upscalers]     # ESRGAN/Real-ESRGAN/SwinIR/... .safetensors or weights-only .pth: the stem
 model_dirs: [checkpoints]   # every *.safetensors checkpoint registers by its file stem
+styles_file: styles.csv     # A1111's prompt styles (name,prompt,negative_prompt), app.styles
 ```
 """
 
@@ -45,6 +46,7 @@ from app.errors import CraftError, LoraError
 from app.families import PIPELINE_FAMILIES, Family, family_label
 from app.lora_files import check_lora_file, read_header
 from app.samplers import resolve_sampler
+from app.styles import PromptStyle, StylesFileError, read_styles
 from app.upscaler_files import UpscalerSpec, discover_upscalers
 
 logger = logging.getLogger(__name__)
@@ -91,6 +93,7 @@ class _File(BaseModel):
     embedding_dirs: list[str] = []
     upscaler_dirs: list[str] = []
     model_dirs: list[str] = []
+    styles_file: str | None = None
 
 
 @dataclass(frozen=True)
@@ -153,6 +156,9 @@ class Registry:
     embeddings: list[EmbeddingSpec] = field(default_factory=list)
     # model upscalers of upscaler_dirs, by name (the file stem); app.engine.upscalers runs them
     upscalers: dict[str, UpscalerSpec] = field(default_factory=dict)
+    # A1111's prompt styles (models.yaml `styles_file:`), by name in the file's order
+    styles: dict[str, PromptStyle] = field(default_factory=dict)
+    styles_file: Path | None = None
 
     def embeddings_for(self, family: Family) -> dict[str, EmbeddingSpec]:
         """The embeddings prompts of `family` can use, by name; a file made for the other
@@ -494,6 +500,21 @@ def _dir_models(data: _File, base: Path, file: Path, explicit: dict[str, ModelSp
     return models
 
 
+def _styles(data: _File, base: Path, file: Path) -> tuple[dict[str, PromptStyle], Path | None]:
+    """The styles of `styles_file:` (relative to the models file's folder) and its path; a
+    file that is missing or unreadable stops the start (or the reload), naming it."""
+    if data.styles_file is None:
+        return {}, None
+    path = _local_path(data.styles_file, base)
+    if not path.is_file():
+        raise RegistryError(f"{file}: styles_file: {path} is not a file; create it (A1111's "
+                            "styles.csv: name,prompt,negative_prompt) or remove the entry")
+    try:
+        return read_styles(path), path
+    except StylesFileError as exc:
+        raise RegistryError(f"{file}: styles_file: {exc}") from None
+
+
 def _format_validation(exc: ValidationError, file: Path) -> str:
     lines = []
     for err in exc.errors():
@@ -529,6 +550,8 @@ def load_registry(path: Path) -> Registry:
     models.update(_dir_models(data, base, path, models))
     if not models:
         raise RegistryError(f"{path}: model_dirs: no servable checkpoint found; see the warnings above")
+    styles, styles_file = _styles(data, base, path)
     return Registry(path=path, models=models, loras=_collect_loras(data, base, path),
                     embeddings=_collect_embeddings(data, base, path, models),
-                    upscalers=discover_upscalers(_folders(data.upscaler_dirs, "upscaler_dirs", base, path)))
+                    upscalers=discover_upscalers(_folders(data.upscaler_dirs, "upscaler_dirs", base, path)),
+                    styles=styles, styles_file=styles_file)

@@ -68,6 +68,17 @@ def _record_logs_and_keys():
     auth.Authenticator.__init__ = original
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _cache_dir_in_tmp(tmp_path_factory: pytest.TempPathFactory):
+    """Servers keep their cache (the weight files' hashes, CRAFTSERVE_CACHE_DIR) in the
+    session's temporary folder, never in the home folder; a test that needs its own passes
+    `cache_dir`."""
+    patch = pytest.MonkeyPatch()
+    patch.setenv("CRAFTSERVE_CACHE_DIR", str(tmp_path_factory.mktemp("craftserve-cache")))
+    yield
+    patch.undo()
+
+
 # ---- two tiers: `-m "not slow"` is the fast one ------------------------------------------------
 # The markers that say why a test is slow (pyproject.toml); each implies `slow`.
 SLOW_BECAUSE = ("soak", "ray", "browser", "fuzz", "subprocess", "bigfile", "fullsize", "compile")

@@ -208,7 +208,7 @@ def test_refresh_loras_finds_a_new_file(c: httpx.Client, lora_folder: Path) -> N
     assert "late-sd15" not in [lora["name"] for lora in c.get("/sdapi/v1/loras").json()]
     assert c.post("/sdapi/v1/refresh-loras").json() is None
     listed = {lora["name"]: lora for lora in c.get("/sdapi/v1/loras").json()}
-    assert listed["late-sd15"]["metadata"] == {"models": ["tiny-sd15"]}  # the models it fits
+    assert listed["late-sd15"]["metadata"]["models"] == ["tiny-sd15"]  # the models it fits
     assert "late-sd15" in c.get("/sd/loras-sd").json()  # one registry for every dialect
 
 

@@ -32,7 +32,7 @@ def test_header_schemes() -> None:
     assert isinstance(header_key("Digest abc"), Unreadable)
 
 
-PUBLIC = re.compile(r"^/(health|ready|metrics|docs.*|openapi\.json|redoc|$|static.*|images/.*|"
+PUBLIC = re.compile(r"^/(health|ready|metrics|internal/ping|docs.*|openapi\.json|redoc|$|static.*|images/.*|"
                     r"v1/images/files/.*|sd/.*|image/(models|loras|samplers).*|models.*|samplers.*|"
                     r"schedulers-xl|loras.*)")
 

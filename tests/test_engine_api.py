@@ -49,7 +49,7 @@ def test_the_protocol_has_what_the_routes_need() -> None:
     assert data == {"settings", "accepting"}
     assert set(methods) == {"describe", "start", "begin_shutdown", "abort_running", "stop",
                             "submit", "cancel", "jobs_of", "waiting", "queue_position",
-                            "reload", "readiness"}
+                            "reload", "readiness", "unload_model", "load_model"}
 
 
 @pytest.mark.parametrize("cls", engine_classes(), ids=lambda cls: cls.__name__)

@@ -35,11 +35,12 @@ Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 # Path prefixes of the routes whose bodies carry images (base64 in JSON, files in multipart
-# forms): VisionCraft's img2img and upscale, A1111's img2img and extras, OpenAI's edits and
-# variations, the job API.
+# forms): VisionCraft's img2img and upscale, A1111's img2img, extras, png-info and interrogate,
+# OpenAI's edits and variations, the job API.
 IMAGE_ROUTES = (
     "/img2img", "/upscale",
     "/sdapi/v1/img2img", "/sdapi/v1/extra-single-image", "/sdapi/v1/extra-batch-images",
+    "/sdapi/v1/png-info", "/sdapi/v1/interrogate",
     "/v1/images/edits", "/v1/images/variations",
     "/jobs",
 )

@@ -30,7 +30,7 @@ from app.config import Settings
 from app.engine.jobs import GenParams, Job, JobResult
 from app.engine.readiness import NO_REPLICA, model_states, preload_split, readiness_body
 from app.engine.reload import ReloadReport, fingerprint, reload_into
-from app.errors import CraftError, ErrorKind, InternalError, Unavailable
+from app.errors import CraftError, ErrorKind, InternalError, NotSupported, Unavailable
 from app.metrics import Metrics
 from app.registry import Registry
 
@@ -237,6 +237,17 @@ class RemoteEngine:
             self.fingerprints = prints
             logger.info("%s (every generation replica follows)", report.summary())
         return report
+
+    # ---- device memory -------------------------------------------------------------
+    _PER_REPLICA = ("under Ray Serve each generation replica loads and unloads its own models "
+                    "(Serve's model multiplexing, at most CRAFTSERVE_MAX_MODELS_PER_DEVICE each), so "
+                    "this server cannot {}; requests load the model where they run")
+
+    def unload_model(self, name: str, timeout_s: float = 300.0) -> bool:
+        raise NotSupported(self._PER_REPLICA.format(f"unload model '{name}' on request"))
+
+    def load_model(self, name: str, timeout_s: float = 300.0) -> bool:
+        raise NotSupported(self._PER_REPLICA.format(f"load model '{name}' on request"))
 
     # ---- readiness -----------------------------------------------------------------
     def readiness(self) -> tuple[bool, dict]:

@@ -6,7 +6,7 @@ import asyncio
 import logging
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 
 import torch
 
@@ -97,6 +97,9 @@ class Engine:
             for i, device in enumerate(parse_devices(settings.devices))
         ]
         self.accepting = False
+        # Models unloaded on request (A1111's unload-checkpoint) and not loaded again since:
+        # /ready does not wait for them even if they are preload models.
+        self._unloaded: set[str] = set()
 
     def _preload_list(self, registry: Registry) -> list[str]:
         preload, left = preload_split(registry, self.settings.max_models_per_device)
@@ -225,9 +228,50 @@ class Engine:
                 worker.preload = tuple(self.preload)  # models added with preload: true load now
                 worker.mark_stale(report.removed + report.changed)
             self.queue.nudge()
+            self._unloaded.clear()  # the preload models load again (recheck)
             self.last_reload = report
             logger.info("%s", report.summary())
             return report
+
+    # ---- device memory (A1111's unload-checkpoint / reload-checkpoint) ------------------
+    def _wait(self, done: Callable[[], bool], timeout_s: float) -> bool:
+        deadline = time.monotonic() + timeout_s
+        while not done():
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.02)
+        return True
+
+    def unload_model(self, name: str, timeout_s: float = 300.0) -> bool:
+        """Release the model's device memory: every worker unloads it between batches (a
+        running batch finishes on it first). True once no worker holds it; False after
+        `timeout_s` (it is unloaded when the running batch ends). Until it is loaded again,
+        /ready does not wait for it. Blocking: call it off the event loop."""
+        self._unloaded.add(name)
+        for worker in self.workers:
+            worker.mark_stale([name], recheck=False)
+        self.queue.nudge()
+        return self._wait(lambda: all(name not in w.models for w in self.workers), timeout_s)
+
+    def load_model(self, name: str, timeout_s: float = 300.0) -> bool:
+        """Load the model on every worker between batches, as preload does (a failed load of
+        it earlier is tried again at once). True once every worker holds it; False after
+        `timeout_s` (it goes on loading); Unavailable (503) naming the reason when loading
+        failed. Blocking: call it off the event loop."""
+        self._unloaded.discard(name)
+        self.failures.clear(name)
+        for worker in self.workers:
+            worker.want_loaded([name])
+        self.queue.nudge()
+
+        def settled() -> bool:
+            return all(name in w.models for w in self.workers) or bool(self.failures.reason(name))
+
+        done = self._wait(settled, timeout_s)
+        reason = self.failures.reason(name)
+        if reason and not all(name in w.models for w in self.workers):
+            raise Unavailable(reason, kind=ErrorKind.MODEL_UNAVAILABLE)
+        return done
 
     # ---- readiness -----------------------------------------------------------------
     def readiness(self) -> tuple[bool, dict]:
@@ -236,7 +280,9 @@ class Engine:
             return f"unavailable: {reason}" if reason else None
 
         loaded = {name for w in self.workers for name in w.models}
-        models = model_states(self.registry, self.preload, loaded, failure)
+        unloaded = set(self._unloaded)
+        preload = [name for name in self.preload if name not in unloaded]
+        models = model_states(self.registry, preload, loaded, failure)
         workers = [
             {
                 "name": w.name,
@@ -250,7 +296,7 @@ class Engine:
         not_ready = [w["name"] for w in workers if not (w["alive"] and w["preloaded"])]
         self.metrics.workers_ready.set(len(workers) - len(not_ready))
         return readiness_body(
-            models=models, preload=self.preload, accepting=self.accepting, workers=workers,
+            models=models, preload=preload, accepting=self.accepting, workers=workers,
             queue_depth=len(self.queue), last_reload=self.last_reload,
             last=[f"{name}: {WORKER_NOT_READY}" for name in not_ready],
         )

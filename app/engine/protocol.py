@@ -75,3 +75,15 @@ class EngineAPI(Protocol):
     def readiness(self) -> tuple[bool, dict]:
         """(ready, /ready's JSON body)."""
         ...
+
+    def unload_model(self, name: str, timeout_s: float = 300.0) -> bool:
+        """Release the model's device memory (A1111's unload-checkpoint); True once done,
+        False if still waiting for a running batch after `timeout_s`. Blocking: off the loop.
+        An engine that cannot raises NotSupported (501)."""
+        ...
+
+    def load_model(self, name: str, timeout_s: float = 300.0) -> bool:
+        """Load the model into device memory (A1111's reload-checkpoint); True once loaded,
+        False if still loading after `timeout_s`, Unavailable (503) when loading failed.
+        Blocking: off the loop. An engine that cannot raises NotSupported (501)."""
+        ...

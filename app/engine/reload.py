@@ -99,6 +99,7 @@ class ReloadPlan:
         registry.loras = self.registry.loras
         registry.embeddings = self.registry.embeddings
         registry.upscalers = self.registry.upscalers
+        registry.styles, registry.styles_file = self.registry.styles, self.registry.styles_file
 
 
 def plan_reload(current: Registry, prints: Mapping[str, Fingerprint]) -> ReloadPlan:

@@ -101,6 +101,7 @@ class Worker:
         self.preloaded = threading.Event()
         self.running: list[Job] = []
         self._stale: set[str] = set()  # loaded models a reload removed or changed
+        self._wanted: list[str] = []  # models to load between batches (Engine.load_model)
         self._recheck = False  # a reload happened: preload what is not loaded
         self._stale_lock = threading.Lock()
         self._thread = threading.Thread(target=self._main, name=name, daemon=True)
@@ -159,9 +160,16 @@ class Worker:
         """Unload these models between batches (any thread may call this; a reload does, and
         then `recheck` loads the preload models that are not loaded; a Ray replica's model
         LRU evicting a model does not want that)."""
+        names = set(names)
         with self._stale_lock:
             self._stale.update(names)
+            self._wanted = [name for name in self._wanted if name not in names]
             self._recheck = self._recheck or recheck
+
+    def want_loaded(self, names: Iterable[str]) -> None:
+        """Load these models between batches (any thread may call this), as preload does."""
+        with self._stale_lock:
+            self._wanted += [name for name in names if name not in self._wanted]
 
     def _tidy(self) -> None:
         """Unload the models marked stale: on this thread, between batches, so a running job
@@ -169,11 +177,17 @@ class Worker:
         with self._stale_lock:
             stale, self._stale = self._stale, set()
             recheck, self._recheck = self._recheck, False
+            wanted, self._wanted = self._wanted, []
         for name in stale:
             if name in self.models:
                 self._evict(name)
         if recheck:
             self._preload()  # a changed preload model loads again; one a reload added loads now
+        for name in wanted:
+            try:
+                self.model(name)
+            except CraftError as exc:  # recorded in `failures`, where the asker reads it
+                logger.warning("%s: loading %s failed: %s", self.name, name, exc.message)
 
     def model(self, name: str) -> LoadedModel:
         """The loaded model `name`, loading it (and evicting the least recently used) if needed.

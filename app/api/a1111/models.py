@@ -24,8 +24,8 @@ def _ignored(description: str = "accepted; not applied") -> Any:
 class A1111Txt2ImgRequest(BaseModel):
     """Body of POST /sdapi/v1/txt2img: every field of A1111's model. Unknown fields and nulls are
     ignored. Fields marked "not applied" change nothing; when one is set to a value that would
-    change the image in A1111 (hires fix, face restoration, tiling, styles, scripts, subseeds,
-    ...), the answer's `info.craftserve_not_applied` names it."""
+    change the image in A1111 (hires fix, face restoration, tiling, scripts, subseeds, ...),
+    the answer's `info.craftserve_not_applied` names it."""
 
     model_config = ConfigDict(extra="ignore")
 
@@ -34,7 +34,9 @@ class A1111Txt2ImgRequest(BaseModel):
         "request's LoRAs (names as GET /sdapi/v1/loras lists them)",
         examples=["a lighthouse at dusk <lora:my-style:0.8>"])
     negative_prompt: str | None = None
-    styles: list[str] | None = _ignored()
+    styles: list[str] | None = Field(
+        None, description="prompt styles (GET /sdapi/v1/prompt-styles), applied in order as A1111 "
+        "applies them; an unknown name is a 422")
     seed: Int | None = Field(None, description="-1 or absent: random; image i of the request gets "
                              "seed + i")
     subseed: Int | None = _ignored()
@@ -185,8 +187,9 @@ class A1111Txt2ImgResponse(BaseModel):
 class A1111SdModel(BaseModel):
     title: str = Field(description="the served model name; what `sd_model_checkpoint` takes")
     model_name: str
-    hash: str | None = None
-    sha256: str | None = None
+    hash: str = Field(description="A1111's short hash: the first 10 hex digits of `sha256`")
+    sha256: str = Field(description="sha256 of the model's weights file (docs/clients.md says which "
+                        "file for each kind of model)")
     filename: str = Field(description="the models.yaml source: a Hugging Face repo id, a local "
                           "folder or builtin:...")
     config: str | None = None
@@ -268,7 +271,8 @@ class A1111Options(BaseModel):
 
     sd_model_checkpoint: str = Field(description="the model this key's A1111 requests use unless "
                                      "their override_settings name another")
-    sd_checkpoint_hash: str | None = None
+    sd_checkpoint_hash: str = Field("", description="sha256 of sd_model_checkpoint's weights (\"\" "
+                                    "for a checkpoint a reload removed)")
     sd_vae: str = "Automatic"
     CLIP_stop_at_last_layers: int = 1
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import html
 import time
@@ -11,6 +12,7 @@ from fastapi import APIRouter, Body, Depends, Request
 from fastapi.responses import JSONResponse
 
 from app.api.a1111.errors import ADMIN_ERRORS, AUTH_ERRORS, GENERATION_ERRORS, INPUT_ERRORS, REFRESH_FAILED
+from app.api.a1111.hashes import lora_file_metadata, short
 from app.api.a1111.models import (
     A1111Embeddings,
     A1111ExtraBatchRequest,
@@ -107,7 +109,8 @@ async def _run(planned: Plan, body: A1111Txt2ImgRequest, request: Request, clien
     restore = body.override_settings_restore_afterwards is not False
     if not restore and body.override_settings:
         state.update(client, body.override_settings)  # A1111: the overrides stay (for this key)
-    return JSONResponse(answer(planned, generated, registry, restore))
+    hashes = await state.hashes.for_info(planned.request.model, list(planned.request.loras))
+    return JSONResponse(answer(planned, generated, registry, restore, hashes=hashes))
 
 
 async def _extras(body: A1111ExtraSingleRequest, value: str | None, field: str, request: Request,
@@ -243,6 +246,7 @@ async def skip(client: CallerDep, engine: EngineDep, state: StateDep, tracker: T
 @router.get("/options", response_model=None, responses={200: {"model": A1111Options}, **AUTH_ERRORS},
             summary="The caller's A1111 options: its model for A1111 requests, and its kept keys")
 async def get_options(client: CallerDep, state: StateDep) -> dict[str, Any]:
+    await state.hashes.ensure([state.checkpoint_name(client)])  # sd_checkpoint_hash, off the loop
     return state.options(client)
 
 
@@ -261,9 +265,11 @@ async def set_options(
 # ---- routes: discovery -----------------------------------------------------------------------
 @router.get("/sd-models", response_model=list[A1111SdModel], responses=AUTH_ERRORS,
             summary="The served models (their `title` is what sd_model_checkpoint takes)")
-async def sd_models(client: CallerDep, registry: RegistryDep) -> list[A1111SdModel]:
-    return [A1111SdModel(title=name, model_name=name, filename=spec.source)
-            for name, spec in registry.models.items()]
+async def sd_models(client: CallerDep, registry: RegistryDep, state: StateDep) -> list[A1111SdModel]:
+    digests = await state.hashes.ensure(list(registry.models))
+    return [A1111SdModel(title=name, model_name=name, hash=short(digests[name]), sha256=digests[name],
+                         filename=spec.source)
+            for name, spec in registry.models.items() if name in digests]
 
 
 _ALIASES = {s.name: list(s.aliases) for s in SAMPLERS}
@@ -291,9 +297,12 @@ async def schedulers(client: CallerDep) -> list[A1111Scheduler]:
 async def loras(client: CallerDep, registry: RegistryDep) -> list[A1111Lora]:
     table = registry.loras
     models = registry.models.values()
+    names = registry.lora_names()
+    files = await asyncio.to_thread(lambda: {name: lora_file_metadata(table[name].path) for name in names})
     return [A1111Lora(name=name, alias=name, path=str(table[name].path),
-                      metadata={"models": [m.name for m in models if table[name].misfit(m) is None]})
-            for name in registry.lora_names()]
+                      metadata={**files[name],
+                                "models": [m.name for m in models if table[name].misfit(m) is None]})
+            for name in names]
 
 
 @router.get("/sd-vae", response_model=list[A1111SdVae], responses=AUTH_ERRORS,

@@ -11,6 +11,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from app.api.a1111.hashes import ModelHashes
 from app.api.rules import check_clip_skip, check_name
 from app.engine.jobs import Job
 from app.errors import InvalidParameter, NotServed
@@ -82,8 +83,10 @@ class A1111State:
     checkpoint that a reload removed is never replaced silently: that caller's requests that
     would use it answer 422 naming it and the models served now, until it chooses another."""
 
-    def __init__(self, registry: Registry, *, is_key: Callable[[str], bool] | None = None) -> None:
+    def __init__(self, registry: Registry, *, is_key: Callable[[str], bool] | None = None,
+                 hashes: ModelHashes | None = None) -> None:
         self.registry = registry
+        self.hashes = hashes or ModelHashes(registry)  # the models' sha256 (app.api.a1111.hashes)
         self.is_key = is_key or (lambda client: False)
         self._keys: dict[str, CallerOptions] = {}  # keys of the keys file: bounded by that file
         self._others: OrderedDict[str, CallerOptions] = OrderedDict()  # least recently used first
@@ -121,9 +124,13 @@ class A1111State:
         return name
 
     def options(self, client: str) -> dict[str, Any]:
-        """The caller's view of the options (GET /sdapi/v1/options)."""
+        """The caller's view of the options (GET /sdapi/v1/options). `sd_checkpoint_hash` is the
+        checkpoint's sha256 (computed if needed: `await hashes.ensure(...)` first, off the
+        loop), "" for a checkpoint a reload removed."""
         own = self.of(client)
-        return {**own.kept, "sd_model_checkpoint": self.checkpoint_name(client), "sd_checkpoint_hash": None,
+        name = self.checkpoint_name(client)
+        digest = self.hashes.sha256(name) if name in self.registry.models else ""
+        return {**own.kept, "sd_model_checkpoint": name, "sd_checkpoint_hash": digest,
                 "sd_vae": own.sd_vae, "CLIP_stop_at_last_layers": own.clip_skip}
 
     def update(self, client: str, values: Mapping[str, Any]) -> None:

@@ -8,10 +8,12 @@ import json
 import math
 import re
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 from app import __version__
+from app.api.a1111.hashes import InfoHashes
 from app.api.a1111.models import (
     DEFAULT_SAMPLER,
     DEFAULT_SIZE,
@@ -40,6 +42,7 @@ from app.errors import CraftError, ErrorKind, InvalidParameter
 from app.imaging import parameters_text
 from app.registry import Registry
 from app.samplers import SCHEDULES
+from app.styles import PromptStyle, apply_styles
 
 _LORA_TAG = re.compile(r"<(?:lora|lyco):([^<>]*)>", re.IGNORECASE)
 
@@ -79,7 +82,7 @@ class Plan:
     """A txt2img body as understood: the core's request and what the answer reports."""
 
     request: ImageRequest
-    prompt: str  # as sent, tags included (A1111 reports it so)
+    prompt: str  # as sent with its styles applied, tags included (A1111 reports it so)
     batch_size: int
     n_iter: int
     sd_vae: str
@@ -89,6 +92,9 @@ class Plan:
     # what `parameters` and `info` report beyond txt2img's (img2img's fields, the hires fix's)
     parameters: dict[str, Any] = field(default_factory=dict)
     info: dict[str, Any] = field(default_factory=dict)
+    styles: tuple[str, ...] = ()  # applied, in order
+    sent_prompt: str = ""  # the prompts as sent, before the styles (`parameters` echoes them)
+    sent_negative_prompt: str = ""
 
 
 def _not_applied(body: A1111Txt2ImgRequest) -> dict[str, Any]:
@@ -104,8 +110,6 @@ def _not_applied(body: A1111Txt2ImgRequest) -> dict[str, Any]:
         found["subseed_strength"] = body.subseed_strength
     if (body.seed_resize_from_w or 0) > 0 or (body.seed_resize_from_h or 0) > 0:
         found["seed_resize_from"] = [body.seed_resize_from_w, body.seed_resize_from_h]
-    if body.styles:
-        found["styles"] = [shown(s) for s in body.styles[:20]]
     if body.script_name:
         found["script_name"] = shown(body.script_name)
     if body.alwayson_scripts:
@@ -135,6 +139,9 @@ def plan(body: A1111Txt2ImgRequest, state: A1111State, client: str, registry: Re
 
     prompt = body.prompt or ""
     check_prompt_length("prompt", prompt, settings)  # before the tags are read (and echoed)
+    styles = tuple(body.styles or ())
+    prompt, negative_prompt = apply_styles(prompt, body.negative_prompt or "", styles, registry.styles)
+    check_prompt_length("prompt", prompt, settings)  # with its styles (a style may add tags)
     text, loras = split_loras(prompt, apply=not body.disable_extra_networks)
 
     sampler = body.sampler_name or body.sampler_index or DEFAULT_SAMPLER
@@ -162,14 +169,15 @@ def plan(body: A1111Txt2ImgRequest, state: A1111State, client: str, registry: Re
     check_range("seed", seed, -1, MAX_SEED, note=" (-1: random)")
 
     request = ImageRequest(
-        model=model, prompt=text, negative_prompt=body.negative_prompt or "", sampler=sampler,
+        model=model, prompt=text, negative_prompt=negative_prompt, sampler=sampler,
         scheduler=scheduler, steps=steps, width=width, height=height, cfg_scale=cfg_scale,
         loras=loras, seed=seed, clip_skip=clip_skip,
     )
     parameters: dict[str, Any] = {}
     info: dict[str, Any] = {}
     if body.enable_hr and not isinstance(body, A1111Img2ImgRequest):
-        hires = _hires(body, apply_loras=not body.disable_extra_networks)
+        hires = _hires(body, apply_loras=not body.disable_extra_networks,
+                       styles=(styles, registry.styles))
         request = replace(request, hires=hires)
         strength = hires.strength
         parameters = {
@@ -182,7 +190,9 @@ def plan(body: A1111Txt2ImgRequest, state: A1111State, client: str, registry: Re
         info = {"denoising_strength": strength}
     return Plan(request=request, prompt=prompt, batch_size=batch_size, n_iter=n_iter, sd_vae=sd_vae,
                 clip_skip=clip_skip, not_applied=_not_applied(body),
-                send_images=body.send_images is not False, parameters=parameters, info=info)
+                send_images=body.send_images is not False, parameters=parameters, info=info,
+                styles=styles, sent_prompt=body.prompt or "",
+                sent_negative_prompt=body.negative_prompt or "")
 
 
 def _strength(body: A1111Txt2ImgRequest) -> float:
@@ -191,8 +201,11 @@ def _strength(body: A1111Txt2ImgRequest) -> float:
     return strength
 
 
-def _hires(body: A1111Txt2ImgRequest, *, apply_loras: bool) -> HiresRequest:
-    """A1111's hires fix fields (the core checks sizes, steps, names and prompts)."""
+def _hires(body: A1111Txt2ImgRequest, *, apply_loras: bool,
+           styles: tuple[Sequence[str], Mapping[str, PromptStyle]] = ((), {})) -> HiresRequest:
+    """A1111's hires fix fields (the core checks sizes, steps, names and prompts). The request's
+    `styles` apply to the hires prompts it gives, as A1111 applies them (empty ones mean the first
+    pass's, styled already)."""
     scale = 2.0 if body.hr_scale is None else float(body.hr_scale)
     check_range("hr_scale", scale, 1.0, 8.0)
     steps = body.hr_second_pass_steps or 0
@@ -204,8 +217,10 @@ def _hires(body: A1111Txt2ImgRequest, *, apply_loras: bool) -> HiresRequest:
     if cfg is not None:
         check_range("hr_cfg", cfg, MIN_CFG, MAX_CFG)
     # hr prompts may carry LoRA tags too: the first pass's LoRAs stay active, the tags are text
-    hr_prompt = split_loras(body.hr_prompt or "", apply=apply_loras)[0]
-    hr_negative = body.hr_negative_prompt or ""
+    hr_prompt, hr_negative = body.hr_prompt or "", body.hr_negative_prompt or ""
+    styled_prompt, styled_negative = apply_styles(hr_prompt, hr_negative, *styles)
+    hr_prompt = split_loras(styled_prompt if hr_prompt else "", apply=apply_loras)[0]
+    hr_negative = styled_negative if hr_negative else ""
     return HiresRequest(
         scale=scale, resize_x=body.hr_resize_x or 0, resize_y=body.hr_resize_y or 0,
         upscaler=upscaler, steps=steps, strength=_strength(body), sampler=hr_sampler,
@@ -285,8 +300,9 @@ def _schedule_ran(image: Generated) -> tuple[str, str]:
 
 
 def answer(plan: Plan, generated: list[Generated], registry: Registry,
-           restore_afterwards: bool) -> dict[str, Any]:
-    """A1111's txt2img answer: `images` (base64 PNGs), `parameters` and `info` (a JSON string)."""
+           restore_afterwards: bool, *, hashes: InfoHashes) -> dict[str, Any]:
+    """A1111's txt2img answer: `images` (base64 PNGs), `parameters` and `info` (a JSON string).
+    `hashes`: the model's, its VAE's and the LoRAs' (ModelHashes.for_info, off the loop)."""
     first = generated[0]
     params = first.params
     count = len(generated)
@@ -303,15 +319,15 @@ def answer(plan: Plan, generated: list[Generated], registry: Registry,
         "sampler_name": params.sampler.sampler, "scheduler": schedule_label,
         "cfg_scale": params.cfg_scale, "steps": params.steps, "batch_size": plan.batch_size,
         "restore_faces": False, "face_restoration_model": None,
-        "sd_model_name": params.model, "sd_model_hash": None,
-        "sd_vae_name": vae, "sd_vae_hash": None,
+        "sd_model_name": params.model, "sd_model_hash": hashes.model,
+        "sd_vae_name": vae, "sd_vae_hash": hashes.vae,
         "seed_resize_from_w": -1, "seed_resize_from_h": -1, "denoising_strength": None,
         **plan.info,
-        "extra_generation_params": {"Schedule type": schedule_label},
+        "extra_generation_params": {"Schedule type": schedule_label, **hashes.extra_params()},
         "index_of_first_image": 0,
         "infotexts": [parameters_text(g.params, g.result.seed, g.result.sampler_label)
                       for g in generated],
-        "styles": [], "job_timestamp": time.strftime("%Y%m%d%H%M%S"),
+        "styles": list(plan.styles), "job_timestamp": time.strftime("%Y%m%d%H%M%S"),
         "clip_skip": plan.clip_skip, "is_using_inpainting_conditioning": False,
         "version": f"craftserve {__version__}",
         "craftserve_not_applied": plan.not_applied,
@@ -319,9 +335,10 @@ def answer(plan: Plan, generated: list[Generated], registry: Registry,
     }
     parameters = {
         **_A1111_DEFAULTS,
-        "prompt": plan.prompt, "negative_prompt": negative, "seed": seeds[0],
+        "prompt": plan.sent_prompt, "negative_prompt": plan.sent_negative_prompt, "seed": seeds[0],
         "sampler_name": params.sampler.sampler, "sampler_index": params.sampler.sampler,
         "scheduler": schedule_name, "batch_size": plan.batch_size, "n_iter": plan.n_iter,
+        "styles": list(plan.styles),
         "steps": params.steps, "cfg_scale": params.cfg_scale, "width": params.width,
         "height": params.height,
         "override_settings": {"sd_model_checkpoint": params.model, "sd_vae": plan.sd_vae,
