@@ -111,7 +111,7 @@ def _bytes_rule(settings: Settings) -> str:
             "(setting CRAFTSERVE_MAX_IMAGE_BYTES)")
 
 
-def _shown(value: str | bytes) -> str:
+def _quoted(value: str | bytes) -> str:
     """The value as an error message quotes it: never the image data itself."""
     if isinstance(value, bytes):
         return f"<{len(value)} bytes>"
@@ -126,7 +126,7 @@ def decode_base64(field: str, text: str, settings: Settings) -> bytes:
     """The bytes of base64 text (a data: URL's too), leniently: whitespace, the URL-safe
     alphabet and missing padding are accepted. Text too long for the byte cap is refused
     before it is decoded."""
-    shown = _shown(text)
+    shown = _quoted(text)
     stripped = text.strip()
     if not stripped:
         raise InvalidParameter(field, shown, "it is empty: send the image as base64 text (a "
@@ -315,7 +315,7 @@ def decode_image(field: str, data: bytes, settings: Settings, *, shown: str | No
     """An image's bytes as a checked "RGB" image (the module's docstring says what is
     converted and what refused). Synchronous: call it through `off_loop`. `shown`:
     how error messages quote the value (default: its count of bytes)."""
-    shown = shown or _shown(data)
+    shown = shown or _quoted(data)
     return _to_rgb(field, shown, _open(field, data, settings, shown))
 
 
@@ -325,7 +325,7 @@ def decode_mask(field: str, data: bytes, settings: Settings, *, convention: Mask
     dialect's convention (the module's docstring). Synchronous, like `decode_image`."""
     if convention not in ("a1111", "openai"):
         raise ValueError(f"unknown mask convention {convention!r}")
-    shown = shown or _shown(data)
+    shown = shown or _quoted(data)
     image = _eight_bit(_open(field, data, settings, shown))
     if convention == "openai":
         if not _has_alpha(image):
@@ -531,7 +531,7 @@ async def _image_bytes(field: str, value: str | bytes, settings: Settings) -> by
 
 def _decoded(field: str, value: str | bytes, source: bytes | str, settings: Settings) -> tuple[bytes, str]:
     """The bytes to decode and how messages quote what the client sent."""
-    shown = value.strip() if is_url(value) else _shown(value)  # a URL is quoted (short) as sent
+    shown = value.strip() if is_url(value) else _quoted(value)  # a URL is quoted (short) as sent
     if isinstance(source, bytes):
         return source, shown
     return decode_base64(field, source, settings), shown

@@ -98,7 +98,8 @@ def strength_ratio(args: argparse.Namespace, loop) -> float:  # noqa: ANN001
         txt.append(timed(worker, model, jobs(1, args.size, args.steps, None, loop)))
     ratio = statistics.median(img) / statistics.median(txt)
     print(f"img2img at strength {args.strength} / txt2img, {args.steps} steps at {args.size}^2: "
-          f"{ratio:.2f} (medians {statistics.median(img) * 1000:.0f} / {statistics.median(txt) * 1000:.0f} ms;"
+          f"{ratio:.2f} (medians {statistics.median(img) * 1000:.0f} / "
+          f"{statistics.median(txt) * 1000:.0f} ms;"
           f" {int(args.steps * args.strength)} of {args.steps} steps run)")
     return ratio
 

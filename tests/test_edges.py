@@ -34,7 +34,7 @@ def test_header_schemes() -> None:
 
 PUBLIC = re.compile(r"^/(health|ready|metrics|internal/ping|docs.*|openapi\.json|redoc|$|static.*|images/.*|"
                     r"v1/images/files/.*|sd/.*|image/(models|loras|samplers).*|models.*|samplers.*|"
-                    r"schedulers-xl|loras.*)")
+                    r"schedulers-xl|loras.*|img2img/(schedulers|refiners))")
 
 
 def test_every_route_that_needs_a_key_reads_it_one_way(server) -> None:

@@ -86,7 +86,7 @@ LATENT_MODES: dict[str, tuple[str, bool]] = {
 
 LATENT_FACTOR = 8  # pixels per latent cell of the SD 1.x / SDXL VAE
 MAX_PASSES = 3  # A1111's Upscaler.upscale runs a model at most three times
-MAX_SIDE = 16384  # no upscale target past this many pixels a side (a guard, not a setting)
+MAX_TARGET_SIDE = 16384  # no upscale target past this many pixels a side (a guard, not a setting)
 # no model pass whose output would pass this many pixels: the rest is Lanczos (a 4x model on a
 # 4096² image for a 4100² target would otherwise make 16384² on the device first)
 MAX_PASS_PIXELS = 8192 * 8192
@@ -106,9 +106,9 @@ def upscale_latents(latents: torch.Tensor, height: int, width: int, mode: str) -
     if latents.ndim != 4:
         raise ValueError(f"latents must be (batch, channels, height, width), not {tuple(latents.shape)}")
     for field, value in (("height", height), ("width", width)):
-        if not LATENT_FACTOR <= value <= MAX_SIDE:
+        if not LATENT_FACTOR <= value <= MAX_TARGET_SIDE:
             raise InvalidParameter(field, value, f"a latent upscale target is {LATENT_FACTOR} to "
-                                   f"{MAX_SIDE} pixels")
+                                   f"{MAX_TARGET_SIDE} pixels")
     interpolation, antialias = LATENT_MODES[mode]
     size = (height // LATENT_FACTOR, width // LATENT_FACTOR)
     return F.interpolate(latents, size=size, mode=interpolation, antialias=antialias)
@@ -341,8 +341,8 @@ def _to_image(tensor: torch.Tensor) -> Image.Image:
 
 def _check_target(width: int, height: int) -> None:
     for field, value in (("width", width), ("height", height)):
-        if not isinstance(value, int) or not 1 <= value <= MAX_SIDE:
-            raise InvalidParameter(field, value, f"an upscale target is 1 to {MAX_SIDE} pixels a side")
+        if not isinstance(value, int) or not 1 <= value <= MAX_TARGET_SIDE:
+            raise InvalidParameter(field, value, f"an upscale target is 1 to {MAX_TARGET_SIDE} pixels a side")
 
 
 class Upscalers:
