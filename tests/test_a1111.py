@@ -139,13 +139,12 @@ def test_random_seed_batches_are_consecutive_and_send_images_false(c: httpx.Clie
 def test_nulls_unknown_fields_and_unapplied_features_are_accepted(c: httpx.Client) -> None:
     blob = base64.b64encode(b"\x89PNG" + bytes(3000)).decode()
     data = txt2img(c, seed=7, styles=None, subseed=None, eta=None, init_images=[blob], mask=blob,
-                   enable_hr=True, hr_upscaler="Latent", restore_faces=True, firstpass_image=blob,
+                   restore_faces=True, firstpass_image=blob,
                    alwayson_scripts={"ControlNet": {"args": [{"image": blob}]}}, foo={"bar": 1},
                    override_settings={"samples_format": "jpg", "sd_vae": "None"})
     info = json.loads(data["info"])
-    assert info["craftserve_not_applied"] == {"enable_hr": True, "restore_faces": True,
-                                              "alwayson_scripts": ["ControlNet"]}
-    assert data["parameters"]["enable_hr"] is False  # what ran
+    assert info["craftserve_not_applied"] == {"restore_faces": True, "alwayson_scripts": ["ControlNet"]}
+    assert data["parameters"]["restore_faces"] is False  # what ran
     assert blob not in json.dumps(data)  # blobs are never echoed
     plain = txt2img(c, seed=7)
     assert decoded(data["images"][0]).tobytes() == decoded(plain["images"][0]).tobytes()
@@ -197,8 +196,9 @@ def test_webuiapi_discovery(api: webuiapi.WebUIApi) -> None:
     assert [lora["name"] for lora in loras] == ["style-peft"]
     assert set(loras[0]) == {"name", "alias", "path", "metadata"}
     assert api.get_scripts() == {"txt2img": [], "img2img": []}
-    assert api.get_sd_vae() == [] and api.get_upscalers() == []
-    assert api.get_latent_upscale_modes() == []
+    assert api.get_sd_vae() == []
+    assert [u["name"] for u in api.get_upscalers()] == ["None", "Lanczos", "Nearest"]
+    assert [m["name"] for m in api.get_latent_upscale_modes()][:2] == ["Latent", "Latent (antialiased)"]
     assert api.get_embeddings() == {"loaded": {}, "skipped": {}}
     assert api.refresh_checkpoints() is None
 

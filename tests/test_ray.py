@@ -184,6 +184,41 @@ def test_a1111_and_openai_clients_work_through_the_proxy(cluster: Cluster) -> No
     assert "The model 'nope' does not exist" in str(err.value)
 
 
+def test_pictures_in_through_the_proxy(cluster: Cluster) -> None:
+    """img2img with a mask, the hires fix and an upscaling job (no model: it takes no place in a
+    replica's model LRU) run on the replicas and give what one box gives."""
+    import base64
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    picture = Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8))
+    mask = Image.new("L", (64, 64), 0)
+    mask.paste(255, (24, 24, 40, 40))
+
+    def b64(image: Image.Image) -> str:
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG")
+        return base64.b64encode(buffer.getvalue()).decode()
+
+    with cluster.client(headers=AUTH) as c:
+        inpaint = c.post("/sdapi/v1/img2img", json={
+            "prompt": "a door", "steps": 6, "width": 64, "height": 64, "seed": 3, "denoising_strength": 0.8,
+            "init_images": [b64(picture)], "mask": b64(mask), "inpaint_full_res": False})
+        assert inpaint.status_code == 200, inpaint.text
+        got = np.asarray(Image.open(io.BytesIO(base64.b64decode(inpaint.json()["images"][0]))).convert("RGB"))
+        assert np.array_equal(got[:10], np.asarray(picture)[:10])  # far from the mask: the original
+        hires = c.post("/sdapi/v1/txt2img", json={"prompt": "x", "steps": 4, "width": 64, "height": 64,
+                                                  "enable_hr": True, "hr_scale": 1.5})
+        assert hires.status_code == 200, hires.text
+        extras = c.post("/sdapi/v1/extra-single-image", json={"image": b64(picture), "upscaler_1": "Lanczos"})
+        assert extras.status_code == 200, extras.text
+        upscaled = Image.open(io.BytesIO(base64.b64decode(extras.json()["image"])))
+        assert np.array_equal(np.asarray(upscaled), np.asarray(picture.resize((128, 128), Image.LANCZOS)))
+
+
 def test_job_api_streams_progress_from_the_replica(cluster: Cluster) -> None:
     with cluster.client(headers=AUTH) as c:
         created = c.post("/jobs", json={**body(steps=30, width=128, height=128), "previews": True})

@@ -59,6 +59,12 @@ def client_host(request: Request) -> str | None:
     return request.client.host if request.client else None
 
 
+def has_bearer(header: str) -> bool:
+    """Whether an Authorization header is `Bearer <token>` with a token (right or wrong)."""
+    scheme, value = header_scheme(header)
+    return scheme == "bearer" and bearer_key(value) is not None
+
+
 def bearer_key(value: str) -> str | None:
     """The key of a Bearer credential's value (what follows `Bearer `)."""
     return value.strip() or None
@@ -78,14 +84,20 @@ def basic_key(value: str) -> str | Unreadable | None:
     return (password or user if colon else decoded) or None
 
 
+def header_scheme(header: str) -> tuple[str, str]:
+    """(scheme in lower case, the rest) of an Authorization header."""
+    scheme, _, value = header.strip().partition(" ")
+    return scheme.lower(), value
+
+
 def header_key(header: str | None) -> str | Unreadable | None:
     """The key an Authorization header carries (Bearer or Basic); None without one."""
     if not header or not header.strip():
         return None
-    scheme, _, value = header.strip().partition(" ")
-    if scheme.lower() == "bearer":
+    scheme, value = header_scheme(header)
+    if scheme == "bearer":
         return bearer_key(value)
-    if scheme.lower() == "basic":
+    if scheme == "basic":
         return basic_key(value)
     return Unreadable("it is neither `Bearer <key>` nor HTTP Basic")
 

@@ -38,6 +38,7 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Iterable
 
+from app.api.credentials import has_bearer
 from app.api.edge import ASGIApp, Receive, Scope, Send, answer_at_edge
 from app.errors import ErrorKind, RequestRefused
 
@@ -100,17 +101,12 @@ def is_json(kind: str) -> bool:
     return kind == "application/json" or (kind.startswith("application/") and kind.endswith("+json"))
 
 
-def has_bearer(header: bytes) -> bool:
-    """Whether an Authorization header is `Bearer <token>` with a token: what no browser adds
-    on its own (whether the key is right is the route's business)."""
-    scheme, _, token = header.decode("latin-1").strip().partition(" ")
-    return scheme.lower() == "bearer" and bool(token.strip())
 
 
 def multipart_allowed(method: str, path: str, kind: str, headers: dict[bytes, bytes]) -> bool:
     """A multipart upload to one of OpenAI's image routes from a program (the docstring)."""
     return (method == "POST" and path in MULTIPART_ROUTES and kind == "multipart/form-data"
-            and has_bearer(headers.get(b"authorization", b"")))
+            and has_bearer(headers.get(b"authorization", b"").decode("latin-1")))
 
 
 class RequestGuards:

@@ -137,7 +137,9 @@ class GenerationReplica:
     async def run(self, call: JobCall) -> AsyncIterator[tuple[str, Any]]:
         from ray import serve
 
-        await self._hold(serve.get_multiplexed_model_id() or call.params.model)
+        model = serve.get_multiplexed_model_id() or call.params.model
+        if model:  # an upscaling job has none: it takes no place in the replica's model LRU
+            await self._hold(model)
         async with contextlib.aclosing(job_events(self.engine, call, self.name)) as events:
             async for event in events:
                 yield event

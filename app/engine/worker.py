@@ -643,25 +643,24 @@ def _prompt_groups(model: LoadedModel, jobs: list[Job], *, hires: bool = False,
         if not zero_negative:
             count = max(count, encoder.chunk_count(negative, p.embeddings))
         groups.setdefault(count, []).append(job)
-    return [(group, _embeds(encoder, [_texts(j.params, hires) + (j.params,) for j in group], count,
-                            zero_negative))
+    return [(group, _embeds(encoder, [j.params for j in group], count, zero_negative, hires))
             for count, group in groups.items()]
 
 
-def _embeds(encoder: PromptEncoder, jobs: Sequence[tuple[str, str, GenParams]], count: int,
-            zero_negative: bool) -> dict[str, Any]:
+def _embeds(encoder: PromptEncoder, jobs: Sequence[GenParams], count: int,
+            zero_negative: bool, hires: bool = False) -> dict[str, Any]:
     """The pipeline's prompt_embeds (and negative, pooled) arguments for jobs of `count` chunks
-    ((prompt, negative, params) each); `zero_negative` leaves the negative to the pipeline (an
-    empty SDXL one: zeros)."""
+    (`hires`: their hires pass's prompts); `zero_negative` leaves the negative to the pipeline
+    (an empty SDXL one: zeros)."""
     def encode(text: str, params: GenParams):  # noqa: ANN202
         return encoder.encode(text, params.clip_skip, params.embeddings, min_chunks=count)
 
-    cond = [encode(prompt, p) for prompt, _, p in jobs]
+    cond = [encode(_texts(p, hires)[0], p) for p in jobs]
     kwargs: dict[str, Any] = {"prompt_embeds": torch.cat([c.hidden for c in cond])}
     if encoder.family == "sdxl":
         kwargs["pooled_prompt_embeds"] = torch.cat([c.pooled for c in cond])
     if not zero_negative:
-        uncond = [encode(negative, p) for _, negative, p in jobs]
+        uncond = [encode(_texts(p, hires)[1], p) for p in jobs]
         kwargs["negative_prompt_embeds"] = torch.cat([u.hidden for u in uncond])
         if encoder.family == "sdxl":
             kwargs["negative_pooled_prompt_embeds"] = torch.cat([u.pooled for u in uncond])
