@@ -374,3 +374,52 @@ def test_a_model_upscaler_serves_the_extras_and_the_hires_fix(upscaler_server) -
         hires = client.post("/sdapi/v1/txt2img", json={**TXT, "hr_upscaler": "2x-Tiny"}, headers=AUTH)
         assert hires.status_code == 200, hires.text
         assert decoded(hires.json()["images"][0]).size == (128, 128)
+
+
+# ---- batching across clients and dialects -------------------------------------------------------
+OTHER_KEY = "other-key-0000001"
+
+
+@pytest.fixture(scope="module")
+def two_key_server(make_server):  # noqa: ANN001, ANN201
+    return make_server(api_keys=[API_KEY, OTHER_KEY], batch_window_ms=200)
+
+
+def test_two_clients_inpainting_jobs_share_one_call_and_keep_their_bytes(two_key_server) -> None:  # noqa: ANN001
+    """A VisionCraft /img2img job of one key and an A1111 img2img job of another, each with its
+    own picture and mask, run as one batch; each answer is what that job gives alone."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tests.test_engine import HeldWorker, wait_for
+
+    first, second = noise(64, 64, seed=21), noise(64, 64, seed=22)
+    mask_a, mask_b = _mask((64, 64), (8, 8, 30, 30)), _mask((64, 64), (30, 20, 60, 50))
+    vc = {"token": API_KEY, "image": b64(first), "mask": b64(mask_a), "prompt": "a door", "steps": 8,
+          "strength": 0.7, "scheduler": "Euler", "refiner": "tiny-sdxl", "seed": 5}
+    a1111 = {"prompt": "a window", "init_images": [b64(second)], "mask": b64(mask_b), "steps": 8,
+             "denoising_strength": 0.7, "sampler_name": "Euler", "width": 64, "height": 64, "seed": 9,
+             "inpaint_full_res": False, "inpainting_fill": 1, "mask_blur": 4}
+    other = {"Authorization": f"Bearer {OTHER_KEY}"}
+    server = two_key_server
+    with server.client() as c:
+        alone_vc = c.post("/img2img", json=vc)
+        alone_a1111 = c.post("/sdapi/v1/img2img", json=a1111, headers=other)
+        assert alone_vc.status_code == 200, alone_vc.text
+        assert alone_a1111.status_code == 200, alone_a1111.text
+        held = HeldWorker(server.app.state.engine.workers[0])
+        try:
+            with ThreadPoolExecutor(3) as pool:
+                blocker = pool.submit(c.post, "/img2img", json={**vc, "seed": 1})
+                wait_for(lambda: held.worker.running)
+                together_vc = pool.submit(c.post, "/img2img", json=vc)
+                together_a1111 = pool.submit(c.post, "/sdapi/v1/img2img", json=a1111, headers=other)
+                wait_for(lambda: len(server.app.state.engine.queue) == 2)
+                held.release()
+                assert blocker.result().status_code == 200
+                batched_vc, batched_a1111 = together_vc.result(), together_a1111.result()
+        finally:
+            held.restore()
+    assert len(held.ran[-1]) == 2 and len(set(held.ran[-1])) == 2  # one call, two clients
+    assert batched_vc.headers["X-Batch-Size"] == "2"
+    assert batched_vc.content == alone_vc.content
+    assert batched_a1111.json()["images"] == alone_a1111.json()["images"]
