@@ -470,13 +470,20 @@ class _CompiledForward:
         try:
             return self.compiled(*args, **kwargs)
         except _compile_errors() as exc:
-            text = str(exc).strip()
-            reason = type(exc).__name__ + (f": {text.splitlines()[0][:300]}" if text else "")
+            reason = _compile_error_reason(exc)
             result = self.eager(*args, **kwargs)  # raises what eager raises: not a compile failure
             self.failed = reason
             logger.warning("compiling the %s failed (%s); it runs uncompiled from now on, as with "
                            "compile: false", self.name, reason)
             return result
+
+
+def _compile_error_reason(exc: BaseException) -> str:
+    """One line: the backend's own error (dynamo wraps it) rather than dynamo's wrapper."""
+    inner = getattr(exc, "inner_exception", None)
+    error = inner if isinstance(inner, BaseException) else exc
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return type(error).__name__ + (f": {lines[0][:300]}" if lines else "")
 
 
 def _compile_errors() -> tuple[type[BaseException], ...]:
