@@ -571,6 +571,9 @@ def load_compile_cache(path: Path | str) -> bool:
     except Exception as exc:  # noqa: BLE001 - a stale or corrupt cache only costs compile time
         logger.warning("compile cache %s not loaded: %s: %s", path, type(exc).__name__, exc)
         return False
+    if info is None:  # torch logs why (a corrupt file: its checksum)
+        logger.warning("compile cache %s not loaded: torch could not read it", path)
+        return False
     logger.info("compile cache %s loaded (%s)", path, _cache_summary(info))
     return True
 
