@@ -129,6 +129,12 @@ class Settings(BaseSettings):
     # ~/.cache/craftserve; "none": nothing is kept (large files are hashed at every start).
     cache_dir: Path | None = None
     compile: bool = False  # torch.compile the UNet and VAE on CUDA (warm-up before /ready)
+    # Batch sizes the load's warm-up runs (with compile: compiles) before /ready, e.g. "1,2,4";
+    # unset: every size 1..max_batch. A batch of another size compiles on its first run.
+    warm_batches: Annotated[list[int], NoDecode] = Field(default_factory=list)
+    # A file of inductor's compiled artifacts (docs/gpu-path.md): loaded before a compiled
+    # model's warm-up, written after it. Unset: only inductor's own cache (TORCHINDUCTOR_CACHE_DIR).
+    compile_cache: Path | None = None
 
     # AUTOMATIC1111 dialect (/sdapi/v1): its own limits, wider than VisionCraft's ranges.
     a1111_max_size: int = Field(2048, ge=64, description="pixels, width and height")
@@ -264,6 +270,13 @@ class Settings(BaseSettings):
             parse_rate_limit(value)  # ValueError: the format, with examples
         return value
 
+    @field_validator("warm_batches", mode="before")
+    @classmethod
+    def _split_batches(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [k.strip() for k in value.split(",") if k.strip()]
+        return value
+
     @field_validator("openai_model_aliases", mode="before")
     @classmethod
     def _parse_aliases(cls, value: object) -> object:
@@ -311,6 +324,20 @@ class Settings(BaseSettings):
             return None if str(self.cache_dir).lower() == "none" else self.cache_dir.expanduser()
         xdg = os.environ.get("XDG_CACHE_HOME")
         return (Path(xdg) if xdg else Path.home() / ".cache") / "craftserve"
+
+    @model_validator(mode="after")
+    def _check_warm_batches(self) -> Settings:
+        for size in self.warm_batches:
+            if not 1 <= size <= self.max_batch:
+                raise ValueError(
+                    f"CRAFTSERVE_WARM_BATCHES: batch size {size} is outside 1..CRAFTSERVE_MAX_BATCH "
+                    f"({self.max_batch}): list batch sizes the queue can form, e.g. 1,2,"
+                    f"{self.max_batch}, or leave it unset for all of them")
+        return self
+
+    def warm_batch_sizes(self) -> tuple[int, ...]:
+        """The batch sizes a model's warm-up runs: WARM_BATCHES, else 1..MAX_BATCH."""
+        return tuple(sorted(set(self.warm_batches))) or tuple(range(1, self.max_batch + 1))
 
     def all_api_keys(self) -> list[str]:
         """Keys from the setting and the keys file (blank lines and # comments skipped)."""

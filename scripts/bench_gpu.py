@@ -9,7 +9,8 @@ text-to-image generation (default 1024x1024, 30 steps, CFG 7):
       eager, the base model's VAE config (force_upcast: fp32 decode), batch 1;
   (b) craftserve's engine as it is: a real Engine built from a models file (source
       builtin:random-sdxl) and the engine's settings (CRAFTSERVE_* variables apply, e.g.
-      CRAFTSERVE_MAX_BATCH is set from --batches); the model is loaded by the engine's
+      CRAFTSERVE_MAX_BATCH and CRAFTSERVE_WARM_BATCHES are set from --batches, so the
+      warm-up compiles exactly the batch sizes measured); the model is loaded by the engine's
       worker (`worker.model`: load, GPU fast path, warm-up), and each batch is the worker's
       own pipeline call (`worker.generate`), at batch 1, 2 and 4;
   (c) one request at a time end to end through the real HTTP server (create_app under
@@ -21,11 +22,15 @@ autotuning, an fp16-safe VAE, compilation when asked) or did not build the full-
 
 It prints ms per image, images/s, peak GPU memory, the ratios (a)/(b) and HTTP/(b) with the
 targets, the host-device synchronisations of one engine call, and the elapsed total.
-Warm-up runs (compilation included) are never timed.
+Warm-up runs (compilation included) are never timed. With --out, the JSON is rewritten as
+each case finishes ("status": "running" until the end), so a run stopped by a time limit
+keeps every figure it measured.
 
   python scripts/bench_gpu.py                 # on a CUDA GPU, torch.compile on
   python scripts/bench_gpu.py --no-compile    # the engine's default settings
   python scripts/bench_gpu.py --tiny          # CPU smoke run on the tiny model, ~a minute
+  python scripts/bench_gpu.py --batches 1 --compile-cache c.bin   # compile batch 1 only,
+                                              # reusing (and saving) inductor's artifacts
 
 Results on the CPU or with --tiny prove the script runs; they say nothing of GPU speed.
 """
@@ -39,6 +44,7 @@ import datetime as dt
 import gc
 import json
 import platform
+import signal
 import statistics
 import sys
 import tempfile
@@ -94,6 +100,31 @@ class Report:
     warmup_s: dict = field(default_factory=dict)
     optimizations: list[str] = field(default_factory=list)
     server_optimizations: list[str] | None = None
+    out: Path | None = None  # the JSON file, rewritten as each case finishes
+
+    def add(self, result: Result) -> None:
+        self.results.append(result)
+        self.save("running")
+
+    def save(self, status: str) -> None:
+        """Write what is known so far to `out` (whole or not at all): a run stopped by a time
+        limit keeps every case it finished."""
+        if self.out is None:
+            return
+        data = {
+            **self.config, "status": status, "elapsed_s": round(elapsed(), 1),
+            "notes": self.notes, "sync": self.sync, "warmup_s": self.warmup_s,
+            "optimizations": self.optimizations,
+            "server_optimizations": self.server_optimizations,
+            "results": [
+                {**asdict(r), "ms_per_image": r.ms_per_image, "images_per_s": r.images_per_s}
+                for r in self.results
+            ],
+        }
+        self.out.parent.mkdir(parents=True, exist_ok=True)
+        partial = self.out.with_name(self.out.name + ".partial")
+        partial.write_text(json.dumps(data, indent=2), encoding="utf-8")
+        partial.replace(self.out)
 
     def find(self, case: str, batch: int = 1) -> Result | None:
         return next((r for r in self.results if r.case == case and r.batch == batch), None)
@@ -133,7 +164,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int,
                         help="torch CPU threads (default: 1 with --tiny, where more threads only "
                              "spin-wait on a busy machine; else torch's default)")
-    parser.add_argument("--out", type=Path, help="also write the results as JSON here")
+    parser.add_argument("--compile-cache", type=Path,
+                        help="inductor's artifacts file: loaded before the engine compiles, "
+                             "written after its warm-up (CRAFTSERVE_COMPILE_CACHE)")
+    parser.add_argument("--out", type=Path,
+                        help="also write the results as JSON here, rewritten after each case")
     args = parser.parse_args(argv)
     args.width, args.height = _size(args.size or ("64" if args.tiny else "1024"))
     args.steps = args.steps or (4 if args.tiny else 30)
@@ -241,7 +276,7 @@ def bench_baseline(args: argparse.Namespace, device, report: Report) -> None:  #
     reset_peak(device)
     seconds = timed(call, device, args.reps, args.max_case_s)
     upcast = bool(getattr(pipe.vae.config, "force_upcast", False)) and dtype == "float16"
-    report.results.append(Result(
+    report.add(Result(
         "(a) diffusers defaults, eager", 1, seconds, peak_gib(device),
         note=f"{dtype}, {type(pipe.scheduler).__name__}, VAE fp32 upcast: {upcast}",
     ))
@@ -270,7 +305,7 @@ def engine_settings(args: argparse.Namespace, device, models: Path, **overrides)
 
     return Settings(
         models=models, api_keys=[API_KEY], devices=str(device), compile=bool(args.compile),
-        allow_downloads=False, log_level="warning", **overrides,
+        compile_cache=args.compile_cache, allow_downloads=False, log_level="warning", **overrides,
     )
 
 
@@ -289,8 +324,11 @@ def engine_shortfalls(args: argparse.Namespace, device, pipe) -> list[str]:  # n
             missing.append(f"{name} was not applied (applied: {sorted(applied) or 'nothing'})")
     if args.compile:
         compiled = set(optimize.compiled_modules(pipe))
+        failed = optimize.compile_failures(pipe)
         for part in ("unet", "vae.decoder"):
-            if part not in compiled:
+            if part in failed:
+                missing.append(f"compile is on but compiling the {part} failed ({failed[part]})")
+            elif part not in compiled:
                 missing.append(f"compile is on but the {part} is not compiled")
     if pipe.unet.dtype == torch.float32:
         missing.append("the model runs in float32 on CUDA")
@@ -312,9 +350,10 @@ def require_engine_did_its_job(args: argparse.Namespace, device, pipe, where: st
 
 
 def _is_full_size(pipe) -> bool:  # noqa: ANN001
-    from app.engine.random_sdxl import EXPECTED_PARAMETERS, count_parameters
+    """SDXL base's UNet, counted as published: fused QKV adds layers, not architecture."""
+    from app.engine.random_sdxl import EXPECTED_PARAMETERS, architecture_parameters
 
-    return count_parameters(pipe.unet) == EXPECTED_PARAMETERS["unet"]
+    return architecture_parameters(pipe.unet) == EXPECTED_PARAMETERS["unet"]
 
 
 def make_jobs(args: argparse.Namespace, batch: int, steps: int, loop) -> list:  # noqa: ANN001
@@ -345,18 +384,22 @@ def bench_engine(args: argparse.Namespace, device, report: Report) -> None:  # n
 
     source = TINY_SOURCE if args.tiny else RANDOM_SOURCE
     models = write_models(Path(tempfile.mkdtemp(prefix="craftserve-bench-")), source, args.sampler)
-    # MAX_BATCH as the largest measured batch: the engine warms up 1..MAX_BATCH at load
-    settings = engine_settings(args, device, models, max_batch=max(args.batch_sizes))
+    # MAX_BATCH as the largest measured batch, and the warm-up (compilation) of exactly the
+    # measured batch sizes: a size measured but not warmed would compile in the first call
+    settings = engine_settings(args, device, models, max_batch=max(args.batch_sizes),
+                               warm_batches=args.batch_sizes)
     engine = Engine(settings, load_registry(models), Metrics())
     worker = engine.workers[0]
     if device.type == "cuda":
         torch.cuda.set_device(device)  # as the worker's own thread does
-    log(f"(b) loading {source} through the engine's worker (warm-up of batches "
-        f"1..{settings.max_batch} included)")
+    warmed = ",".join(map(str, settings.warm_batch_sizes()))
+    log(f"(b) loading {source} through the engine's worker (warm-up of batches {warmed} "
+        "included)")
     started = time.perf_counter()
     model = worker.model(MODEL_NAME)
-    report.warmup_s[f"(b) model load by the engine, warm-up of batches 1..{settings.max_batch} "
+    report.warmup_s[f"(b) model load by the engine, warm-up of batches {warmed} "
                     "at the default size included"] = round(time.perf_counter() - started, 1)
+    report.save("running")
     report.optimizations = list(optimize.applied_optimizations(model.pipe))
     report.config["engine_dtype"] = str(model.dtype).removeprefix("torch.")
     log(f"(b) fast path: {', '.join(report.optimizations) or 'none (CPU path)'}; "
@@ -372,6 +415,7 @@ def bench_engine(args: argparse.Namespace, device, report: Report) -> None:  # n
             sync(device)
             spent = time.perf_counter() - started
             report.warmup_s[f"(b) first call at batch {batch}, 2 steps"] = round(spent, 1)
+            report.save("running")
             log(f"(b) first call at batch {batch}: {spent:.1f} s")
 
             jobs = make_jobs(args, batch, args.steps, loop)
@@ -381,7 +425,7 @@ def bench_engine(args: argparse.Namespace, device, report: Report) -> None:  # n
                 args.max_case_s,
             )
             result = Result("(b) craftserve engine", batch, seconds, peak_gib(device))
-            report.results.append(result)
+            report.add(result)
             log(f"(b) batch {batch}: {result.ms_per_image:.0f} ms/image")
         if args.sync_check and device.type == "cuda":
             report.sync = count_syncs(lambda steps: worker.generate(
@@ -470,6 +514,7 @@ def bench_http(args: argparse.Namespace, device, report: Report) -> None:  # noq
             started = time.perf_counter()
             post(1)  # warm-up request, not timed
             report.warmup_s["HTTP warm-up request"] = round(time.perf_counter() - started, 1)
+            report.save("running")
             seeds = iter(range(2, 10_000))
             generation_ms: list[float] = []
             last: list[bytes] = []
@@ -486,7 +531,7 @@ def bench_http(args: argparse.Namespace, device, report: Report) -> None:  # noq
             note=(f"server-side generation {statistics.median(generation_ms):.0f} ms, "
                   f"PNG encoding {png_ms(last[0]):.0f} ms of a {len(last[0]) // 1024} KiB image"),
         )
-        report.results.append(result)
+        report.add(result)
         log(f"(c) batch 1: {result.ms_per_image:.0f} ms/image end to end")
 
 
@@ -618,6 +663,7 @@ def describe(args: argparse.Namespace, device) -> dict:  # noqa: ANN001
         "sampler": args.sampler, "batches": args.batch_sizes, "reps": args.reps,
         "compile": bool(args.compile),
         "compile_mode": COMPILE_MODE if args.compile else None,
+        "compile_cache": str(args.compile_cache) if args.compile_cache else None,
     }
 
 
@@ -639,36 +685,34 @@ def main(argv: list[str] | None = None) -> int:
         args.compile = device.type == "cuda"
     if device.type != "cuda" and not args.tiny:
         log("warning: the full-size model on the CPU needs ~14 GB and hours; use --tiny")
-    report = Report(config=describe(args, device))
+    report = Report(config=describe(args, device), out=args.out)
+    report.save("running")
     log(f"benchmark on {report.config['device_name']}: {args.width}x{args.height}, "
         f"{args.steps} steps, batches {args.batch_sizes}, compile {args.compile}")
-    if not args.skip_baseline:
-        bench_baseline(args, device, report)
-        free_memory(device)  # the phase's pipeline is gone with its frame
+    # `timeout` (the device script's) sends SIGTERM: end as an exception, so the JSON says so
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     try:
+        if not args.skip_baseline:
+            bench_baseline(args, device, report)
+            free_memory(device)  # the phase's pipeline is gone with its frame
         bench_engine(args, device, report)
         free_memory(device)
         if not args.skip_http:
             bench_http(args, device, report)
     except EngineCheckFailed as exc:
+        report.note(f"FAILED: {exc}")
+        report.save("failed")
         print(f"\nbench_gpu: FAILED, nothing is reported as the engine's speed.\n{exc}",
               file=sys.stderr, flush=True)
         return 2
+    except BaseException as exc:
+        report.note(f"stopped by {type(exc).__name__}: {exc}")
+        report.save("stopped")
+        raise
     total = elapsed()
     print_report(report, total)
+    report.save("done")
     if args.out:
-        data = {
-            **report.config, "elapsed_s": round(total, 1), "notes": report.notes,
-            "sync": report.sync, "warmup_s": report.warmup_s,
-            "optimizations": report.optimizations,
-            "server_optimizations": report.server_optimizations,
-            "results": [
-                {**asdict(r), "ms_per_image": r.ms_per_image, "images_per_s": r.images_per_s}
-                for r in report.results
-            ],
-        }
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(data, indent=2), encoding="utf-8")
         log(f"results written to {args.out}")
     return 0
 

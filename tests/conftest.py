@@ -153,7 +153,8 @@ def make_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[.
     """Start a live server: make_server(models_yaml_text, **settings) → LiveServer (ready)."""
     started: list[LiveServer] = []
 
-    def make(models: str = TINY_MODELS, *, wait_ready: bool = True, **overrides) -> LiveServer:
+    def make(models: str = TINY_MODELS, *, wait_ready: bool = True, ready_timeout: float = 120.0,
+             **overrides) -> LiveServer:
         folder = tmp_path_factory.mktemp("server")
         overrides.setdefault("api_keys", [API_KEY])
         # The shared servers take many deliberate wrong keys from 127.0.0.1; the per-address
@@ -163,7 +164,7 @@ def make_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[.
         server = LiveServer(settings).start()
         started.append(server)
         if wait_ready:
-            state = server.wait_ready()
+            state = server.wait_ready(timeout=ready_timeout)
             assert state["ready"], state
         return server
 

@@ -36,6 +36,15 @@ def _cached(repo: str) -> bool:
 
 needs_weights = pytest.mark.skipif(not _cached(SDXL), reason=f"{SDXL} is not in the HF cache")
 needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")
+# How long a GPU server may take to turn ready: loading, and the warm-up of every batch size,
+# which with CRAFTSERVE_COMPILE=true compiles the UNet and the decoder for each (a minute or more
+# each with an empty inductor cache; docs/gpu-path.md).
+GPU_READY_TIMEOUT_S = 1800.0
+# Batched against alone, per pixel (0-255), by the dtype the GPU runs: the precision's tolerance.
+# fp16 and fp32 batches match within 2 levels. In bf16 (the automatic dtype on Hopper GPUs) the
+# tiny model's batched images already differ by 2 levels on the CPU (mean 0.15), and bf16 alone
+# differs from fp32 by up to 6 levels (mean 0.8): within bf16's own error is what is asked for.
+BATCH_TOLERANCE = {torch.float16: (2, 0.5), torch.float32: (2, 0.5), torch.bfloat16: (8, 1.0)}
 
 
 def assert_picture(image: Image.Image, min_std: float = 8.0) -> None:
@@ -80,7 +89,7 @@ def test_full_size_sdxl_on_the_gpu_path(make_server) -> None:
     from app.engine.optimize import applied_optimizations
 
     models = "models:\n  random-sdxl: {source: builtin:random-sdxl, preload: true}\n"
-    server = make_server(models)
+    server = make_server(models, ready_timeout=GPU_READY_TIMEOUT_S)
     loaded = server.app.state.engine.workers[0].models["random-sdxl"]
     assert loaded.device.type == "cuda"
     assert loaded.dtype in (torch.float16, torch.bfloat16)  # bf16 on Hopper and newer
@@ -98,10 +107,11 @@ def test_full_size_sdxl_on_the_gpu_path(make_server) -> None:
 @pytest.mark.gpu
 @needs_gpu
 def test_tiny_model_on_the_gpu_matches_batched_within_tolerance(make_server) -> None:
-    server = make_server(max_batch=4, batch_window_ms=200)
+    server = make_server(max_batch=4, batch_window_ms=200, ready_timeout=GPU_READY_TIMEOUT_S)
     engine = server.app.state.engine
     worker = engine.workers[0]
     assert worker.device.type == "cuda"
+    most, mean = BATCH_TOLERANCE[worker.models["tiny-sdxl"].dtype]
     # The worker is held on a first request while four more queue up, so the four are
     # certainly waiting together when it takes its next batch.
     gate = threading.Event()
@@ -133,7 +143,7 @@ def test_tiny_model_on_the_gpu_matches_batched_within_tolerance(make_server) -> 
         assert_picture(png(a))
         pa = np.asarray(Image.open(io.BytesIO(a.content)), dtype=np.int16)
         pb = np.asarray(Image.open(io.BytesIO(b.content)), dtype=np.int16)
-        assert np.abs(pa - pb).max() <= 2
+        assert np.abs(pa - pb).max() <= most and np.abs(pa - pb).mean() <= mean
 
 
 def _wait_for(condition, timeout: float = 60.0) -> None:  # noqa: ANN001

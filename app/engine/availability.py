@@ -15,12 +15,14 @@ from app.errors import ErrorKind, Unavailable
 class LoadFailures:
     def __init__(self, retry_s: float) -> None:
         self.retry_s = retry_s
-        self._failures: dict[str, tuple[float, Unavailable]] = {}
+        # (when, the error's message): only the text, never the exception, whose traceback
+        # holds the frames of the failed load and with them what it had loaded
+        self._failures: dict[str, tuple[float, str]] = {}
         self._lock = threading.Lock()
 
     def record(self, name: str, error: Unavailable) -> None:
         with self._lock:
-            self._failures[name] = (time.monotonic(), error)
+            self._failures[name] = (time.monotonic(), error.message)
 
     def clear(self, name: str) -> None:
         with self._lock:
@@ -32,13 +34,13 @@ class LoadFailures:
             failure = self._failures.get(name)
         if failure is None:
             return
-        when, error = failure
+        when, message = failure
         remaining = self.retry_s - (time.monotonic() - when)
         if remaining > 0:
-            raise Unavailable(error.message, retry_after=remaining, kind=ErrorKind.MODEL_UNAVAILABLE)
+            raise Unavailable(message, retry_after=remaining, kind=ErrorKind.MODEL_UNAVAILABLE)
 
     def reason(self, name: str) -> str | None:
         """The message of the last failed load of `name`, if it has not loaded since."""
         with self._lock:
             failure = self._failures.get(name)
-        return failure[1].message if failure else None
+        return failure[1] if failure else None

@@ -2,8 +2,15 @@
 
 `optimize_pipeline(pipe, device, compile=...)` right after a model is loaded on its device,
 then `warm_up(pipe, device, ...)` before the model counts as loaded; `eager(pipe)` around a
-batch that carries LoRAs, so a compiled pipeline never recompiles for a LoRA state. All run
-on the worker thread that owns the device; on the CPU they do nothing (`force=True`: tests).
+batch that carries LoRAs (and around the out-of-memory fallback), so a compiled pipeline never
+recompiles for a LoRA state or a tiled decode. All run on the worker thread that owns the
+device; on the CPU they do nothing (`force=True`: tests).
+
+A compiled pipeline compiles only for new shapes: the compiled UNet is a twin of the pipeline's
+UNet sharing its weights, which PEFT never wraps; every timestep reaches it as float32; no
+parameter requires grad. A compilation that fails falls back to the eager forward, once, with a
+warning. `load_compile_cache` / `save_compile_cache` carry inductor's compiled artifacts across
+processes and machines in one file.
 
 What is applied and why, what compilation costs and when: docs/gpu-path.md.
 """
@@ -16,6 +23,7 @@ import logging
 import math
 import time
 from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -26,6 +34,8 @@ COMPILE_MODE = "default"
 _MARK = "_craftserve_optimized"  # attribute on the pipeline: the tuple of what was applied
 # attribute on a module whose forward is compiled: its original (eager) bound forward
 _EAGER_FORWARD = "_craftserve_eager_forward"
+# attribute on such a module: its _CompiledForward (which knows whether compiling failed)
+_COMPILED_FORWARD = "_craftserve_compiled_forward"
 # The fp16 check of a VAE whose config asks for fp32 decoding: one random latent of this
 # side (16: a 128x128 image for SDXL), and the headroom below fp16's largest value that
 # every activation of the decoder must keep (2: within a factor 2 of overflow is unsafe).
@@ -358,16 +368,23 @@ def vae_fp16_peak(vae: Any, latent_size: int | None = None) -> float:
 
 
 def _float_timestep(module: Any, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
-    """Forward pre-hook: int timesteps become float32 (the UNet embeds them as float)."""
-    if len(args) > 1 and _is_int_tensor(args[1]):
+    """Forward pre-hook: every timestep tensor reaches the UNet as float32.
+
+    Samplers give int64 (DPM++ 2M, DDIM, ...), float32 (Euler, ...) or float64 (DPM2, DPM2 a
+    and DPM++ SDE with Karras sigmas) timesteps; a compiled graph guards on the dtype, so each
+    would be another full UNet compilation. The cast is exact: the UNet's timestep embedding
+    (diffusers' `get_timestep_embedding`) calls `.float()` on the timesteps first, so float32
+    is what it computes with whatever it is given (tests/test_gpu_ready.py checks it).
+    """
+    if len(args) > 1 and _needs_cast(args[1]):
         return (args[0], args[1].to(torch.float32), *args[2:]), kwargs
-    if _is_int_tensor(kwargs.get("timestep")):
+    if _needs_cast(kwargs.get("timestep")):
         return args, {**kwargs, "timestep": kwargs["timestep"].to(torch.float32)}
     return None
 
 
-def _is_int_tensor(value: object) -> bool:
-    return isinstance(value, torch.Tensor) and not value.is_floating_point()
+def _needs_cast(value: object) -> bool:
+    return isinstance(value, torch.Tensor) and value.dtype != torch.float32
 
 
 def compile_pipeline(
@@ -381,22 +398,108 @@ def compile_pipeline(
     itself happens on the first call of each shape (docs/gpu-path.md). `backend` and
     `dynamic` are torch.compile's (tests use backend="eager"; the engine compiles with
     inductor and static shapes).
+
+    What keeps the graphs valid for the life of the pipeline (each change below would be a
+    full UNet compilation on the request path):
+    - no parameter of the pipeline requires grad (an inference server never needs it, and
+      PEFT turns it off on the layers it wraps: a guard of every graph checks it);
+    - the UNet's compiled forward is that of a twin (`_twin`): the same weights, a module tree
+      of its own that LoRA loading never changes. PEFT wraps layers of `pipe.unet` only, and
+      batches with LoRAs run that UNet eagerly (`eager`), so the twin always computes the base
+      model, which is what a batch without LoRAs asks for;
+    - every timestep reaches it as float32 (`_float_timestep`).
+    A compilation that fails (an inductor or Triton error, a missing C compiler) makes that
+    part run eagerly from then on, with a warning: the model stays served (`_CompiledForward`).
     """
     options: dict[str, Any] = {"dynamic": dynamic, "fullgraph": False, "backend": backend}
     if mode != "default":
         options["mode"] = mode
     _raise_recompile_limit(RECOMPILE_LIMIT)
+    for model in _models(pipe):
+        model.requires_grad_(False)
     compiled = False
     for name, module in _compilable(pipe):
         if getattr(module, _EAGER_FORWARD, None) is not None:
             continue
+        original = module.forward
+        target = _twin(module).forward if name == "unet" else original
         if name == "unet":
             module.register_forward_pre_hook(_float_timestep, with_kwargs=True)
-        original = module.forward
+        wrapper = _CompiledForward(name, torch.compile(target, **options), original)
         setattr(module, _EAGER_FORWARD, original)
-        module.forward = torch.compile(original, **options)
+        setattr(module, _COMPILED_FORWARD, wrapper)
+        module.forward = wrapper
         compiled = True
     return compiled
+
+
+def _models(pipe: Any) -> list[torch.nn.Module]:
+    return [m for m in vars(pipe).values() if isinstance(m, torch.nn.Module)]
+
+
+def _twin(module: torch.nn.Module) -> torch.nn.Module:
+    """A copy of `module`'s module tree that shares every parameter and buffer with it.
+
+    It costs no weight memory (only the Python objects), and what happens to the original's
+    structure afterwards (PEFT replacing layers by its wrappers) does not reach it. The
+    weights are the same tensors, so their values and memory formats are the original's.
+    """
+    shared: dict[int, Any] = {id(t): t for t in module.parameters()}
+    shared.update((id(t), t) for t in module.buffers())
+    return copy.deepcopy(module, memo=shared)
+
+
+class _CompiledForward:
+    """A compiled forward that falls back to the eager one if compiling it fails.
+
+    The fallback is for failures of compilation only (dynamo's `BackendCompilerFailed`, which
+    inductor's and Triton's errors become, or an internal dynamo error) and only when the eager
+    forward then succeeds on the same inputs: an error that eager gives too (a bad input, out
+    of memory) is raised as eager raises it, and the compiled forward stays.
+    """
+
+    def __init__(self, name: str, compiled: Any, eager: Any) -> None:
+        self.name = name
+        self.compiled = compiled
+        self.eager = eager
+        self.failed: str | None = None  # why compiling failed, once it has
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if self.failed is not None:
+            return self.eager(*args, **kwargs)
+        try:
+            return self.compiled(*args, **kwargs)
+        except _compile_errors() as exc:
+            reason = _compile_error_reason(exc)
+            result = self.eager(*args, **kwargs)  # raises what eager raises: not a compile failure
+            self.failed = reason
+            logger.warning("compiling the %s failed (%s); it runs uncompiled from now on, as with "
+                           "compile: false", self.name, reason)
+            return result
+
+
+def _compile_error_reason(exc: BaseException) -> str:
+    """One line: the backend's own error (dynamo wraps it) rather than dynamo's wrapper."""
+    inner = getattr(exc, "inner_exception", None)
+    error = inner if isinstance(inner, BaseException) else exc
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return type(error).__name__ + (f": {lines[0][:300]}" if lines else "")
+
+
+def _compile_errors() -> tuple[type[BaseException], ...]:
+    from torch._dynamo import exc
+
+    return (exc.BackendCompilerFailed, exc.InternalTorchDynamoError)
+
+
+def compile_failures(pipe: Any) -> dict[str, str]:
+    """{part: why} for each part of `pipe` whose compilation failed (now running eagerly)."""
+    failures = {}
+    for name, module in _compilable(pipe):
+        wrapper = getattr(module, _COMPILED_FORWARD, None)
+        if wrapper is not None and wrapper.failed is not None:
+            failures[name] = wrapper.failed
+    return failures
 
 
 def _raise_recompile_limit(limit: int) -> None:
@@ -409,18 +512,21 @@ def _raise_recompile_limit(limit: int) -> None:
 
 
 def compiled_modules(pipe: Any) -> Sequence[str]:
-    """Names of the pipeline parts whose forward is compiled (for logs and the benchmark)."""
+    """Names of the pipeline parts whose forward is compiled (for logs and the benchmark); a
+    part whose compilation failed (see `compile_failures`) is not among them."""
+    failed = compile_failures(pipe)
     return [name for name, module in _compilable(pipe)
-            if getattr(module, _EAGER_FORWARD, None) is not None]
+            if getattr(module, _EAGER_FORWARD, None) is not None and name not in failed]
 
 
 @contextlib.contextmanager
 def eager(pipe: Any) -> Iterator[None]:
     """While active, the compiled parts of `pipe` run their original, uncompiled forward.
 
-    For batches with LoRAs: their layers would make the compiled functions recompile on the
-    request path for every new LoRA state, and fall back to eager anyway after
-    torch._dynamo's recompile limit. A no-op for a pipeline that is not compiled. Restores
+    For batches with LoRAs: the compiled UNet is a twin that PEFT never wraps, so it would
+    compute the base model; LoRA layers live in `pipe.unet`, which runs eagerly here. And for
+    the out-of-memory fallback: its tiled decode has shapes no warm-up compiled, and compiling
+    there costs memory just when there is none. A no-op for a pipeline that is not compiled. Restores
     the compiled forward on exit, also after an exception; nests. Per pipeline, not
     process-wide (unlike torch.compiler.set_stance), so other workers are not affected.
     Use it on the thread that owns the pipeline.
@@ -442,3 +548,55 @@ def _compilable(pipe: Any) -> list[tuple[str, Any]]:
     parts = (("unet", getattr(pipe, "unet", None)),
              ("vae.decoder", getattr(getattr(pipe, "vae", None), "decoder", None)))
     return [(name, module) for name, module in parts if module is not None]
+
+
+# ---- inductor's compiled artifacts, in one file ------------------------------------------
+
+
+def load_compile_cache(path: Path | str) -> bool:
+    """Load inductor's artifacts saved by `save_compile_cache` (True if a file was loaded).
+
+    Call before the first compilation: compilations whose artifacts are there then skip
+    inductor (dynamo still traces, seconds). Artifacts of another torch version, GPU or
+    Triton are not used (torch checks); a missing file is fine (False); an unreadable one is
+    logged and ignored. Complements `TORCHINDUCTOR_CACHE_DIR`, the on-disk cache, with a
+    single file that can be copied to another machine.
+    """
+    path = Path(path)
+    loader = getattr(torch.compiler, "load_cache_artifacts", None)
+    if loader is None or not path.is_file():
+        return False
+    try:
+        info = loader(path.read_bytes())
+    except Exception as exc:  # noqa: BLE001 - a stale or corrupt cache only costs compile time
+        logger.warning("compile cache %s not loaded: %s: %s", path, type(exc).__name__, exc)
+        return False
+    if info is None:  # torch logs why (a corrupt file: its checksum)
+        logger.warning("compile cache %s not loaded: torch could not read it", path)
+        return False
+    logger.info("compile cache %s loaded (%s)", path, _cache_summary(info))
+    return True
+
+
+def save_compile_cache(path: Path | str) -> int:
+    """Write every artifact inductor made in this process so far to `path` (bytes written;
+    0 when there is nothing, or torch cannot save them). Written whole or not at all."""
+    path = Path(path)
+    saver = getattr(torch.compiler, "save_cache_artifacts", None)
+    saved = saver() if saver is not None else None
+    if not saved or not saved[0]:
+        return 0
+    data, info = saved
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".partial")
+    partial.write_bytes(data)
+    partial.replace(path)
+    logger.info("compile cache %s saved: %d bytes (%s)", path, len(data), _cache_summary(info))
+    return len(data)
+
+
+def _cache_summary(info: Any) -> str:
+    artifacts = getattr(info, "artifacts", None)
+    if not isinstance(artifacts, dict):
+        return "no details"
+    return ", ".join(f"{kind}: {len(keys)}" for kind, keys in artifacts.items() if keys) or "empty"

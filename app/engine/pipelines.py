@@ -6,8 +6,10 @@ Everything here runs on the worker thread that owns the target device.
 
 from __future__ import annotations
 
+import gc
 import logging
 import time
+import traceback
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,7 +20,7 @@ import torch
 from app.engine.determinism import make_batch_invariant
 from app.engine.hub import HubAccess, WaitingForWeights, WeightsMissing, download_commands, hub_repos
 from app.engine.loras import LoraManager
-from app.engine.optimize import optimize_pipeline, warm_up
+from app.engine.optimize import load_compile_cache, optimize_pipeline, save_compile_cache, warm_up
 from app.engine.prompts import PromptEncoder
 from app.errors import ErrorKind, Unavailable
 from app.families import PIPELINE_FAMILIES, SERVED_PIPELINES, Family
@@ -248,31 +250,51 @@ def load_model(
     compile: bool = False,
     exact_batches: bool = True,
     warm_batch_sizes: Iterable[int] = (1,),
+    compile_cache: Path | None = None,
 ) -> LoadedModel:
     """Build or load the pipeline for `spec` on `device`. Raises Unavailable on failure.
 
     Before it returns (so before /ready says 200) every batch size in `warm_batch_sizes` (the
-    engine passes 1..MAX_BATCH) runs once: on CUDA at the family's default size, which pays
-    for cuDNN autotuning and compilation of the shapes requests use most; on the CPU at a
-    tiny size, since CPU kernels need no per-shape tuning and only the first-call costs
-    (lazy imports, allocator and thread-pool start-up) are worth paying early."""
+    engine passes the setting WARM_BATCHES, by default 1..MAX_BATCH) runs once: on CUDA at the
+    family's default size, which pays for cuDNN autotuning and compilation of the shapes
+    requests use most; on the CPU at a tiny size, since CPU kernels need no per-shape tuning
+    and only the first-call costs (lazy imports, allocator and thread-pool start-up) are worth
+    paying early. With `compile` on CUDA, `compile_cache` (a file) is loaded before the
+    warm-up and written after it (app.engine.optimize.load_compile_cache).
+
+    A load that fails keeps nothing on the device: the pipeline's last references (the frames
+    of the failed calls, held by the exception's traceback) are dropped and the memory freed
+    before the exception leaves, so the error can be kept and a retry does not find a second
+    copy of the weights in the way."""
     _quiet_libraries()
     started = time.perf_counter()
     dtype = choose_dtype(spec, device)
-    pipe = _build(spec, dtype, device, allow_downloads, hub)
-    family = _family_of(spec, pipe)
-    pipe.to(device)
-    if spec.kind == "builtin" and dtype != pipe.unet.dtype:  # from_pretrained already chose
-        pipe.to(dtype=dtype)  # the dtype (keeping fp32-only modules in fp32)
-    pipe.set_progress_bar_config(disable=True)
-    # CUDA only (no-ops on the CPU): half-precision-friendly VAE, fused QKV, channels-last,
-    # optional torch.compile; the warm-up compiles/autotunes before the model counts as loaded.
-    optimize_pipeline(pipe, device, compile=compile)
-    if device.type == "cpu" and exact_batches:
-        make_batch_invariant(pipe)
-    default_size = DEFAULT_SIZES[family] if device.type == "cuda" else (64, 64)
-    warm_up(pipe, device, sizes=[default_size], batch_sizes=sorted(set(warm_batch_sizes)),
-            force=True)
+    pipe = None
+    try:
+        pipe = _build(spec, dtype, device, allow_downloads, hub)
+        family = _family_of(spec, pipe)
+        pipe.to(device)
+        if spec.kind == "builtin" and dtype != pipe.unet.dtype:  # from_pretrained already chose
+            pipe.to(dtype=dtype)  # the dtype (keeping fp32-only modules in fp32)
+        pipe.set_progress_bar_config(disable=True)
+        # CUDA only (no-ops on the CPU): half-precision-friendly VAE, fused QKV, channels-last,
+        # optional torch.compile; the warm-up compiles/autotunes before the model counts as loaded.
+        optimize_pipeline(pipe, device, compile=compile)
+        compiled = compile and device.type == "cuda"
+        if compiled and compile_cache is not None:
+            load_compile_cache(compile_cache)
+        if device.type == "cpu" and exact_batches:
+            make_batch_invariant(pipe)
+        default_size = DEFAULT_SIZES[family] if device.type == "cuda" else (64, 64)
+        warm_up(pipe, device, sizes=[default_size], batch_sizes=sorted(set(warm_batch_sizes)),
+                force=True)
+        if compiled and compile_cache is not None:
+            save_compile_cache(compile_cache)
+    except BaseException as exc:
+        _release(exc)
+        pipe = None
+        _free(device)
+        raise
     seconds = time.perf_counter() - started
     logger.info("model %s loaded on %s (%s) in %.1f s", spec.name, device, dtype, seconds)
     return LoadedModel(
@@ -286,3 +308,25 @@ def load_model(
         load_seconds=seconds,
         prompts=PromptEncoder(pipe, family),
     )
+
+
+def _release(exc: BaseException) -> None:
+    """Drop the local variables of every finished frame in `exc`'s tracebacks (and those of
+    its causes and contexts): the pipeline and its modules are locals there (`self` of each
+    forward). File names and line numbers stay, so the traceback still prints in full."""
+    seen: set[int] = set()
+    pending: list[BaseException | None] = [exc]
+    while pending:
+        error = pending.pop()
+        if error is None or id(error) in seen:
+            continue
+        seen.add(id(error))
+        if error.__traceback__ is not None:
+            traceback.clear_frames(error.__traceback__)
+        pending += [error.__cause__, error.__context__]
+
+
+def _free(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()

@@ -105,6 +105,30 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+# The layers diffusers' `fuse_qkv_projections` adds to an Attention module: concatenations of
+# to_q/to_k/to_v (or of the added projections), not parts of the architecture.
+FUSED_PROJECTIONS = ("to_qkv", "to_kv", "to_added_qkv")
+
+
+def architecture_parameters(model: nn.Module) -> int:
+    """The parameters of `model`'s architecture as published, fused QKV or not.
+
+    `count_parameters` of a UNet whose QKV projections were fused counts the fused layers too
+    (SDXL's UNet: 3,215,450,884 instead of 2,567,463,684, whether the separate layers are views
+    into the fused weights, as craftserve makes them, or copies, as diffusers leaves them).
+    This leaves out the fused layers of every Attention module that says it has them, and
+    counts each parameter once.
+    """
+    skipped: set[int] = set()
+    for module in model.modules():
+        if getattr(module, "fused_projections", False):
+            for name in FUSED_PROJECTIONS:
+                layer = getattr(module, name, None)
+                if isinstance(layer, nn.Module):
+                    skipped.update(id(p) for p in layer.parameters())
+    return sum(p.numel() for p in model.parameters() if id(p) not in skipped)
+
+
 def build_random_sdxl(
     dtype: torch.dtype = torch.float16,
     device: torch.device | str = "cpu",

@@ -226,7 +226,8 @@ class Worker:
                 lora_cache_size=settings.lora_cache_size,
                 compile=settings.compile,
                 exact_batches=settings.cpu_exact_batches,
-                warm_batch_sizes=range(1, settings.max_batch + 1),
+                warm_batch_sizes=settings.warm_batch_sizes(),
+                compile_cache=settings.compile_cache,
             )
         except Unavailable:
             raise
@@ -443,7 +444,8 @@ class Worker:
             logger.warning("%s: out of memory on a batch of %d; retrying with VAE slicing and "
                            "small VAE tiles", self.name, len(jobs))
         attempts = [jobs] if len(jobs) == 1 else [jobs, None]
-        with _low_memory_decode(model.pipe.vae):
+        # eager: the tiles' shapes were never compiled, and compiling costs memory
+        with _low_memory_decode(model.pipe.vae), eager(model.pipe):
             for attempt in attempts:
                 self._free_memory()
                 try:
