@@ -423,3 +423,45 @@ def test_two_clients_inpainting_jobs_share_one_call_and_keep_their_bytes(two_key
     assert batched_vc.headers["X-Batch-Size"] == "2"
     assert batched_vc.content == alone_vc.content
     assert batched_a1111.json()["images"] == alone_a1111.json()["images"]
+
+
+# ---- the caps, over HTTP in each dialect --------------------------------------------------------
+@pytest.fixture(scope="module")
+def capped_server(make_server):  # noqa: ANN001, ANN201
+    return make_server(max_image_bytes=60_000, max_image_pixels=200 * 200)
+
+
+def _png_bytes(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_image_caps_and_urls_are_refused_in_every_dialect_naming_the_setting(capped_server) -> None:  # noqa: ANN001
+    import openai
+
+    too_many_bytes = noise(180, 180)  # ~97 kB of PNG noise, under the pixel cap
+    too_many_pixels = Image.new("RGB", (300, 300))  # a few hundred bytes, over the pixel cap
+    assert len(_png_bytes(too_many_bytes)) > 60_000 and len(_png_bytes(too_many_pixels)) < 60_000
+    cases = [(too_many_bytes, "MAX_IMAGE_BYTES"), (too_many_pixels, "MAX_IMAGE_PIXELS"),
+             ("http://example.com/picture.png", "ALLOW_IMAGE_URLS")]
+    sdk = openai.OpenAI(base_url=capped_server.url + "/v1", api_key=API_KEY, max_retries=0)
+    with capped_server.client() as c:
+        for picture, setting in cases:
+            value = picture if isinstance(picture, str) else b64(picture)
+            a1111 = c.post("/sdapi/v1/img2img", json={**BASE, "init_images": [value]}, headers=AUTH)
+            assert a1111.status_code == 422 and setting in a1111.json()["detail"], a1111.text
+            assert a1111.json()["error"] == "InvalidParameter"
+            vc = c.post("/img2img", json={"token": API_KEY, "image": value, "prompt": "a"})
+            assert vc.status_code == 422 and setting in vc.json()["error"]["message"], vc.text
+            up = c.post("/upscale", json={"token": API_KEY, "image": value, "model": "Lanczos"})
+            assert up.status_code == 422 and setting in up.json()["detail"], up.text
+            job = c.post("/jobs", json={"token": API_KEY, "model": "tiny-sdxl", "prompt": "a",
+                                        "init_image": value})
+            assert job.status_code == 422 and setting in job.json()["detail"], job.text
+            if not isinstance(picture, str):
+                with pytest.raises(openai.BadRequestError) as err:
+                    sdk.images.edit(image=("p.png", _png_bytes(picture), "image/png"), prompt="a",
+                                    model="tiny-sdxl")
+                assert setting in str(err.value) and err.value.body["param"] == "image"
+        assert c.get("/health").status_code == 200  # and it keeps serving

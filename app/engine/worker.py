@@ -290,16 +290,23 @@ class Worker:
         for job in jobs:
             started = time.perf_counter()
             p: UpscaleParams = job.params  # type: ignore[assignment]
+            if job.cancelled.is_set():
+                self._present([job])
+                continue
             try:
-                image = self.upscale(p.image, p.upscaler, *p.size)
+                image = self.upscale(p.image, p.upscaler, *p.size, jobs=[job])
                 if p.upscaler_2 and p.visibility > 0:
-                    second = self.upscale(p.image, p.upscaler_2, *p.size)
+                    second = self.upscale(p.image, p.upscaler_2, *p.size, jobs=[job])
                     image = Image.blend(image, second, p.visibility)
                 if image.size != p.out_size:
                     canvas = Image.new("RGB", p.out_size)
                     canvas.paste(image, (p.out_size[0] // 2 - image.width // 2,
                                          p.out_size[1] // 2 - image.height // 2))
                     image = canvas
+            except _Interrupted:
+                self._fail([job], Unavailable("every client of this job went away; it was stopped",
+                                              kind=ErrorKind.INTERRUPTED))
+                continue
             except CraftError as exc:
                 self._fail([job], exc)
                 continue
@@ -546,7 +553,7 @@ class Worker:
             top, left = (latents.shape[2] - out_h // 8) // 2, (latents.shape[3] - out_w // 8) // 2
             image: Any = latents[:, :, top:top + out_h // 8, left:left + out_w // 8]
         else:
-            image = [_centre_crop(self.upscale(picture, hires.upscaler, up_w, up_h), out_w, out_h)
+            image = [_centre_crop(self.upscale(picture, hires.upscaler, up_w, up_h, batch), out_w, out_h)
                      for picture in first]
         pipe = pipeline_for(model, "img2img")
         seeds = [job.params.seed for job in group]
@@ -572,9 +579,14 @@ class Worker:
         by_job = dict(output)
         return [by_job[job] for job in group]
 
-    def upscale(self, image: Any, name: str, width: int, height: int) -> Any:
-        """A picture upscaled by a pixel upscaler on this worker's device."""
-        return self.upscalers.upscale(image, name, width, height, self.upscaler_specs())
+    def upscale(self, image: Any, name: str, width: int, height: int, jobs: Sequence[Job] = ()) -> Any:
+        """A picture upscaled by a pixel upscaler on this worker's device; stopped between
+        tiles once every one of `jobs` is cancelled."""
+        def on_tile(done: int, total: int) -> None:
+            if jobs and all(job.cancelled.is_set() for job in jobs):
+                raise _Interrupted()
+
+        return self.upscalers.upscale(image, name, width, height, self.upscaler_specs(), on_tile=on_tile)
 
     @staticmethod
     def _call(pipe, jobs: list[Job], embeds: dict[str, Any] | None, batch: list[Job], *,  # noqa: ANN001, ANN205
