@@ -130,7 +130,9 @@ def batching_gain(args: argparse.Namespace, loop) -> float:  # noqa: ANN001
 
 
 async def loop_lateness(size: int = 1024, requests: int = 8) -> float:
-    from app.api.bodies import OffLoopJSONRequest
+    from starlette.requests import Request
+
+    from app.api.bodies import read_off_loop
     from app.api.generation import ImageInput, ImageRequest, prepare_sources
     from app.config import Settings
     from app.engine.jobs import round_up8
@@ -165,8 +167,11 @@ async def loop_lateness(size: int = 1024, requests: int = 8) -> float:
             chunk = left.pop(0)
             return {"type": "http.request", "body": chunk, "more_body": bool(left)}
 
-        # the image routes' request class (app.api.bodies) parses the body as the route does
-        body = await OffLoopJSONRequest({"type": "http", "method": "POST", "headers": []}, receive).json()
+        # the image routes' reading (app.api.bodies), then the JSON FastAPI is given
+        request = Request({"type": "http", "method": "POST",
+                           "headers": [(b"content-type", b"application/json")]}, receive)
+        await read_off_loop(request)
+        body = await request.json()
         image = await read_image("init_images[0]", body["init_images"][0], settings)
         request = ImageRequest(model="m", prompt="x", image=ImageInput(images=(image,)))
         await prepare_sources(request, _Params())  # type: ignore[arg-type]

@@ -1,10 +1,14 @@
-"""JSON bodies of the image routes parsed off the event loop.
+"""JSON bodies of the image routes joined and parsed off the event loop.
 
-FastAPI parses a JSON body with `json.loads` on the event loop. A body with a picture is
-megabytes of base64 (a 1024x1024 PNG: 3 to 4 MB), 10 to 20 ms of parsing that holds up every
-other request and event stream meanwhile, and several arriving together hold it up for the sum.
-The image routes' requests join and parse a body past `OFF_LOOP_BYTES` on the decoding thread
-(app.image_inputs.off_loop) instead: one at a time there, the event loop free between.
+FastAPI parses a JSON body with `json.loads` on the event loop, after Starlette joins its
+pieces there. A body with a picture is megabytes of base64 (a 1024x1024 PNG: 3 to 4 MB): 10 to
+20 ms of joining and parsing that hold up every other request and event stream meanwhile, and
+several bodies arriving together hold it up for the sum. The image routes (`ImageRoute`) read a
+body past `OFF_LOOP_BYTES` themselves, join and parse it on the decoding thread
+(app.image_inputs.off_loop: one at a time there, the event loop free between), and leave the
+results in the request's own caches (Starlette's `_body` and `_json`, which `body()` and
+`json()` return when set), so FastAPI and every handler of the request see the same body. A
+body that does not parse is left to FastAPI, which answers it as it always does.
 """
 
 from __future__ import annotations
@@ -18,28 +22,27 @@ from fastapi.routing import APIRoute
 
 from app.image_inputs import off_loop
 
-OFF_LOOP_BYTES = 256 * 1024  # smaller bodies parse in well under a millisecond: on the loop
+OFF_LOOP_BYTES = 256 * 1024  # smaller bodies join and parse in well under a millisecond
 
 
-class OffLoopJSONRequest(Request):
-    async def body(self) -> bytes:
-        """The body's chunks joined, off the loop when they are many megabytes (a fresh
-        allocation that size costs milliseconds in page faults alone)."""
-        if not hasattr(self, "_body"):
-            chunks = [chunk async for chunk in self.stream()]
-            if len(chunks) == 1:
-                self._body = chunks[0]
-            elif sum(map(len, chunks)) < OFF_LOOP_BYTES:
-                self._body = b"".join(chunks)
-            else:
-                self._body = await off_loop(b"".join, chunks)
-        return self._body
+def _is_json(request: Request) -> bool:
+    kind = request.headers.get("content-type", "").partition(";")[0].strip().lower()
+    return kind == "application/json" or (kind.startswith("application/") and kind.endswith("+json"))
 
-    async def json(self) -> Any:
-        if not hasattr(self, "_json"):
-            body = await self.body()
-            self._json = json.loads(body) if len(body) < OFF_LOOP_BYTES else await off_loop(json.loads, body)
-        return self._json
+
+async def read_off_loop(request: Request) -> None:
+    """Read a JSON body past OFF_LOOP_BYTES into the request's caches, off the event loop."""
+    if hasattr(request, "_body") or not _is_json(request):
+        return
+    chunks = [chunk async for chunk in request.stream()]
+    size = sum(map(len, chunks))
+    body = b"".join(chunks) if size < OFF_LOOP_BYTES else await off_loop(b"".join, chunks)
+    request._body = body
+    if size >= OFF_LOOP_BYTES:
+        try:
+            request._json = await off_loop(json.loads, body)
+        except (ValueError, RecursionError):  # FastAPI parses it again and answers it
+            pass
 
 
 class ImageRoute(APIRoute):
@@ -49,6 +52,7 @@ class ImageRoute(APIRoute):
         handler = super().get_route_handler()
 
         async def route(request: Request) -> Response:
-            return await handler(OffLoopJSONRequest(request.scope, request.receive))
+            await read_off_loop(request)
+            return await handler(request)
 
         return route
