@@ -13,6 +13,7 @@ body that does not parse is left to FastAPI, which answers it as it always does.
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import Callable, Coroutine
 from typing import Any
@@ -39,10 +40,8 @@ async def read_off_loop(request: Request) -> None:
     body = b"".join(chunks) if size < OFF_LOOP_BYTES else await off_loop(b"".join, chunks)
     request._body = body
     if size >= OFF_LOOP_BYTES:
-        try:
+        with contextlib.suppress(ValueError, RecursionError):  # FastAPI parses it again, answers it
             request._json = await off_loop(json.loads, body)
-        except (ValueError, RecursionError):  # FastAPI parses it again and answers it
-            pass
 
 
 class ImageRoute(APIRoute):
