@@ -19,8 +19,10 @@ import torch
 from diffusers import (
     StableDiffusionImg2ImgPipeline,
     StableDiffusionInpaintPipeline,
+    StableDiffusionPipeline,
     StableDiffusionXLImg2ImgPipeline,
     StableDiffusionXLInpaintPipeline,
+    StableDiffusionXLPipeline,
 )
 from PIL import Image
 
@@ -86,6 +88,23 @@ def inpainting_unet(pipe: Any) -> bool:
     """A dedicated inpainting checkpoint: its UNet also reads the mask and the masked picture
     (9 input channels); every task goes through the inpainting pipeline."""
     return int(pipe.unet.config.in_channels) == 9
+
+
+_BASES = {
+    ("sdxl", False): StableDiffusionXLPipeline,
+    ("sdxl", True): StableDiffusionXLInpaintPipeline,
+    ("sd15", False): StableDiffusionPipeline,
+    ("sd15", True): StableDiffusionInpaintPipeline,
+}
+
+
+def base_pipeline(pipe: Any, family: str) -> Any:
+    """The pipeline a model serves from, by what its UNet takes rather than the class a folder
+    was saved as: the family's inpainting pipeline for an inpainting UNet, its text-to-image
+    pipeline otherwise (made from the same components when the loaded class differs, e.g. a
+    4-channel model saved from an inpainting pipeline)."""
+    want = _BASES[(family, inpainting_unet(pipe))]
+    return pipe if isinstance(pipe, want) else want.from_pipe(pipe)
 
 
 def pipeline_for(model: Any, task: str) -> Any:
