@@ -269,3 +269,13 @@ def test_the_served_weights_are_the_files(made: dict, served, model: str) -> Non
         stored = f.get_tensor(key)
     assert stored.shape[1] == 9
     assert torch.equal(weight, stored)
+
+
+@pytest.mark.parametrize(("model", "upscaler"), [("file-sdxl", "Latent"), ("folder-sd15", "Lanczos")])
+def test_the_hires_fix_runs_on_an_inpainting_model(served, model: str, upscaler: str) -> None:  # noqa: ANN001
+    """Both passes go through the inpainting pipeline (the second one fully masked, from the
+    upscaled first pass), latent or pixel upscale."""
+    answer = post(served, "/sdapi/v1/txt2img", model, enable_hr=True, hr_scale=1.5, hr_upscaler=upscaler,
+                  hr_second_pass_steps=3, denoising_strength=0.5)
+    assert decoded(answer["images"][0]).size == (96, 96)
+    assert f"Hires upscaler: {upscaler}" in json.loads(answer["info"])["infotexts"][0]
