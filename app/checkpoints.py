@@ -5,9 +5,11 @@ A checkpoint in the original (CompVis / Stability SGM) layout is one `.safetenso
 the UNet under ``model.diffusion_model.``, the VAE under ``first_stage_model.`` and the text
 encoder(s) under ``cond_stage_model.`` (SD 1.x/2.x) or ``conditioner.embedders.`` (SDXL).
 
-Served: SD 1.x (CLIP ViT-L text encoder, 4 input channels) and SDXL base (CLIP ViT-L +
-OpenCLIP bigG). Refused with the reason, naming what was found: SDXL refiner, SD 2.x,
-inpainting and other UNets whose input is not 4 latent channels, SD3 / Flux / Stable Cascade /
+Served: SD 1.x (CLIP ViT-L text encoder) and SDXL base (CLIP ViT-L + OpenCLIP bigG), each as
+a text-to-image UNet (4 input channels) or a dedicated inpainting one (9: the latents, the
+mask and the masked picture's latents; `CheckpointInfo.in_channels` tells the loader which).
+Refused with the reason, naming what was found: SDXL refiner, SD 2.x, UNets with any other
+input (8: instruct-pix2pix / depth), SD3 / Flux / Stable Cascade /
 other families, LoRAs, bare VAEs (usable as a model's `vae:`), diffusers-layout files, pickles
 (`.ckpt`, `.pt`, `.pth`, `.bin`: never unpickled; convert them to safetensors), and
 v-prediction checkpoints unless the models.yaml entry says `prediction: v`.
@@ -43,11 +45,13 @@ __all__ = [
     "CheckpointError",
     "CheckpointInfo",
     "PICKLE_SUFFIXES",
+    "SERVED_IN_CHANNELS",
     "bundled_config",
     "config_folder",
     "inspect_checkpoint",
     "inspect_vae",
     "read_checkpoint_header",
+    "unet_in_channels",
 ]
 
 BUNDLED_CONFIGS = Path(__file__).resolve().parent / "configs"
@@ -86,6 +90,11 @@ class CheckpointInfo:
     prediction: Literal["epsilon", "v"]  # what the file says (v: v_pred key or metadata)
     zero_terminal_snr: bool  # the file carries a `ztsnr` marker
     header: SafetensorsHeader
+    in_channels: int = 4  # the UNet's input channels: 4 text-to-image, 9 inpainting
+
+
+# The UNet inputs served: 4 latent channels (text to image), 9 (inpainting: + mask + masked picture)
+SERVED_IN_CHANNELS = frozenset({4, 9})
 
 
 def is_ignored_key(key: str) -> bool:
@@ -188,11 +197,11 @@ def classify(header: SafetensorsHeader, label: str) -> tuple[Family, str]:
     conv_in = header.shapes.get(UNET + "input_blocks.0.0.weight", ())
     if len(conv_in) != 4:
         raise CheckpointError(f"{label}: its UNet has no input convolution (input_blocks.0.0.weight)")
-    if conv_in[1] != 4:
-        kind = {9: "an inpainting", 8: "an instruct-pix2pix / depth"}.get(conv_in[1], "a non-text-to-image")
+    if conv_in[1] not in SERVED_IN_CHANNELS:
+        kind = {8: "an instruct-pix2pix / depth"}.get(conv_in[1], "an unknown kind of")
         raise CheckpointError(
             f"{label} is {kind} checkpoint: its UNet takes {conv_in[1]} input channels, "
-            "text-to-image models take 4; craftserve serves text-to-image only"
+            "text-to-image models take 4 and inpainting ones 9; craftserve serves those two"
         )
     if _count(keys, REFINER_TEXT) and not _count(keys, SDXL_TEXT_1):
         raise CheckpointError(
@@ -224,7 +233,15 @@ def classify(header: SafetensorsHeader, label: str) -> tuple[Family, str]:
         )
     if not _count(keys, VAE):
         raise CheckpointError(f"{label} has no VAE (no first_stage_model. tensors); use a full checkpoint")
+    if conv_in[1] == 9:
+        evidence += ", inpainting (9-channel UNet)"
     return family, evidence
+
+
+def unet_in_channels(header: SafetensorsHeader) -> int:
+    """The input channels of the file's UNet (its first convolution), 0 if it has none."""
+    conv_in = header.shapes.get(UNET + "input_blocks.0.0.weight", ())
+    return int(conv_in[1]) if len(conv_in) == 4 else 0
 
 
 def inspect_checkpoint(
@@ -246,6 +263,7 @@ def inspect_checkpoint(
         prediction="v" if is_v or prediction == "v" else "epsilon",
         zero_terminal_snr="ztsnr" in header.keys,
         header=header,
+        in_channels=unet_in_channels(header),
     )
 
 

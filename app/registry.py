@@ -113,6 +113,9 @@ class ModelSpec:
     config: str | None = None
     prediction: Literal["epsilon", "v"] = "epsilon"
     zero_terminal_snr: bool = False  # v-prediction trained to zero terminal SNR
+    # single_file only: the UNet's input channels read from the file (4 text to image, 9 a
+    # dedicated inpainting checkpoint); the config folder's unet is built with this many
+    in_channels: int = 4
 
 
 @dataclass
@@ -282,14 +285,15 @@ def _config_folder(entry: _ModelEntry, kind: str, base: Path, where: str) -> str
     return str(folder)
 
 
-def _single_file_family(source: str, entry: _ModelEntry, where: str) -> tuple[Family, bool]:
-    """(family, zero terminal SNR) read from the checkpoint; RegistryError with the reason."""
+def _single_file_family(source: str, entry: _ModelEntry, where: str) -> tuple[Family, bool, int]:
+    """(family, zero terminal SNR, UNet input channels) read from the checkpoint;
+    RegistryError with the reason."""
     try:
         info = inspect_checkpoint(source, prediction=entry.prediction)
     except CheckpointError as exc:
         raise RegistryError(f"{where}.source: cannot be served: {exc.reason}") from None
     ztsnr = entry.zero_terminal_snr if entry.zero_terminal_snr is not None else info.zero_terminal_snr
-    return info.family, ztsnr
+    return info.family, ztsnr, info.in_channels
 
 
 def _vae_source(raw: str | None, base: Path, where: str) -> str | None:
@@ -313,8 +317,9 @@ def _model_spec(name: str, entry: _ModelEntry, base: Path, file: Path) -> ModelS
     source, kind = _resolve_source(entry.source, base, where)
     config = _config_folder(entry, kind, base, where)
     ztsnr = bool(entry.zero_terminal_snr)
+    in_channels = 4
     if kind == "single_file":
-        detected, ztsnr = _single_file_family(source, entry, where)
+        detected, ztsnr, in_channels = _single_file_family(source, entry, where)
         from_config = config_family(config) if config else None
         if from_config and from_config != detected:
             raise RegistryError(
@@ -359,6 +364,7 @@ def _model_spec(name: str, entry: _ModelEntry, base: Path, file: Path) -> ModelS
         config=config,
         prediction=entry.prediction,
         zero_terminal_snr=ztsnr,
+        in_channels=in_channels,
     )
 
 
@@ -496,6 +502,7 @@ def _dir_models(data: _File, base: Path, file: Path, explicit: dict[str, ModelSp
             vae=None,
             preload=False,
             zero_terminal_snr=info.zero_terminal_snr,
+            in_channels=info.in_channels,
         )
     return models
 

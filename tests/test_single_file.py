@@ -197,8 +197,8 @@ def save_and(tensors: dict, path: Path) -> Path:
     [
         ({**UNET_4, **VAE_KEYS, "conditioner.embedders.0.model.ln_final.weight": [1]}, None, "SDXL refiner"),
         ({**UNET_4, **VAE_KEYS, "cond_stage_model.model.ln_final.weight": [1]}, None, "SD 2.x"),
-        ({**SD1, "model.diffusion_model.input_blocks.0.0.weight": [8, 9, 1, 1]}, None,
-         "inpainting checkpoint: its UNet takes 9 input channels"),
+        ({**SD1, "model.diffusion_model.input_blocks.0.0.weight": [8, 8, 1, 1]}, None,
+         "instruct-pix2pix / depth checkpoint: its UNet takes 8 input channels"),
         ({**SDXL, "v_pred": [0]}, None, "v-prediction checkpoint .*`v_pred`.*prediction: v"),
         (SD1, {"modelspec.prediction_type": "v"}, "v-prediction"),
         ({"model.diffusion_model.joint_blocks.0.x_block.attn.qkv.weight": [1]}, None, "Stable Diffusion 3"),
@@ -274,14 +274,19 @@ def test_model_dirs(tiny: dict, tmp_path: Path, caplog: pytest.LogCaptureFixture
     (folder / "two.safetensors").write_bytes(tiny["sdxl"]["file"].read_bytes())
     fake_checkpoint(folder / "inpaint.safetensors",
                     {**SD1, "model.diffusion_model.input_blocks.0.0.weight": [8, 9, 1, 1]})
+    fake_checkpoint(folder / "pix2pix.safetensors",
+                    {**SD1, "model.diffusion_model.input_blocks.0.0.weight": [8, 8, 1, 1]})
     (folder / "old.ckpt").write_bytes(b"PK")
     (folder / "notes.txt").write_text("not a model")
     with caplog.at_level(logging.WARNING):
         registry = load_registry(write_models_file(tmp_path, "model_dirs: [checkpoints]\nmodels: {}\n"))
-    assert {n: m.family for n, m in registry.models.items()} == {"one": "sd15", "two": "sdxl"}
+    assert {n: m.family for n, m in registry.models.items()} == {"inpaint": "sd15", "one": "sd15",
+                                                                 "two": "sdxl"}
     assert registry.models["one"].kind == "single_file"
+    assert (registry.models["one"].in_channels, registry.models["inpaint"].in_channels) == (4, 9)
     warnings = caplog.text
-    assert "inpaint.safetensors is not served: inpaint.safetensors is an inpainting checkpoint" in warnings
+    assert ("pix2pix.safetensors is not served: pix2pix.safetensors is an instruct-pix2pix / depth "
+            "checkpoint") in warnings
     assert "old.ckpt is not served" in warnings and "pickle" in warnings
     other = tmp_path / "more"
     other.mkdir()

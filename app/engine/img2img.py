@@ -19,8 +19,10 @@ import torch
 from diffusers import (
     StableDiffusionImg2ImgPipeline,
     StableDiffusionInpaintPipeline,
+    StableDiffusionPipeline,
     StableDiffusionXLImg2ImgPipeline,
     StableDiffusionXLInpaintPipeline,
+    StableDiffusionXLPipeline,
 )
 from PIL import Image
 
@@ -88,6 +90,23 @@ def inpainting_unet(pipe: Any) -> bool:
     return int(pipe.unet.config.in_channels) == 9
 
 
+_BASES = {
+    ("sdxl", False): StableDiffusionXLPipeline,
+    ("sdxl", True): StableDiffusionXLInpaintPipeline,
+    ("sd15", False): StableDiffusionPipeline,
+    ("sd15", True): StableDiffusionInpaintPipeline,
+}
+
+
+def base_pipeline(pipe: Any, family: str) -> Any:
+    """The pipeline a model serves from, by what its UNet takes rather than the class a folder
+    was saved as: the family's inpainting pipeline for an inpainting UNet, its text-to-image
+    pipeline otherwise (made from the same components when the loaded class differs, e.g. a
+    4-channel model saved from an inpainting pipeline)."""
+    want = _BASES[(family, inpainting_unet(pipe))]
+    return pipe if isinstance(pipe, want) else want.from_pipe(pipe)
+
+
 def pipeline_for(model: Any, task: str) -> Any:
     """The LoadedModel's pipeline for `task` (txt2img, img2img, inpaint), made once from the
     model's own components."""
@@ -107,14 +126,21 @@ def pipeline_for(model: Any, task: str) -> Any:
 def encode_latents(pipe: Any, image: Image.Image, generator: torch.Generator) -> torch.Tensor:
     """One picture's VAE latents (1, 4, h/8, w/8), sampled with the job's generator and scaled
     as the pipelines scale them (resize mode 3: the worker then resizes these)."""
-    pixels = pipe.image_processor.preprocess(image).to(pipe.vae.device, pipe.vae.dtype)
+    return _encode(pipe, pipe.image_processor.preprocess(image), generator)
+
+
+def _encode(pipe: Any, pixels: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """Pixels in -1..1 to scaled latents: sampled with `generator`, the mean without."""
     vae = pipe.vae
+    pixels = pixels.to(vae.device, vae.dtype)
     upcast = vae.dtype == torch.float16 and bool(getattr(vae.config, "force_upcast", False))
     if upcast:
         vae.to(torch.float32)
         pixels = pixels.float()
     try:
-        latents = vae.encode(pixels).latent_dist.sample(generator) * vae.config.scaling_factor
+        dist = vae.encode(pixels).latent_dist
+        latents = dist.sample(generator) if generator is not None else dist.mode()
+        latents = latents * vae.config.scaling_factor
     finally:
         if upcast:
             vae.to(torch.float16)
@@ -126,3 +152,12 @@ def blank_sources(count: int, width: int, height: int) -> tuple[list[Image.Image
     masked, at full strength."""
     return ([Image.new("RGB", (width, height), (127, 127, 127))] * count,
             [Image.new("L", (width, height), 255)] * count)
+
+
+def blank_masked_latents(pipe: Any, count: int, width: int, height: int) -> torch.Tensor:
+    """What an inpainting UNet reads as the masked picture when all of it is masked: the
+    latents of a mid-grey picture (zeros in -1..1, as the pipelines mask pixels and as A1111
+    conditions its second hires pass), for passes that start from latents and so have no
+    pixels for the pipeline to mask; (count, 4, height/8, width/8)."""
+    latents = _encode(pipe, torch.zeros(1, 3, height, width), None)
+    return latents.expand(count, -1, -1, -1)

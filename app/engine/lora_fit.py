@@ -151,6 +151,8 @@ def architecture_of(spec: ModelSpec) -> Architecture | None:
         configs = _read_configs(folder) if folder else None
         if configs is None:
             return None
+        if spec.kind == "single_file":  # the file's UNet input, as the loader builds it (9: inpainting)
+            configs["unet"] = {**configs["unet"], "in_channels": spec.in_channels}
         key = json.dumps(configs, sort_keys=True)
     with _BUILD_LOCK:
         return _built(key, spec.family)

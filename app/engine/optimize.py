@@ -113,11 +113,15 @@ def warm_up(
 
     One call per (width, height) x batch size, shaped like the engine's own calls (lists of
     prompts and negative prompts, CPU generators, classifier-free guidance when
-    `guidance_scale` > 1), so the graphs it makes are the ones requests use. The pipeline's
-    scheduler is left as it was. A no-op (0.0) on the CPU unless `force`.
+    `guidance_scale` > 1), so the graphs it makes are the ones requests use; an inpainting
+    checkpoint's pipeline (9-channel UNet) gets a blank picture fully masked, as its text to
+    image jobs do. The pipeline's scheduler is left as it was. A no-op (0.0) on the CPU
+    unless `force`.
     """
     if device.type != "cuda" and not force:
         return 0.0
+    from app.engine.img2img import blank_sources, inpainting_unet
+
     started = time.perf_counter()
     scheduler = pipe.scheduler
     try:
@@ -125,6 +129,10 @@ def warm_up(
             for batch in batch_sizes:
                 shape_started = time.perf_counter()
                 pipe.scheduler = copy.deepcopy(scheduler)
+                pictures: dict[str, Any] = {}
+                if inpainting_unet(pipe):
+                    image, mask = blank_sources(batch, width, height)
+                    pictures = {"image": image, "mask_image": mask, "strength": 1.0}
                 pipe(
                     prompt=["warm-up"] * batch,
                     negative_prompt=[""] * batch,
@@ -133,6 +141,7 @@ def warm_up(
                     width=width,
                     height=height,
                     generator=[torch.Generator("cpu").manual_seed(i) for i in range(batch)],
+                    **pictures,
                 )
                 if device.type == "cuda":
                     torch.cuda.synchronize(device)

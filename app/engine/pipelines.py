@@ -19,6 +19,7 @@ import torch
 
 from app.engine.determinism import make_batch_invariant
 from app.engine.hub import HubAccess, WaitingForWeights, WeightsMissing, download_commands, hub_repos
+from app.engine.img2img import base_pipeline
 from app.engine.loras import LoraManager
 from app.engine.optimize import load_compile_cache, optimize_pipeline, save_compile_cache, warm_up
 from app.engine.prompts import PromptEncoder
@@ -35,7 +36,7 @@ DEFAULT_SIZES: dict[str, tuple[int, int]] = {"sdxl": (1024, 1024), "sd15": (512,
 @dataclass
 class LoadedModel:
     spec: ModelSpec
-    pipe: Any  # a diffusers text-to-image pipeline
+    pipe: Any  # a diffusers text-to-image pipeline (inpainting, for a 9-channel UNet)
     family: Family
     scheduler_config: dict  # pristine copy; every job builds its own scheduler from it
     loras: LoraManager
@@ -273,6 +274,7 @@ def load_model(
     try:
         pipe = _build(spec, dtype, device, allow_downloads, hub)
         family = _family_of(spec, pipe)
+        pipe = base_pipeline(pipe, family)
         pipe.to(device)
         if spec.kind == "builtin" and dtype != pipe.unet.dtype:  # from_pretrained already chose
             pipe.to(dtype=dtype)  # the dtype (keeping fp32-only modules in fp32)

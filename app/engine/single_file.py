@@ -2,9 +2,11 @@
 
 No Hub function is called: the architecture comes from a diffusers-format config folder
 (app.checkpoints.config_folder: the entry's `config:` or the bundled app/configs/<family>),
-the modules are built on the meta device (no memory, no random init), and each parameter is
-read from the file by its original name. The name mapping (diffusers name -> original name)
-is derived here from the UNet/VAE configs, so it holds for any depth and width, tiny or full.
+but for the UNet's input channels, read from the file (a dedicated inpainting checkpoint, 9
+channels, gets the family's inpainting pipeline); the modules are built on the meta device
+(no memory, no random init), and each parameter is read from the file by its original name.
+The name mapping (diffusers name -> original name) is derived here from the UNet/VAE configs,
+so it holds for any depth and width, tiny or full.
 
 Every tensor must land: the load fails, naming the tensors, when a module parameter has no
 tensor in the file, when a shape differs, or when a tensor of the file is used by no module
@@ -335,10 +337,14 @@ def _json(path: Path) -> dict[str, Any]:
         raise SingleFileError(f"config file {path} cannot be read ({exc})") from None
 
 
-def _meta_unet(folder: Path):
+def _meta_unet(folder: Path, in_channels: int | None = None):
+    """The config folder's UNet on the meta device; `in_channels` (the file's) overrides the
+    config's, so one folder describes a family's text-to-image and inpainting checkpoints."""
     from diffusers import UNet2DConditionModel
 
     config = _json(folder / "unet" / "config.json")
+    if in_channels:
+        config["in_channels"] = in_channels
     with torch.device("meta"):
         return UNet2DConditionModel.from_config(config), config
 
@@ -407,19 +413,30 @@ def _build_vae(file: _File, folder: Path, dtype: torch.dtype):
 
 
 def load_single_file(spec: ModelSpec, dtype: torch.dtype) -> Any:
-    """The pipeline of a single-file checkpoint, on the CPU in `dtype`. Raises SingleFileError
-    (or CheckpointError, for a file that changed since start-up) with the reason."""
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+    """The pipeline of a single-file checkpoint, on the CPU in `dtype`: the family's
+    text-to-image pipeline, or its inpainting pipeline for a 9-channel (inpainting) UNet.
+    Raises SingleFileError (or CheckpointError, for a file that changed since start-up) with
+    the reason."""
+    from diffusers import (
+        StableDiffusionInpaintPipeline,
+        StableDiffusionPipeline,
+        StableDiffusionXLInpaintPipeline,
+        StableDiffusionXLPipeline,
+    )
 
     path = Path(spec.source)
     info = inspect_checkpoint(path, prediction=spec.prediction)
     if info.family != spec.family:
         raise CheckpointError(f"the file is now a {info.family} checkpoint, registered as {spec.family}")
+    if info.in_channels != spec.in_channels:
+        raise CheckpointError(f"the file's UNet now takes {info.in_channels} input channels, registered "
+                              f"with {spec.in_channels}; reload the models file")
     folder = config_folder(spec)
     assert folder is not None
     file = _File(path)
     try:
-        unet, unet_config = _meta_unet(folder)
+        unet, unet_config = _meta_unet(folder, info.in_channels)
+        inpainting = info.in_channels == 9
         parts: dict[str, Any] = {
             "unet": _fill(unet, file, _prefixed(UNET, unet_mapper(unet_config)), dtype, "UNet"),
             "vae": _build_vae(file, folder, dtype),
@@ -436,12 +453,14 @@ def load_single_file(spec: ModelSpec, dtype: torch.dtype) -> Any:
                 dtype, "text encoder 2 (OpenCLIP bigG)")
             parts["tokenizer_2"] = _tokenizer(folder, "tokenizer_2")
             _check_all_used(file)
+            if inpainting:  # as diffusers' own SDXL inpainting model folder configures it
+                return StableDiffusionXLInpaintPipeline(**parts, requires_aesthetics_score=False)
             return StableDiffusionXLPipeline(**parts)
         parts["text_encoder"] = _fill(_meta_text_encoder(folder, "text_encoder"), file,
                                       _prefixed(SD1_TEXT, clip_name), dtype, "text encoder (CLIP ViT-L)")
         _check_all_used(file)
-        return StableDiffusionPipeline(**parts, safety_checker=None, feature_extractor=None,
-                                       requires_safety_checker=False)
+        cls = StableDiffusionInpaintPipeline if inpainting else StableDiffusionPipeline
+        return cls(**parts, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     finally:
         file.close()
 

@@ -35,7 +35,13 @@ from app.engine.availability import LoadFailures
 from app.engine.determinism import jobs_in_call
 from app.engine.hub import HubAccess, WaitingForWeights
 from app.engine.image_ops import finish
-from app.engine.img2img import blank_sources, encode_latents, inpainting_unet, pipeline_for
+from app.engine.img2img import (
+    blank_masked_latents,
+    blank_sources,
+    encode_latents,
+    inpainting_unet,
+    pipeline_for,
+)
 from app.engine.jobs import GenParams, Job, JobQueue, JobResult, UpscaleParams, WorkerSlot, round_up8
 from app.engine.optimize import eager
 from app.engine.pipelines import LoadedModel, load_model
@@ -562,6 +568,8 @@ class Worker:
         if inpainting_unet(model.pipe):
             kwargs.update(mask_image=[Image.new("L", (out_w, out_h), 255)] * len(group),
                           width=out_w, height=out_h)
+            if hires.latent:  # no pixels to mask: the fully masked picture's latents
+                kwargs["masked_image_latents"] = blank_masked_latents(pipe, len(group), out_w, out_h)
         output: list = []
         offset = group[0].params.steps
         for sub, embeds in _prompt_groups(model, group, hires=True):
@@ -569,8 +577,9 @@ class Worker:
             sub_kwargs = dict(kwargs)
             sub_kwargs["image"] = (image[index] if isinstance(image, torch.Tensor)
                                    else [image[i] for i in index])
-            if "mask_image" in sub_kwargs:
-                sub_kwargs["mask_image"] = sub_kwargs["mask_image"][:len(sub)]
+            for name in ("mask_image", "masked_image_latents"):  # the same for every job
+                if name in sub_kwargs:
+                    sub_kwargs[name] = sub_kwargs[name][:len(sub)]
             with jobs_in_call(model.pipe, len(sub)):
                 result = self._call(pipe, sub, embeds, batch, steps=hires.steps, cfg=hires.cfg_scale,
                                     seeds=[j.params.seed for j in sub], offset=offset, hires=True,
