@@ -208,6 +208,7 @@ def create_app(settings: Settings | None = None, engine_factory: EngineFactory =
     app.include_router(visioncraft.router)
     app.include_router(a1111.router)
     app.include_router(a1111.extra_router)
+    app.include_router(a1111.controlnet_router)
     app.include_router(a1111.gradio_router)
     app.include_router(openai_images.router)
     app.include_router(health.router)
@@ -222,6 +223,7 @@ def create_app(settings: Settings | None = None, engine_factory: EngineFactory =
     app.include_router(page.router)
     app.state.error_renderers = renderers = ErrorRenderers()
     renderers.register("/sdapi/", a1111.render_error)
+    renderers.register("/controlnet/", a1111.render_error)  # sd-webui-controlnet: A1111's shape
     for path in ("/queue/status", "/login_check"):  # gradio's: a 401 as A1111 clients expect it
         renderers.register(path, a1111.render_error)
     renderers.register("/v1/", openai_images.render_error)
