@@ -557,7 +557,11 @@ class Worker:
         pipe = controlnet_pipeline(model, task, nets[0])
         total = params.steps if task == "txt2img" else denoising_steps(params.steps, params.strength)
         pipe.controlnet.set_units(nets, units, total, cfg=params.cfg_scale > 1)
-        images = [[job.params.control_images.images[k] for job in group] for k in range(len(units))]
+        # One (jobs, 3, h, w) tensor in 0..1 per unit, each job its own picture (diffusers'
+        # multi-ControlNet pipelines take no per-prompt lists; these are the values its image
+        # processor makes of the pictures).
+        images = [_control_tensor([job.params.control_images.images[k] for job in group])
+                  for k in range(len(units))]
         count = len(units)
         kwargs: dict[str, Any] = {
             ("image" if task == "txt2img" else "control_image"): images,
@@ -654,6 +658,14 @@ class Worker:
             callback_on_step_end=_stop_when_abandoned(jobs, batch, offset),
             **kwargs,
         )
+
+
+def _control_tensor(pictures: Sequence[Any]) -> torch.Tensor:
+    """RGB pictures of one size as a (n, 3, h, w) float tensor in 0..1."""
+    import numpy as np
+
+    stacked = np.stack([np.asarray(p.convert("RGB"), dtype=np.float32) / 255.0 for p in pictures])
+    return torch.from_numpy(stacked).permute(0, 3, 1, 2).contiguous()
 
 
 def _texts(params: GenParams, hires: bool = False) -> tuple[str, str]:
