@@ -140,6 +140,8 @@ class Settings(BaseSettings):
     a1111_max_size: int = Field(2048, ge=64, description="pixels, width and height")
     a1111_max_steps: int = Field(150, ge=1)
     a1111_max_images: int = Field(8, ge=1, description="batch_size x n_iter of one request")
+    # ControlNet units a request may send (the extension's control_net_unit_count)
+    controlnet_max_units: int = Field(3, ge=0, description="ControlNet units a request may use")
 
     # OpenAI images dialect (/v1): images a request (`n`), and other model names (e.g.
     # dall-e-3) mapped to served models: "dall-e-3=sdxl-base,dall-e-2=sd15" or a JSON object.

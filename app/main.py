@@ -28,6 +28,7 @@ from app.api.job_tracker import JobTracker
 from app.api.security_headers import SecurityHeaders
 from app.auth import Authenticator
 from app.config import Settings, get_settings
+from app.engine.controlnet_fit import match_controlnets
 from app.engine.engine import Engine
 from app.engine.lora_fit import match_loras
 from app.engine.protocol import EngineAPI
@@ -152,6 +153,7 @@ def create_app(settings: Settings | None = None, engine_factory: EngineFactory =
     settings = settings or get_settings()
     registry = load_registry(settings.models)
     match_loras(registry)  # which LoRA fits which model, from their layers (no weights)
+    match_controlnets(registry)  # and which ControlNet, the same way
     metrics = Metrics()
     auth = Authenticator(settings.all_api_keys(), allow_anonymous=settings.allow_anonymous,
                          rate_limit=settings.rate_limit, metrics=metrics,
@@ -206,6 +208,7 @@ def create_app(settings: Settings | None = None, engine_factory: EngineFactory =
     app.include_router(visioncraft.router)
     app.include_router(a1111.router)
     app.include_router(a1111.extra_router)
+    app.include_router(a1111.controlnet_router)
     app.include_router(a1111.gradio_router)
     app.include_router(openai_images.router)
     app.include_router(health.router)
@@ -220,6 +223,7 @@ def create_app(settings: Settings | None = None, engine_factory: EngineFactory =
     app.include_router(page.router)
     app.state.error_renderers = renderers = ErrorRenderers()
     renderers.register("/sdapi/", a1111.render_error)
+    renderers.register("/controlnet/", a1111.render_error)  # sd-webui-controlnet: A1111's shape
     for path in ("/queue/status", "/login_check"):  # gradio's: a 401 as A1111 clients expect it
         renderers.register(path, a1111.render_error)
     renderers.register("/v1/", openai_images.render_error)

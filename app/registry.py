@@ -42,6 +42,7 @@ from app.checkpoints import (
     inspect_checkpoint,
     inspect_vae,
 )
+from app.controlnet_files import ControlNetSpec, discover_controlnets
 from app.errors import CraftError, LoraError
 from app.families import PIPELINE_FAMILIES, Family, family_label
 from app.lora_files import check_lora_file, read_header
@@ -92,6 +93,7 @@ class _File(BaseModel):
     lora_dirs: list[str] = []
     embedding_dirs: list[str] = []
     upscaler_dirs: list[str] = []
+    controlnet_dirs: list[str] = []
     model_dirs: list[str] = []
     styles_file: str | None = None
 
@@ -159,6 +161,8 @@ class Registry:
     embeddings: list[EmbeddingSpec] = field(default_factory=list)
     # model upscalers of upscaler_dirs, by name (the file stem); app.engine.upscalers runs them
     upscalers: dict[str, UpscalerSpec] = field(default_factory=dict)
+    # ControlNets of controlnet_dirs, by name; app.engine.controlnet runs them
+    controlnets: dict[str, ControlNetSpec] = field(default_factory=dict)
     # A1111's prompt styles (models.yaml `styles_file:`), by name in the file's order
     styles: dict[str, PromptStyle] = field(default_factory=dict)
     styles_file: Path | None = None
@@ -561,4 +565,6 @@ def load_registry(path: Path) -> Registry:
     return Registry(path=path, models=models, loras=_collect_loras(data, base, path),
                     embeddings=_collect_embeddings(data, base, path, models),
                     upscalers=discover_upscalers(_folders(data.upscaler_dirs, "upscaler_dirs", base, path)),
+                    controlnets=discover_controlnets(_folders(data.controlnet_dirs, "controlnet_dirs",
+                                                              base, path)),
                     styles=styles, styles_file=styles_file)

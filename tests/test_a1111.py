@@ -140,10 +140,12 @@ def test_nulls_unknown_fields_and_unapplied_features_are_accepted(c: httpx.Clien
     blob = base64.b64encode(b"\x89PNG" + bytes(3000)).decode()
     data = txt2img(c, seed=7, styles=None, subseed=None, eta=None, init_images=[blob], mask=blob,
                    restore_faces=True, firstpass_image=blob,
-                   alwayson_scripts={"ControlNet": {"args": [{"image": blob}]}}, foo={"bar": 1},
+                   alwayson_scripts={"ControlNet": {"args": [{"image": blob}]}, "ADetailer": {"args": []}},
+                   foo={"bar": 1},
                    override_settings={"samples_format": "jpg", "sd_vae": "None"})
     info = json.loads(data["info"])
-    assert info["craftserve_not_applied"] == {"restore_faces": True, "alwayson_scripts": ["ControlNet"]}
+    # ControlNet is served (a unit with no model and no `enabled` is off); other scripts are not
+    assert info["craftserve_not_applied"] == {"restore_faces": True, "alwayson_scripts": ["ADetailer"]}
     assert data["parameters"]["restore_faces"] is False  # what ran
     assert blob not in json.dumps(data)  # blobs are never echoed
     plain = txt2img(c, seed=7)

@@ -27,6 +27,8 @@ from app.api.rules import (
     check_steps,
 )
 from app.config import Settings
+from app.controlnet_files import find_controlnet
+from app.engine.control_units import ControlImages, ControlUnit
 from app.engine.image_ops import Source, prepare_source
 from app.engine.jobs import GenParams, Hires, Job, JobResult, UpscaleParams
 from app.engine.protocol import EngineAPI
@@ -90,6 +92,29 @@ class HiresRequest:
     cfg_scale: float | None = None  # None: the first pass's
 
 
+@dataclass(frozen=True, eq=False)
+class UnitRequest:
+    """One ControlNet unit as asked (the extension's fields; a dialect maps its own onto these).
+    `where` names the unit in errors (e.g. "alwayson_scripts.controlnet.args[0]"). `image`: a
+    decoded RGB picture, or None to use the request's init picture."""
+
+    model: str
+    module: str = "none"
+    weight: float = 1.0
+    guidance_start: float = 0.0
+    guidance_end: float = 1.0
+    control_mode: int = 0  # 0 Balanced, 1 My prompt is more important, 2 ControlNet is more important
+    resize_mode: int = 1  # 0 Just Resize, 1 Crop and Resize, 2 Resize and Fill
+    processor_res: float = -1
+    threshold_a: float = -1
+    threshold_b: float = -1
+    pixel_perfect: bool = False
+    image: Any = None
+    hr_option: str = "Both"
+    save_detected_map: bool = True
+    where: str = "controlnet[0]"
+
+
 @dataclass(frozen=True)
 class ImageRequest:
     """One request for images, in no dialect's terms. Ranges were checked by the dialect with
@@ -110,6 +135,7 @@ class ImageRequest:
     clip_skip: int | None = None  # A1111's CLIP_stop_at_last_layers; None: 1 (the last layer)
     image: ImageInput | None = None  # image to image / inpainting
     hires: HiresRequest | None = None  # text to image with A1111's hires fix
+    controlnet: tuple[UnitRequest, ...] = ()  # enabled ControlNet units, in order
 
 
 @dataclass(frozen=True)
@@ -193,7 +219,92 @@ def to_params(body: ImageRequest, registry: Registry, settings: Settings) -> Gen
         strength=1.0 if image is None else image.strength,
         fill=1 if image is None or image.mask is None else image.fill,
         hires=hires,
+        controlnet=_units(body, spec, registry, settings),
     )
+
+
+MAX_CONTROL_WEIGHT = 2.0
+
+
+def _units(body: ImageRequest, spec: Any, registry: Registry, settings: Settings) -> tuple[ControlUnit, ...]:
+    """The request's ControlNet units checked (count, names, the model's fit, ranges, an image
+    to use) and resolved; their images are prepared by `prepare_controls`."""
+    from app.engine.preprocessors import PREPROCESSORS, find_preprocessor
+
+    units = body.controlnet
+    if not units:
+        return ()
+    limit = settings.controlnet_max_units
+    if len(units) > limit:
+        raise InvalidParameter(units[limit].where, f"<{len(units)} units>", f"at most {limit} ControlNet "
+                               "units a request (setting CRAFTSERVE_CONTROLNET_MAX_UNITS)")
+    served = getattr(registry, "controlnets", {}) or {}
+    resolved = []
+    for unit in units:
+        at = unit.where
+        if find_preprocessor(unit.module) is None:
+            raise NotServed(f"{at}.module", unit.module, PREPROCESSORS)
+        net = find_controlnet(unit.model, served)
+        if net is None:
+            raise NotServed(f"{at}.model", unit.model, [n.title for n in served.values()])
+        reason = net.fits.get(spec.name)
+        if reason:
+            raise InvalidParameter(f"{at}.model", unit.model, f"this ControlNet does not fit model "
+                                   f"'{spec.name}' ({spec.family}): {reason}")
+        check_range(f"{at}.weight", unit.weight, 0.0, MAX_CONTROL_WEIGHT)
+        check_range(f"{at}.guidance_start", unit.guidance_start, 0.0, 1.0)
+        check_range(f"{at}.guidance_end", unit.guidance_end, 0.0, 1.0)
+        if unit.guidance_start > unit.guidance_end:
+            raise InvalidParameter(f"{at}.guidance_start", unit.guidance_start, "guidance_start must "
+                                   f"not be after guidance_end ({unit.guidance_end:g})")
+        check_range(f"{at}.control_mode", unit.control_mode, 0, 2, note=" (0 Balanced, 1 My prompt is "
+                    "more important, 2 ControlNet is more important)")
+        check_range(f"{at}.resize_mode", unit.resize_mode, 0, 2, note=" (0 Just Resize, 1 Crop and "
+                    "Resize, 2 Resize and Fill)")
+        if unit.image is None and body.image is None:
+            raise InvalidParameter(f"{at}.image", None, "a ControlNet unit needs an image (base64); "
+                                   "only img2img may leave it out to use its init picture")
+        if body.hires is not None and unit.hr_option != "Low res only":
+            raise InvalidParameter(f"{at}.hr_option", unit.hr_option, "ControlNet in the hires fix's "
+                                   "second pass is not served yet; send hr_option \"Low res only\" "
+                                   "(the unit guides the first pass) or leave the hires fix off")
+        resolved.append(ControlUnit(name=net.name, weights=str(net.weights), weight=float(unit.weight),
+                                    start=float(unit.guidance_start), end=float(unit.guidance_end),
+                                    mode=int(unit.control_mode)))
+    return tuple(resolved)
+
+
+def _control_maps(unit: UnitRequest, picture: Any, width: int, height: int) -> tuple[Any, Any]:
+    """(detected map, map fitted to width x height) of one unit for one job."""
+    from app.engine.preprocessors import detect, find_preprocessor, fit, pixel_perfect_resolution
+
+    module = find_preprocessor(unit.module)
+    assert module is not None
+    image = unit.image if unit.image is not None else picture
+    resolution = unit.processor_res
+    if unit.pixel_perfect:
+        resolution = pixel_perfect_resolution(image.size, width, height, unit.resize_mode)
+    detected = detect(module, image, resolution, unit.threshold_a, unit.threshold_b)
+    return detected, fit(detected, width, height, unit.resize_mode)
+
+
+async def prepare_controls(body: ImageRequest, params: GenParams,
+                           ) -> tuple[list[ControlImages | None], list[Any]]:
+    """Each job's control images (one per unit, the unit's image or else the job's init
+    picture, preprocessed and fitted to the generated size), off the event loop; and the
+    detected maps of the first job to answer (units with save_detected_map)."""
+    if not params.controlnet:
+        return [None], []
+    width, height = params.gen_size
+    pictures = body.image.images if body.image is not None else (None,)
+
+    def prepare(picture: Any) -> tuple[ControlImages, list[Any]]:
+        maps = [_control_maps(unit, picture, width, height) for unit in body.controlnet]
+        shown_maps = [d for (d, _), u in zip(maps, body.controlnet, strict=True) if u.save_detected_map]
+        return ControlImages([fitted for _, fitted in maps]), shown_maps
+
+    prepared = [await off_loop(prepare, picture) for picture in pictures]
+    return [images for images, _ in prepared], prepared[0][1]
 
 
 def served_upscalers(registry: Registry) -> list[str]:
@@ -351,8 +462,9 @@ async def submit_job(body: ImageRequest, *, client: str, share: int, engine: Eng
     it: the job API (POST /jobs) follows it by its future and its `step`."""
     params = to_params(body, registry, settings)
     source = (await prepare_sources(body, params))[0]
+    controls = (await prepare_controls(body, params))[0][0]
     check_queue_share(engine, client, 1, share)
-    return engine.submit(replace(params, source=source), client)
+    return engine.submit(replace(params, source=source, control_images=controls), client)
 
 
 async def encode_result(params: GenParams, result: JobResult, job_id: str,
@@ -373,15 +485,21 @@ async def generate_images(
     settings: Settings,
     output_format: str = "png",
     quality: int = 100,
+    detected: list[Any] | None = None,
 ) -> list[Generated]:
     """`count` images of one request for the authenticated `client` (a key label), seeds
     seed, seed+1, ... (A1111's convention); they are compatible jobs, so the engine batches
     them. `share`: the jobs the client may have waiting (`check_queue_share`). Any failure
     fails the request and takes back its other jobs. Images are encoded as `output_format`
-    (png, jpeg, webp; `quality` for the lossy ones), off the event loop."""
+    (png, jpeg, webp; `quality` for the lossy ones), off the event loop. `detected`: a list
+    the ControlNet units' detected maps are appended to (those to answer)."""
     first = to_params(body, registry, settings)
     sources = await prepare_sources(body, first)
-    all_params = [replace(first, seed=(first.seed + i) % (MAX_SEED + 1), source=sources[i % len(sources)])
+    controls, maps = await prepare_controls(body, first)
+    if detected is not None:
+        detected.extend(maps)
+    all_params = [replace(first, seed=(first.seed + i) % (MAX_SEED + 1), source=sources[i % len(sources)],
+                          control_images=controls[i % len(controls)])
                   for i in range(count)]
     check_queue_share(engine, client, count, share)
     jobs: list[Job] = []

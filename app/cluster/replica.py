@@ -24,6 +24,7 @@ from typing import Any
 from app.cluster.board import REPORT_EVERY_S, get_board
 from app.cluster.wire import DONE, ERROR, PREVIEW, PROGRESS, STARTED, JobCall, error_to_wire
 from app.config import Settings
+from app.engine.controlnet_fit import match_controlnets
 from app.engine.engine import Engine
 from app.engine.lora_fit import match_loras
 from app.errors import CraftError, InternalError
@@ -117,6 +118,7 @@ class GenerationReplica:
                             format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         registry = load_registry(self.settings.models)
         match_loras(registry)
+        match_controlnets(registry)  # and which ControlNet, the same way
         self.engine = Engine(self.settings, registry, Metrics())
         self.engine.start()
         engine = self.engine

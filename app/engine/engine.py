@@ -93,6 +93,7 @@ class Engine:
                 preload=self.preload,
                 hub=self.hub,
                 upscaler_specs=lambda: self.registry.upscalers,
+                controlnet_specs=lambda: self.registry.controlnets,
             )
             for i, device in enumerate(parse_devices(settings.devices))
         ]

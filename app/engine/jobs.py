@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from app.engine.control_units import ControlImages, ControlUnit
 from app.engine.image_ops import Source
 from app.errors import ErrorKind, Unavailable
 from app.samplers import SamplerChoice
@@ -99,6 +100,10 @@ class GenParams:
     strength: float = 1.0
     fill: int = 1
     hires: Hires | None = None
+    # ControlNet units (app.engine.controlnet): the batch's (part of the key), and the job's own
+    # control images, one per unit at the generated size (compared by identity).
+    controlnet: tuple[ControlUnit, ...] = ()
+    control_images: ControlImages | None = field(default=None, compare=False)
 
     @property
     def gen_size(self) -> tuple[int, int]:
@@ -141,6 +146,7 @@ class GenParams:
             self.source.latent_resize if self.source is not None else None,
             self.hires,
             bool(self.hires.negative_prompt) if self.hires is not None else None,
+            self.controlnet,
         )
         # Prompts (their syntax, length, embeddings, clip skip) are per job: the worker encodes
         # each job's own and runs jobs whose encodings differ in length in separate calls.

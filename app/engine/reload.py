@@ -18,6 +18,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from app.engine.controlnet_fit import match_controlnets
 from app.engine.lora_fit import match_loras
 from app.registry import ModelSpec, Registry, RegistryError, load_registry
 
@@ -107,6 +108,7 @@ def plan_reload(current: Registry, prints: Mapping[str, Fingerprint]) -> ReloadP
     Raises RegistryError when the file is no longer valid (then nothing changes)."""
     fresh = load_registry(current.path)
     match_loras(fresh)
+    match_controlnets(fresh)  # and which ControlNet, the same way
     fresh_prints = {name: fingerprint(spec) for name, spec in fresh.models.items()}
     report = ReloadReport()
     for name, spec in fresh.models.items():

@@ -32,6 +32,7 @@ from PIL import Image
 
 from app.config import Settings
 from app.engine.availability import LoadFailures
+from app.engine.controlnet import ControlNets, controlnet_pipeline
 from app.engine.determinism import jobs_in_call
 from app.engine.hub import HubAccess, WaitingForWeights
 from app.engine.image_ops import finish
@@ -42,7 +43,16 @@ from app.engine.img2img import (
     inpainting_unet,
     pipeline_for,
 )
-from app.engine.jobs import GenParams, Job, JobQueue, JobResult, UpscaleParams, WorkerSlot, round_up8
+from app.engine.jobs import (
+    GenParams,
+    Job,
+    JobQueue,
+    JobResult,
+    UpscaleParams,
+    WorkerSlot,
+    denoising_steps,
+    round_up8,
+)
 from app.engine.optimize import eager
 from app.engine.pipelines import LoadedModel, load_model
 from app.engine.previews import approx_cheap
@@ -89,6 +99,7 @@ class Worker:
         preload: Sequence[str] = (),
         hub: HubAccess | None = None,
         upscaler_specs: Callable[[], Mapping[str, Any]] = dict,
+        controlnet_specs: Callable[[], Mapping[str, Any]] = dict,
     ) -> None:
         self.name = name
         self.device = device
@@ -101,6 +112,8 @@ class Worker:
         self.hub = hub
         self.upscaler_specs = upscaler_specs  # the served model upscalers, by name (a reload swaps them)
         self.upscalers = Upscalers(device)  # loaded on this thread when a job needs one
+        self.controlnet_specs = controlnet_specs  # the served ControlNets, by name
+        self.controlnets = ControlNets(device)  # loaded on this thread when a batch needs them
         self.slot = WorkerSlot(name)
         queue.register(self.slot)
         self.models: OrderedDict[str, LoadedModel] = OrderedDict()
@@ -507,6 +520,9 @@ class Worker:
         params = group[0].params
         task = params.task
         pipe = pipeline_for(model, task)
+        control: dict[str, Any] = {}
+        if params.controlnet:
+            pipe, control = self._controlnet(model, group, task)
         pipe.scheduler = make_scheduler(params.sampler, model.scheduler_config, params.seed)
         width, height = params.gen_size
         kwargs: dict[str, Any] = {"width": width, "height": height}
@@ -517,6 +533,7 @@ class Worker:
             kwargs.update(self._image_arguments(pipe, group, width, height))
         if params.hires is not None:
             kwargs["output_type"] = "latent" if params.hires.latent else "pil"
+        kwargs.update(control)
         with jobs_in_call(model.pipe, len(group)):
             if task == "inpaint" and params.fill in (2, 3):
                 pipe.craft_fill = (params.fill, [j.params.source.mask for j in group],
@@ -528,6 +545,37 @@ class Worker:
                 if task == "inpaint":
                     pipe.craft_fill = None
         return list(output.images)
+
+    def _controlnet(self, model: LoadedModel, group: list[Job], task: str) -> tuple[Any, dict[str, Any]]:
+        """The model's ControlNet pipeline for the task with the batch's units set, and the
+        call's ControlNet arguments: each job's control images (app.engine.controlnet applies
+        the weights, windows and modes itself; diffusers' own are left neutral)."""
+        params = group[0].params
+        units = params.controlnet
+        specs = self.controlnet_specs()
+        nets = []
+        for unit in units:
+            spec = specs.get(unit.name)
+            if spec is None:
+                raise Unavailable(f"ControlNet '{unit.name}' is no longer served: a reload removed it",
+                                  retry_after=3600, kind=ErrorKind.MODEL_UNAVAILABLE)
+            nets.append(self.controlnets.get(unit, spec, model.pipe.unet))
+        pipe = controlnet_pipeline(model, task, nets[0])
+        total = params.steps if task == "txt2img" else denoising_steps(params.steps, params.strength)
+        pipe.controlnet.set_units(nets, units, total, cfg=params.cfg_scale > 1)
+        # One (jobs, 3, h, w) tensor in 0..1 per unit, each job its own picture (diffusers'
+        # multi-ControlNet pipelines take no per-prompt lists; these are the values its image
+        # processor makes of the pictures).
+        images = [_control_tensor([job.params.control_images.images[k] for job in group])
+                  for k in range(len(units))]
+        count = len(units)
+        kwargs: dict[str, Any] = {
+            ("image" if task == "txt2img" else "control_image"): images,
+            "controlnet_conditioning_scale": [1.0] * count,
+            "control_guidance_start": [0.0] * count,
+            "control_guidance_end": [1.0] * count,
+        }
+        return pipe, kwargs
 
     def _image_arguments(self, pipe: Any, group: list[Job], width: int, height: int) -> dict[str, Any]:
         params = group[0].params
@@ -619,6 +667,14 @@ class Worker:
             callback_on_step_end=_stop_when_abandoned(jobs, batch, offset),
             **kwargs,
         )
+
+
+def _control_tensor(pictures: Sequence[Any]) -> torch.Tensor:
+    """RGB pictures of one size as a (n, 3, h, w) float tensor in 0..1."""
+    import numpy as np
+
+    stacked = np.stack([np.asarray(p.convert("RGB"), dtype=np.float32) / 255.0 for p in pictures])
+    return torch.from_numpy(stacked).permute(0, 3, 1, 2).contiguous()
 
 
 def _texts(params: GenParams, hires: bool = False) -> tuple[str, str]:

@@ -8,6 +8,7 @@ under `/sdapi/` is A1111's `{"error", "detail", "body", "errors"}`.
 - translate.py: a txt2img body as the core's request, and the core's images as A1111's answer;
 - state.py: what A1111 keeps between requests (options, skipped jobs), built with the app;
 - errors.py: A1111's error shape;
+- controlnet.py: sd-webui-controlnet's units (alwayson_scripts.controlnet) and /controlnet routes;
 - routes.py: the routes: generation, progress, options, discovery, refreshes;
 - extra_routes.py (+ extra_models.py): the rest of A1111's surface (styles, memory, cmd-flags,
   png-info, unload/reload-checkpoint, the empty lists, gradio's ping / queue / login checks);
@@ -42,6 +43,7 @@ Choices (documented in README.md and docs/clients.md):
   answers 409 `Interrupted`: craftserve has no half-done image to return.
 """
 
+from app.api.a1111.controlnet import router as controlnet_router
 from app.api.a1111.errors import render_error
 from app.api.a1111.extra_routes import gradio_router
 from app.api.a1111.extra_routes import router as extra_router
@@ -49,4 +51,5 @@ from app.api.a1111.hashes import ModelHashes
 from app.api.a1111.routes import router
 from app.api.a1111.state import A1111State
 
-__all__ = ["A1111State", "ModelHashes", "extra_router", "gradio_router", "render_error", "router"]
+__all__ = ["A1111State", "ModelHashes", "controlnet_router", "extra_router", "gradio_router", "render_error",
+           "router"]

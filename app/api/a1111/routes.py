@@ -6,11 +6,13 @@ import asyncio
 import base64
 import html
 import time
+from dataclasses import replace
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, Depends, Request
 from fastapi.responses import JSONResponse
 
+from app.api.a1111.controlnet import infotext_entries, png_base64, read_units
 from app.api.a1111.errors import ADMIN_ERRORS, AUTH_ERRORS, GENERATION_ERRORS, INPUT_ERRORS, REFRESH_FAILED
 from app.api.a1111.hashes import lora_file_metadata, short
 from app.api.a1111.models import (
@@ -72,7 +74,7 @@ async def txt2img(
 ) -> JSONResponse:
     """A txt2img body as the shared core's request (translate.plan), its images as A1111's
     answer (translate.answer); an interrupt or skip by the same key answers 409."""
-    planned = plan(body, state, client, registry, settings)
+    planned = await _with_units(plan(body, state, client, registry, settings), body, registry, settings)
     return await _run(planned, body, request, client, share, state, engine, registry, settings)
 
 
@@ -92,16 +94,27 @@ async def img2img(
 ) -> JSONResponse:
     """txt2img's fields plus the pictures (`init_images`, `mask`) and A1111's img2img knobs with
     its API's defaults (translate.plan_img2img); answered as txt2img is."""
-    planned = await plan_img2img(body, state, client, registry, settings)
+    planned = await _with_units(await plan_img2img(body, state, client, registry, settings), body,
+                                registry, settings)
     return await _run(planned, body, request, client, share, state, engine, registry, settings)
+
+
+async def _with_units(planned: Plan, body: A1111Txt2ImgRequest, registry: Any, settings: Any) -> Plan:
+    """The plan with the body's ControlNet units (alwayson_scripts.controlnet.args)."""
+    units = await read_units(body.alwayson_scripts, settings)
+    if not units:
+        return planned
+    extra = {**planned.extra_params, **infotext_entries(units, registry)}
+    return replace(planned, request=replace(planned.request, controlnet=units), extra_params=extra)
 
 
 async def _run(planned: Plan, body: A1111Txt2ImgRequest, request: Request, client: str, share: int,
                state: A1111State, engine: EngineAPI, registry: Any, settings: Any) -> JSONResponse:
+    detected: list[Any] = []
     try:
         generated = await generate_images(planned.request, planned.batch_size * planned.n_iter, request,
                                           client=client, share=share, engine=engine,
-                                          registry=registry, settings=settings)
+                                          registry=registry, settings=settings, detected=detected)
     except CraftError as exc:
         if exc.kind.stopped:  # the worker's words for a stopped job
             raise Interrupted() from exc
@@ -110,7 +123,10 @@ async def _run(planned: Plan, body: A1111Txt2ImgRequest, request: Request, clien
     if not restore and body.override_settings:
         state.update(client, body.override_settings)  # A1111: the overrides stay (for this key)
     hashes = await state.hashes.for_info(planned.request.model, list(planned.request.loras))
-    return JSONResponse(answer(planned, generated, registry, restore, hashes=hashes))
+    answered = answer(planned, generated, registry, restore, hashes=hashes)
+    if detected and planned.send_images:  # the extension appends each unit's detected map
+        answered["images"] += [await asyncio.to_thread(png_base64, image) for image in detected]
+    return JSONResponse(answered)
 
 
 async def _extras(body: A1111ExtraSingleRequest, value: str | None, field: str, request: Request,

@@ -95,6 +95,7 @@ class Plan:
     styles: tuple[str, ...] = ()  # applied, in order
     sent_prompt: str = ""  # the prompts as sent, before the styles (`parameters` echoes them)
     sent_negative_prompt: str = ""
+    extra_params: dict[str, str] = field(default_factory=dict)  # infotext entries (ControlNet N)
 
 
 def _not_applied(body: A1111Txt2ImgRequest) -> dict[str, Any]:
@@ -112,8 +113,9 @@ def _not_applied(body: A1111Txt2ImgRequest) -> dict[str, Any]:
         found["seed_resize_from"] = [body.seed_resize_from_w, body.seed_resize_from_h]
     if body.script_name:
         found["script_name"] = shown(body.script_name)
-    if body.alwayson_scripts:
-        found["alwayson_scripts"] = [shown(name) for name in list(body.alwayson_scripts)[:20]]
+    scripts = [name for name in (body.alwayson_scripts or {}) if name.lower() != "controlnet"]
+    if scripts:  # ControlNet's units are applied (app.api.a1111.controlnet)
+        found["alwayson_scripts"] = [shown(name) for name in scripts[:20]]
     if body.refiner_checkpoint and body.refiner_checkpoint.lower() != "none":
         found["refiner_checkpoint"] = shown(body.refiner_checkpoint)
     return found
@@ -288,6 +290,11 @@ class InitImageMissing(CraftError):
         super().__init__("Init image not found")
 
 
+def _with_extra(text: str, extra: Mapping[str, str]) -> str:
+    """An infotext with more `Key: value` entries at the end (ControlNet's)."""
+    return text + "".join(f", {key}: {value}" for key, value in extra.items())
+
+
 _SCHEDULE_BY_SUFFIX = {s.suffix: s for s in SCHEDULES}
 
 
@@ -323,10 +330,11 @@ def answer(plan: Plan, generated: list[Generated], registry: Registry,
         "sd_vae_name": vae, "sd_vae_hash": hashes.vae,
         "seed_resize_from_w": -1, "seed_resize_from_h": -1, "denoising_strength": None,
         **plan.info,
-        "extra_generation_params": {"Schedule type": schedule_label, **hashes.extra_params()},
+        "extra_generation_params": {"Schedule type": schedule_label, **hashes.extra_params(),
+                                    **plan.extra_params},
         "index_of_first_image": 0,
-        "infotexts": [parameters_text(g.params, g.result.seed, g.result.sampler_label)
-                      for g in generated],
+        "infotexts": [_with_extra(parameters_text(g.params, g.result.seed, g.result.sampler_label),
+                                  plan.extra_params) for g in generated],
         "styles": list(plan.styles), "job_timestamp": time.strftime("%Y%m%d%H%M%S"),
         "clip_skip": plan.clip_skip, "is_using_inpainting_conditioning": False,
         "version": f"craftserve {__version__}",

@@ -1,0 +1,58 @@
+"""ControlNet units as jobs carry them: torch-free, so the HTTP side and the queue can hold them.
+
+`ControlUnit` (frozen, hashable: part of a batch key) is a unit as the worker runs it; each
+job's control images are a `ControlImages` (compared by identity). `runs_at` and
+`block_factors` are sd-webui-controlnet's step window and control-mode factors, which
+app.engine.controlnet applies.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+BALANCED, PROMPT_MORE, CONTROL_MORE = 0, 1, 2
+CONTROL_MODES = ("Balanced", "My prompt is more important", "ControlNet is more important")
+SOFT_FACTOR = 0.825
+
+
+@dataclass(frozen=True)
+class ControlUnit:
+    """One enabled unit as the worker runs it (everything but its images)."""
+
+    name: str  # the ControlNet's name in the registry
+    weights: str  # its weights file (a changed file is another net)
+    weight: float = 1.0
+    start: float = 0.0
+    end: float = 1.0
+    mode: int = BALANCED
+
+
+class ControlImages:
+    """A job's control images, one per unit (PIL RGB at the generated size); compared by
+    identity, so jobs with other images still share a batch."""
+
+    __slots__ = ("images",)
+
+    def __init__(self, images: Sequence[Any]) -> None:
+        self.images = tuple(images)
+
+    def __repr__(self) -> str:
+        return f"ControlImages({len(self.images)})"
+
+
+def runs_at(unit: ControlUnit, step: int, total: int) -> bool:
+    """The extension's window: a unit is dropped at step i when i/total < start or > end."""
+    fraction = step / total
+    return not (fraction < unit.start or fraction > unit.end)
+
+
+def block_factors(mode: int, count: int) -> list[float]:
+    """The per-residual factors of a control mode (before the weight): 1 for Balanced, else
+    0.825^(12-k) for k = 0..12 (the first `count` of them: SD 1.5 has 13 residuals, SDXL 10)."""
+    if mode == BALANCED:
+        return [1.0] * count
+    return [SOFT_FACTOR ** float(12 - k) for k in range(13)][:count]
+
+

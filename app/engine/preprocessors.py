@@ -1,0 +1,221 @@
+"""ControlNet preprocessors that need no weights, and the unit image's resize modes.
+
+What sd-webui-controlnet (v1.1.455, `annotator/` and `scripts/processor.py`) does with OpenCV
+and NumPy on an RGB picture, redone here from its description:
+
+- the picture is first resized so its short side is `processor_res` (cubic when enlarging,
+  area when shrinking; edges padded to a multiple of 64 while the operator runs and cut off
+  afterwards, so border pixels see what the extension's see), then
+- `canny`: cv2.Canny on the RGB image itself (no grey conversion), thresholds a and b;
+  `invert`: 255 - x; `blur_gaussian`: Gaussian blur of sigma a; `threshold`: 255 where a
+  channel is above a, else 0; `scribble_xdog`: difference of Gaussians (0.5 and 5.0) over the
+  channels, 255 where twice it exceeds a; `lineart_standard`: the darkness below a 6-pixel
+  blur, normalised by its median; `tile_resample`: shrunk by the factor a (area); `shuffle`:
+  the picture's content moved along a smooth random flow (seeded, so a request repeats);
+  `t2ia_color_grid`: the 64-pixel colour grid; `none`: as it is.
+
+The detected map is then fitted to the generated size by the unit's resize mode (`fit`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import cv2
+import numpy as np
+from PIL import Image
+
+
+@dataclass(frozen=True)
+class Slider:
+    name: str
+    value: float
+    min: float
+    max: float
+    step: float = 1.0
+
+    def detail(self) -> dict[str, Any]:
+        return {"name": self.name, "value": self.value, "min": self.min, "max": self.max,
+                "step": self.step}
+
+
+@dataclass(frozen=True)
+class Preprocessor:
+    name: str
+    run: Callable[[np.ndarray, float, float], np.ndarray]  # (HWC uint8 at res, a, b) -> map
+    resolution: Slider | None = Slider("Resolution", 512, 64, 2048, 8)
+    a: Slider | None = None
+    b: Slider | None = None
+    aliases: tuple[str, ...] = field(default=())
+    control_type: str = "All"
+
+    def sliders(self) -> list[dict[str, Any]]:
+        return [s.detail() for s in (self.resolution, self.a, self.b) if s is not None]
+
+
+def _as_rgb(array: np.ndarray) -> np.ndarray:
+    if array.ndim == 2:
+        array = np.stack([array] * 3, axis=2)
+    return np.ascontiguousarray(array.astype(np.uint8))
+
+
+def short_side_resize(image: np.ndarray, resolution: int) -> np.ndarray:
+    """The picture with its short side `resolution` (cubic enlarging, area shrinking)."""
+    height, width = image.shape[:2]
+    k = resolution / min(height, width)
+    size = (int(np.round(width * k)), int(np.round(height * k)))
+    if size == (width, height):
+        return image
+    return cv2.resize(image, size, interpolation=cv2.INTER_CUBIC if k > 1 else cv2.INTER_AREA)
+
+
+def _padded(op: Callable[[np.ndarray], np.ndarray]) -> Callable[[np.ndarray], np.ndarray]:
+    """Run `op` on the picture edge-padded to multiples of 64, then cut the padding off."""
+    def run(image: np.ndarray) -> np.ndarray:
+        height, width = image.shape[:2]
+        ph, pw = (-height) % 64, (-width) % 64
+        padded = np.pad(image, ((0, ph), (0, pw), (0, 0)), mode="edge")
+        return op(padded)[:height, :width]
+    return run
+
+
+def _canny(image: np.ndarray, a: float, b: float) -> np.ndarray:
+    return _padded(lambda x: cv2.Canny(x, a, b))(image)
+
+
+def _blur(image: np.ndarray, a: float, b: float) -> np.ndarray:
+    return _padded(lambda x: cv2.GaussianBlur(x, (0, 0), a))(image)
+
+
+def _threshold(image: np.ndarray, a: float, b: float) -> np.ndarray:
+    return np.where(image.astype(np.float32) > a, 255, 0).astype(np.uint8)
+
+
+def _xdog(image: np.ndarray, a: float, b: float) -> np.ndarray:
+    x = image.astype(np.float32)
+    g1, g2 = cv2.GaussianBlur(x, (0, 0), 0.5), cv2.GaussianBlur(x, (0, 0), 5.0)
+    dog = (255 - np.min(g2 - g1, axis=2)).clip(0, 255).astype(np.uint8)
+    out = np.zeros_like(dog)
+    out[2 * (255 - dog.astype(np.int32)) > a] = 255
+    return out
+
+
+def _lineart_standard(image: np.ndarray, a: float, b: float) -> np.ndarray:
+    x = image.astype(np.float32)
+    g = cv2.GaussianBlur(x, (0, 0), 6.0)
+    intensity = np.min(g - x, axis=2).clip(0, 255)
+    bright = intensity[intensity > 8]
+    intensity /= max(16.0, float(np.median(bright)) if bright.size else 16.0)
+    return (intensity * 127).clip(0, 255).astype(np.uint8)
+
+
+def _tile(image: np.ndarray, a: float, b: float) -> np.ndarray:
+    height, width = image.shape[:2]
+    rate = max(1.0, a)
+    return cv2.resize(image, (max(1, int(width / rate)), max(1, int(height / rate))),
+                      interpolation=cv2.INTER_AREA)
+
+
+def _shuffle(image: np.ndarray, a: float, b: float) -> np.ndarray:
+    height, width = image.shape[:2]
+    rng = np.random.default_rng(0)
+
+    def smooth() -> np.ndarray:
+        noise = rng.uniform(0, 1, (max(1, height // 32), max(1, width // 32))).astype(np.float32)
+        return cv2.resize(noise, (width, height), interpolation=cv2.INTER_CUBIC)
+
+    x = (smooth() * (width - 1)).clip(0, width - 1).astype(np.float32)
+    y = (smooth() * (height - 1)).clip(0, height - 1).astype(np.float32)
+    return cv2.remap(image, x, y, cv2.INTER_LINEAR)
+
+
+def _color_grid(image: np.ndarray, a: float, b: float) -> np.ndarray:
+    height, width = image.shape[:2]
+    small = cv2.resize(image, (max(1, width // 64), max(1, height // 64)), interpolation=cv2.INTER_CUBIC)
+    return cv2.resize(small, (width, height), interpolation=cv2.INTER_NEAREST)
+
+
+_PREPROCESSORS = [
+    Preprocessor("none", lambda x, a, b: x, resolution=None, control_type="All"),
+    Preprocessor("canny", _canny, a=Slider("Canny Low Threshold", 100, 1, 255),
+                 b=Slider("Canny High Threshold", 200, 1, 255), control_type="Canny"),
+    Preprocessor("invert", lambda x, a, b: 255 - x, aliases=("invert (from white bg & black line)",),
+                 control_type="Lineart"),
+    Preprocessor("blur_gaussian", _blur, a=Slider("Sigma", 9.0, 0.01, 64.0, 0.01), control_type="Tile"),
+    Preprocessor("threshold", _threshold, a=Slider("Binarization Threshold", 127, 0, 255),
+                 control_type="Scribble"),
+    Preprocessor("scribble_xdog", _xdog, a=Slider("XDoG Threshold", 32, 1, 64), control_type="Scribble"),
+    Preprocessor("tile_resample", _tile, a=Slider("Down Sampling Rate", 1.0, 1.0, 8.0, 0.01),
+                 control_type="Tile"),
+    Preprocessor("lineart_standard", _lineart_standard,
+                 aliases=("lineart_standard (from white bg & black line)",), control_type="Lineart"),
+    Preprocessor("shuffle", _shuffle, control_type="Shuffle"),
+    Preprocessor("t2ia_color_grid", _color_grid, control_type="T2I-Adapter"),
+]
+PREPROCESSORS: dict[str, Preprocessor] = {p.name: p for p in _PREPROCESSORS}
+_BY_ALIAS = {alias.lower(): p for p in _PREPROCESSORS for alias in (p.name, *p.aliases)}
+CONTROL_TYPES = ("All", "Canny", "Lineart", "Scribble", "Tile", "Shuffle", "T2I-Adapter")
+
+
+def find_preprocessor(name: str) -> Preprocessor | None:
+    """A module by its name or alias (case-insensitively); None when not served."""
+    return _BY_ALIAS.get(name.strip().lower())
+
+
+def slider_value(asked: float | None, slider: Slider | None) -> float:
+    """The extension's rule: -1, missing or out of range means the default."""
+    if slider is None:
+        return 0.0
+    if asked is None or asked == -1 or not slider.min <= asked <= slider.max:
+        return float(slider.value)
+    return float(asked)
+
+
+def detect(module: Preprocessor, image: Image.Image, resolution: float | None = None,
+           a: float | None = None, b: float | None = None) -> Image.Image:
+    """The detected map of an RGB picture (RGB, at the preprocessing resolution)."""
+    array = np.asarray(image.convert("RGB"))
+    if module.resolution is not None:
+        array = short_side_resize(array, int(slider_value(resolution, module.resolution)))
+    out = module.run(np.ascontiguousarray(array), slider_value(a, module.a), slider_value(b, module.b))
+    return Image.fromarray(_as_rgb(out))
+
+
+JUST_RESIZE, CROP_AND_RESIZE, RESIZE_AND_FILL = 0, 1, 2
+RESIZE_MODES = ("Just Resize", "Crop and Resize", "Resize and Fill")
+
+
+def pixel_perfect_resolution(size: tuple[int, int], width: int, height: int, mode: int) -> int:
+    """The extension's pixel-perfect preprocessing resolution for a picture of `size` (w, h)
+    and a target of width x height: the short side the picture has once fitted."""
+    raw_w, raw_h = size
+    k_h, k_w = height / raw_h, width / raw_w
+    k = min(k_h, k_w) if mode == RESIZE_AND_FILL else max(k_h, k_w)
+    return int(np.round(k * min(raw_w, raw_h)))
+
+
+def _resize(array: np.ndarray, width: int, height: int) -> np.ndarray:
+    shrink = width * height < array.shape[0] * array.shape[1]
+    return cv2.resize(array, (width, height), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_CUBIC)
+
+
+def fit(image: Image.Image, width: int, height: int, mode: int) -> Image.Image:
+    """A detected map fitted to width x height: Just Resize stretches; Crop and Resize covers
+    the target keeping the aspect and cuts the centre; Resize and Fill fits inside keeping the
+    aspect and fills the rest with black. Area resampling to shrink, cubic to enlarge."""
+    array = np.asarray(image.convert("RGB"))
+    raw_h, raw_w = array.shape[:2]
+    if mode == JUST_RESIZE or (raw_w, raw_h) == (width, height):
+        return Image.fromarray(_resize(array, width, height) if (raw_w, raw_h) != (width, height) else array)
+    k = (max if mode == CROP_AND_RESIZE else min)(height / raw_h, width / raw_w)
+    new_w, new_h = max(1, int(np.round(raw_w * k))), max(1, int(np.round(raw_h * k)))
+    resized = _resize(array, new_w, new_h)
+    if mode == CROP_AND_RESIZE:
+        top, left = (new_h - height) // 2, (new_w - width) // 2
+        return Image.fromarray(np.ascontiguousarray(resized[top:top + height, left:left + width]))
+    canvas = np.zeros((height, width, 3), np.uint8)
+    top, left = (height - new_h) // 2, (width - new_w) // 2
+    canvas[top:top + new_h, left:left + new_w] = resized
+    return Image.fromarray(canvas)

@@ -1,0 +1,272 @@
+"""ControlNet units (issue 21) on tiny random ControlNets of both families, through the real
+HTTP stack and webuiapi. Expected values come from elsewhere: diffusers' ControlNet pipelines
+and ControlNetModel called directly, OpenCV, hashlib, the extension's rules stated by hand."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import io
+
+import cv2
+import numpy as np
+import pytest
+import torch
+import webuiapi
+from PIL import Image
+
+from tests.conftest import API_KEY
+from tests.controlnet_files import save_file, save_folder, tiny_controlnet
+
+AUTH = {"Authorization": f"Bearer {API_KEY}"}
+
+
+def noise(width: int, height: int, seed: int = 0) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
+
+
+def b64(image: Image.Image) -> str:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def decoded(text: str) -> Image.Image:
+    return Image.open(io.BytesIO(base64.b64decode(text))).convert("RGB")
+
+
+def arr(image: Image.Image) -> np.ndarray:
+    return np.asarray(image.convert("RGB")).astype(int)
+
+
+CONTROL = noise(64, 64, seed=5)
+
+
+@pytest.fixture(scope="module")
+def nets(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    folder = tmp_path_factory.mktemp("controlnets")
+    xl, sd = tiny_controlnet("sdxl"), tiny_controlnet("sd15", seed=2)
+    save_folder(xl, folder / "cn-xl")
+    save_file(sd, folder / "cn_sd15.safetensors")
+    return {"folder": folder, "sdxl": xl, "sd15": sd}
+
+
+@pytest.fixture(scope="module")
+def cn_server(make_server, nets):  # noqa: ANN001, ANN201
+    return make_server(f"""
+models:
+  tiny-sdxl: {{source: "builtin:tiny-sdxl", preload: true}}
+  tiny-sd15: {{source: "builtin:tiny-sd15"}}
+controlnet_dirs: ["{nets['folder']}"]
+""")
+
+
+@pytest.fixture()
+def http(cn_server):  # noqa: ANN001, ANN201
+    with cn_server.client() as c:
+        yield c
+
+
+def unit(**fields) -> dict:
+    return {"enabled": True, "module": "none", "model": "cn-xl", "image": b64(CONTROL), **fields}
+
+
+def txt2img(http, units: list, status: int = 200, **fields) -> dict:  # noqa: ANN001
+    body = {"prompt": "a lighthouse", "steps": 5, "width": 64, "height": 64, "seed": 11,
+            "sampler_name": "Euler", "cfg_scale": 5, "alwayson_scripts": {"controlnet": {"args": units}},
+            **fields}
+    answer = http.post("/sdapi/v1/txt2img", json=body, headers=AUTH)
+    assert answer.status_code == status, answer.text
+    return answer.json()
+
+
+def old_hash(path) -> str:  # noqa: ANN001
+    with open(path, "rb") as handle:
+        handle.seek(0x100000)
+        return hashlib.sha256(handle.read(0x10000)).hexdigest()[:8]
+
+
+def direct(family: str, net, *, steps: int = 5, **kwargs) -> np.ndarray:  # noqa: ANN001
+    """diffusers' ControlNet pipeline on the tiny model's weights, called directly."""
+    from diffusers import StableDiffusionControlNetPipeline, StableDiffusionXLControlNetPipeline
+
+    from app.engine import tiny
+    from app.engine.schedulers import make_scheduler
+    from app.samplers import resolve_sampler
+
+    base = tiny.build_tiny_sdxl() if family == "sdxl" else tiny.build_tiny_sd15()
+    cls = StableDiffusionXLControlNetPipeline if family == "sdxl" else StableDiffusionControlNetPipeline
+    pipe = cls.from_pipe(base, controlnet=net)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.scheduler = make_scheduler(resolve_sampler("Euler"), pipe.scheduler.config, 11)
+    kwargs.setdefault("image", CONTROL)
+    out = pipe("a lighthouse", num_inference_steps=steps, guidance_scale=5, width=64, height=64,
+               generator=[torch.Generator("cpu").manual_seed(11)], **kwargs).images[0]
+    return arr(out)
+
+
+def close(got: np.ndarray, expected: np.ndarray) -> None:
+    difference = np.abs(got - expected)
+    # (the server runs the networks on contiguous tensors; diffusers alone, channels-last ones)
+    assert difference.max() <= 2 and difference.mean() < 0.05, (difference.max(), difference.mean())
+
+
+def test_model_list_names_each_net_with_a1111s_old_hash(http, nets) -> None:  # noqa: ANN001
+    listed = http.get("/controlnet/model_list", headers=AUTH).json()["model_list"]
+    expected = {f"cn-xl [{old_hash(nets['folder'] / 'cn-xl' / 'diffusion_pytorch_model.safetensors')}]",
+                f"cn_sd15 [{old_hash(nets['folder'] / 'cn_sd15.safetensors')}]"}
+    assert set(listed) == expected
+    assert http.get("/controlnet/version", headers=AUTH).json() == {"version": 3}
+    assert http.get("/controlnet/settings", headers=AUTH).json() == {"control_net_unit_count": 3}
+    modules = http.get("/controlnet/module_list", headers=AUTH).json()
+    assert {"none", "canny", "invert", "blur_gaussian", "threshold", "scribble_xdog", "tile_resample",
+            "lineart_standard", "shuffle", "t2ia_color_grid"} <= set(modules["module_list"])
+    assert modules["module_detail"]["canny"]["sliders"][1]["value"] == 100
+
+
+def test_a_unit_is_diffusers_controlnet_with_the_extensions_step_window(http, nets) -> None:  # noqa: ANN001
+    """weight 0.7, window 0.2-0.6 over 5 steps: the extension runs the unit at steps i with
+    0.2 <= i/5 <= 0.6, i.e. 1, 2, 3; diffusers keeps i when i/5 >= start and (i+1)/5 <= end,
+    so end 0.8 selects the same steps there."""
+    got = txt2img(http, [unit(weight=0.7, guidance_start=0.2, guidance_end=0.6)])
+    assert len(got["images"]) == 2  # the image, then the detected map
+    expected = direct("sdxl", nets["sdxl"], controlnet_conditioning_scale=0.7,
+                      control_guidance_start=0.2, control_guidance_end=0.8)
+    close(arr(decoded(got["images"][0])), expected)
+    plain = direct("sdxl", nets["sdxl"], controlnet_conditioning_scale=0.0)
+    assert np.abs(arr(decoded(got["images"][0])) - plain).mean() > 1  # the unit did something
+    info = got["info"]
+    assert "ControlNet 0" in info and "Guidance End: 0.6" in info
+
+
+def test_two_units_weights_on_sd15_from_a_single_file(http, nets) -> None:  # noqa: ANN001
+    from diffusers.models.controlnets.multicontrolnet import MultiControlNetModel
+
+    second = noise(64, 64, seed=9)
+    got = txt2img(http, [unit(model="cn_sd15", weight=0.5),
+                         unit(model="CN_SD15", weight=1.3, image=b64(second), save_detected_map=False)],
+                  override_settings={"sd_model_checkpoint": "tiny-sd15"})
+    assert len(got["images"]) == 2  # one map: the second unit's is not saved
+    multi = MultiControlNetModel([nets["sd15"], nets["sd15"]])
+    expected = direct("sd15", multi, image=[CONTROL, second], controlnet_conditioning_scale=[0.5, 1.3])
+    close(arr(decoded(got["images"][0])), expected)
+
+
+def test_control_modes_against_controlnetmodel_called_directly(nets) -> None:  # noqa: ANN001
+    """My prompt is more important: residual k times weight x 0.825^(12-k) on both CFG halves;
+    ControlNet is more important: the same, on the conditional half only."""
+    from app.engine.control_units import ControlUnit
+    from app.engine.controlnet import CraftControlNets
+
+    net = nets["sd15"]
+    torch.manual_seed(0)
+    sample, hidden = torch.randn(2, 4, 8, 8), torch.randn(2, 77, 32)
+    cond = torch.rand(2, 3, 64, 64)
+    down, mid = net(sample, 500, encoder_hidden_states=hidden, controlnet_cond=cond, return_dict=False)
+    plain = [*down, mid]
+    for mode in (1, 2):
+        holder = CraftControlNets([net])
+        holder.set_units([net], [ControlUnit("n", "w", weight=0.8, mode=mode)], total=4, cfg=True)
+        d, m = holder(sample, torch.tensor(500), hidden, [cond], [1.0], return_dict=False)
+        for k, (got, ref) in enumerate(zip([*d, m], plain, strict=True)):
+            expected = ref * (0.8 * 0.825 ** (12 - k))
+            if mode == 2:
+                expected = torch.cat([torch.zeros_like(expected[:1]), expected[1:]])
+            torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_batched_jobs_keep_the_bytes_they_get_alone(http) -> None:  # noqa: ANN001
+    both = txt2img(http, [unit(save_detected_map=False)], batch_size=2)
+    second = txt2img(http, [unit(save_detected_map=False)], seed=12)
+    assert base64.b64decode(both["images"][1]) == base64.b64decode(second["images"][0])
+
+
+def test_webuiapi_controlnetunit_and_helpers(cn_server, nets) -> None:  # noqa: ANN001
+    host, port = cn_server.url.removeprefix("http://").split(":")
+    api = webuiapi.WebUIApi(host=host, port=int(port))
+    api.set_auth("whoever", API_KEY)
+    assert api.controlnet_version() == 3
+    assert any(name.startswith("cn-xl [") for name in api.controlnet_model_list())
+    assert "canny" in api.controlnet_module_list()
+    control = webuiapi.ControlNetUnit(image=CONTROL, module="canny", model="cn-xl", weight=0.9)
+    result = api.txt2img(prompt="a lighthouse", steps=3, width=64, height=64, seed=3,
+                         sampler_name="Euler", controlnet_units=[control])
+    assert len(result.images) == 2
+    edges = result.images[1]
+    # webuiapi's thresholds 64/64; processor_res 512: the short side resized first (cubic up)
+    big = cv2.resize(np.asarray(CONTROL), (512, 512), interpolation=cv2.INTER_CUBIC)
+    expected = cv2.Canny(big, 64, 64)
+    assert edges.size == (512, 512)
+    assert (np.asarray(edges.convert("L")) == expected).mean() > 0.999
+    detected = api.controlnet_detect([CONTROL], module="canny", processor_res=128, threshold_a=100,
+                                     threshold_b=200)
+    expected = cv2.Canny(cv2.resize(np.asarray(CONTROL), (128, 128), interpolation=cv2.INTER_CUBIC), 100, 200)
+    got = np.asarray(detected.images[0].convert("L"))
+    assert (got == expected).mean() > 0.999 and expected.any()
+
+
+def test_serverless_worker_body_with_legacy_fields(http) -> None:  # noqa: ANN001
+    """No `enabled`, `input_image`, `lowvram`, `guidance`, a bare model stem, enums as strings."""
+    legacy = {"input_image": b64(CONTROL), "module": "none", "model": "CN-XL", "lowvram": True,
+              "guidance": 1.0, "resize_mode": "Just Resize", "control_mode": "Balanced", "weight": 0.7}
+    got = txt2img(http, [legacy])
+    modern = txt2img(http, [unit(weight=0.7, resize_mode=0, control_mode=0)])
+    assert got["images"][0] == modern["images"][0]
+
+
+def test_resize_modes_fit_the_map_as_stated() -> None:
+    from app.engine.preprocessors import fit
+
+    wide = noise(128, 64, seed=3)
+    crop = fit(wide, 64, 64, 1)  # cover: 128x64 -> 128x64 (k=1), centre 64 columns
+    assert (arr(crop) == arr(wide)[:, 32:96]).all()
+    filled = arr(fit(wide, 64, 64, 2))  # inside: 64x32 in the middle, black above and below
+    shrunk = cv2.resize(np.asarray(wide), (64, 32), interpolation=cv2.INTER_AREA)
+    assert (filled[16:48] == shrunk).all() and not filled[:16].any() and not filled[48:].any()
+    stretched = arr(fit(wide, 64, 64, 0))
+    assert (stretched == cv2.resize(np.asarray(wide), (64, 64), interpolation=cv2.INTER_AREA)).all()
+
+
+@pytest.mark.parametrize(("fields", "where", "words"), [
+    ({"model": "nope"}, "args[0].model", "cn-xl ["),
+    ({"model": "cn_sd15"}, "args[0].model", "does not fit"),
+    ({"module": "depth_zoe"}, "args[0].module", "canny"),
+    ({"guidance_start": 0.7, "guidance_end": 0.3}, "args[0].guidance_start", "guidance_end"),
+    ({"weight": 3}, "args[0].weight", "2"),
+    ({"image": "bm90IGFuIGltYWdl"}, "args[0].image", ""),
+    ({"control_mode": 7}, "args[0].control_mode", "Balanced"),
+])
+def test_bad_units_are_422_in_a1111s_shape(http, fields, where, words) -> None:  # noqa: ANN001
+    body = txt2img(http, [unit(**fields)], status=422)
+    assert set(body) >= {"error", "detail"}
+    assert where in body["detail"] and words in body["detail"], body["detail"]
+
+
+def test_more_units_than_the_setting_is_422(http) -> None:  # noqa: ANN001
+    body = txt2img(http, [unit()] * 4, status=422)
+    assert "args[3]" in body["detail"] and "at most 3" in body["detail"]
+
+
+def test_a_unit_without_an_image_in_txt2img_is_422_and_img2img_uses_its_picture(http) -> None:  # noqa: ANN001
+    body = txt2img(http, [unit(image="")], status=422)
+    assert "args[0].image" in body["detail"]
+    picture = noise(64, 64, seed=8)
+    request = {"prompt": "a lighthouse", "steps": 4, "width": 64, "height": 64, "seed": 3,
+               "sampler_name": "Euler", "init_images": [b64(picture)], "denoising_strength": 0.6}
+    without = http.post("/sdapi/v1/img2img", headers=AUTH, json={
+        **request, "alwayson_scripts": {"ControlNet": {"args": [unit(image="")]}}})
+    assert without.status_code == 200, without.text
+    explicit = http.post("/sdapi/v1/img2img", headers=AUTH, json={
+        **request, "alwayson_scripts": {"ControlNet": {"args": [unit(image=b64(picture))]}}})
+    assert without.json()["images"][0] == explicit.json()["images"][0]
+    plain = http.post("/sdapi/v1/img2img", headers=AUTH, json=request)
+    assert plain.json()["images"][0] != without.json()["images"][0]
+
+
+def test_detect_without_image_or_with_unknown_module_is_422(http) -> None:  # noqa: ANN001
+    answer = http.post("/controlnet/detect", headers=AUTH, json={"controlnet_module": "canny"})
+    assert answer.status_code == 422 and "controlnet_input_images" in answer.json()["detail"]
+    answer = http.post("/controlnet/detect", headers=AUTH,
+                       json={"controlnet_module": "openpose", "controlnet_input_images": [b64(CONTROL)]})
+    assert answer.status_code == 422 and "openpose" in answer.json()["detail"]
