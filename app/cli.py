@@ -154,7 +154,7 @@ def _serve_on_ray(settings: Settings, address: str | None) -> int:
         import ray.serve  # noqa: F401
     except ImportError:
         sys.stderr.write('craftserve: --ray needs Ray Serve, which is not installed: '
-                         'pip install "craftserve[ray]"\n')
+                         'from the clone, pip install -e ".[ray]" (docs/scale-out.md)\n')
         return 2
     from app.cluster.deploy import serve_forever
 

@@ -15,12 +15,14 @@ target other than RSS is missed. `--json PATH` writes the figures as JSON.
 
 Usage (from the repository root):
   .venv/bin/python scripts/soak.py --start --seconds 600            # its own server, tiny models
-  .venv/bin/python scripts/soak.py --url http://host:8000 --key K [--pid PID] --seconds 600
+  .venv/bin/python scripts/soak.py --url http://host:8000 --key K [--cancel-key C] [--pid PID] --seconds 600
 
 With --start it makes tiny LoRAs (tests/lora_files.py) in a lora_dirs folder, and a keys file
 with the soak key (no limit), a key limited to 2/60s and a key for interrupts, and runs
 `python -m app.cli serve` in a subprocess on loopback. Against another server, --limited-key
-names a rate-limited key (else that part is skipped) and --pid the server process for RSS.
+names a rate-limited key (else that part is skipped), --cancel-key a key for the A1111
+interrupts alone (an interrupt stops every job of its key; without it they are skipped) and
+--pid the server process for RSS.
 """
 
 from __future__ import annotations
@@ -112,7 +114,7 @@ def rss_mb(pid: int | None) -> float | None:
 
 # ---- the workload ---------------------------------------------------------------------------
 class Soak:
-    def __init__(self, url: str, key: str, *, limited_key: str | None, cancel_key: str,
+    def __init__(self, url: str, key: str, *, limited_key: str | None, cancel_key: str | None,
                  seed: int) -> None:
         self.url = url
         self.key = key
@@ -235,7 +237,10 @@ class Soak:
             time.sleep(0.2)
 
     def op_interrupt(self, c: httpx.Client) -> None:
-        """An A1111 txt2img stopped by POST /sdapi/v1/interrupt with its key mid-job."""
+        """An A1111 txt2img stopped by POST /sdapi/v1/interrupt with its key mid-job (a key
+        of its own, else skipped: an interrupt stops every job of its key)."""
+        if not self.cancel_key or self.cancel_key == self.key:
+            return
         headers = {"Authorization": f"Bearer {self.cancel_key}"}
         b = self.sd_body()
         body = {"prompt": b["prompt"], "steps": 30, "width": 96, "height": 96, "seed": b["seed"],
@@ -334,7 +339,9 @@ def run(args: argparse.Namespace) -> dict:
     proc = None
     workdir = None
     url, key, pid = args.url, args.key, args.pid
-    limited, cancel = args.limited_key, args.key
+    # An interrupt stops every job of its key: with the main key it would stop the other
+    # clients' requests too, so against another server the interrupts need a key of their own.
+    limited, cancel = args.limited_key, args.cancel_key
     if args.start:
         workdir = tempfile.TemporaryDirectory(prefix="soak-")
         proc, url = start_server(Path(workdir.name))
@@ -439,6 +446,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--url", help="a running server (else --start)")
     parser.add_argument("--key", default=KEY, help="an API key without a rate limit")
     parser.add_argument("--limited-key", help="a key with a small rate limit (with --url)")
+    parser.add_argument("--cancel-key", help="a key used only for the A1111 interrupts (with "
+                        "--url; else they are skipped)")
     parser.add_argument("--pid", type=int, help="the server's process id, for RSS (with --url)")
     parser.add_argument("--start", action="store_true",
                         help="start its own server (python -m app.cli serve) on the tiny models")

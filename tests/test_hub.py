@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from app.engine.hub import HubAccess, WeightsMissing
-from tests.conftest import body, png
+from tests.conftest import body, png, shipped_models_text
 
 ROOT = Path(__file__).resolve().parent.parent
 CACHED_REPO = "craftserve-tests/cached-sd15"
@@ -256,7 +256,7 @@ def test_shipped_models_without_network_say_so_once_and_serve_the_rest(
     five retries a file), one warning lists the models waiting for weights, a Hub model whose
     weights are in the cache loads, /ready says why sdxl-base cannot be served."""
     _cache_repo(hub_off["cache"], CACHED_REPO, tiny_sd15_folder)
-    text = (ROOT / "models.yaml").read_text(encoding="utf-8").replace("lora_dirs:\n  - loras\n", "")
+    text = shipped_models_text()
     text = text.replace("models:\n", f"models:\n  cached-sd15:\n    source: {CACHED_REPO}\n"
                                      "    preload: true\n", 1)
     started = time.monotonic()
@@ -267,12 +267,16 @@ def test_shipped_models_without_network_say_so_once_and_serve_the_rest(
                 assert time.monotonic() - started < 120
                 time.sleep(0.05)
             ready = server.ready()  # with a key: /ready's details
-            assert ready.status_code == 503
+            # serving, and saying which model waits for its weights and why
+            assert ready.status_code == 200
             state = ready.json()
+            assert state["status"] == "serving, some models wait for weights"
+            assert state["waiting_for_weights"] == ["sdxl-base"]
             assert state["models"]["tiny-sdxl"] == "loaded"
             assert state["models"]["cached-sd15"] == "loaded"  # from the cache, offline
-            assert [r.split(":")[0] for r in state["reasons"]] == ["sdxl-base"]
-            assert "cannot be reached" in state["reasons"][0]
+            assert state["reasons"] == []
+            assert state["models"]["sdxl-base"].startswith("waiting for weights: ")
+            assert "cannot be reached" in state["models"]["sdxl-base"]
             png(c.post("/sd", json=body()))
             png(c.post("/sd", json=body(model="cached-sd15")))
             refused = c.post("/sd", json=body(model="sdxl-base"))

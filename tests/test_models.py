@@ -9,7 +9,7 @@ import httpx
 import pytest
 
 from app.registry import RegistryError, load_registry
-from tests.conftest import body, png
+from tests.conftest import body, png, shipped_models_text
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -96,18 +96,17 @@ def test_shipped_models_file_offline(make_server, monkeypatch: pytest.MonkeyPatc
     registry = load_registry(ROOT / "models.yaml")
     assert {"sdxl-base", "tiny-sdxl"} <= set(registry.models)
     assert registry.models["sdxl-base"].default_sampler == "DPM++ 2M Karras"
-    text = (ROOT / "models.yaml").read_text(encoding="utf-8")
-    server = make_server(text.replace("lora_dirs:\n  - loras\n", ""), wait_ready=False,
-                         allow_downloads=False)
+    server = make_server(shipped_models_text(), wait_ready=False, allow_downloads=False)
     with server.client() as c:
         deadline = time.monotonic() + 60
         while not all(w["preloaded"] for w in server.ready().json()["workers"]):
             assert time.monotonic() < deadline
             time.sleep(0.05)
-        ready = c.get("/ready")
-        assert ready.status_code == 503
-        assert "sdxl-base: unavailable" in " ".join(ready.json()["reasons"])
-        assert ready.json()["models"]["tiny-sdxl"] == "loaded"
+        ready = c.get("/ready")  # without a key: the state words
+        assert ready.status_code == 200, ready.json()
+        assert ready.json()["status"] == "serving, some models wait for weights"
+        assert ready.json()["models"] == {"sdxl-base": "waiting for weights", "tiny-sdxl": "loaded"}
+        assert ready.json()["waiting_for_weights"] == ["sdxl-base"]
         png(c.post("/sd", json=body()))
         refused = c.post("/sd", json=body(model="sdxl-base"))
         assert refused.status_code == 503

@@ -399,7 +399,8 @@ def test_ray_flag_without_the_extra_says_how_to_install(monkeypatch, capsys, tmp
     err = capsys.readouterr().err  # Ray may forward other tests' replica logs here meanwhile
     own = [line for line in err.splitlines() if line.startswith(("craftserve:", "Traceback"))]
     assert own == [
-        'craftserve: --ray needs Ray Serve, which is not installed: pip install "craftserve[ray]"'], err
+        'craftserve: --ray needs Ray Serve, which is not installed: from the clone, '
+        'pip install -e ".[ray]" (docs/scale-out.md)'], err
 
 
 @pytest.mark.parametrize("address", ["127.0.0.1:{port}", "ray://127.0.0.1:{port}"])

@@ -129,6 +129,8 @@ def cancel_job(job_id: str, request: Request, client: CallerDep, engine: EngineD
             summary="A finished job's image")
 def job_image(job_id: str, client: CallerDep, images: ImagesDep, tracker: TrackerDep) -> Response:
     tracked = tracker.get(job_id, client)
+    if tracked.status in ("failed", "cancelled"):
+        raise JobConflict(f"job {job_id!r} is {tracked.status}: it has no image and never will")
     if tracked.status != "done":
         raise JobConflict(f"job {job_id!r} is {tracked.status}; its image exists once it is done")
     data = images.get(tracked.image_key or "")

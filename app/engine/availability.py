@@ -39,6 +39,15 @@ class LoadFailures:
         if remaining > 0:
             raise Unavailable(message, retry_after=remaining, kind=ErrorKind.MODEL_UNAVAILABLE)
 
+    def waiting_for_weights(self, name: str) -> bool:
+        """Whether the last failed load of `name` was for weights not here while the Hub
+        cannot be reached or downloads are off (app.engine.hub.WaitingForWeights)."""
+        from app.engine.hub import WaitingForWeights
+
+        with self._lock:
+            failure = self._failures.get(name)
+        return failure is not None and isinstance(failure[1], WaitingForWeights)
+
     def reason(self, name: str) -> str | None:
         """The message of the last failed load of `name`, if it has not loaded since."""
         with self._lock:

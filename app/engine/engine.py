@@ -14,7 +14,7 @@ from app.config import Settings
 from app.engine.availability import LoadFailures
 from app.engine.hub import HubAccess, missing_repos
 from app.engine.jobs import GenParams, Job, JobQueue, new_job_id
-from app.engine.readiness import WORKER_NOT_READY, model_states, preload_split, readiness_body
+from app.engine.readiness import WAITING, WORKER_NOT_READY, model_states, preload_split, readiness_body
 from app.engine.reload import ReloadReport, fingerprint, reload_into
 from app.engine.worker import Worker
 from app.errors import CraftError, ErrorKind, InvalidParameter, Unavailable
@@ -278,6 +278,8 @@ class Engine:
     def readiness(self) -> tuple[bool, dict]:
         def failure(name: str) -> str | None:
             reason = self.failures.reason(name)
+            if reason and self.failures.waiting_for_weights(name):
+                return f"{WAITING}: {reason}"
             return f"unavailable: {reason}" if reason else None
 
         loaded = {name for w in self.workers for name in w.models}

@@ -71,6 +71,24 @@ def missing_repos(spec: ModelSpec) -> list[str]:
             if not _in_cache(repo, "model_index.json" if repo == spec.source else "config.json")]
 
 
+def weights_here(spec: ModelSpec) -> bool:
+    """Whether the model can load without a download: built in, a local file or folder, or
+    every Hub repository it reads in the local Hugging Face cache."""
+    return not missing_repos(spec)
+
+
+def default_model(models: Mapping[str, ModelSpec]) -> str:
+    """The model a request that names none gets (A1111's sd_model_checkpoint until a key
+    chooses one, OpenAI's `model` absent or one of OpenAI's own names, VisionCraft's img2img
+    `refiner`, the page's preselection): the first model of the models file whose weights are
+    here, so on a machine without network or weights the default serves now (the shipped file:
+    tiny-sdxl, until sdxl-base's weights are in the cache). None here: the first model."""
+    for name, spec in models.items():
+        if weights_here(spec):
+            return name
+    return next(iter(models), "")
+
+
 def download_commands(repos: list[str]) -> str:
     return " and ".join(f"`hf download {repo}`" for repo in repos)
 

@@ -211,6 +211,9 @@ class Job:
     # read directly; a Ray replica reports a watched job's steps every 0.1 s, others' every
     # 0.5 s (each report is a message between processes).
     watched: bool = False
+    # Seconds the job waited while its model loaded in the background: they do not count
+    # against its queue deadline (a job taken by a worker that loads inline never did either).
+    held_s: float = 0.0
 
     def __post_init__(self) -> None:
         self.future = self.loop.create_future()
@@ -221,7 +224,7 @@ class Job:
     @property
     def expires_at(self) -> float:
         """time.monotonic() past which the job is not run (asyncio's loop.time() clock too)."""
-        return self.enqueued_at + self.deadline_s
+        return self.enqueued_at + self.deadline_s + self.held_s
 
     @property
     def expired(self) -> bool:
@@ -250,6 +253,9 @@ class WorkerSlot:
         self.idle = True
         self.models: set[str] = set()
         self.nudged = False  # take() returns [] once, so the worker can tidy up (a reload)
+        # Models its loader thread is loading: their jobs wait in the queue, and no worker
+        # takes them, while this worker runs the jobs of the models it holds.
+        self.loading: set[str] = set()
 
 
 class JobQueue:
@@ -308,11 +314,14 @@ class JobQueue:
             if self._in_system > 1:
                 self._busy_until = time.monotonic() + 2.0
             self._cond.notify_all()
-        # Answer the job at its deadline even while every worker is busy (take() would only
-        # notice when a worker comes back). A job already taken by then is left alone. The
-        # timer holds the job weakly: an answered job (and its image) is freed at once, not
-        # kept until its deadline.
-        delay = max(0.0, job.expires_at - time.monotonic())
+        self._arm(job)
+
+    def _arm(self, job: Job, at_least: float = 0.0) -> None:
+        """Answer the job at its deadline even while every worker is busy (take() would only
+        notice when a worker comes back). A job already taken by then is left alone. The
+        timer holds the job weakly: an answered job (and its image) is freed at once, not
+        kept until its deadline."""
+        delay = max(at_least, job.expires_at - time.monotonic())
         with contextlib.suppress(RuntimeError):  # a closed loop: nobody is waiting any more
             job.loop.call_soon_threadsafe(job.loop.call_later, delay, self._expire_weak,
                                           weakref.ref(job))
@@ -384,14 +393,22 @@ class JobQueue:
     def _expire(self, job: Job) -> None:
         """The deadline rule, the one place it is applied: a job still waiting at its
         deadline is answered 503 and never run."""
-        if self.remove(job):
-            job.fail(Unavailable(
-                f"the job waited {time.monotonic() - job.enqueued_at:.0f} s in the queue, longer "
-                f"than its deadline of {job.deadline_s:g} s (setting CRAFTSERVE_QUEUE_DEADLINE_S); "
-                "the server is overloaded",
-                retry_after=self.retry_after(),
-                kind=ErrorKind.DEADLINE,
-            ))
+        with self._cond:
+            loading = self._loading(job.params.model)
+            if loading or not job.expired:
+                # its model loads (that wait does not count) or a load extended its deadline
+                if any(job in jobs for jobs in self._by_client.values()):
+                    self._arm(job, at_least=0.5 if loading else 0.01)
+                return
+            if not self.remove(job):
+                return
+        job.fail(Unavailable(
+            f"the job waited {time.monotonic() - job.enqueued_at:.0f} s in the queue, longer "
+            f"than its deadline of {job.deadline_s:g} s (setting CRAFTSERVE_QUEUE_DEADLINE_S); "
+            "the server is overloaded",
+            retry_after=self.retry_after(),
+            kind=ErrorKind.DEADLINE,
+        ))
 
     def finished(self, count: int, seconds: float | None = None) -> None:
         """Workers report finished jobs; `seconds` (a generated batch) updates the estimate."""
@@ -456,9 +473,16 @@ class JobQueue:
         else:  # this client was served: it goes to the back of the line
             self._by_client.move_to_end(client)
 
+    def _loading(self, model: str) -> bool:
+        return any(model in slot.loading for slot in self._slots)
+
     def _pick(self, slot: WorkerSlot) -> Job | None:
-        heads = [(c, jobs[0]) for c, jobs in self._by_client.items()]
+        """Each client's first job whose model is not loading, clients in turn."""
+        heads = [(c, next((j for j in jobs if not self._loading(j.params.model)), None))
+                 for c, jobs in self._by_client.items()]
         for client, job in heads:
+            if job is None:
+                continue
             model = job.params.model
             held_elsewhere = any(
                 s is not slot and s.idle and model in s.models for s in self._slots
@@ -492,5 +516,47 @@ class JobQueue:
     def _drop_expired(self) -> None:
         """Apply the deadline rule before picking, in case the timer has not fired yet (its
         event loop busy or not running). Called with the lock held; the lock is reentrant."""
-        for job in [j for jobs in self._by_client.values() for j in jobs if j.expired]:
+        for job in [j for jobs in self._by_client.values() for j in jobs
+                    if j.expired and not self._loading(j.params.model)]:
             self._expire(job)
+
+    # ---- models loading in the background (the worker's loader thread) ----------------
+    def put_back(self, jobs: list[Job], slot: WorkerSlot, model: str) -> None:
+        """The jobs of a batch whose model `slot`'s worker now loads in the background, back
+        at the front of their clients' lines; no worker takes jobs of `model` until
+        `done_loading`."""
+        with self._cond:
+            slot.loading.add(model)
+            for job in reversed(jobs):
+                self._by_client.setdefault(job.client, deque()).appendleft(job)
+                self._size += 1
+            self._positions = None
+            slot.idle = True
+            self._cond.notify_all()
+
+    def start_loading(self, slot: WorkerSlot, model: str) -> None:
+        with self._cond:
+            slot.loading.add(model)
+            self._positions = None
+
+    def done_loading(self, slot: WorkerSlot, model: str, seconds: float, loaded: bool) -> None:
+        """`slot`'s loader finished with `model` (loaded, or failed and its jobs answered):
+        its jobs may be taken again, their deadlines extended by the time the load took. A
+        loaded model counts as the slot's at once, so its jobs go to that worker."""
+        with self._cond:
+            slot.loading.discard(model)
+            if loaded:
+                slot.models.add(model)
+            if not self._loading(model):
+                for jobs in self._by_client.values():
+                    for job in jobs:
+                        if job.params.model == model:
+                            job.held_s += seconds
+            self._positions = None
+            self._cond.notify_all()
+
+    def nudge_slot(self, slot: WorkerSlot) -> None:
+        """Make this worker's take() return [] once (a model it loaded is ready to install)."""
+        with self._cond:
+            slot.nudged = True
+            self._cond.notify_all()

@@ -20,9 +20,16 @@ SHUTTING_DOWN = "the server is shutting down"
 NO_REPLICA = "no generation replica is up yet (Ray Serve is starting or replacing them)"
 WORKER_NOT_READY = "not ready"  # a worker's reason: "<worker>: not ready"
 # The states a model can be in, as /ready shows them to a request without a key; a model in
-# any other state (its failure, with the exception's text) shows as "unavailable".
+# any other state (its failure, with the exception's text) shows as "unavailable", one whose
+# weights are not here while the Hub cannot be reached as "waiting for weights".
 STATE_WORDS = ("loaded", "loading", "loads on first request")
 UNAVAILABLE = "unavailable"
+WAITING = "waiting for weights"
+# /ready's `status`: serving (every preload model loaded), serving while some models wait for
+# their weights (the others serve: a machine without network or a model hub), loading, or
+# cannot serve (no model can).
+SERVING, SERVING_WAITING, LOADING, CANNOT_SERVE = (
+    "serving", "serving, some models wait for weights", "loading", "cannot serve")
 
 
 def preload_split(registry: Registry, per_device: int) -> tuple[list[str], list[str]]:
@@ -34,8 +41,9 @@ def preload_split(registry: Registry, per_device: int) -> tuple[list[str], list[
 
 def model_states(registry: Registry, preload: Container[str], loaded: Container[str],
                  failure: Callable[[str], str | None]) -> dict[str, str]:
-    """Each model's state: loaded, else its failure (`failure(name)`, None when none), else
-    loading (a preload model) or "loads on first request"."""
+    """Each model's state: loaded, else its failure (`failure(name)`, None when none; a
+    failure starting with WAITING is a model waiting for weights), else loading (a preload
+    model) or "loads on first request"."""
     states: dict[str, str] = {}
     for name in registry.models:
         failed = None if name in loaded else failure(name)
@@ -54,21 +62,35 @@ def readiness_body(*, models: dict[str, str], preload: Iterable[str], accepting:
                    workers: list[dict], queue_depth: int, last_reload: ReloadReport | None,
                    first: Iterable[str] = (), last: Iterable[str] = ()) -> tuple[bool, dict]:
     """(ready, /ready's body). Ready when there is no reason not to be: the reasons are
-    `first`, each preload model not loaded, shutting down, then `last`."""
-    reasons = [*first, *(f"{n}: {models[n]}" for n in preload if models[n] != "loaded")]
+    `first`, each preload model not loaded, shutting down, then `last`. A preload model that
+    waits for its weights is no reason while some model is loaded: the server serves, and
+    `status` and `waiting_for_weights` say which models wait."""
+    preload = list(preload)
+    waiting = [n for n, state in models.items() if str(state).startswith(WAITING)]
+    serving = any(state == "loaded" for state in models.values())
+    reasons = [*first, *(f"{n}: {models[n]}" for n in preload
+                         if models[n] != "loaded" and not (serving and n in waiting))]
     if not accepting:
         reasons.append(SHUTTING_DOWN)
     reasons += last
     ready = not reasons
-    body = {"ready": ready, "reasons": reasons, "models": models, "workers": workers,
-            "queue_depth": queue_depth}
-    if last_reload is not None:
-        body["last_reload"] = last_reload.as_dict()
+    if ready:
+        status = SERVING_WAITING if waiting else SERVING
+    elif accepting and any(models.get(n) == "loading" for n in preload):
+        status = LOADING
+    else:
+        status = CANNOT_SERVE
+    body = {"ready": ready, "status": status, "reasons": reasons, "models": models,
+            "waiting_for_weights": waiting, "workers": workers, "queue_depth": queue_depth,
+            "last_reload": last_reload.as_dict() if last_reload is not None else None}
     return ready, body
 
 
 def state_word(state: str) -> str:
-    """A model's state without its details: one of STATE_WORDS, else "unavailable"."""
+    """A model's state without its details: one of STATE_WORDS, "waiting for weights", else
+    "unavailable"."""
+    if state.startswith(WAITING):
+        return WAITING
     return state if state in STATE_WORDS else UNAVAILABLE
 
 
@@ -90,4 +112,5 @@ def public_readiness(body: dict) -> dict:
             public = "not ready"  # a reason this list does not know: none of its words
         if public not in reasons:
             reasons.append(public)
-    return {"ready": bool(body.get("ready")), "reasons": reasons, "models": models}
+    return {"ready": bool(body.get("ready")), "status": body.get("status"), "reasons": reasons,
+            "models": models, "waiting_for_weights": list(body.get("waiting_for_weights", []))}

@@ -1,10 +1,19 @@
 """The device worker: the one owner of a device and of the pipelines loaded on it.
 
-A worker thread takes batches from the JobQueue, loads models on demand (an LRU of at
+A worker thread takes batches from the JobQueue, has models loaded on demand (an LRU of at
 most `max_models_per_device`), makes a fresh scheduler for every batch from the model's
 pristine config, activates exactly the batch's LoRAs and resets them afterwards, and
 answers every job of the batch, whatever happens. It never dies with a job: deliberate
 errors go to their jobs, anything else is logged with its traceback and answered 500.
+
+Models load on the worker's loader thread, never on the worker thread: a batch for a model
+that is not loaded goes back to the queue (no worker takes that model's jobs while it loads,
+and the wait does not count against their deadlines), and the worker goes on with the jobs of
+the models it holds. So loading a model, downloading it, or failing to (the Hub not answering)
+never delays the jobs of loaded models. A loaded model is installed on the worker thread
+between batches (evicting the least recently used first); a failed load is recorded, and the
+model's waiting jobs, like later requests for it until LOAD_RETRY_S passes, are answered 503
+at once.
 
 A job never fails the jobs batched with it, whoever sent them: prompts are checked one job at
 a time before anything is encoded (the model's tokenizer, CRAFTSERVE_MAX_PROMPT_CHUNKS), and a
@@ -21,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import logging
+import queue as queue_module
 import threading
 import time
 from collections import OrderedDict
@@ -124,9 +134,17 @@ class Worker:
         self._recheck = False  # a reload happened: preload what is not loaded
         self._stale_lock = threading.Lock()
         self._thread = threading.Thread(target=self._main, name=name, daemon=True)
+        # The loader thread: models to load (None stops it), what it loaded (or None: failed)
+        self._load_requests: queue_module.SimpleQueue[tuple[str, bool] | None] = queue_module.SimpleQueue()
+        self._arrived: list[tuple[str, LoadedModel | None, bool]] = []
+        self._requested: set[str] = set()  # asked of the loader, not installed yet (worker thread)
+        self._discard: set[str] = set()  # loading when a reload changed them: not installed
+        self._preload_pending = 0  # preload requests not installed yet (worker thread)
+        self._loader = threading.Thread(target=self._load_loop, name=f"{name}-loader", daemon=True)
 
     # ---- life cycle ----------------------------------------------------------------
     def start(self) -> None:
+        self._loader.start()
         self._thread.start()
 
     def join(self, timeout: float | None) -> bool:
@@ -145,13 +163,15 @@ class Worker:
         try:
             self._preload()
         finally:
-            self.preloaded.set()
+            if not self._preload_pending:
+                self.preloaded.set()
         while True:
             batch = self.queue.take(self.slot)
             if not batch:
                 if self.queue.closed:
+                    self._load_requests.put(None)
                     return
-                self._tidy()  # nudged: a reload may have removed or changed models
+                self._tidy()  # nudged: a model arrived, or a reload removed or changed models
                 continue
             self.running = batch
             try:
@@ -164,15 +184,90 @@ class Worker:
                 self.slot.idle = True
 
     def _preload(self) -> None:
+        """Ask the loader for the preload models not loaded (in the models file's order);
+        `preloaded` is set once each has been installed or has failed."""
         for name in self.preload:
-            if name in self.models:
-                continue
+            if name not in self.models and name not in self._requested:
+                self._request_load(name, preload=True)
+
+    # ---- the loader thread -----------------------------------------------------------
+    def _request_load(self, name: str, *, preload: bool = False, jobs: Sequence[Job] = ()) -> None:
+        """(Worker thread.) Have `name` loaded in the background; `jobs` (a batch taken for
+        it) go back to the queue meanwhile. Room is made first: the least recently used
+        models are evicted so that the loaded ones and those loading fit the LRU."""
+        if jobs:
+            self.queue.put_back(list(jobs), self.slot, name)
+        else:
+            self.queue.start_loading(self.slot, name)
+        if name in self._requested:
+            return
+        while self.models and len(self.models) + len(self._requested) >= self.settings.max_models_per_device:
+            self._evict(next(iter(self.models)))
+        self._requested.add(name)
+        with self._stale_lock:
+            self._discard.discard(name)  # a reload before this request changes nothing for it
+        if preload:
+            self._preload_pending += 1
+        self._load_requests.put((name, preload))
+
+    def _load_loop(self) -> None:
+        while True:
+            request = self._load_requests.get()
+            if request is None:
+                return
+            name, preload = request
+            started = time.monotonic()
+            loaded: LoadedModel | None = None
+            spec = self.specs.get(name)
             try:
-                self.model(name)
-            except WaitingForWeights:  # the Hub notice named it, once for every such model
-                logger.info("%s: %s is not preloaded: it waits for its weights", self.name, name)
-            except CraftError as exc:
-                logger.warning("%s: preload of %s failed: %s", self.name, name, exc.message)
+                if spec is None:
+                    raise Unavailable(f"model '{name}' is no longer served: a reload removed it "
+                                      "from the models file", retry_after=3600,
+                                      kind=ErrorKind.MODEL_UNAVAILABLE)
+                loaded = self._load(spec)
+            except Unavailable as exc:
+                self.failures.record(name, exc)
+                self._fail_waiting(name, exc)
+                if isinstance(exc, WaitingForWeights):  # the Hub notice named it, once for all
+                    logger.info("%s: %s is not loaded: it waits for its weights", self.name, name)
+                elif preload:
+                    logger.warning("%s: preload of %s failed: %s", self.name, name, exc.message)
+                else:
+                    logger.warning("%s: loading %s failed: %s", self.name, name, exc.message)
+            except BaseException:  # pragma: no cover - _load turns everything into Unavailable
+                logger.exception("%s: loading %s failed", self.name, name)
+            with self._stale_lock:
+                self._arrived.append((name, loaded, preload))
+            self.queue.done_loading(self.slot, name, time.monotonic() - started, loaded is not None)
+            self.queue.nudge_slot(self.slot)
+
+    def _install_arrived(self) -> None:
+        """(Worker thread.) Take the loader's results: the models it loaded join the LRU."""
+        with self._stale_lock:
+            arrived, self._arrived = self._arrived, []
+            names = {a[0] for a in arrived}
+            discard, self._discard = self._discard & names, self._discard - names
+        for name, loaded, preload in arrived:
+            self._requested.discard(name)
+            if preload:
+                self._preload_pending -= 1
+            if loaded is None:
+                continue
+            if name in discard:  # a reload changed it while it loaded: load the new one
+                self.slot.models.discard(name)
+                self._request_load(name)
+                continue
+            self._install(name, loaded)
+        if self._preload_pending <= 0 and not self.preloaded.is_set():
+            self.preloaded.set()
+
+    def _install(self, name: str, loaded: LoadedModel) -> None:
+        while len(self.models) >= self.settings.max_models_per_device:
+            self._evict(next(iter(self.models)))
+        self.failures.clear(name)
+        self.metrics.model_load.labels(name).observe(loaded.load_seconds)
+        self.models[name] = loaded
+        self.slot.models.add(name)
 
     # ---- models --------------------------------------------------------------------
     def mark_stale(self, names: Iterable[str], recheck: bool = True) -> None:
@@ -182,6 +277,7 @@ class Worker:
         names = set(names)
         with self._stale_lock:
             self._stale.update(names)
+            self._discard.update(names)  # one loading now is loaded afresh when it arrives
             self._wanted = [name for name in self._wanted if name not in names]
             self._recheck = self._recheck or recheck
 
@@ -200,16 +296,16 @@ class Worker:
         for name in stale:
             if name in self.models:
                 self._evict(name)
+        self._install_arrived()
         if recheck:
             self._preload()  # a changed preload model loads again; one a reload added loads now
-        for name in wanted:
-            try:
-                self.model(name)
-            except CraftError as exc:  # recorded in `failures`, where the asker reads it
-                logger.warning("%s: loading %s failed: %s", self.name, name, exc.message)
+        for name in wanted:  # a failure is recorded in `failures`, where the asker reads it
+            if name not in self.models:
+                self._request_load(name)
 
     def model(self, name: str) -> LoadedModel:
-        """The loaded model `name`, loading it (and evicting the least recently used) if needed.
+        """The loaded model `name`, loading it on this thread (and evicting the least recently
+        used) if needed; the worker's own loop loads in the background instead (`_run_batch`).
         A failed load is recorded, so requests for it are answered 503 at once for a while."""
         self._tidy()
         spec = self.specs.get(name)
@@ -281,6 +377,8 @@ class Worker:
 
     # ---- batches -------------------------------------------------------------------
     def _run_batch(self, batch: list[Job]) -> None:
+        if not isinstance(batch[0].params, UpscaleParams) and self._not_loaded(batch):
+            return
         now = time.monotonic()
         for job in batch:
             job.started_at = now
@@ -291,8 +389,9 @@ class Worker:
         if isinstance(live[0].params, UpscaleParams):
             self._run_upscales(live)
             return
+        name = live[0].params.model
         try:
-            model = self.model(live[0].params.model)
+            model = self.model(name)
         except CraftError as exc:  # the model: every job of the batch needs it, none is rerun
             self._fail(live, exc)
             return
@@ -303,6 +402,23 @@ class Worker:
         live = self._checked_prompts(model, live)
         if live:
             self._run_jobs(model, live, first=True)
+
+    def _not_loaded(self, batch: list[Job]) -> bool:
+        """True when the batch's model is not loaded here and the batch was dealt with: back
+        to the queue while the loader loads the model, or answered 503 at once when loading
+        it failed less than LOAD_RETRY_S ago."""
+        name = batch[0].params.model
+        self._tidy()
+        if name in self.models or name not in self.specs:
+            return False  # loaded; or removed by a reload, which self.model() answers
+        try:
+            self.failures.check(name)
+        except Unavailable as exc:
+            live = self._present(batch)
+            self._fail(live, exc)
+            return True
+        self._request_load(name, jobs=batch)
+        return True
 
     def _run_upscales(self, jobs: list[Job]) -> None:
         """Upscaling jobs, one at a time: the picture through its upscaler(s) on this device."""

@@ -19,7 +19,16 @@ async function fill(select, routes) {
     } catch (_) { /* tolerate a missing route */ }
   }
 }
-fill($("model"), ["/sd/models-sdxl", "/sd/models-sd"]);
+// The default model preselected: the first of the models file that can serve now
+// (tiny-sdxl on a machine without sdxl-base's weights), as the API's default.
+fill($("model"), ["/sd/models-sdxl", "/sd/models-sd"]).then(async () => {
+  try {
+    const answer = await fetch("/sd/models-status");
+    if (!answer.ok) return;
+    const chosen = (await answer.json()).find((m) => m.default);
+    if (chosen && [...$("model").options].some((o) => o.value === chosen.name)) $("model").value = chosen.name;
+  } catch (_) { /* the first option stays */ }
+});
 fill($("sampler"), ["/sd/samplers"]);
 fill($("lora"), ["/sd/loras-sdxl", "/sd/loras-sd"]);
 $("size").addEventListener("change", () => {

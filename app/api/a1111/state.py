@@ -13,6 +13,7 @@ from typing import Any
 
 from app.api.a1111.hashes import ModelHashes
 from app.api.rules import check_clip_skip, check_name
+from app.engine.hub import default_model
 from app.engine.jobs import Job
 from app.errors import InvalidParameter, NotServed
 from app.registry import Registry
@@ -110,7 +111,7 @@ class A1111State:
 
     def checkpoint_name(self, client: str) -> str:
         """The caller's checkpoint as its options show it (served or not)."""
-        return self.of(client).chosen_checkpoint or next(iter(self.registry.models))
+        return self.of(client).chosen_checkpoint or default_model(self.registry.models)
 
     def checkpoint(self, client: str) -> str:
         """The model of the caller's A1111 requests that name none; 422 if a reload removed it."""

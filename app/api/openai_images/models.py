@@ -89,6 +89,11 @@ class OpenAIModel(BaseModel):
     object: Literal["model"] = "model"
     created: int
     owned_by: str
+    # craftserve's extensions (clients ignore them): the model's weights are not here (it
+    # answers 503 until they are, where the Hub cannot be reached); the model of requests
+    # that name none or one of OpenAI's own names
+    waiting_for_weights: bool = False
+    default: bool = False
 
 
 class OpenAIModelList(BaseModel):

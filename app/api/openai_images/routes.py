@@ -32,6 +32,7 @@ from app.api.openai_images.models import (
 from app.api.openai_images.translate import edit_input, edit_size, image_request, model_named, size_of
 from app.api.urls import public_url_for
 from app.config import Settings
+from app.engine.hub import default_model, weights_here
 from app.engine.protocol import EngineAPI
 from app.imaging import MEDIA_TYPES, ImageStore
 from app.registry import Registry
@@ -167,12 +168,22 @@ def _models_file_time(registry: Registry) -> int:
 
 
 def _model_objects(registry: Registry, settings: Settings) -> list[OpenAIModel]:
-    """The served models, then the alias names that map to one of them."""
+    """The served models, then the alias names that map to one of them. Extensions:
+    `waiting_for_weights` (the model's weights are not here: it answers 503 until they are,
+    or downloads them on its first request where the Hub can be reached) and `default` (the
+    model of requests that name none, or one of OpenAI's own names)."""
     created = _models_file_time(registry)
-    names = list(registry.models)
-    names += [a for a, t in settings.openai_model_aliases.items()
-              if t in registry.models and a not in registry.models]
-    return [OpenAIModel(id=name, created=created, owned_by="craftserve") for name in names]
+    aliases = settings.openai_model_aliases
+    default = default_model(registry.models)
+    targets = {name: name for name in registry.models}
+    targets |= {a: t for a, t in aliases.items() if t in registry.models and a not in registry.models}
+    return [_model_object(name, target, registry, created, default) for name, target in targets.items()]
+
+
+def _model_object(name: str, target: str, registry: Registry, created: int, default: str) -> OpenAIModel:
+    return OpenAIModel(id=name, created=created, owned_by="craftserve",
+                       waiting_for_weights=not weights_here(registry.models[target]),
+                       default=name == default)
 
 
 @router.get("/models", response_model=OpenAIModelList, responses=AUTH_ERRORS,
@@ -189,6 +200,8 @@ def retrieve_model(model: str, client: CallerDep, registry: RegistryDep,
     for item in _model_objects(registry, settings):
         if item.id == model:
             return item
-    model_named(model, registry, settings)  # not listed: raises model_not_found, naming the served ones
-    raise AssertionError("unreachable")
+    # one of OpenAI's own names answers as the default model; any other name not listed
+    # raises model_not_found, naming the served ones
+    target = model_named(model, registry, settings)
+    return _model_object(model, target, registry, _models_file_time(registry), default_model(registry.models))
 

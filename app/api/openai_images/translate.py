@@ -19,6 +19,7 @@ from app.api.openai_images.models import (
 )
 from app.api.rules import DEFAULT_CFG, MIN_SIDE, check_range, check_side, check_steps, shown
 from app.config import Settings
+from app.engine.hub import default_model
 from app.errors import InvalidParameter, ModelNotFound
 from app.registry import Registry
 
@@ -26,16 +27,25 @@ NATIVE_SIZE = {"sdxl": 1024, "sd15": 512}  # the family's training resolution, f
 _SIZE = re.compile(r"([0-9]{1,6})[xX]([0-9]{1,6})")
 
 
+# OpenAI's own image model names: clients send them when nothing else is set (Open WebUI sends
+# dall-e-2, LibreChat dall-e-3 and gpt-image-1). Unless CRAFTSERVE_OPENAI_MODEL_ALIASES maps
+# one elsewhere, they mean the default model.
+OPENAI_MODEL_NAMES = ("dall-e-2", "dall-e-3", "gpt-image-1", "gpt-image-1-mini", "gpt-image-1.5")
+
+
 def model_named(requested: str | None, registry: Registry, settings: Settings) -> str:
-    """The served model a request names: absent, the first model of models.yaml; a served name;
-    an alias of CRAFTSERVE_OPENAI_MODEL_ALIASES; else 404 model_not_found naming the served."""
+    """The served model a request names: absent, the default model (app.engine.hub.
+    default_model); a served name; an alias of CRAFTSERVE_OPENAI_MODEL_ALIASES; one of OpenAI's
+    own names (the default model); else 404 model_not_found naming the served."""
     if not requested:
-        return next(iter(registry.models))
+        return default_model(registry.models)
     if requested in registry.models:
         return requested
     aliases = settings.openai_model_aliases
     served = ", ".join(registry.models)
     target = aliases.get(requested)
+    if target is None and requested in OPENAI_MODEL_NAMES:
+        return default_model(registry.models)
     if target is not None:
         if target in registry.models:
             return target

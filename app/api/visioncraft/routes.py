@@ -30,6 +30,8 @@ from app.api.visioncraft.models import (
     Img2ImgRequest,
     UpscaleRequest,
 )
+from app.engine.hub import default_model, weights_here
+from app.engine.readiness import state_word
 from app.engine.upscalers import LATENT_MODES
 from app.errors import NotServed
 from app.samplers import a1111_sampler_names, comfy_sampler_ids, comfy_scheduler_names
@@ -147,7 +149,7 @@ async def img2img(
 ) -> Response:
     from app.image_inputs import read_image, read_mask
 
-    model = body.refiner or next(iter(registry.models), "")
+    model = body.refiner or default_model(registry.models)
     if model not in registry.models:
         raise NotServed("refiner", model, registry.models)
     picture = await read_image("image", body.image, settings)
@@ -214,6 +216,22 @@ def models_sdxl(registry: RegistryDep) -> list[str]:
 @router.get("/models", include_in_schema=False)
 def models_sd(registry: RegistryDep) -> list[str]:
     return registry.model_names("sd15")
+
+
+@router.get("/sd/models-status", summary="Every model with its state: which serve now, which "
+            "wait for weights, the default (extension; no token)")
+def models_status(registry: RegistryDep, engine: EngineDep) -> list[dict]:
+    """One object a model, in the models file's order: `name`, `family`, `description` (the
+    models file's), `default` (the model of requests that name none), `weights_here` (built
+    in, local, or in the Hugging Face cache), `state`: loaded, loading, loads on first
+    request, waiting for weights (not here and the Hub cannot be reached: 503 until they
+    are), or unavailable (its load failed)."""
+    states = engine.readiness()[1].get("models", {})
+    default = default_model(registry.models)
+    return [{"name": name, "family": spec.family, "description": spec.description,
+             "default": name == default, "weights_here": weights_here(spec),
+             "state": state_word(str(states.get(name, "loads on first request")))}
+            for name, spec in registry.models.items()]
 
 
 @router.get("/sd/models-sd3")
