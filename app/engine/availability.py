@@ -15,14 +15,16 @@ from app.errors import ErrorKind, Unavailable
 class LoadFailures:
     def __init__(self, retry_s: float) -> None:
         self.retry_s = retry_s
-        # (when, the error's message): only the text, never the exception, whose traceback
-        # holds the frames of the failed load and with them what it had loaded
-        self._failures: dict[str, tuple[float, str]] = {}
+        # (when, the error's message, whether it waits for weights): only facts, never the
+        # exception, whose traceback holds the frames of the failed load and what it had loaded
+        self._failures: dict[str, tuple[float, str, bool]] = {}
         self._lock = threading.Lock()
 
     def record(self, name: str, error: Unavailable) -> None:
+        from app.engine.hub import WaitingForWeights
+
         with self._lock:
-            self._failures[name] = (time.monotonic(), error.message)
+            self._failures[name] = (time.monotonic(), error.message, isinstance(error, WaitingForWeights))
 
     def clear(self, name: str) -> None:
         with self._lock:
@@ -34,7 +36,7 @@ class LoadFailures:
             failure = self._failures.get(name)
         if failure is None:
             return
-        when, message = failure
+        when, message, _ = failure
         remaining = self.retry_s - (time.monotonic() - when)
         if remaining > 0:
             raise Unavailable(message, retry_after=remaining, kind=ErrorKind.MODEL_UNAVAILABLE)
@@ -42,11 +44,9 @@ class LoadFailures:
     def waiting_for_weights(self, name: str) -> bool:
         """Whether the last failed load of `name` was for weights not here while the Hub
         cannot be reached or downloads are off (app.engine.hub.WaitingForWeights)."""
-        from app.engine.hub import WaitingForWeights
-
         with self._lock:
             failure = self._failures.get(name)
-        return failure is not None and isinstance(failure[1], WaitingForWeights)
+        return failure is not None and failure[2]
 
     def reason(self, name: str) -> str | None:
         """The message of the last failed load of `name`, if it has not loaded since."""
