@@ -225,6 +225,11 @@ def _quiet_libraries() -> None:
     # diffusers still passes huggingface_hub an argument it ignores, and is told so on every
     # lookup of a Hub repo (nothing the server's operator can act on)
     warnings.filterwarnings("ignore", message=".*`local_dir_use_symlinks` argument is deprecated.*")
+    # DPM++ SDE's Brownian tree (torchsde) starts at the first sigma in one precision and is
+    # asked for it in the other (float32 / float64: one rounding apart), and warns "Should have
+    # ta>=t0" on every such job; torchsde clamps to its interval, the answer is the same.
+    warnings.filterwarnings("ignore", message="Should have ta>=t0", module="torchsde")
+    warnings.filterwarnings("ignore", message="Should have tb<=t1", module="torchsde")
     # diffusers' image-to-image pipelines move a force_upcast VAE to fp32 and back around every
     # encode, and each move warns about modules "kept in float32" (none: the list is empty)
     modeling = logging.getLogger("diffusers.models.modeling_utils")
