@@ -202,12 +202,12 @@ models:
     remote = RemoteEngine(settings, load_registry(models), Metrics(), generator=None, board=None)
     remote.accepting = True
     assert remote.readiness() == (False, {
-        "ready": False,
+        "ready": False, "status": "loading",
         "reasons": ["no generation replica is up yet (Ray Serve is starting or replacing them)",
                     "tiny-sdxl: loading"],
         "models": {"tiny-sdxl": "loading", "tiny-sd15": "loads on first request",
                    "other": "loads on first request"},
-        "workers": [], "queue_depth": 0,
+        "waiting_for_weights": [], "workers": [], "queue_depth": 0, "last_reload": None,
     })
 
     def replica(name: str, states: dict[str, str]) -> dict:
@@ -224,6 +224,7 @@ models:
     assert body["models"] == {"tiny-sdxl": "loaded", "tiny-sd15": "r1: unavailable: bad weights",
                               "other": "r2: unavailable: gone"}
     assert [w["name"] for w in body["workers"]] == ["r1", "r2"]
-    assert list(body) == ["ready", "reasons", "models", "workers", "queue_depth"]
+    assert list(body) == ["ready", "status", "reasons", "models", "waiting_for_weights", "workers",
+                          "queue_depth", "last_reload"]
     remote.accepting = False
     assert remote.readiness()[1]["reasons"] == ["the server is shutting down"]

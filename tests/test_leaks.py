@@ -62,13 +62,14 @@ def test_ready_without_a_key_has_no_paths_yaml_or_exception_text(two_keys) -> No
     with two_keys.client() as c:
         public = c.get("/ready")
         detailed = c.get("/ready", headers=OTHER)  # either key: the details
-    # load balancers: 503 either way (a preload model is unavailable)
-    assert public.status_code == detailed.status_code == 503
+    # load balancers: the same answer either way (a model waiting for weights does not stop
+    # the others serving: 200, and the status says so)
+    assert public.status_code == detailed.status_code == 200
     state = public.json()
-    assert set(state) == {"ready", "reasons", "models"}
-    assert state["ready"] is False
-    assert state["models"] == {"tiny-sdxl": "loaded", "gone-xl": "unavailable"}
-    assert state["reasons"] == ["gone-xl: unavailable"]
+    assert set(state) == {"ready", "status", "reasons", "models", "waiting_for_weights"}
+    assert state["ready"] is True and state["status"] == "serving, some models wait for weights"
+    assert state["models"] == {"tiny-sdxl": "loaded", "gone-xl": "waiting for weights"}
+    assert state["waiting_for_weights"] == ["gone-xl"] and state["reasons"] == []
     for leak in (secret, str(models_file), str(models_file.parent), "source", "huggingface",
                  "craftserve-tests/", "does not exist", "last_reload", "cpu"):
         assert leak not in public.text, leak
@@ -90,7 +91,8 @@ def test_ready_with_a_wrong_key_is_refused_and_counted(two_keys) -> None:
 def test_ready_without_a_key_is_200_when_ready(client: httpx.Client) -> None:
     answer = client.get("/ready")
     assert answer.status_code == 200
-    assert answer.json() == {"ready": True, "reasons": [], "models": {"tiny-sdxl": "loaded"}}
+    assert answer.json() == {"ready": True, "status": "serving", "reasons": [],
+                             "models": {"tiny-sdxl": "loaded"}, "waiting_for_weights": []}
 
 
 # ---- 2. URLs in answers -------------------------------------------------------------------
@@ -359,7 +361,7 @@ def test_the_short_ready_body_keeps_only_fixed_words() -> None:
                              last_reload=None, first=[NO_REPLICA],
                              last=["worker-0-cuda:0: not ready", "/etc/secret: something new"])
     assert public_readiness(body) == {
-        "ready": False,
+        "ready": False, "status": "cannot serve", "waiting_for_weights": [],
         "models": {"a": "loaded", "b": "unavailable", "c": "unavailable", "d": "loading",
                    "e": "loads on first request"},
         "reasons": [NO_REPLICA, "b: unavailable", "c: unavailable", "d: loading",

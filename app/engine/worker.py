@@ -236,9 +236,12 @@ class Worker:
                     logger.warning("%s: loading %s failed: %s", self.name, name, exc.message)
             except BaseException:  # pragma: no cover - _load turns everything into Unavailable
                 logger.exception("%s: loading %s failed", self.name, name)
+            succeeded = loaded is not None
             with self._stale_lock:
                 self._arrived.append((name, loaded, preload))
-            self.queue.done_loading(self.slot, name, time.monotonic() - started, loaded is not None)
+            # this thread holds no model between loads: an evicted or unloaded one is freed
+            loaded = None
+            self.queue.done_loading(self.slot, name, time.monotonic() - started, succeeded)
             self.queue.nudge_slot(self.slot)
 
     def _install_arrived(self) -> None:
