@@ -226,6 +226,21 @@ def test_hires_fix_refines_its_second_pass(http, refiner_folder) -> None:  # noq
     assert "Hires upscaler: Lanczos" in got["info"] and "Refiner: tiny-refiner" in got["info"]
 
 
+def test_a_latent_hires_pass_starting_past_the_switch_is_the_refiners_alone(http, refiner_folder) -> None:  # noqa: ANN001
+    """Latent upscale (A1111's "Latent": bilinear, no antialias), second pass strength 0.6 of
+    6 (timesteps 399.6, 199.8, 0) below switch 0.5's cut (500): the refiner runs that pass
+    alone from the upscaled latents, at the pass's strength."""
+    got = txt2img(http, enable_hr=True, hr_scale=2, hr_upscaler="Latent", denoising_strength=0.6,
+                  refiner_checkpoint="tiny-refiner", refiner_switch_at=0.5)
+    base, _ = base_pipes()
+    first = base(PROMPT, num_inference_steps=6, guidance_scale=5, width=64, height=64,
+                 generator=_generators([SEED]), output_type="latent").images
+    upscaled = torch.nn.functional.interpolate(first, size=(16, 16), mode="bilinear", antialias=False)
+    expected = refiner_pipe(refiner_folder)(PROMPT, image=upscaled, strength=0.6, num_inference_steps=6,
+                                            guidance_scale=5, generator=_generators([SEED])).images[0]
+    close(arr(decoded(got["images"][0])), arr(expected))
+
+
 def test_a_batch_keeps_each_seeds_bytes(http) -> None:  # noqa: ANN001
     fields = {"refiner_checkpoint": "tiny-refiner", "refiner_switch_at": 0.6}
     batch = txt2img(http, batch_size=2, **fields)

@@ -472,8 +472,15 @@ class Worker:
             logger.warning("%s: out of memory on a batch of %d; retrying with VAE slicing and "
                            "small VAE tiles", self.name, len(jobs))
         attempts = [jobs] if len(jobs) == 1 else [jobs, None]
-        # eager: the tiles' shapes were never compiled, and compiling costs memory
-        with _low_memory_decode(model.pipe.vae), eager(model.pipe):
+        refiner = jobs[0].params.refiner
+        pipes = [model.pipe] + ([self.models[refiner.model].pipe]
+                                if refiner is not None and refiner.model in self.models else [])
+        # eager: the tiles' shapes were never compiled, and compiling costs memory (the refiner
+        # decodes its own latents with its own VAE)
+        with contextlib.ExitStack() as stack:
+            for pipe in pipes:
+                stack.enter_context(_low_memory_decode(pipe.vae))
+                stack.enter_context(eager(pipe))
             for attempt in attempts:
                 self._free_memory()
                 try:
