@@ -341,3 +341,15 @@ def test_a_job_counts_both_models_steps(http, refiner_folder) -> None:  # noqa: 
     bad = http.post("/jobs", json={"token": API_KEY, "model": "tiny-sdxl", "prompt": PROMPT,
                                    "refiner": "tiny-refiner", "refiner_switch_at": 2})
     assert bad.status_code == 422 and "refiner_switch_at" in bad.text
+
+
+def test_prompt_syntax_is_encoded_by_the_refiners_own_encoders(http) -> None:  # noqa: ANN001
+    """A weighted prompt needs A1111 encoding (app.engine.prompts), done here for each model
+    with its own encoders: at weight 1 that is the pipelines' own encoding, so the picture is
+    the plain prompt's (the refiner's second text encoder differs from the base's: encoding
+    its part with the base's would show); at 1.5 it is another picture."""
+    fields = {"refiner_checkpoint": "tiny-refiner", "refiner_switch_at": 0.6}
+    plain = arr(decoded(txt2img(http, **fields)["images"][0]))
+    close(arr(decoded(txt2img(http, prompt="(a lighthouse:1.0)", **fields)["images"][0])), plain)
+    weighted = arr(decoded(txt2img(http, prompt="(a lighthouse:1.5)", **fields)["images"][0]))
+    assert np.abs(weighted - plain).max() > 2
