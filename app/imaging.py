@@ -44,6 +44,8 @@ def parameters_text(params: GenParams, seed: int, sampler_label: str) -> str:
             fields.append(f"Hires prompt: {json.dumps(hires.prompt)}")
         if hires.negative_prompt != params.negative_prompt:
             fields.append(f"Hires negative prompt: {json.dumps(hires.negative_prompt)}")
+    if params.refiner is not None:  # A1111's extra generation params of its refiner
+        fields += [f"Refiner: {params.refiner.model}", f"Refiner switch at: {params.refiner.switch_at:g}"]
     fields.append(f"Version: craftserve {__version__}")
     lines = [params.prompt + lora_tags]
     if params.negative_prompt:

@@ -30,7 +30,7 @@ from app.config import Settings
 from app.controlnet_files import find_controlnet
 from app.engine.control_units import ControlImages, ControlUnit
 from app.engine.image_ops import Source, prepare_source
-from app.engine.jobs import GenParams, Hires, Job, JobResult, UpscaleParams
+from app.engine.jobs import GenParams, Hires, Job, JobResult, Refiner, UpscaleParams
 from app.engine.protocol import EngineAPI
 from app.engine.upscalers import LATENT_MODES, PIXEL_BUILTINS
 from app.errors import (
@@ -42,7 +42,7 @@ from app.errors import (
     NotServed,
     Unavailable,
 )
-from app.families import Family
+from app.families import Family, family_label
 from app.image_inputs import off_loop
 from app.imaging import encode_image, encode_png, parameters_text
 from app.registry import Registry
@@ -92,6 +92,18 @@ class HiresRequest:
     cfg_scale: float | None = None  # None: the first pass's
 
 
+@dataclass(frozen=True)
+class RefinerRequest:
+    """SDXL's refiner as asked: a served model name and the fraction of the schedule after
+    which it takes over (A1111's refiner_checkpoint / refiner_switch_at). `field` and
+    `switch_field` name them in errors, in the dialect's words."""
+
+    model: str
+    switch_at: float
+    field: str = "refiner"
+    switch_field: str = "refiner_switch_at"
+
+
 @dataclass(frozen=True, eq=False)
 class UnitRequest:
     """One ControlNet unit as asked (the extension's fields; a dialect maps its own onto these).
@@ -136,6 +148,7 @@ class ImageRequest:
     image: ImageInput | None = None  # image to image / inpainting
     hires: HiresRequest | None = None  # text to image with A1111's hires fix
     controlnet: tuple[UnitRequest, ...] = ()  # enabled ControlNet units, in order
+    refiner: RefinerRequest | None = None  # SDXL's refiner
 
 
 @dataclass(frozen=True)
@@ -220,7 +233,47 @@ def to_params(body: ImageRequest, registry: Registry, settings: Settings) -> Gen
         fill=1 if image is None or image.mask is None else image.fill,
         hires=hires,
         controlnet=_units(body, spec, registry, settings),
+        refiner=_refiner(body, spec, registry, settings),
     )
+
+
+def _refiner(body: ImageRequest, spec: Any, registry: Registry, settings: Settings) -> Refiner | None:
+    """The request's refiner checked (a served SDXL model, an SDXL job, a switch in 0..1, room
+    for two models a device) and resolved. None where it would change nothing, as in A1111: a
+    switch at 1 (the refiner never takes over) or the job's own model."""
+    asked = body.refiner
+    if asked is None:
+        return None
+    at, name = asked.field, asked.model
+    xl_models = [n for n, s in registry.models.items() if s.family == "sdxl"]
+    refiner = registry.models.get(name)
+    if refiner is None:
+        raise NotServed(at, name, xl_models)
+    if refiner.family != "sdxl":
+        raise InvalidParameter(at, name, f"a refiner must be an SDXL model and '{name}' is "
+                               f"{family_label(refiner.family)} (the SDXL models served: "
+                               f"{', '.join(sorted(xl_models)) or 'none'})")
+    if spec.family != "sdxl":
+        raise InvalidParameter(at, name, f"the refiner continues SDXL latents and model '{spec.name}' "
+                               f"is {family_label(spec.family)}; use an SDXL model with a refiner")
+    if refiner.in_channels != 4:
+        raise InvalidParameter(at, name, f"'{name}' is an inpainting checkpoint ({refiner.in_channels}-"
+                               "channel UNet); a refiner must be a text-to-image SDXL model")
+    check_range(asked.switch_field, asked.switch_at, 0.0, 1.0, note=" (the fraction of the steps after "
+                "which the refiner takes over; 1: never)")
+    if asked.switch_at >= 1 or name == spec.name:
+        return None
+    if body.image is not None and body.image.mask is not None:
+        raise InvalidParameter(at, name, "inpainting with a refiner is not served yet; leave the "
+                               "refiner out or send the picture without a mask")
+    if body.controlnet:
+        raise InvalidParameter(at, name, "ControlNet units with a refiner are not served yet; "
+                               "leave out one or the other")
+    if settings.max_models_per_device < 2:
+        raise InvalidParameter(at, name, "a refiner needs two models loaded at once on a device and "
+                               f"this server holds {settings.max_models_per_device} (setting "
+                               "CRAFTSERVE_MAX_MODELS_PER_DEVICE)")
+    return Refiner(model=refiner.name, switch_at=float(asked.switch_at))
 
 
 MAX_CONTROL_WEIGHT = 2.0

@@ -19,7 +19,7 @@ from sse_starlette.sse import EventSourceResponse
 from app.api.bodies import ImageRoute
 from app.api.credentials import CallerDep, GeneratingCallerDep, QueueShareDep
 from app.api.deps import EngineDep, ImagesDep, RegistryDep, SettingsDep, TrackerDep
-from app.api.generation import HiresRequest, ImageInput, ImageRequest, submit_job
+from app.api.generation import HiresRequest, ImageInput, ImageRequest, RefinerRequest, submit_job
 from app.api.job_tracker import TERMINAL, TrackedJob, end, position_of, publish
 from app.api.urls import public_url_for
 from app.api.visioncraft import to_image_request
@@ -75,6 +75,8 @@ async def job_request(body: JobRequest, settings: Settings) -> ImageRequest:
         request = replace(request, hires=HiresRequest(
             scale=float(body.hr_scale), upscaler=body.hr_upscaler, steps=body.hr_second_pass_steps,
             strength=float(body.denoising_strength)))
+    if body.refiner:
+        request = replace(request, refiner=RefinerRequest(body.refiner, float(body.refiner_switch_at)))
     return request
 
 

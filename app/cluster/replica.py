@@ -142,6 +142,9 @@ class GenerationReplica:
         model = serve.get_multiplexed_model_id() or call.params.model
         if model:  # an upscaling job has none: it takes no place in the replica's model LRU
             await self._hold(model)
+        refiner = getattr(call.params, "refiner", None)
+        if refiner is not None:  # SDXL's refiner: a second model this replica holds (and its worker loads)
+            await self._hold(refiner.model)
         async with contextlib.aclosing(job_events(self.engine, call, self.name)) as events:
             async for event in events:
                 yield event

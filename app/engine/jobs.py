@@ -69,6 +69,19 @@ class Hires:
         return denoising_steps(self.steps, self.strength)
 
 
+@dataclass(frozen=True)
+class Refiner:
+    """SDXL's refiner (A1111's refiner_checkpoint / refiner_switch_at): another served SDXL
+    model takes over a pass at `switch_at`, the fraction of the schedule's timesteps (diffusers'
+    `denoising_end` / `denoising_start`: the job's model runs the timesteps t >= round(1000 x
+    (1 - switch_at)), the refiner the rest, from the model's latents). With the hires fix it
+    refines the second pass only (A1111's default, "Hires fix: which pass to enable refiner
+    for" = second pass)."""
+
+    model: str
+    switch_at: float  # 0 <= switch_at < 1 (1 is no refiner: the edge leaves it out)
+
+
 def denoising_steps(steps: int, strength: float) -> int:
     """The steps an image-to-image pass runs: int(steps x strength) (A1111's and diffusers'
     rule), at least 1."""
@@ -104,6 +117,7 @@ class GenParams:
     # control images, one per unit at the generated size (compared by identity).
     controlnet: tuple[ControlUnit, ...] = ()
     control_images: ControlImages | None = field(default=None, compare=False)
+    refiner: Refiner | None = None
 
     @property
     def gen_size(self) -> tuple[int, int]:
@@ -147,6 +161,7 @@ class GenParams:
             self.hires,
             bool(self.hires.negative_prompt) if self.hires is not None else None,
             self.controlnet,
+            self.refiner,
         )
         # Prompts (their syntax, length, embeddings, clip skip) are per job: the worker encodes
         # each job's own and runs jobs whose encodings differ in length in separate calls.

@@ -67,6 +67,8 @@ from app.engine.optimize import eager
 from app.engine.pipelines import LoadedModel, load_model
 from app.engine.previews import approx_cheap
 from app.engine.prompts import PromptEncoder
+from app.engine.refiner import Handover
+from app.engine.refiner import plan as handover_plan
 from app.engine.schedulers import make_scheduler
 from app.engine.upscalers import Upscalers, upscale_latents
 from app.errors import CraftError, ErrorKind, InternalError, LoraError, TooManyPromptChunks, Unavailable
@@ -589,8 +591,15 @@ class Worker:
             logger.warning("%s: out of memory on a batch of %d; retrying with VAE slicing and "
                            "small VAE tiles", self.name, len(jobs))
         attempts = [jobs] if len(jobs) == 1 else [jobs, None]
-        # eager: the tiles' shapes were never compiled, and compiling costs memory
-        with _low_memory_decode(model.pipe.vae), eager(model.pipe):
+        refiner = jobs[0].params.refiner
+        pipes = [model.pipe] + ([self.models[refiner.model].pipe]
+                                if refiner is not None and refiner.model in self.models else [])
+        # eager: the tiles' shapes were never compiled, and compiling costs memory (the refiner
+        # decodes its own latents with its own VAE)
+        with contextlib.ExitStack() as stack:
+            for pipe in pipes:
+                stack.enter_context(_low_memory_decode(pipe.vae))
+                stack.enter_context(eager(pipe))
             for attempt in attempts:
                 self._free_memory()
                 try:
@@ -617,6 +626,9 @@ class Worker:
         (app.engine.img2img), each job with its own picture and mask."""
         params = jobs[0].params
         images: dict[str, Any] = {}
+        # SDXL's refiner: another served model, loaded beside this one (the LRU keeps the most
+        # recent; the edge asks for CRAFTSERVE_MAX_MODELS_PER_DEVICE >= 2)
+        refiner = self.model(params.refiner.model) if params.refiner is not None else None
         try:
             model.loras.apply(params.loras)
             # A compiled pipe runs batches with LoRAs eagerly: their adapter layers would
@@ -624,18 +636,19 @@ class Worker:
             uncompiled = eager(model.pipe) if params.loras else contextlib.nullcontext()
             with uncompiled:
                 for group, embeds in _prompt_groups(model, jobs):
-                    output = self._first_pass(model, group, embeds, jobs)
+                    output = self._first_pass(model, group, embeds, jobs, refiner)
                     if params.hires is not None:
-                        output = self._hires_pass(model, group, output, jobs)
+                        output = self._hires_pass(model, group, output, jobs, refiner)
                     images.update((job.id, image) for job, image in zip(group, output, strict=True))
         finally:
             model.loras.reset()
         return [_finished(images[job.id], job.params) for job in jobs]
 
     def _first_pass(self, model: LoadedModel, group: list[Job], embeds: dict[str, Any] | None,
-                    batch: list[Job]) -> list:
+                    batch: list[Job], refiner: LoadedModel | None = None) -> list:
         """The job's own pass: text to image (latents when a hires pass follows), image to
-        image or inpainting."""
+        image or inpainting; with a refiner (and no hires fix, whose second pass it refines)
+        handed over to it at the switch (app.engine.refiner)."""
         params = group[0].params
         task = params.task
         pipe = pipeline_for(model, task)
@@ -652,6 +665,17 @@ class Worker:
             kwargs.update(self._image_arguments(pipe, group, width, height))
         if params.hires is not None:
             kwargs["output_type"] = "latent" if params.hires.latent else "pil"
+        handover = None
+        if refiner is not None and params.hires is None:
+            assert params.refiner is not None
+            strength = 1.0 if task == "txt2img" else params.strength
+            handover = self._handover(model, params, params.steps, strength)
+            if handover is not None and handover.refiner_alone and task != "txt2img":
+                arguments = self._image_arguments(pipeline_for(refiner, task), group, width, height)
+                return self._refine(model, refiner, group, batch, steps=params.steps, cfg=params.cfg_scale,
+                                    sampler=params.sampler, offset=0, **arguments)
+            if handover is not None:  # the model's latents at the switch
+                kwargs.update(denoising_end=handover.switch, output_type="latent")
         kwargs.update(control)
         with jobs_in_call(model.pipe, len(group)):
             if task == "inpaint" and params.fill in (2, 3):
@@ -663,7 +687,43 @@ class Worker:
             finally:
                 if task == "inpaint":
                     pipe.craft_fill = None
+        if handover is not None:
+            assert refiner is not None
+            return self._refine(model, refiner, group, batch, steps=params.steps, cfg=params.cfg_scale,
+                                sampler=params.sampler, offset=handover.base_steps,
+                                image=_stacked(output.images), denoising_start=handover.switch)
         return list(output.images)
+
+    def _handover(self, model: LoadedModel, params: GenParams, steps: int, strength: float,
+                  ) -> Handover | None:
+        """Where a pass of `steps` at `strength` goes to the refiner (None: it never does)."""
+        assert params.refiner is not None
+        sampler = params.hires.sampler if params.hires is not None else params.sampler
+        scheduler = make_scheduler(sampler, model.scheduler_config, params.seed)
+        return handover_plan(scheduler, steps, strength, params.refiner.switch_at)
+
+    def _refine(self, model: LoadedModel, refiner: LoadedModel, group: list[Job], batch: list[Job], *,
+                steps: int, cfg: float, sampler: Any, offset: int, hires: bool = False,
+                **kwargs: Any) -> list:
+        """The refiner's part of a pass: its image-to-image pipeline (its own UNet, text
+        encoders and VAE), from the model's latents with `denoising_start` or, where the
+        refiner runs the pass alone, from the pass's picture at its strength. The schedule is
+        made from the job's model's scheduler config, so both sides cut the same timesteps.
+        Each job's prompts are encoded by the refiner's own encoders (app.engine.prompts)."""
+        pipe = pipeline_for(refiner, "img2img")
+        seeds = [job.params.seed for job in group]
+        pipe.scheduler = make_scheduler(sampler, model.scheduler_config, seeds[0])
+        image = kwargs.pop("image")
+        output: dict[int, Any] = {}
+        for sub, embeds in _prompt_groups(refiner, group, hires=hires):
+            index = [group.index(job) for job in sub]
+            picked = image[index] if isinstance(image, torch.Tensor) else [image[i] for i in index]
+            with jobs_in_call(refiner.pipe, len(sub)):
+                result = self._call(pipe, sub, embeds, batch, steps=steps, cfg=cfg,
+                                    seeds=[j.params.seed for j in sub], offset=offset, hires=hires,
+                                    image=picked, **kwargs)
+            output.update(zip(index, result.images, strict=True))
+        return [output[i] for i in range(len(group))]
 
     def _controlnet(self, model: LoadedModel, group: list[Job], task: str) -> tuple[Any, dict[str, Any]]:
         """The model's ControlNet pipeline for the task with the batch's units set, and the
@@ -714,9 +774,11 @@ class Worker:
             kwargs.pop("width", None)
         return kwargs
 
-    def _hires_pass(self, model: LoadedModel, group: list[Job], first: list, batch: list[Job]) -> list:
+    def _hires_pass(self, model: LoadedModel, group: list[Job], first: list, batch: list[Job],
+                    refiner: LoadedModel | None = None) -> list:
         """A1111's hires fix: the first pass upscaled (latents, or pixels by an upscaler),
-        cropped to the answer's aspect where asked, then an image-to-image pass."""
+        cropped to the answer's aspect where asked, then an image-to-image pass (with a
+        refiner, handed over to it at the switch, as A1111 refines the second pass)."""
         hires = group[0].params.hires
         assert hires is not None
         up_w, up_h = hires.upscale_size
@@ -737,8 +799,12 @@ class Worker:
                           width=out_w, height=out_h)
             if hires.latent:  # no pixels to mask: the fully masked picture's latents
                 kwargs["masked_image_latents"] = blank_masked_latents(pipe, len(group), out_w, out_h)
-        output: list = []
         offset = group[0].params.steps
+        if refiner is not None:
+            handover = self._handover(model, group[0].params, hires.steps, hires.strength)
+            if handover is not None:
+                return self._refined_hires(model, refiner, group, batch, kwargs, image, handover, offset)
+        output: list = []
         for sub, embeds in _prompt_groups(model, group, hires=True):
             index = [group.index(job) for job in sub]
             sub_kwargs = dict(kwargs)
@@ -754,6 +820,36 @@ class Worker:
             output.extend(zip(sub, result.images, strict=True))
         by_job = dict(output)
         return [by_job[job] for job in group]
+
+    def _refined_hires(self, model: LoadedModel, refiner: LoadedModel, group: list[Job], batch: list[Job],
+                       kwargs: dict[str, Any], image: Any, handover: Handover, offset: int) -> list:
+        """The hires fix's second pass handed over to the refiner: the model's image-to-image
+        pass to the switch (latents), then the refiner's; or the refiner's alone."""
+        hires = group[0].params.hires
+        assert hires is not None
+        common = {"steps": hires.steps, "cfg": hires.cfg_scale, "sampler": hires.sampler, "hires": True}
+        if handover.refiner_alone:
+            return self._refine(model, refiner, group, batch, offset=offset, image=image,
+                                strength=hires.strength, **common)
+        pipe = pipeline_for(model, "img2img")
+        pipe.scheduler = make_scheduler(hires.sampler, model.scheduler_config, group[0].params.seed)
+        latents: dict[int, Any] = {}
+        for sub, embeds in _prompt_groups(model, group, hires=True):
+            index = [group.index(job) for job in sub]
+            sub_kwargs = dict(kwargs)
+            sub_kwargs["image"] = (image[index] if isinstance(image, torch.Tensor)
+                                   else [image[i] for i in index])
+            for name in ("mask_image", "masked_image_latents"):  # the same for every job
+                if name in sub_kwargs:
+                    sub_kwargs[name] = sub_kwargs[name][:len(sub)]
+            with jobs_in_call(model.pipe, len(sub)):
+                result = self._call(pipe, sub, embeds, batch, steps=hires.steps, cfg=hires.cfg_scale,
+                                    seeds=[j.params.seed for j in sub], offset=offset, hires=True,
+                                    output_type="latent", denoising_end=handover.switch, **sub_kwargs)
+            latents.update(zip(index, result.images, strict=True))
+        return self._refine(model, refiner, group, batch, offset=offset + handover.base_steps,
+                            image=torch.stack([latents[i] for i in range(len(group))]),
+                            denoising_start=handover.switch, **common)
 
     def upscale(self, image: Any, name: str, width: int, height: int, jobs: Sequence[Job] = ()) -> Any:
         """A picture upscaled by a pixel upscaler on this worker's device; stopped between
@@ -786,6 +882,11 @@ class Worker:
             callback_on_step_end=_stop_when_abandoned(jobs, batch, offset),
             **kwargs,
         )
+
+
+def _stacked(images: Any) -> torch.Tensor:
+    """A pipeline's latent output as one (n, 4, h, w) tensor."""
+    return images if isinstance(images, torch.Tensor) else torch.stack(list(images))
 
 
 def _control_tensor(pictures: Sequence[Any]) -> torch.Tensor:

@@ -30,8 +30,9 @@ Choices (documented in README.md and docs/clients.md):
 - `CLIP_stop_at_last_layers` / `clip_skip` (1-12) is applied as A1111 does: on SD 1.x models the
   n-th layer from the end, then the final norm; SDXL always uses the penultimate layer (A1111's
   default, its `sdxl_clip_l_skip` off), so there it changes nothing, as in A1111.
-- Every A1111 feature craftserve does not run (hires fix, face restoration, tiling, scripts,
-  subseeds, refiner) is accepted and named in `info.craftserve_not_applied`.
+- Every A1111 feature craftserve does not run (face restoration, tiling, scripts other than
+  ControlNet, subseeds) is accepted and named in `info.craftserve_not_applied`; the hires fix,
+  ControlNet units and the SDXL refiner (`refiner_checkpoint`, `refiner_switch_at`) run.
 - Styles (`styles`) are applied as A1111 applies them (app.styles), from models.yaml's
   `styles_file:`; an unknown style is a 422 naming it (A1111 skips it silently).
 - Hashes are never null: `sd-models` `hash`/`sha256`, options' `sd_checkpoint_hash`,

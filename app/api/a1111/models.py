@@ -77,8 +77,14 @@ class A1111Txt2ImgRequest(BaseModel):
         "other keys are ignored")
     override_settings_restore_afterwards: bool | None = Field(
         None, description="false: the override_settings stay in GET /sdapi/v1/options afterwards")
-    refiner_checkpoint: str | None = _ignored()
-    refiner_switch_at: Number | None = _ignored()
+    refiner_checkpoint: str | None = Field(
+        None, description="SDXL's refiner: a served SDXL model (a name or title of GET "
+        "/sdapi/v1/sd-models); null, empty or `None`: no refiner. With the hires fix it refines the "
+        "second pass (A1111's default)")
+    refiner_switch_at: Number | None = Field(
+        None, allow_inf_nan=False, description="the fraction of the schedule (0 to 1, by timestep as "
+        "A1111) after which the refiner takes over; absent: 0, the refiner from the first step (as "
+        "A1111's API); 1: never")
     disable_extra_networks: bool | None = Field(
         None, description="true: `<lora:...>` tags are taken out of the prompt and not applied")
     firstpass_image: str | None = _ignored()

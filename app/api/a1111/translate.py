@@ -22,7 +22,7 @@ from app.api.a1111.models import (
     A1111Txt2ImgRequest,
 )
 from app.api.a1111.state import A1111State, checkpoint_field, vae_choice
-from app.api.generation import Generated, HiresRequest, ImageInput, ImageRequest
+from app.api.generation import Generated, HiresRequest, ImageInput, ImageRequest, RefinerRequest
 from app.api.rules import (
     DEFAULT_CFG,
     MAX_CFG,
@@ -38,7 +38,7 @@ from app.api.rules import (
     shown,
 )
 from app.config import Settings
-from app.errors import CraftError, ErrorKind, InvalidParameter
+from app.errors import CraftError, ErrorKind, InvalidParameter, NotServed
 from app.imaging import parameters_text
 from app.registry import Registry
 from app.samplers import SCHEDULES
@@ -116,9 +116,23 @@ def _not_applied(body: A1111Txt2ImgRequest) -> dict[str, Any]:
     scripts = [name for name in (body.alwayson_scripts or {}) if name.lower() != "controlnet"]
     if scripts:  # ControlNet's units are applied (app.api.a1111.controlnet)
         found["alwayson_scripts"] = [shown(name) for name in scripts[:20]]
-    if body.refiner_checkpoint and body.refiner_checkpoint.lower() != "none":
-        found["refiner_checkpoint"] = shown(body.refiner_checkpoint)
     return found
+
+
+def _refiner(body: A1111Txt2ImgRequest, registry: Registry) -> RefinerRequest | None:
+    """A1111's refiner fields: null, "" or "None" is no refiner; else a checkpoint name or title
+    (the core checks its family and the switch). An absent switch is A1111's None: the refiner
+    from the first step."""
+    name = body.refiner_checkpoint
+    if name is None or name.strip().lower() in ("", "none"):
+        return None
+    try:
+        model = checkpoint_field("refiner_checkpoint", name, registry)
+    except NotServed:  # naming the models a refiner may be
+        raise NotServed("refiner_checkpoint", name, [n for n, spec in registry.models.items()
+                                                     if spec.family == "sdxl"]) from None
+    switch = 0.0 if body.refiner_switch_at is None else float(body.refiner_switch_at)
+    return RefinerRequest(model=model, switch_at=switch, field="refiner_checkpoint")
 
 
 def plan(body: A1111Txt2ImgRequest, state: A1111State, client: str, registry: Registry,
@@ -173,7 +187,7 @@ def plan(body: A1111Txt2ImgRequest, state: A1111State, client: str, registry: Re
     request = ImageRequest(
         model=model, prompt=text, negative_prompt=negative_prompt, sampler=sampler,
         scheduler=scheduler, steps=steps, width=width, height=height, cfg_scale=cfg_scale,
-        loras=loras, seed=seed, clip_skip=clip_skip,
+        loras=loras, seed=seed, clip_skip=clip_skip, refiner=_refiner(body, registry),
     )
     parameters: dict[str, Any] = {}
     info: dict[str, Any] = {}
@@ -355,6 +369,8 @@ def answer(plan: Plan, generated: list[Generated], registry: Registry,
         "send_images": plan.send_images,
         **plan.parameters,
     }
+    if params.refiner is not None:
+        parameters.update(refiner_checkpoint=params.refiner.model, refiner_switch_at=params.refiner.switch_at)
     images = [base64.b64encode(g.data).decode("ascii") for g in generated] if plan.send_images else []
     return {"images": images, "parameters": parameters, "info": json.dumps(info)}
 

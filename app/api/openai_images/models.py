@@ -20,6 +20,7 @@ from app.api.rules import (
 )
 
 DEFAULT_STEPS = 30
+DEFAULT_REFINER_SWITCH = 0.8  # A1111's UI default (its API's absent value, 0, is refiner-only)
 
 
 class OpenAIImageRequest(BaseModel):
@@ -67,6 +68,11 @@ class OpenAIImageRequest(BaseModel):
     clip_skip: Int | None = Field(None, ge=1, le=MAX_CLIP_SKIP,
                                   description="extension: A1111's CLIP_stop_at_last_layers, 1 to 12 "
                                   "(SD 1.x models; SDXL ignores it as A1111 does)")
+    refiner: str | None = Field(None, max_length=MAX_NAME_LENGTH, description="extension: SDXL's "
+                                "refiner, a served SDXL model that takes over at `refiner_switch_at`")
+    refiner_switch_at: Number | None = Field(
+        None, allow_inf_nan=False, description="extension: the fraction of the schedule (0 to 1, by "
+        f"timestep) after which the refiner takes over; absent: {DEFAULT_REFINER_SWITCH:g}")
 
 
 class OpenAIImage(BaseModel):

@@ -9,9 +9,10 @@ import re
 
 from PIL import Image
 
-from app.api.generation import ImageInput, ImageRequest
+from app.api.generation import ImageInput, ImageRequest, RefinerRequest
 from app.api.openai_images.models import (
     DEFAULT_INPAINT_STRENGTH,
+    DEFAULT_REFINER_SWITCH,
     DEFAULT_STEPS,
     EDIT_MASK_BLUR,
     OpenAIEditRequest,
@@ -92,11 +93,13 @@ def image_request(body: OpenAIImageRequest, model: str, size: tuple[int, int],
     if body.stream:
         raise InvalidParameter("stream", True, "streaming is not offered; send false or leave it out")
     width, height = size
+    switch = DEFAULT_REFINER_SWITCH if body.refiner_switch_at is None else float(body.refiner_switch_at)
     request = ImageRequest(
         model=model, prompt=body.prompt, negative_prompt=body.negative_prompt or "",
         sampler=body.sampler, scheduler=body.scheduler, steps=steps, width=width, height=height,
         cfg_scale=DEFAULT_CFG if body.cfg_scale is None else float(body.cfg_scale),
         loras=body.loras or {}, seed=body.seed, clip_skip=body.clip_skip,
+        refiner=None if not body.refiner else RefinerRequest(body.refiner, switch),
     )
     return request, count
 

@@ -98,6 +98,11 @@ class JobRequest(GenerateRequest):
     hr_second_pass_steps: Int = Field(0, ge=0, le=MAX_STEPS, description="0: `steps`")
     denoising_strength: Number = Field(0.75, ge=0.0, le=1.0, allow_inf_nan=False,
                                        description="the hires fix's second pass strength")
+    refiner: str | None = Field(None, max_length=MAX_NAME_LENGTH, description="SDXL's refiner: a "
+                                "served SDXL model that takes over at `refiner_switch_at` (with the "
+                                "hires fix, in its second pass)")
+    refiner_switch_at: Number = Field(0.8, allow_inf_nan=False, description="the fraction of the "
+                                      "schedule (0 to 1, by timestep) after which the refiner takes over")
 
 
 class GenerateRequestV2(GenerateRequest):
