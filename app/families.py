@@ -29,6 +29,22 @@ PIPELINE_FAMILIES: dict[str, Family] = {
 SERVED_PIPELINES: frozenset[str] = frozenset({"StableDiffusionXLPipeline", "StableDiffusionPipeline",
                                               "StableDiffusionXLInpaintPipeline",
                                               "StableDiffusionInpaintPipeline"})
+# SDXL's refiner as published (stabilityai/stable-diffusion-xl-refiner-1.0): an image-to-image
+# pipeline with no first text encoder (only OpenCLIP bigG) and aesthetic-score time ids. Served
+# as a refiner only (ModelSpec.refiner_only), never as a job's own model.
+REFINER_PIPELINE = "StableDiffusionXLImg2ImgPipeline"
+REFINER_ONLY_RULE = ("is SDXL's refiner (no first text encoder): it serves only as a refiner "
+                     "(A1111's refiner_checkpoint, the `refiner` extension); use an SDXL model here "
+                     "and this one as its refiner")
+
+
+def is_refiner_layout(index: dict) -> bool:
+    """Whether a model_index.json (as a dict) describes the refiner's own layout: the SDXL
+    image-to-image class with no first text encoder (`text_encoder: [null, null]`)."""
+    if index.get("_class_name") != REFINER_PIPELINE:
+        return False
+    encoder = index.get("text_encoder")
+    return encoder is None or (isinstance(encoder, list) and not any(encoder))
 
 
 def family_label(family: str) -> str:

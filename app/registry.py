@@ -44,7 +44,7 @@ from app.checkpoints import (
 )
 from app.controlnet_files import ControlNetSpec, discover_controlnets
 from app.errors import CraftError, LoraError
-from app.families import PIPELINE_FAMILIES, Family, family_label
+from app.families import PIPELINE_FAMILIES, Family, family_label, is_refiner_layout
 from app.lora_files import check_lora_file, read_header
 from app.samplers import resolve_sampler
 from app.styles import PromptStyle, StylesFileError, read_styles
@@ -118,6 +118,8 @@ class ModelSpec:
     # single_file only: the UNet's input channels read from the file (4 text to image, 9 a
     # dedicated inpainting checkpoint); the config folder's unet is built with this many
     in_channels: int = 4
+    # SDXL's refiner layout (app.families.is_refiner_layout): served as a refiner only
+    refiner_only: bool = False
 
 
 @dataclass
@@ -222,28 +224,44 @@ def _resolve_source(raw: str, base: Path, where: str) -> tuple[str, str]:
     )
 
 
-def _family_from_index(index_file: Path | str | None) -> Family | None:
+def _read_index(index_file: Path | str | None) -> dict:
     if not index_file:
-        return None
+        return {}
     try:
-        class_name = json.loads(Path(index_file).read_text(encoding="utf-8")).get("_class_name")
+        index = json.loads(Path(index_file).read_text(encoding="utf-8"))
     except (OSError, ValueError):
-        return None
-    return PIPELINE_FAMILIES.get(class_name)
+        return {}
+    return index if isinstance(index, dict) else {}
 
 
-def _detect_family(source: str, kind: str) -> Family | None:
-    if kind == "builtin":
-        return BUILTIN_SOURCES[source]  # type: ignore[return-value]
+def _family_from_index(index_file: Path | str | None) -> Family | None:
+    return PIPELINE_FAMILIES.get(_read_index(index_file).get("_class_name"))
+
+
+def _index_file(source: str, kind: str) -> Path | str | None:
     if kind == "local":
-        return _family_from_index(Path(source) / "model_index.json")
+        return Path(source) / "model_index.json"
     try:
         from huggingface_hub import try_to_load_from_cache
 
         cached = try_to_load_from_cache(source, "model_index.json")
     except Exception:  # noqa: BLE001 - a broken cache only means "unknown"
         cached = None
-    return _family_from_index(cached if isinstance(cached, str) else None)
+    return cached if isinstance(cached, str) else None
+
+
+def _detect_family(source: str, kind: str) -> Family | None:
+    if kind == "builtin":
+        return BUILTIN_SOURCES[source]  # type: ignore[return-value]
+    return _family_from_index(_index_file(source, kind))
+
+
+def _detect_refiner(source: str, kind: str) -> bool:
+    """A folder or cached Hub repo in SDXL's refiner layout (a Hub repo not cached yet: False,
+    and the engine refuses it as a job's model once loaded)."""
+    if kind not in ("local", "hub"):
+        return False
+    return is_refiner_layout(_read_index(_index_file(source, kind)))
 
 
 def _local_path(raw: str, base: Path) -> Path:
@@ -322,6 +340,7 @@ def _model_spec(name: str, entry: _ModelEntry, base: Path, file: Path) -> ModelS
     config = _config_folder(entry, kind, base, where)
     ztsnr = bool(entry.zero_terminal_snr)
     in_channels = 4
+    refiner_only = False
     if kind == "single_file":
         detected, ztsnr, in_channels = _single_file_family(source, entry, where)
         from_config = config_family(config) if config else None
@@ -337,6 +356,7 @@ def _model_spec(name: str, entry: _ModelEntry, base: Path, file: Path) -> ModelS
                 "`zero_terminal_snr:` (a diffusers folder's scheduler config says it); remove them"
             )
         detected = _detect_family(source, kind)
+        refiner_only = _detect_refiner(source, kind)
     family = entry.family or detected
     known = family is not None
     if family is None:
@@ -369,6 +389,7 @@ def _model_spec(name: str, entry: _ModelEntry, base: Path, file: Path) -> ModelS
         prediction=entry.prediction,
         zero_terminal_snr=ztsnr,
         in_channels=in_channels,
+        refiner_only=refiner_only,
     )
 
 

@@ -42,7 +42,7 @@ from app.errors import (
     NotServed,
     Unavailable,
 )
-from app.families import Family, family_label
+from app.families import REFINER_ONLY_RULE, Family, family_label
 from app.image_inputs import off_loop
 from app.imaging import encode_image, encode_png, parameters_text
 from app.registry import Registry
@@ -192,6 +192,8 @@ def to_params(body: ImageRequest, registry: Registry, settings: Settings) -> Gen
     spec = registry.models.get(body.model)
     if spec is None:
         raise NotServed("model", body.model, registry.models)
+    if spec.refiner_only:
+        raise InvalidParameter("model", body.model, REFINER_ONLY_RULE)
     for name in ("prompt", "negative_prompt"):
         text = getattr(body, name)
         check_prompt_length(name, text, settings)

@@ -82,11 +82,13 @@ def default_model(models: Mapping[str, ModelSpec]) -> str:
     chooses one, OpenAI's `model` absent or one of OpenAI's own names, VisionCraft's img2img
     `refiner`, the page's preselection): the first model of the models file whose weights are
     here, so on a machine without network or weights the default serves now (the shipped file:
-    tiny-sdxl, until sdxl-base's weights are in the cache). None here: the first model."""
-    for name, spec in models.items():
+    tiny-sdxl, until sdxl-base's weights are in the cache). None here: the first model. SDXL's
+    refiner layout is never the default: it is no job's model."""
+    servable = {name: spec for name, spec in models.items() if not spec.refiner_only}
+    for name, spec in servable.items():
         if weights_here(spec):
             return name
-    return next(iter(models), "")
+    return next(iter(servable), "")
 
 
 def download_commands(repos: list[str]) -> str:

@@ -108,6 +108,7 @@ def warm_up(
     steps: int = 2,
     guidance_scale: float = 7.0,
     force: bool = False,
+    from_picture: bool = False,
 ) -> float:
     """Run short generations so compilation and cuDNN autotuning happen now. Seconds spent.
 
@@ -115,8 +116,9 @@ def warm_up(
     prompts and negative prompts, CPU generators, classifier-free guidance when
     `guidance_scale` > 1), so the graphs it makes are the ones requests use; an inpainting
     checkpoint's pipeline (9-channel UNet) gets a blank picture fully masked, as its text to
-    image jobs do. The pipeline's scheduler is left as it was. A no-op (0.0) on the CPU
-    unless `force`.
+    image jobs do; `from_picture` (SDXL's refiner, an image-to-image pipeline) gets a blank
+    picture at strength 0.5 in place of a size. The pipeline's scheduler is left as it was. A
+    no-op (0.0) on the CPU unless `force`.
     """
     if device.type != "cuda" and not force:
         return 0.0
@@ -133,13 +135,16 @@ def warm_up(
                 if inpainting_unet(pipe):
                     image, mask = blank_sources(batch, width, height)
                     pictures = {"image": image, "mask_image": mask, "strength": 1.0}
+                elif from_picture:
+                    image, _ = blank_sources(batch, width, height)
+                    pictures = {"image": image, "strength": 0.5}
+                sized = {} if from_picture else {"width": width, "height": height}
                 pipe(
                     prompt=["warm-up"] * batch,
                     negative_prompt=[""] * batch,
                     num_inference_steps=steps,
                     guidance_scale=guidance_scale,
-                    width=width,
-                    height=height,
+                    **sized,
                     generator=[torch.Generator("cpu").manual_seed(i) for i in range(batch)],
                     **pictures,
                 )

@@ -24,7 +24,7 @@ from app.engine.loras import LoraManager
 from app.engine.optimize import load_compile_cache, optimize_pipeline, save_compile_cache, warm_up
 from app.engine.prompts import PromptEncoder
 from app.errors import ErrorKind, Unavailable
-from app.families import PIPELINE_FAMILIES, SERVED_PIPELINES, Family
+from app.families import PIPELINE_FAMILIES, REFINER_PIPELINE, SERVED_PIPELINES, Family
 from app.registry import ModelSpec
 
 logger = logging.getLogger(__name__)
@@ -47,6 +47,9 @@ class LoadedModel:
     # The image-to-image and inpainting pipelines made from `pipe`'s components on first use
     # (app.engine.img2img.pipeline_for), by task.
     variants: dict[str, Any] = field(default_factory=dict)
+    # SDXL's refiner layout (`pipe` is its image-to-image pipeline, no first text encoder):
+    # served as a job's refiner only, never as its model
+    refiner_only: bool = False
 
 
 def choose_dtype(spec: ModelSpec, device: torch.device) -> torch.dtype:
@@ -194,13 +197,19 @@ def _build(spec: ModelSpec, dtype: torch.dtype, device: torch.device, allow_down
     return _load_diffusers(spec, dtype, allow_downloads, hub)
 
 
+def is_refiner_pipe(pipe: Any) -> bool:
+    """SDXL's refiner layout: the image-to-image pipeline without a first text encoder."""
+    return type(pipe).__name__ == REFINER_PIPELINE and getattr(pipe, "text_encoder", None) is None
+
+
 def _family_of(spec: ModelSpec, pipe: Any) -> Family:
     name = type(pipe).__name__
-    if name in SERVED_PIPELINES:
+    if name in SERVED_PIPELINES or is_refiner_pipe(pipe):
         return PIPELINE_FAMILIES[name]
     raise Unavailable(
         f"model '{spec.name}' cannot be served: {spec.source} is a {name}, and craftserve "
-        "serves text-to-image StableDiffusionXLPipeline and StableDiffusionPipeline models",
+        "serves text-to-image StableDiffusionXLPipeline and StableDiffusionPipeline models (and "
+        "SDXL's refiner layout, a StableDiffusionXLImg2ImgPipeline without text_encoder, as a refiner)",
         retry_after=3600,
     )
 
@@ -279,7 +288,9 @@ def load_model(
     try:
         pipe = _build(spec, dtype, device, allow_downloads, hub)
         family = _family_of(spec, pipe)
-        pipe = base_pipeline(pipe, family)
+        refiner_only = is_refiner_pipe(pipe)
+        if not refiner_only:  # the refiner serves from its own image-to-image pipeline
+            pipe = base_pipeline(pipe, family)
         pipe.to(device)
         if spec.kind == "builtin" and dtype != pipe.unet.dtype:  # from_pretrained already chose
             pipe.to(dtype=dtype)  # the dtype (keeping fp32-only modules in fp32)
@@ -294,7 +305,7 @@ def load_model(
             make_batch_invariant(pipe)
         default_size = DEFAULT_SIZES[family] if device.type == "cuda" else (64, 64)
         warm_up(pipe, device, sizes=[default_size], batch_sizes=sorted(set(warm_batch_sizes)),
-                force=True)
+                force=True, from_picture=refiner_only)
         if compiled and compile_cache is not None:
             save_compile_cache(compile_cache)
     except BaseException as exc:
@@ -314,6 +325,7 @@ def load_model(
         dtype=dtype,
         load_seconds=seconds,
         prompts=PromptEncoder(pipe, family),
+        refiner_only=refiner_only,
     )
 
 

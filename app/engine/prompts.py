@@ -109,8 +109,10 @@ class PromptEncoder:
     def __init__(self, pipe: Any, family: str) -> None:
         self.family = family
         if family == "sdxl":
-            self.slots = [_Slot(pipe.tokenizer, pipe.text_encoder, "clip_l", False),
-                          _Slot(pipe.tokenizer_2, pipe.text_encoder_2, "clip_g", True)]
+            # SDXL's refiner has no first encoder: its conditioning is encoder 2's alone
+            first = ([_Slot(pipe.tokenizer, pipe.text_encoder, "clip_l", False)]
+                     if getattr(pipe, "text_encoder", None) is not None else [])
+            self.slots = [*first, _Slot(pipe.tokenizer_2, pipe.text_encoder_2, "clip_g", True)]
         else:
             self.slots = [_Slot(pipe.tokenizer, pipe.text_encoder, "emb_params", False)]
         self._files: dict[Path, dict[str, torch.Tensor]] = {}

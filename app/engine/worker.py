@@ -71,7 +71,16 @@ from app.engine.refiner import Handover
 from app.engine.refiner import plan as handover_plan
 from app.engine.schedulers import make_scheduler
 from app.engine.upscalers import Upscalers, upscale_latents
-from app.errors import CraftError, ErrorKind, InternalError, LoraError, TooManyPromptChunks, Unavailable
+from app.errors import (
+    CraftError,
+    ErrorKind,
+    InternalError,
+    InvalidParameter,
+    LoraError,
+    TooManyPromptChunks,
+    Unavailable,
+)
+from app.families import REFINER_ONLY_RULE
 from app.metrics import Metrics
 from app.registry import ModelSpec
 
@@ -625,6 +634,8 @@ class Worker:
         here). Image-to-image and inpainting jobs run on the model's pipelines for those tasks
         (app.engine.img2img), each job with its own picture and mask."""
         params = jobs[0].params
+        if model.refiner_only:  # a Hub repo the registry could not read before its download
+            raise InvalidParameter("model", model.spec.name, REFINER_ONLY_RULE)
         images: dict[str, Any] = {}
         # SDXL's refiner: another served model, loaded beside this one (the LRU keeps the most
         # recent; the edge asks for CRAFTSERVE_MAX_MODELS_PER_DEVICE >= 2)
