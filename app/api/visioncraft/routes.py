@@ -272,7 +272,9 @@ def img2img_schedulers() -> list[str]:
 
 @router.get("/img2img/refiners", summary="The models /img2img's `refiner` takes")
 def img2img_refiners(registry: RegistryDep) -> list[str]:
-    return list(registry.models)
+    """The models that run /img2img's pass; an SDXL refiner-only model (serving as A1111's
+    refiner_checkpoint) runs none alone."""
+    return [name for name, spec in registry.models.items() if not spec.refiner_only]
 
 
 @router.get("/models-upscale", summary="The upscalers /upscale's `model` takes")
