@@ -50,6 +50,7 @@ MAX_QUEUE, MAX_BATCH, MAX_QUEUED = 8, 2, 16  # a replica takes 8 calls; 16 more 
 # One key may have MAX_QUEUE // 4 = 2 jobs waiting in the whole cluster (the ingress counts
 # them): the tests that load the cluster send each call with a key of its own.
 KEYS = [f"ray-key-{i:02d}" for i in range(60)]
+STAY_S = 4.0
 
 
 class Cluster:
@@ -94,6 +95,9 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
         port=free_port(), max_models_per_device=1, max_queue=MAX_QUEUE, max_batch=MAX_BATCH,
         load_retry_s=600, ray_min_replicas=2, ray_max_replicas=2, ray_gpus_per_replica=0,
         ray_cpus_per_replica=1, ray_max_queued=MAX_QUEUED,
+        # a model whose backlog takes its replicas over 0.3 s is hot; a model idle for 4 s on a
+        # replica may make way there for a hot one (defaults 2 s and 60 s: short tests)
+        ray_replicate_after_s=0.3, ray_model_stay_s=STAY_S,
     )
     ray.init(num_cpus=2, include_dashboard=False, namespace="craftserve",
              object_store_memory=256 * 2**20, logging_level=logging.WARNING)
@@ -249,6 +253,92 @@ def test_sixteen_concurrent_requests_use_both_replicas(cluster: Cluster) -> None
     count = next(float(line.split()[-1]) for line in metrics.splitlines()
                  if line.startswith('craftserve_images_total{model="tiny-sdxl"'))
     assert count >= 16
+
+
+def burst(cluster: Cluster, count: int, **fields) -> list[httpx.Response]:
+    """`count` concurrent /sd requests, each with a key of its own."""
+    async def flood() -> list[httpx.Response]:
+        async with httpx.AsyncClient(base_url=cluster.url, timeout=120) as c:
+            return await asyncio.gather(*(c.post("/sd", json=body(seed=i, token=KEYS[i], **fields))
+                                          for i in range(count)))
+
+    answers = asyncio.run(flood())
+    assert [a.status_code for a in answers] == [200] * count, [a.text for a in answers
+                                                               if a.status_code != 200]
+    return answers
+
+
+def test_preloaded_model_on_both_and_thirty_two_requests_split_at_most_60_40(cluster: Cluster) -> None:
+    """Issue 22's check: after a warm-up request, 32 concurrent requests for one model run
+    on both replicas, the busier taking at most 60 %. A replica holds 2 x MAX_BATCH = 4 calls;
+    the rest wait at the ingress and go to whichever replica frees a place first."""
+    state = cluster.wait(lambda s: all(w["models"] == ["tiny-sdxl"] for w in s["workers"]),
+                         "the preload model on every replica")
+    assert len(state["workers"]) == 2
+    with cluster.client() as c:
+        png(c.post("/sd", json=body(steps=8)))  # warm-up
+    answers = burst(cluster, 32, steps=8)
+    workers = Counter(a.headers["x-worker"] for a in answers)
+    assert len(workers) == 2 and max(workers.values()) <= 0.6 * 32, workers
+
+
+def test_a_hot_model_is_loaded_on_a_second_replica(cluster: Cluster) -> None:
+    """tiny-sd15 takes one replica (tiny-sdxl is held by the other too, so it makes way);
+    once it has been idle there for RAY_MODEL_STAY_S, a burst of tiny-sdxl, the only model
+    on one replica, is hot (its backlog would take that replica longer than 0.3 s) and is
+    loaded on the second replica as well: both serve it."""
+    with cluster.client() as c:
+        png(c.post("/sd", json=body(model="tiny-sd15", steps=4)))
+    state = cluster.wait(lambda s: sorted(m for w in s["workers"] for m in w["models"])
+                         == ["tiny-sd15", "tiny-sdxl"], "one model a replica")
+    sd15_holder = next(w["name"] for w in state["workers"] if w["models"] == ["tiny-sd15"])
+    time.sleep(STAY_S + 1)
+    answers = burst(cluster, 32, steps=16)
+    workers = Counter(a.headers["x-worker"] for a in answers)
+    assert len(workers) == 2 and workers[sd15_holder] >= 1, workers
+    cluster.wait(lambda s: all(w["models"] == ["tiny-sdxl"] for w in s["workers"]),
+                 "tiny-sdxl on both replicas", timeout=10)
+
+
+def test_two_busy_models_on_two_replicas_each_keep_their_own(cluster: Cluster) -> None:
+    """MAX_MODELS_PER_DEVICE=1, both models under load from their own clients at once: each
+    replica keeps its model for the whole run (no model loaded twice on a replica) and every
+    answer for a model comes from the replica that holds it."""
+    with cluster.client() as c:
+        png(c.post("/sd", json=body(model="tiny-sd15", steps=4)))  # one replica makes way
+    before = cluster.wait(lambda s: sorted(m for w in s["workers"] for m in w["models"])
+                          == ["tiny-sd15", "tiny-sdxl"], "one model a replica")
+    holder = {w["models"][0]: w["name"] for w in before["workers"]}
+    seen: dict[str, Counter] = {"tiny-sdxl": Counter(), "tiny-sd15": Counter()}
+    changes: list[dict] = []
+    stop = asyncio.Event()
+
+    async def client(index: int, model: str) -> None:
+        async with httpx.AsyncClient(base_url=cluster.url, timeout=120) as c:
+            for seed in range(6):
+                answer = await c.post("/sd", json=body(model=model, seed=seed, steps=12,
+                                                       token=KEYS[index]))
+                assert answer.status_code == 200, answer.text
+                seen[model][answer.headers["x-worker"]] += 1
+
+    async def watch() -> None:
+        async with httpx.AsyncClient(base_url=cluster.url, timeout=10, headers=AUTH) as c:
+            while not stop.is_set():
+                state = (await c.get("/ready")).json()
+                models = {w["name"]: w["models"] for w in state["workers"]}
+                if models != {name: [m] for m, name in holder.items()}:
+                    changes.append(models)
+                await asyncio.sleep(0.1)
+
+    async def run() -> None:
+        watcher = asyncio.ensure_future(watch())
+        await asyncio.gather(*(client(i, "tiny-sdxl" if i % 2 else "tiny-sd15") for i in range(12)))
+        stop.set()
+        await watcher
+
+    asyncio.run(run())
+    assert changes == []
+    assert {m: set(c) for m, c in seen.items()} == {m: {holder[m]} for m in seen}, seen
 
 
 def test_each_model_goes_to_the_replica_holding_it(cluster: Cluster) -> None:

@@ -315,8 +315,10 @@ class RemoteEngine:
         ]
         self.metrics.workers_ready.set(sum(1 for r in replicas if r["alive"] and r["preloaded"]))
         no_replica = [] if replicas else [NO_REPLICA]
-        return readiness_body(
+        ready, body = readiness_body(
             models=models, preload=preload, accepting=self.accepting, workers=workers,
             queue_depth=len(self._waiting) + sum(r["queue_depth"] for r in replicas),
             last_reload=self.last_reload, first=no_replica,
         )
+        body["ingress_waiting"] = len(self.dispatcher)  # jobs no replica has room for yet
+        return ready, body
