@@ -2,21 +2,18 @@
 
 The ingress (app.cluster.dispatch) decides which replica runs each job and names it in the
 call (JobCall.replica); this router, which Serve runs in the ingress's process for its
-handle to the generation deployment, sends the call there. A replica the router does not
-know yet (just started, Serve's replica list not updated) is waited for up to `WAIT_S`;
-after that, or for a call that names none, the call goes to the less loaded of two replicas
-at random (Serve's usual choice), and the replica's first event tells the ingress where it
-ran.
+handle to the generation deployment, sends the call there. A call naming a replica the router
+does not list (just started, Serve's list not updated yet; or gone), or naming none, goes to
+the less loaded of two replicas at random (Serve's usual choice), and the replica's first
+event tells the ingress where it ran. (Returning no replica to wait for the named one
+left calls unrouted in tests.)
 """
 
 from __future__ import annotations
 
 import random
-import time
 
 from ray.serve.request_router import PendingRequest, RequestRouter, RunningReplica
-
-WAIT_S = 2.0
 
 
 def replica_name(replica: RunningReplica) -> str:
@@ -41,8 +38,6 @@ class TargetRouter(RequestRouter):
             for replica in candidate_replicas:
                 if replica_name(replica) == target:
                     return [[replica]]
-            if pending_request is not None and time.time() - pending_request.created_at < WAIT_S:
-                return []
         if len(candidate_replicas) <= 2:
             return [list(candidate_replicas)]
         return [random.sample(candidate_replicas, 2)]
