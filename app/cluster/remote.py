@@ -22,6 +22,7 @@ is done here and in the replicas:
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import threading
 import time
@@ -133,7 +134,10 @@ class RemoteEngine:
         self._waiting[job] = None
         self._placed[job] = loop.create_future()
         self.dispatcher.add(job)
-        self._running[job] = loop.create_task(self._drive(job))
+        # A fresh context: each call gets its own Serve request id. Calls made within the HTTP
+        # request's context share its id, and Serve's router matches the replica it chose to a
+        # waiting call by that id, so of two images of one request one was never sent.
+        self._running[job] = loop.create_task(self._drive(job), context=contextvars.Context())
         loop.call_later(deadline, self._expire, weakref.ref(job))  # an answered job is freed
         self._pump()
         return job
