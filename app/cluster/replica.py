@@ -2,10 +2,10 @@
 
 Everything a single box does per device happens here unchanged: the fair queue, batching of
 compatible jobs (across every caller that Ray routed here), the LoRA cache, OOM recovery,
-previews. Ray Serve routes with model multiplexing: the request's model is its multiplexed
-model id, and this replica's model LRU (at most MAX_MODELS_PER_DEVICE, the same bound as its
-worker's) tells Serve which models it holds, so a request goes to a replica that already
-holds its model. Evicting a model from that LRU unloads it from the worker between batches.
+previews. The ingress chooses the replica for each job (app.cluster.dispatch). Each replica
+keeps a model LRU (Serve's model multiplexing, at most MAX_MODELS_PER_DEVICE, the same bound
+as its worker's) and posts it on the board (`held`); evicting a model from that LRU unloads
+it from the worker between batches. The preload models enter it at start on every replica.
 
 `run` takes the ingress's JobCall (the job keeps the id its client was given) and yields the
 job's events (app.cluster.wire) until its answer; a cancelled call (the client left, DELETE
