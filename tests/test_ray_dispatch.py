@@ -173,3 +173,42 @@ def test_the_board_replaces_the_mirror_only_when_idle_and_newer(loop) -> None:
     assert d.replicas["a"].models == ["n"]
     d.update({})  # the replica is gone
     assert d.replicas == {}
+
+
+# ---- builtin:sleep-sdxl, the load-testing model the scheduling benchmark runs on -----------
+def test_the_sleep_model_takes_one_fixed_step_a_batch_whatever_its_size(tmp_path, monkeypatch) -> None:
+    """Loaded as the worker loads it (CPU, batch-invariant wrapping asked for), its UNet
+    sleeps SLEEP_STEP_S once a step for the whole batch (the wrapping would call it once per
+    job): a batch of 4 sleeps as long as a batch of 1, and its time is sleep, not CPU."""
+    import time
+
+    import torch
+
+    from app.engine import tiny
+    from app.engine.pipelines import load_model
+    from app.registry import load_registry
+    from tests.conftest import write_models_file
+
+    models = write_models_file(tmp_path, "models:\n  s: {source: 'builtin:sleep-sdxl'}\n")
+    spec = load_registry(models).models["s"]
+    assert spec.family == "sdxl"
+    pipe = load_model(spec, torch.device("cpu"), allow_downloads=False, lora_cache_size=1,
+                      warm_batch_sizes=(1,)).pipe
+    sleeps: list[float] = []
+
+    def sleep(seconds: float) -> None:
+        sleeps.append(seconds)
+        time.sleep(seconds)
+
+    monkeypatch.setattr(tiny, "time", SimpleNamespace(sleep=sleep))
+    steps = 6
+    for batch in (1, 4):
+        sleeps.clear()
+        started, cpu = time.perf_counter(), time.process_time()
+        out = pipe(prompt=["p"] * batch, num_inference_steps=steps, width=64, height=64,
+                   guidance_scale=7.0)
+        wall, used = time.perf_counter() - started, time.process_time() - cpu
+        assert len(out.images) == batch
+        assert sleeps == [tiny.SLEEP_STEP_S] * steps  # once a step, whatever the batch
+        assert wall >= steps * tiny.SLEEP_STEP_S
+        assert used < wall  # mostly asleep (the tiny text encoders and VAE use a little)
