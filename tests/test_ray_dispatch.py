@@ -185,6 +185,7 @@ def test_the_sleep_model_takes_one_fixed_step_a_batch_whatever_its_size(tmp_path
     import torch
 
     from app.engine import tiny
+    from app.engine.determinism import jobs_in_call
     from app.engine.pipelines import load_model
     from app.registry import load_registry
     from tests.conftest import write_models_file
@@ -205,8 +206,9 @@ def test_the_sleep_model_takes_one_fixed_step_a_batch_whatever_its_size(tmp_path
     for batch in (1, 4):
         sleeps.clear()
         started, cpu = time.perf_counter(), time.process_time()
-        out = pipe(prompt=["p"] * batch, num_inference_steps=steps, width=64, height=64,
-                   guidance_scale=7.0)
+        with jobs_in_call(pipe, batch):  # as the worker calls a batch
+            out = pipe(prompt=["p"] * batch, num_inference_steps=steps, width=64, height=64,
+                       guidance_scale=7.0)
         wall, used = time.perf_counter() - started, time.process_time() - cpu
         assert len(out.images) == batch
         assert sleeps == [tiny.SLEEP_STEP_S] * steps  # once a step, whatever the batch
