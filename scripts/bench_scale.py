@@ -139,10 +139,10 @@ def watch(url: str, stop: threading.Event, out: dict) -> None:
     out.update(samples=samples, idle=idle, loads=loads)
 
 
-def scheduling_run(models: Path, replicas: int, two_models: bool, args: argparse.Namespace) -> dict:
+def scheduling_run(models: Path, port: int, replicas: int, two_models: bool,
+                   args: argparse.Namespace) -> dict:
     from app.cluster.deploy import undeploy
 
-    port = free_port()
     url = ray_app(models, port, replicas, cpus=0, max_models_per_device=1)
     clients = max(args.min_clients, 3 * replicas * 8)  # 3 x what the replicas hold (slots 8)
     model_of = (lambda i: "hot" if i % 2 == 0 else "other") if two_models else (lambda i: "hot")
@@ -199,12 +199,13 @@ def main(argv: list[str] | None = None) -> int:
     p50: dict[tuple[int, int], dict[str, float]] = {}
     runs: dict[str, list[dict]] = {"one hot model": [], "two models": []}
     counts = [int(n) for n in args.replicas.split(",")]
+    port = free_port()  # Serve's proxy keeps the port it started on: one for every run
     try:
         if not args.skip_single:
             plain = Server(max_batch=4, window_ms=25, workdir=workdir)
             try:
                 plain.wait_ready()
-                url = ray_app(tiny, free_port(), replicas=1, cpus=2)
+                url = ray_app(tiny, port, replicas=1, cpus=2)
                 shapes = [(args.size, args.steps), (args.long_size, args.long_steps)]
                 with httpx.Client(base_url=plain.url, timeout=300) as p, \
                         httpx.Client(base_url=url, timeout=300) as r:
@@ -219,12 +220,14 @@ def main(argv: list[str] | None = None) -> int:
                             for name, client in order:
                                 times[name].append(post(client, 100 + i, shape))
                         p50[size, steps] = {n: statistics.median(v) for n, v in times.items()}
+                        print(f"  ... single client {size}x{size}, {steps} steps: "
+                              f"{p50[size, steps]}", flush=True)
             finally:
                 plain.stop()
                 undeploy()
         for name, two in (("one hot model", False), ("two models", True)):
             for replicas in counts:
-                runs[name].append(scheduling_run(sleepy, replicas, two, args))
+                runs[name].append(scheduling_run(sleepy, port, replicas, two, args))
                 print(f"  ... {name}, {replicas} replica(s): {runs[name][-1]['ips']:.2f} images/s",
                       flush=True)
     finally:
