@@ -214,3 +214,22 @@ def test_the_sleep_model_takes_one_fixed_step_a_batch_whatever_its_size(tmp_path
         assert sleeps == [tiny.SLEEP_STEP_S] * steps  # once a step, whatever the batch
         assert wall >= steps * tiny.SLEEP_STEP_S
         assert used < wall  # mostly asleep (the tiny text encoders and VAE use a little)
+
+
+def test_two_hot_models_on_four_replicas_do_not_take_each_others_replicas(loop) -> None:
+    """Each model held by two replicas, both hot (backlogs far beyond what their holders
+    drain in 2 s): neither is loaded on the other's replicas, however long it goes on."""
+    clock = Clock()
+    d = dispatcher(clock, {"a1": ["x"], "a2": ["x"], "b1": ["y"], "b2": ["y"]}, slots=2)
+    d.measured("x", 1.0, 1)
+    d.measured("y", 1.0, 1)
+    for i in range(40):
+        d.add(job(loop, "x" if i % 2 else "y", f"c{i}"))
+    for _ in range(30):  # every replica finishes a call, a second later, again and again
+        for j, _name in d.place():
+            d.ended(j)
+        clock.now += 1
+        d.add(job(loop, "x", "more-x"))
+        d.add(job(loop, "y", "more-y"))
+    assert {n: v.models for n, v in d.replicas.items()} == {
+        "a1": ["x"], "a2": ["x"], "b1": ["y"], "b2": ["y"]}

@@ -20,10 +20,10 @@ Which replica a job goes to, for a job of model M:
 3. holders of M exist but are all full: the job waits for one, unless M is hot: its waiting
    jobs would take its holders longer than `replicate_after_s` (RAY_REPLICATE_AFTER_S) to
    drain, at the seconds per image measured for M. A hot model is loaded on another
-   replica with room that has a free model place, or whose LRU model is held elsewhere too,
-   or whose LRU model has no job waiting and was not used there within `stay_s`
-   (RAY_MODEL_STAY_S). So models that differ stay apart: a model busy on its replica is never
-   evicted there for another model's load.
+   replica with room that has a free model place, or whose LRU model has no job waiting and
+   was not used there within `stay_s` (RAY_MODEL_STAY_S). So models that differ stay apart:
+   a model in use on a replica is never evicted there for another model's load, and two hot
+   models do not take each other's replicas in turn.
 
 The ingress mirrors each replica's model LRU (the replica evicts the least recently used of
 MAX_MODELS_PER_DEVICE models when a job brings another), updating it as it sends jobs, and
@@ -252,7 +252,7 @@ class Dispatcher:
                 return view
         if ranked and not any(v.reserved_for == model for v in live):
             cost, view = ranked[0]
-            if view.reserved_for is None and cost > 0 and (cold or cost == 1):
+            if view.reserved_for is None and cost > 0 and cold:
                 view.reserved_for = model  # it drains its LRU model's calls, then takes this one
         return None
 
@@ -275,17 +275,19 @@ class Dispatcher:
     def _cost(self, view: ReplicaView, model: str, cold: bool, live: Iterable[ReplicaView],
               now: float) -> int | None:
         """How much loading `model` on this replica takes from others (lower is better), or
-        None where it may not: 0 a free model place; 1 its LRU model is held elsewhere too;
-        2 its LRU model is idle (nothing waits for it, not used here within stay_s); 3 (a
-        cold model only) anything else, as a model switch on one box."""
+        None where it may not: 0 a free model place; 2 its LRU model is idle (nothing waits
+        for it, not used here within stay_s); for a cold model (held nowhere) also 1 its LRU
+        model is held elsewhere too, 3 anything else, as a model switch on one box."""
         victim = self._victim(view)
         if victim is None:
             return 0
+        idle = (self._waiting_for(victim) == 0
+                and now - view.last_used.get(victim, -1e18) >= self.stay_s)
+        if not cold:  # a hot model: only a free place or an idle model, so that two hot
+            return 2 if idle else None  # models do not take each other's replicas in turn
         if any(victim in other.models for other in live if other is not view):
             return 1
-        if self._waiting_for(victim) == 0 and now - view.last_used.get(victim, -1e18) >= self.stay_s:
-            return 2
-        return 3 if cold else None
+        return 2 if idle else 3
 
     def snapshot(self) -> dict[str, dict[str, Any]]:
         """Per replica: calls in flight, jobs sent in all, reservation (for /ready)."""
