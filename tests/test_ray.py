@@ -459,9 +459,10 @@ def test_killed_replica_fails_only_its_jobs_and_is_replaced(cluster: Cluster) ->
             calls = [asyncio.ensure_future(c.post("/sd", json=body(seed=i, steps=30, width=128,
                                                                    height=128, token=KEYS[i])))
                      for i in range(16)]
-            while True:  # kill it while it runs a job
-                state = (await c.get("/ready", headers=AUTH)).json()
-                if any(w["name"] == victim["name"] and w["running"] for w in state["workers"]):
+            while True:  # kill it while it has jobs: the ingress's count is current, the
+                state = (await c.get("/ready", headers=AUTH)).json()  # board's up to 1 s old
+                if any(w["name"] == victim["name"] and w["in_flight"] >= 2 and w["running"]
+                       for w in state["workers"]):
                     break
                 await asyncio.sleep(0.05)
             os.kill(victim["pid"], signal.SIGKILL)
