@@ -182,6 +182,14 @@ class Settings(BaseSettings):
     # how long the load must stay above (below) target before a replica is added (removed)
     ray_upscale_delay_s: float = Field(5.0, ge=0)
     ray_downscale_delay_s: float = Field(60.0, ge=0)
+    # The ingress's routing (app.cluster.dispatch): calls one replica has at once (running and
+    # in its own queue; unset: 2 x max_batch, what it can batch soon), the rest waiting at the
+    # ingress in the fair queue; a model whose waiting jobs would take its replicas longer than
+    # replicate_after_s to drain is loaded on another replica too; a model used on a replica
+    # within model_stay_s is not evicted there for another replica's hot model.
+    ray_replica_slots: int | None = Field(None, ge=1)
+    ray_replicate_after_s: float = Field(2.0, ge=0)
+    ray_model_stay_s: float = Field(60.0, ge=0)
 
     log_level: str = "info"
     # Prompts are users' data: the job log line carries them only when this is on. API keys

@@ -41,6 +41,7 @@ _APP = Path(__file__).resolve().parent
 _BUILTIN_SOURCES = {
     "builtin:tiny-sdxl": ("engine/tiny.py",),
     "builtin:tiny-sd15": ("engine/tiny.py",),
+    "builtin:sleep-sdxl": ("engine/tiny.py",),
     "builtin:random-sdxl": ("engine/random_sdxl.py", "configs/sdxl/unet/config.json",
                             "configs/sdxl/vae/config.json", "configs/sdxl/text_encoder/config.json",
                             "configs/sdxl/text_encoder_2/config.json"),

@@ -53,11 +53,14 @@ from app.upscaler_files import UpscalerSpec, discover_upscalers
 logger = logging.getLogger(__name__)
 
 # tiny-*: offline smoke-test models; random-sdxl: full-size SDXL architecture with random
-# weights, for speed measurements where no weights can be downloaded.
+# weights, for speed measurements where no weights can be downloaded; sleep-sdxl: a
+# load-testing model, not an image model: each step takes a fixed wall time without using
+# the CPU (app.engine.tiny.build_sleep_sdxl), for measuring routing and batching.
 BUILTIN_SOURCES = {
     "builtin:tiny-sdxl": "sdxl",
     "builtin:tiny-sd15": "sd15",
     "builtin:random-sdxl": "sdxl",
+    "builtin:sleep-sdxl": "sdxl",
 }
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 

@@ -4,7 +4,9 @@ generation deployment, every request through Serve's HTTP proxy.
 
 Checked: the seed page's aiohttp client, the VisionCraft wrapper, a LoRA, the A1111 and
 OpenAI dialects, the job API's event stream (progress comes from the replica), 16 concurrent
-requests spread over both replicas, model affinity (two models, at most one a replica),
+requests spread over both replicas, the ingress's routing (issue 22: 32 requests after a
+warm-up split at most 60/40, a hot model loaded on a second replica, two busy models each
+keeping its replica), model affinity (two models, at most one a replica),
 the queue bound under a flood of many keys (503 + Retry-After in each dialect's shape,
 nothing hangs), one key's share of the queue at the ingress (429 past it, others served),
 a model that fails to load on its replica (/ready says which; the rest serve), a reload that
@@ -50,6 +52,7 @@ MAX_QUEUE, MAX_BATCH, MAX_QUEUED = 8, 2, 16  # a replica takes 8 calls; 16 more 
 # One key may have MAX_QUEUE // 4 = 2 jobs waiting in the whole cluster (the ingress counts
 # them): the tests that load the cluster send each call with a key of its own.
 KEYS = [f"ray-key-{i:02d}" for i in range(60)]
+STAY_S = 4.0
 
 
 class Cluster:
@@ -94,6 +97,9 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
         port=free_port(), max_models_per_device=1, max_queue=MAX_QUEUE, max_batch=MAX_BATCH,
         load_retry_s=600, ray_min_replicas=2, ray_max_replicas=2, ray_gpus_per_replica=0,
         ray_cpus_per_replica=1, ray_max_queued=MAX_QUEUED,
+        # a model whose backlog takes its replicas over 0.3 s is hot; a model idle for 4 s on a
+        # replica may make way there for a hot one (defaults 2 s and 60 s: short tests)
+        ray_replicate_after_s=0.3, ray_model_stay_s=STAY_S,
     )
     ray.init(num_cpus=2, include_dashboard=False, namespace="craftserve",
              object_store_memory=256 * 2**20, logging_level=logging.WARNING)
@@ -246,9 +252,95 @@ def test_sixteen_concurrent_requests_use_both_replicas(cluster: Cluster) -> None
     workers = Counter(a.headers["x-worker"] for a in answers)
     assert len(workers) == 2, workers
     metrics = httpx.get(cluster.url + "/metrics").text  # the ingress counts what it answered
-    count = next(float(line.split()[-1]) for line in metrics.splitlines()
-                 if line.startswith('craftserve_images_total{model="tiny-sdxl"'))
+    count = sum(float(line.split()[-1]) for line in metrics.splitlines()  # every sampler's line
+                if line.startswith('craftserve_images_total{model="tiny-sdxl"'))
     assert count >= 16
+
+
+def burst(cluster: Cluster, count: int, **fields) -> list[httpx.Response]:
+    """`count` concurrent /sd requests, each with a key of its own."""
+    async def flood() -> list[httpx.Response]:
+        async with httpx.AsyncClient(base_url=cluster.url, timeout=120) as c:
+            return await asyncio.gather(*(c.post("/sd", json=body(seed=i, token=KEYS[i], **fields))
+                                          for i in range(count)))
+
+    answers = asyncio.run(flood())
+    assert [a.status_code for a in answers] == [200] * count, [a.text for a in answers
+                                                               if a.status_code != 200]
+    return answers
+
+
+def test_preloaded_model_on_both_and_thirty_two_requests_split_at_most_60_40(cluster: Cluster) -> None:
+    """Issue 22's check: after a warm-up request, 32 concurrent requests for one model run
+    on both replicas, the busier taking at most 60 %. A replica holds 2 x MAX_BATCH = 4 calls;
+    the rest wait at the ingress and go to whichever replica frees a place first."""
+    state = cluster.wait(lambda s: all(w["models"] == ["tiny-sdxl"] for w in s["workers"]),
+                         "the preload model on every replica")
+    assert len(state["workers"]) == 2
+    with cluster.client() as c:
+        png(c.post("/sd", json=body(steps=8)))  # warm-up
+    answers = burst(cluster, 32, steps=8)
+    workers = Counter(a.headers["x-worker"] for a in answers)
+    assert len(workers) == 2 and max(workers.values()) <= 0.6 * 32, workers
+
+
+def test_a_hot_model_is_loaded_on_a_second_replica(cluster: Cluster) -> None:
+    """tiny-sd15 takes one replica (tiny-sdxl is held by the other too, so it makes way);
+    once it has been idle there for RAY_MODEL_STAY_S, a burst of tiny-sdxl, the only model
+    on one replica, is hot (its backlog would take that replica longer than 0.3 s) and is
+    loaded on the second replica as well: both serve it."""
+    with cluster.client() as c:
+        png(c.post("/sd", json=body(model="tiny-sd15", steps=4)))
+    state = cluster.wait(lambda s: sorted(m for w in s["workers"] for m in w["models"])
+                         == ["tiny-sd15", "tiny-sdxl"], "one model a replica")
+    sd15_holder = next(w["name"] for w in state["workers"] if w["models"] == ["tiny-sd15"])
+    time.sleep(STAY_S + 1)
+    answers = burst(cluster, 32, steps=16)
+    workers = Counter(a.headers["x-worker"] for a in answers)
+    assert len(workers) == 2 and workers[sd15_holder] >= 1, workers
+    cluster.wait(lambda s: all(w["models"] == ["tiny-sdxl"] for w in s["workers"]),
+                 "tiny-sdxl on both replicas", timeout=10)
+
+
+def test_two_busy_models_on_two_replicas_each_keep_their_own(cluster: Cluster) -> None:
+    """MAX_MODELS_PER_DEVICE=1, both models under load from their own clients at once: each
+    replica keeps its model for the whole run (no model loaded twice on a replica) and every
+    answer for a model comes from the replica that holds it."""
+    with cluster.client() as c:
+        png(c.post("/sd", json=body(model="tiny-sd15", steps=4)))  # one replica makes way
+    before = cluster.wait(lambda s: sorted(m for w in s["workers"] for m in w["models"])
+                          == ["tiny-sd15", "tiny-sdxl"], "one model a replica")
+    holder = {w["models"][0]: w["name"] for w in before["workers"]}
+    seen: dict[str, Counter] = {"tiny-sdxl": Counter(), "tiny-sd15": Counter()}
+    changes: list[dict] = []
+    stop = asyncio.Event()
+
+    async def client(index: int, model: str) -> None:
+        async with httpx.AsyncClient(base_url=cluster.url, timeout=120) as c:
+            for seed in range(6):
+                answer = await c.post("/sd", json=body(model=model, seed=seed, steps=12,
+                                                       token=KEYS[index]))
+                assert answer.status_code == 200, answer.text
+                seen[model][answer.headers["x-worker"]] += 1
+
+    async def watch() -> None:
+        async with httpx.AsyncClient(base_url=cluster.url, timeout=10, headers=AUTH) as c:
+            while not stop.is_set():
+                state = (await c.get("/ready")).json()
+                models = {w["name"]: w["models"] for w in state["workers"]}
+                if models != {name: [m] for m, name in holder.items()}:
+                    changes.append(models)
+                await asyncio.sleep(0.1)
+
+    async def run() -> None:
+        watcher = asyncio.ensure_future(watch())
+        await asyncio.gather(*(client(i, "tiny-sdxl" if i % 2 else "tiny-sd15") for i in range(12)))
+        stop.set()
+        await watcher
+
+    asyncio.run(run())
+    assert changes == []
+    assert {m: set(c) for m, c in seen.items()} == {m: {holder[m]} for m in seen}, seen
 
 
 def test_each_model_goes_to_the_replica_holding_it(cluster: Cluster) -> None:
@@ -367,9 +459,10 @@ def test_killed_replica_fails_only_its_jobs_and_is_replaced(cluster: Cluster) ->
             calls = [asyncio.ensure_future(c.post("/sd", json=body(seed=i, steps=30, width=128,
                                                                    height=128, token=KEYS[i])))
                      for i in range(16)]
-            while True:  # kill it while it runs a job
-                state = (await c.get("/ready", headers=AUTH)).json()
-                if any(w["name"] == victim["name"] and w["running"] for w in state["workers"]):
+            while True:  # kill it while it has jobs: the ingress's count is current, the
+                state = (await c.get("/ready", headers=AUTH)).json()  # board's up to 1 s old
+                if any(w["name"] == victim["name"] and w["in_flight"] >= 2 and w["running"]
+                       for w in state["workers"]):
                     break
                 await asyncio.sleep(0.05)
             os.kill(victim["pid"], signal.SIGKILL)

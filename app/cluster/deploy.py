@@ -20,10 +20,13 @@ from urllib.parse import urlparse
 
 import ray
 from ray import serve
+from ray.serve.config import RequestRouterConfig
 
 from app.cluster.board import NAMESPACE, board_name, get_board
+from app.cluster.dispatch import replica_slots
 from app.cluster.remote import RemoteEngine
 from app.cluster.replica import GenerationReplica
+from app.cluster.router import TargetRouter
 from app.config import Settings
 
 logger = logging.getLogger(__name__)
@@ -56,10 +59,12 @@ def generator_options(settings: Settings, gpus: float) -> dict[str, Any]:
     options: dict[str, Any] = {
         "name": "Generator",
         "ray_actor_options": {"num_cpus": settings.ray_cpus_per_replica, "num_gpus": gpus},
-        # a replica takes MAX_QUEUE calls, running ones included, so its own engine queue
-        # never refuses; past that Serve keeps RAY_MAX_QUEUED more at the ingress, then refuses
-        "max_ongoing_requests": max(settings.max_queue, settings.max_batch),
+        # the ingress sends a replica at most RAY_REPLICA_SLOTS calls (app.cluster.dispatch)
+        # and names the replica in the call (app.cluster.router); the bounds below only guard
+        "max_ongoing_requests": max(settings.max_queue, settings.max_batch,
+                                    replica_slots(settings)),
         "max_queued_requests": settings.ray_max_queued,
+        "request_router_config": RequestRouterConfig(request_router_class=TargetRouter),
         # scale-down and shutdown wait for in-flight jobs (queued ones run out their deadline)
         "graceful_shutdown_timeout_s": settings.queue_deadline_s + settings.shutdown_grace_s,
         "graceful_shutdown_wait_loop_s": 1.0,

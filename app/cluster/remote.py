@@ -3,12 +3,16 @@
 The app (routes, auth, dialects, the job API) calls the members of `EngineAPI`
 (app.engine.protocol) as on a single box. A job here is the same `Job`
 (future, step, preview, started_at), driven by one streaming call to the generation
-deployment, whose events (app.cluster.wire) fill it in. What a single box does in its queue,
-Ray Serve and the replicas do here:
+deployment, whose events (app.cluster.wire) fill it in. What a single box does in its queue
+is done here and in the replicas:
 
-- bound: a replica takes at most MAX_QUEUE calls (running ones included), and past that RAY_MAX_QUEUED
-  calls wait at this ingress; then Serve refuses (BackPressureError) and the job is answered
-  503 with Retry-After, in the dialect's shape like every other 503;
+- fair queue and routing: a job waits at this ingress in one queue for the whole cluster,
+  keys taking turns, until a replica has room for it (app.cluster.dispatch decides which:
+  one holding its model, a hot model loaded on more replicas); a replica holds at most
+  RAY_REPLICA_SLOTS calls (2 x MAX_BATCH), so a free replica gets the next job at once;
+- bound: at most replicas x max(MAX_QUEUE, MAX_BATCH) + RAY_MAX_QUEUED calls are in the
+  cluster (waiting here or sent); past that a job is answered 503 with Retry-After, in the
+  dialect's shape like every other 503;
 - deadline: a job not started by its deadline is answered 503 here, and the replica gets
   what is left of the deadline for its own queue;
 - a replica that dies fails its own calls (Ray's actor errors): those jobs are answered 503
@@ -18,6 +22,7 @@ Ray Serve and the replicas do here:
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import threading
 import time
@@ -25,6 +30,7 @@ import weakref
 from typing import Any
 
 from app.cluster.board import REPORT_EVERY_S
+from app.cluster.dispatch import Dispatcher, replica_slots
 from app.cluster.wire import DONE, ERROR, PREVIEW, PROGRESS, STARTED, JobCall, error_from_wire
 from app.config import Settings
 from app.engine.jobs import GenParams, Job, JobResult
@@ -50,6 +56,11 @@ class RemoteEngine:
         # The jobs sent and not yet started by a replica, in the order they came (a dict as
         # an ordered set): this ingress's view of the waiting jobs (see queue_position).
         self._waiting: dict[Job, None] = {}
+        self.dispatcher = Dispatcher(
+            slots=replica_slots(settings),
+            max_models=settings.max_models_per_device, max_batch=settings.max_batch,
+            replicate_after_s=settings.ray_replicate_after_s, stay_s=settings.ray_model_stay_s)
+        self._placed: dict[Job, asyncio.Future] = {}  # resolved with the replica chosen
         metrics.queue_depth.set_function(lambda: len(self._waiting))
         self.replicas: dict[str, dict[str, Any]] = {}  # the board's latest snapshot
         self.fingerprints = {name: fingerprint(spec) for name, spec in registry.models.items()}
@@ -77,6 +88,8 @@ class RemoteEngine:
             try:
                 board = await self.board.snapshot.remote()
                 self.replicas = board["replicas"]
+                self.dispatcher.update(self.replicas)
+                self._pump()
                 if self._applied_reload is None:
                     self._applied_reload = board["reload_epoch"]
                 elif board["reload_epoch"] > self._applied_reload:  # a reload asked elsewhere
@@ -108,13 +121,33 @@ class RemoteEngine:
         if not self.accepting:
             raise Unavailable("the server is shutting down; retry shortly", retry_after=30,
                               kind=ErrorKind.SHUTDOWN)
+        capacity = (len(self.dispatcher.replicas) * max(self.settings.max_queue, self.settings.max_batch)
+                    + self.settings.ray_max_queued)
+        if len(self.dispatcher) + self.dispatcher.in_flight >= capacity:
+            raise Unavailable(
+                f"every generation replica is full and {len(self.dispatcher)} jobs already wait "
+                f"for one (the cluster takes {capacity}: replicas x CRAFTSERVE_MAX_QUEUE + "
+                "CRAFTSERVE_RAY_MAX_QUEUED); retry later", retry_after=10, kind=ErrorKind.QUEUE_FULL)
         loop = asyncio.get_running_loop()
         deadline = self.settings.queue_deadline_s if deadline_s is None else deadline_s
         job = Job(params=params, client=client, loop=loop, deadline_s=deadline)
         self._waiting[job] = None
-        self._running[job] = loop.create_task(self._drive(job))
+        self._placed[job] = loop.create_future()
+        self.dispatcher.add(job)
+        # A fresh context: each call gets its own Serve request id. Calls made within the HTTP
+        # request's context share its id, and Serve's router matches the replica it chose to a
+        # waiting call by that id, so of two images of one request one was never sent.
+        self._running[job] = loop.create_task(self._drive(job), context=contextvars.Context())
         loop.call_later(deadline, self._expire, weakref.ref(job))  # an answered job is freed
+        self._pump()
         return job
+
+    def _pump(self) -> None:
+        """Send what the replicas have room for now (the dispatcher's choice)."""
+        for job, replica in self.dispatcher.place():
+            placed = self._placed.get(job)
+            if placed is not None and not placed.done():
+                placed.set_result(replica)
 
     def _expire(self, ref: weakref.ref) -> None:
         """A job no replica started by its deadline (it waited at this ingress for a free
@@ -133,13 +166,16 @@ class RemoteEngine:
 
         stream = None
         try:
+            replica = await self._placed[job]  # it waits here until a replica has room
             stream = self.generator.options(
                 stream=True, multiplexed_model_id=job.params.model,
-            ).run.remote(JobCall.of(job))
+            ).run.remote(JobCall.of(job, replica))
             async for kind, payload in stream:
                 if kind == STARTED:
                     self._waiting.pop(job, None)
                     job.started_at = time.monotonic()
+                    if payload != replica:  # Serve's router could not reach the chosen one
+                        self.dispatcher.moved(job, payload)
                 elif kind == PROGRESS:
                     job.step = payload
                 elif kind == PREVIEW:
@@ -148,6 +184,8 @@ class RemoteEngine:
                     if job.started_at is None:  # it ran within one look of the replica's
                         job.started_at = time.monotonic() - payload.generation_s
                     self._count(job.params, payload)
+                    self.dispatcher.measured(job.params.model, payload.generation_s,
+                                             payload.batch_size)
                     job.resolve(payload)
                 elif kind == ERROR:
                     job.fail(error_from_wire(payload))
@@ -174,6 +212,10 @@ class RemoteEngine:
         finally:
             self._waiting.pop(job, None)
             self._running.pop(job, None)
+            self._placed.pop(job, None)
+            if not self.dispatcher.remove(job):  # it was sent: its replica has room again
+                self.dispatcher.ended(job)
+            self._pump()
 
     def _count(self, params: GenParams, result: JobResult) -> None:
         self.metrics.images.labels(params.model, result.sampler_label).inc()
@@ -189,12 +231,14 @@ class RemoteEngine:
         return [job for job in self._waiting if job.client == client]
 
     def queue_position(self, job: Job) -> int | None:
-        """The job's place among every key's jobs that no replica has started yet (waiting in
-        Serve's handle queue, first in first out, or in a replica's own queue), in the order
-        they came to this ingress; None once started. There is no one queue here to read the
-        order from: each replica serves its own queue fairly across keys and several run at
-        once, so this is an estimate (the place if jobs started in the order they came)."""
-        for place, waiting in enumerate(self._waiting, start=1):
+        """The job's place among every key's jobs that no replica has started yet: those
+        sent to a replica and waiting in its queue first (in the order they came), then those
+        waiting here in the fair queue's order; None once started. Each replica serves its own
+        queue fairly and several run at once, so the place is an estimate."""
+        if job not in self._waiting:
+            return None
+        sent = [j for j in self._waiting if self.dispatcher.replica_of(j) is not None]
+        for place, waiting in enumerate(sent + self.dispatcher.order(), start=1):
             if waiting is job:
                 return place
         return None
@@ -264,16 +308,21 @@ class RemoteEngine:
 
         loaded = {name for r in replicas for name, state in r["models"].items() if state == "loaded"}
         models = model_states(self.registry, preload, loaded, failure)
+        routed = self.dispatcher.snapshot()
         workers = [
             {"name": r["name"], "device": r["device"], "alive": r["alive"],
              "preloaded": r["preloaded"], "models": r["loaded"], "pid": r["pid"],
-             "model_states": r["models"], "queue_depth": r["queue_depth"], "running": r["running"]}
+             "model_states": r["models"], "queue_depth": r["queue_depth"], "running": r["running"],
+             "in_flight": routed.get(r["name"], {}).get("in_flight", 0),
+             "sent": routed.get(r["name"], {}).get("sent", 0)}
             for r in replicas
         ]
         self.metrics.workers_ready.set(sum(1 for r in replicas if r["alive"] and r["preloaded"]))
         no_replica = [] if replicas else [NO_REPLICA]
-        return readiness_body(
+        ready, body = readiness_body(
             models=models, preload=preload, accepting=self.accepting, workers=workers,
             queue_depth=len(self._waiting) + sum(r["queue_depth"] for r in replicas),
             last_reload=self.last_reload, first=no_replica,
         )
+        body["ingress_waiting"] = len(self.dispatcher)  # jobs no replica has room for yet
+        return ready, body

@@ -2,10 +2,10 @@
 
 Everything a single box does per device happens here unchanged: the fair queue, batching of
 compatible jobs (across every caller that Ray routed here), the LoRA cache, OOM recovery,
-previews. Ray Serve routes with model multiplexing: the request's model is its multiplexed
-model id, and this replica's model LRU (at most MAX_MODELS_PER_DEVICE, the same bound as its
-worker's) tells Serve which models it holds, so a request goes to a replica that already
-holds its model. Evicting a model from that LRU unloads it from the worker between batches.
+previews. The ingress chooses the replica for each job (app.cluster.dispatch). Each replica
+keeps a model LRU (Serve's model multiplexing, at most MAX_MODELS_PER_DEVICE, the same bound
+as its worker's) and posts it on the board (`held`); evicting a model from that LRU unloads
+it from the worker between batches. The preload models enter it at start on every replica.
 
 `run` takes the ingress's JobCall (the job keeps the id its client was given) and yields the
 job's events (app.cluster.wire) until its answer; a cancelled call (the client left, DELETE
@@ -44,10 +44,11 @@ class _Held:
     attribute when it evicts the model (an attribute, not a method: the garbage collector
     never calls it, so only Ray's eviction unloads the model)."""
 
-    def __init__(self, engine: Engine, name: str) -> None:
+    def __init__(self, engine: Engine, name: str, held: dict[str, None]) -> None:
         self.name = name
 
         def unload() -> None:
+            held.pop(name, None)
             for worker in engine.workers:
                 worker.mark_stale([name], recheck=False)
             engine.queue.nudge()  # an idle worker unloads it now
@@ -123,13 +124,18 @@ class GenerationReplica:
         self.engine.start()
         engine = self.engine
 
+        # The LRU's models, least recently used first: posted on the board, so the ingress
+        # (app.cluster.dispatch) knows which models this replica holds or is loading.
+        self._held: dict[str, None] = {}
+        held = self._held
+
         async def hold(model: str) -> _Held:  # a function: Serve keeps its LRU on it
-            return _Held(engine, model)  # the worker loads the model with its first job
+            return _Held(engine, model, held)  # the worker loads the model with its first job
 
         self._hold = serve.multiplexed(
             max_num_models_per_replica=self.settings.max_models_per_device)(hold)
-        for name in self.engine.preload:  # Serve learns at once which models this one holds
-            await self._hold(name)
+        for name in self.engine.preload:  # every replica loads the preload models at start
+            await self._hold_model(name)
         self._board = get_board(app_name)
         self._applied_reload: int | None = None
         self._reporter = asyncio.get_running_loop().create_task(self._report_forever())
@@ -141,13 +147,18 @@ class GenerationReplica:
 
         model = serve.get_multiplexed_model_id() or call.params.model
         if model:  # an upscaling job has none: it takes no place in the replica's model LRU
-            await self._hold(model)
+            await self._hold_model(model)
         refiner = getattr(call.params, "refiner", None)
         if refiner is not None:  # SDXL's refiner: a second model this replica holds (and its worker loads)
-            await self._hold(refiner.model)
+            await self._hold_model(refiner.model)
         async with contextlib.aclosing(job_events(self.engine, call, self.name)) as events:
             async for event in events:
                 yield event
+
+    async def _hold_model(self, model: str) -> None:
+        await self._hold(model)  # may evict the least recently used model (its __del__)
+        self._held.pop(model, None)
+        self._held[model] = None  # the most recently used
 
     # ---- what the ingress learns through the board -----------------------------------
     def state(self) -> dict[str, Any]:
@@ -162,6 +173,7 @@ class GenerationReplica:
             "ready": ready,
             "models": body["models"],
             "loaded": worker.get("models", []),
+            "held": list(self._held),
             "queue_depth": body["queue_depth"],
             "running": sum(len(w.running) for w in self.engine.workers),
             "reasons": body["reasons"],

@@ -40,13 +40,14 @@ class JobCall:
     preview_every: int
     watched: bool  # someone follows its steps: report them every 0.1 s
     deadline_s: float  # what is left of its queue deadline when sent
+    replica: str = ""  # the replica the ingress chose (app.cluster.router sends it there)
 
     @classmethod
-    def of(cls, job: Job) -> JobCall:
+    def of(cls, job: Job, replica: str = "") -> JobCall:
         """The call for an ingress job, its deadline counted from now."""
         return cls(job_id=job.id, params=job.params, client=job.client,
                    preview_every=job.preview_every, watched=job.watched,
-                   deadline_s=job.expires_at - time.monotonic())
+                   deadline_s=job.expires_at - time.monotonic(), replica=replica)
 
     def submit_to(self, engine: Engine) -> Job:
         """The replica's side: queue the job in its engine, under the ingress's id."""

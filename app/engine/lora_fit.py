@@ -101,7 +101,7 @@ def _built(key: str, family: Family) -> Architecture:
     if isinstance(configs, str):  # a builtin tiny model: built in code, in a few milliseconds
         from app.engine import tiny
 
-        pipe = tiny.build_tiny_sdxl() if configs == "builtin:tiny-sdxl" else tiny.build_tiny_sd15()
+        pipe = tiny.build_tiny_sdxl() if configs.endswith("sdxl") else tiny.build_tiny_sd15()
         layers = {c: _layer_shapes(getattr(pipe, c)) for c in _COMPONENTS
                   if getattr(pipe, c, None) is not None}
         return Architecture(key=key, family=family, layers=layers, unet_config=pipe.unet.config)

@@ -193,6 +193,8 @@ def _build(spec: ModelSpec, dtype: torch.dtype, device: torch.device, allow_down
     if spec.kind == "builtin":
         from app.engine import tiny
 
+        if spec.source == "builtin:sleep-sdxl":
+            return tiny.build_sleep_sdxl()
         return tiny.build_tiny_sdxl() if spec.source.endswith("sdxl") else tiny.build_tiny_sd15()
     return _load_diffusers(spec, dtype, allow_downloads, hub)
 
@@ -301,8 +303,8 @@ def load_model(
         compiled = compile and device.type == "cuda"
         if compiled and compile_cache is not None:
             load_compile_cache(compile_cache)
-        if device.type == "cpu" and exact_batches:
-            make_batch_invariant(pipe)
+        if device.type == "cpu" and exact_batches and not getattr(pipe, "fixed_time_steps", None):
+            make_batch_invariant(pipe)  # (not for builtin:sleep-sdxl, whose UNet only sleeps)
         default_size = DEFAULT_SIZES[family] if device.type == "cuda" else (64, 64)
         warm_up(pipe, device, sizes=[default_size], batch_sizes=sorted(set(warm_batch_sizes)),
                 force=True, from_picture=refiner_only)

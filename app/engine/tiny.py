@@ -13,11 +13,14 @@ from __future__ import annotations
 
 import json
 import tempfile
+import time
 from pathlib import Path
 
 import torch
 
 TINY_SEED = 0
+# builtin:sleep-sdxl: the wall time of one denoising step (one UNet call), whatever the batch
+SLEEP_STEP_S = 0.05
 _TEXT_DIM = 32
 _SPECIAL = ["<|startoftext|>", "<|endoftext|>"]
 # A handful of merges so common words are single tokens, like the real vocabulary.
@@ -149,6 +152,30 @@ def build_tiny_sdxl():
         "scheduler": _scheduler(),
     }
     return StableDiffusionXLPipeline(**components)
+
+
+def build_sleep_sdxl(step_s: float = SLEEP_STEP_S):
+    """`builtin:sleep-sdxl`, a load-testing model, not an image model: tiny-sdxl whose UNet
+    does no work and sleeps `step_s` a call instead (one call a denoising step for the whole
+    batch, as on a GPU that a batch does not saturate), so a job's time is fixed (steps x
+    step_s, plus the tiny text encoders and VAE) and uses no CPU. Routing and batching can then
+    be measured with more replicas than the host has cores (scripts/bench_scale.py). Its
+    images are the scheduler's treatment of the seed's noise: nothing to look at.
+
+    The pipeline carries `fixed_time_steps` (the step time): CPU batch-invariance wrapping
+    (app.engine.determinism) is skipped for it, as it would call the UNet once per job."""
+    from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
+
+    pipe = build_tiny_sdxl()
+
+    def forward(sample: torch.Tensor, *args, return_dict: bool = True, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        time.sleep(step_s)
+        out = torch.zeros_like(sample)
+        return UNet2DConditionOutput(sample=out) if return_dict else (out,)
+
+    pipe.unet.forward = forward
+    pipe.fixed_time_steps = step_s
+    return pipe
 
 
 def build_tiny_sd15():
