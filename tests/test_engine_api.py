@@ -161,6 +161,11 @@ def test_remote_engine_positions_are_among_the_jobs_no_replica_started(tmp_path:
     remote = RemoteEngine(settings, load_registry(settings.models), Metrics(),
                           generator=generator, board=None)
     remote.accepting = True  # start() would poll the board
+    # what the board would say: one replica holding the model, with room for every job
+    remote.replicas = {"replica-1": {"name": "replica-1", "device": "cpu", "alive": True,
+                                     "preloaded": True, "pid": 1, "models": {"tiny-sdxl": "loaded"},
+                                     "loaded": ["tiny-sdxl"], "queue_depth": 0, "running": 0}}
+    remote.dispatcher.update(remote.replicas)
 
     async def scenario() -> None:
         a = [remote.submit(params(i), "a") for i in range(3)]
@@ -208,6 +213,7 @@ models:
         "models": {"tiny-sdxl": "loading", "tiny-sd15": "loads on first request",
                    "other": "loads on first request"},
         "waiting_for_weights": [], "workers": [], "queue_depth": 0, "last_reload": None,
+        "ingress_waiting": 0,
     })
 
     def replica(name: str, states: dict[str, str]) -> dict:
@@ -225,6 +231,6 @@ models:
                               "other": "r2: unavailable: gone"}
     assert [w["name"] for w in body["workers"]] == ["r1", "r2"]
     assert list(body) == ["ready", "status", "reasons", "models", "waiting_for_weights", "workers",
-                          "queue_depth", "last_reload"]
+                          "queue_depth", "last_reload", "ingress_waiting"]
     remote.accepting = False
     assert remote.readiness()[1]["reasons"] == ["the server is shutting down"]
