@@ -121,6 +121,7 @@ def test_openai_n_images_with_a_unit_are_the_seeds_alone(http) -> None:  # noqa:
     ({"guidance_start": 0.7, "guidance_end": 0.3}, "controlnet[0].guidance_start", "guidance_end"),
     ({"weight": 3}, "controlnet[0].weight", "2"),
     ({"weight": "heavy"}, "controlnet[0].weight", "a number"),
+    ({"processor_res": "nan"}, "controlnet[0].processor_res", "a finite number"),
     ({"image": "bm90IGFuIGltYWdl"}, "controlnet[0].image", "image"),
     ({"image": ""}, "controlnet[0].image", "needs an image"),
     ({"control_mode": 7}, "controlnet[0].control_mode", "Balanced"),

@@ -14,6 +14,7 @@ unit is asking for it).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -79,15 +80,18 @@ def enum_value(where: str, value: Any, names: tuple[str, ...], default: int,
 
 
 def number(where: str, value: Any, default: float) -> float:
-    """A number field: a JSON number or its text; absent: `default`."""
+    """A finite number field: a JSON number or its text; absent: `default`."""
     if value is None:
         return default
     if isinstance(value, bool) or not isinstance(value, int | float | str):
         raise InvalidParameter(where, value, "a number")
     try:
-        return float(value)
+        parsed = float(value)
     except ValueError:
         raise InvalidParameter(where, value, "a number") from None
+    if not math.isfinite(parsed):
+        raise InvalidParameter(where, value, "a finite number")
+    return parsed
 
 
 def _image_value(where: str, unit: Mapping[str, Any]) -> tuple[str | None, str]:
