@@ -188,6 +188,7 @@ def main() -> None:
                              "dominate, as a GPU's kernel launches do at real sizes)")
     parser.add_argument("--full-size", action="store_true",
                         help="also the unit cost on the full-size random SDXL (about 10 GiB in bf16)")
+    parser.add_argument("--full-size-only", action="store_true", help="the full-size case alone")
     parser.add_argument("--full-size-px", type=int, default=128)
     parser.add_argument("--full-size-steps", type=int, default=4)
     parser.add_argument("--full-size-rounds", type=int, default=2)
@@ -201,9 +202,11 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     loop = asyncio.new_event_loop()
-    unit_cost("tiny SDXL", load("builtin:tiny-sdxl", exact=True), args.size, args.steps, args.rounds, loop)
-    batching_gain(args.batch_size_px, args.steps, args.rounds, loop)
-    if args.full_size:
+    if not args.full_size_only:
+        tiny = load("builtin:tiny-sdxl", exact=True)
+        unit_cost("tiny SDXL", tiny, args.size, args.steps, args.rounds, loop)
+        batching_gain(args.batch_size_px, args.steps, args.rounds, loop)
+    if args.full_size or args.full_size_only:
         model = load("builtin:random-sdxl", exact=True, dtype=getattr(torch, args.full_size_dtype))
         unit_cost("full-size random SDXL", model, args.full_size_px, args.full_size_steps,
                   args.full_size_rounds, loop)
