@@ -100,11 +100,11 @@ _BASES = {
 
 def shared_from_pipe(cls: Any, pipe: Any, **components: Any) -> Any:
     """`cls.from_pipe(pipe, **components)` with every module shared as it is. diffusers'
-    from_pipe ends by moving the new pipeline to `torch_dtype`, float32 when none is given,
+    from_pipe ends by moving the new pipeline to `dtype`, float32 when none is given,
     and the modules are shared: without the model's own dtype here, a half-precision model
     would turn float32 in place (twice the memory, every later job slower) on its first
     image-to-image or ControlNet job. A loaded pipeline has one dtype throughout."""
-    return cls.from_pipe(pipe, torch_dtype=pipe.unet.dtype, **components)
+    return cls.from_pipe(pipe, dtype=pipe.unet.dtype, **components)
 
 
 def base_pipeline(pipe: Any, family: str) -> Any:
