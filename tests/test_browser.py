@@ -265,3 +265,74 @@ def test_the_page_inpaints_a_painted_mask_on_a_wide_screen(make_server, browser)
     painted = mask == 255
     assert np.mean(np.any(result[painted] != np.asarray(source)[painted], axis=-1)) > 0.9
     page.close()
+
+
+def test_the_page_sends_a_controlnet_unit_and_gets_its_image(make_server, browser, tmp_path_factory):
+    """The ControlNet pickers fill from /controlnet/model_list and module_list with the saved
+    key; a control picture and a picked model send one unit through POST /jobs, and the image
+    is diffusers' ControlNet pipeline's on the same tiny weights."""
+    from tests.controlnet_files import save_folder, tiny_controlnet
+    from tests.test_controlnet import arr, close, direct
+
+    folder = tmp_path_factory.mktemp("page-controlnets")
+    net = tiny_controlnet("sdxl")
+    save_folder(net, folder / "cn-xl")
+    server = make_server(f'models:\n  tiny-sdxl: {{source: "builtin:tiny-sdxl", preload: true}}\n'
+                         f'controlnet_dirs: ["{folder}"]\n', max_batch=1)
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    posted = []
+    page.on("request", lambda r: r.url.endswith("/jobs") and r.method == "POST" and posted.append(r))
+    page.goto(server.url + "/")
+    wait_until(page, "document.querySelector('#model').options.length > 0")
+    assert page.locator("#cnmodel option").count() == 1  # no key yet: nothing asked
+    page.fill("#key", API_KEY)
+    page.keyboard.press("Enter")
+    wait_until(page, "document.querySelector('#cnmodel').options.length > 1")
+    wait_until(page, "document.querySelector('#cnmodule').options.length > 1")
+    models = page.eval_on_selector_all("#cnmodel option", "os => os.map(o => o.value)")
+    assert models[0] == "" and models[1].startswith("cn-xl [")
+    modules = page.eval_on_selector_all("#cnmodule option", "os => os.map(o => o.value)")
+    assert modules[0] == "none" and "canny" in modules and modules.count("none") == 1
+
+    rng = np.random.default_rng(5)
+    control = Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8))
+    page.set_input_files("#controlfile", files=[{"name": "pose.png", "mimeType": "image/png",
+                                                 "buffer": _png_bytes(control)}])
+    page.wait_for_selector("#controlpreview:not([hidden])")
+    page.select_option("#cnmodel", models[1])
+    page.select_option("#cnmodule", "none")
+    page.fill("#cnweight", "0.8")
+    page.fill("#prompt", "a lighthouse")
+    page.fill("#width", "64")
+    page.fill("#height", "64")
+    page.fill("#steps", "5")
+    page.fill("#cfg_scale", "5")
+    page.fill("#seed", "11")
+    page.select_option("#sampler", "Euler")
+    page.uncheck("#previews")
+    shot(page, "8-controlnet")
+    page.click("#go")
+    page.wait_for_selector("#result:not([hidden])", timeout=120000)
+    wait_until(page, "document.querySelector('#result').naturalWidth > 0")
+    shot(page, "9-controlnet-done")
+
+    sent = json.loads(posted[-1].post_data)
+    (unit,) = sent["controlnet"]
+    assert (unit["model"], unit["module"], unit["weight"]) == (models[1], "none", 0.8)
+    assert (unit["guidance_start"], unit["guidance_end"]) == (0, 1)
+    assert np.array_equal(np.asarray(_data_url_image(unit["image"]).convert("RGB")), np.asarray(control))
+    job_id = page.get_attribute("#download", "download").removesuffix(".png")
+    with server.client() as c:
+        answer = c.get(f"/jobs/{job_id}/image", headers={"Authorization": f"Bearer {API_KEY}"})
+    assert answer.status_code == 200
+    got = arr(Image.open(io.BytesIO(answer.content)))
+    close(got, direct("sdxl", net, image=control, controlnet_conditioning_scale=0.8))
+    assert page.is_hidden("#py")  # the /sd snippet cannot carry a unit
+
+    # No model picked: no unit is sent.
+    page.select_option("#cnmodel", "")
+    page.click("#go")
+    wait_until(page, "document.querySelector('#status').textContent === 'done'"
+                     " && document.querySelectorAll('#history img').length === 2")
+    assert "controlnet" not in json.loads(posted[-1].post_data)
+    page.close()

@@ -1,5 +1,6 @@
-"""The job API: POST /jobs queues any /sd body and answers at once; GET /jobs/{id} (state),
-/jobs/{id}/events (Server-Sent Events), /jobs/{id}/image and DELETE /jobs/{id} follow it.
+"""The job API: POST /jobs queues any /sd body (plus image inputs, the hires fix and ControlNet
+units) and answers at once; GET /jobs/{id} (state), /jobs/{id}/events (Server-Sent Events),
+/jobs/{id}/image and DELETE /jobs/{id} follow it.
 
 A thin translator onto the shared core (app.api.generation.submit_job): the job is queued
 like every other (fairness, queue bound and 503 + Retry-After, deadlines). Its state and
@@ -17,6 +18,7 @@ from fastapi.responses import Response
 from sse_starlette.sse import EventSourceResponse
 
 from app.api.bodies import ImageRoute
+from app.api.controlnet_units import read_unit_list
 from app.api.credentials import CallerDep, GeneratingCallerDep, QueueShareDep
 from app.api.deps import EngineDep, ImagesDep, RegistryDep, SettingsDep, TrackerDep
 from app.api.generation import HiresRequest, ImageInput, ImageRequest, RefinerRequest, submit_job
@@ -50,7 +52,8 @@ def _errors(*statuses: int) -> dict[int | str, dict]:
 
 async def job_request(body: JobRequest, settings: Settings) -> ImageRequest:
     """The core's request for a job body: its /sd fields, the picture and mask decoded and
-    checked (app.image_inputs, off the event loop) with their A1111 knobs, or the hires fix."""
+    checked (app.image_inputs, off the event loop) with their A1111 knobs, the hires fix, and
+    the ControlNet units (app.api.controlnet_units)."""
     from app.image_inputs import read_image, read_mask
 
     request = to_image_request(body)
@@ -77,6 +80,9 @@ async def job_request(body: JobRequest, settings: Settings) -> ImageRequest:
             strength=float(body.denoising_strength)))
     if body.refiner:
         request = replace(request, refiner=RefinerRequest(body.refiner, float(body.refiner_switch_at)))
+    if body.controlnet:
+        units = await read_unit_list("controlnet", body.controlnet, settings, listed_means_enabled=True)
+        request = replace(request, controlnet=units)
     return request
 
 

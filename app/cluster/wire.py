@@ -32,7 +32,9 @@ STARTED, PROGRESS, PREVIEW, DONE, ERROR = "started", "progress", "preview", "don
 
 @dataclass(frozen=True)
 class JobCall:
-    """One job as the ingress sends it to a replica (the argument of the replica's `run`)."""
+    """One job as the ingress sends it to a replica (the argument of the replica's `run`).
+    Ray pickles it whole: `params` keeps the job's own pictures, its init picture (Source) and
+    its ControlNet units' control images (ControlImages), so the replica needs no other copy."""
 
     job_id: str  # the id the client was given
     params: GenParams

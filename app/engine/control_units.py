@@ -41,6 +41,10 @@ class ControlImages:
     def __repr__(self) -> str:
         return f"ControlImages({len(self.images)})"
 
+    def __reduce__(self) -> tuple:
+        # Crosses to a Ray replica pickled with its job (app.cluster.wire), as Source does.
+        return (ControlImages, (self.images,))
+
 
 def runs_at(unit: ControlUnit, step: int, total: int) -> bool:
     """The extension's window: a unit is dropped at step i when i/total < start or > end."""

@@ -214,12 +214,13 @@ def controlnet_pipeline(model: Any, task: str, first_net: ControlNetModel) -> An
     """The model's ControlNet pipeline for `task`, made once with `from_pipe` (its controlnet a
     CraftControlNets, whose nets each call sets). Made batch-invariant as the model's pipe is."""
     from app.engine.determinism import make_batch_invariant
+    from app.engine.img2img import shared_from_pipe
 
     key = f"{task}+controlnet"
     made = model.variants.get(key)
     if made is None:
         holder = CraftControlNets([first_net])
-        made = _classes()[(model.family, task)].from_pipe(model.pipe, controlnet=holder)
+        made = shared_from_pipe(_classes()[(model.family, task)], model.pipe, controlnet=holder)
         made.set_progress_bar_config(disable=True)
         if getattr(model.pipe, "_craftserve_call_state", None) is not None:
             made._craftserve_call_state = model.pipe._craftserve_call_state  # noqa: SLF001

@@ -98,13 +98,22 @@ _BASES = {
 }
 
 
+def shared_from_pipe(cls: Any, pipe: Any, **components: Any) -> Any:
+    """`cls.from_pipe(pipe, **components)` with every module shared as it is. diffusers'
+    from_pipe ends by moving the new pipeline to `dtype`, float32 when none is given,
+    and the modules are shared: without the model's own dtype here, a half-precision model
+    would turn float32 in place (twice the memory, every later job slower) on its first
+    image-to-image or ControlNet job. A loaded pipeline has one dtype throughout."""
+    return cls.from_pipe(pipe, dtype=pipe.unet.dtype, **components)
+
+
 def base_pipeline(pipe: Any, family: str) -> Any:
     """The pipeline a model serves from, by what its UNet takes rather than the class a folder
     was saved as: the family's inpainting pipeline for an inpainting UNet, its text-to-image
     pipeline otherwise (made from the same components when the loaded class differs, e.g. a
     4-channel model saved from an inpainting pipeline)."""
     want = _BASES[(family, inpainting_unet(pipe))]
-    return pipe if isinstance(pipe, want) else want.from_pipe(pipe)
+    return pipe if isinstance(pipe, want) else shared_from_pipe(want, pipe)
 
 
 def pipeline_for(model: Any, task: str) -> Any:
@@ -117,7 +126,7 @@ def pipeline_for(model: Any, task: str) -> Any:
         return base
     made = model.variants.get(task)
     if made is None:
-        made = _CLASSES[(model.family, task)].from_pipe(base)
+        made = shared_from_pipe(_CLASSES[(model.family, task)], base)
         made.set_progress_bar_config(disable=True)
         model.variants[task] = made
     return made

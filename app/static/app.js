@@ -8,7 +8,26 @@ function showKey() { $("keystate").textContent = key() ? "key saved" : "no key: 
 
 $("keyform").addEventListener("submit", (e) => {
   e.preventDefault(); localStorage.setItem("craftserve-key", $("key").value.trim()); $("key").value = ""; showKey();
+fillControl();
+  fillControl();
 });
+
+// The ControlNet pickers: served models and preprocessors, asked with the caller's key (the
+// /controlnet routes want one); filled again when a key is saved.
+async function fillControl() {
+  if (!key()) return;
+  const lists = [["cnmodel", "/controlnet/model_list", "model_list"], ["cnmodule", "/controlnet/module_list", "module_list"]];
+  for (const [id, route, field] of lists) {
+    try {
+      const answer = await fetch(route, { headers: auth() });
+      if (!answer.ok) continue;  // a wrong key, or a server without ControlNet
+      const select = $(id), keep = select.value;
+      for (const option of [...select.options].slice(1)) option.remove();
+      for (const name of (await answer.json())[field] || []) if (name !== select.options[0].value) select.add(new Option(name, name));
+      select.value = [...select.options].some((o) => o.value === keep) ? keep : select.options[0].value;
+    } catch (_) { /* tolerate a missing route */ }
+  }
+}
 
 async function fill(select, routes) {
   for (const route of routes) {
@@ -53,6 +72,7 @@ function showError(body) {
     const el = $("err-" + field);
     if (el) { el.textContent = message; shown = true; }
   }
+  if (!shown && /controlnet\[/.test(message)) { $("err-controlnet").textContent = message; shown = true; }
   const named = /doesn't have (\w+)/.exec(message);
   if (!shown && named && $("err-" + named[1])) { $("err-" + named[1]).textContent = message; shown = true; }
   if (!shown) $("err-body").textContent = message;
@@ -66,6 +86,8 @@ function requestBody() {
     previews: $("previews").checked,
   };
   if ($("lora").value) body.loras = { [$("lora").value]: Number($("loraweight").value) };
+  const unit = controlUnit();
+  if (unit) body.controlnet = [unit];
   if (source) {
     body.init_image = source;
     body.strength = Number($("strength").value);
@@ -159,6 +181,33 @@ canvas.addEventListener("pointerdown", (e) => {
 canvas.addEventListener("pointermove", (e) => { if (last) { const p = at(e); stroke(last, p); last = p; } });
 for (const name of ["pointerup", "pointercancel"]) canvas.addEventListener(name, () => { last = null; });
 
+// -- the ControlNet unit -----------------------------------------------------------------------
+// One unit of the job API's `controlnet` list when a model is picked: the control picture as
+// the data: URL it was read as (none: the server uses the picture to start from).
+let control = null;  // data: URL of the control picture, or null
+function controlUnit() {
+  if (!$("cnmodel").value) return null;
+  const unit = { model: $("cnmodel").value, module: $("cnmodule").value, weight: Number($("cnweight").value),
+    guidance_start: Number($("cnstart").value), guidance_end: Number($("cnend").value) };
+  if (control) unit.image = control;
+  return unit;
+}
+function setControl(file) {
+  if (!file || !file.type.startsWith("image/")) {
+    $("err-controlnet").textContent = file ? `${file.name || "that"} is not a picture` : ""; return;
+  }
+  const reader = new FileReader();
+  reader.onload = () => {
+    control = reader.result; $("controlpreview").src = control; $("controlpreview").hidden = false;
+    $("err-controlnet").textContent = "";
+  };
+  reader.readAsDataURL(file);
+}
+$("controlfile").addEventListener("change", () => setControl($("controlfile").files[0]));
+$("removecontrol").addEventListener("click", () => {
+  control = null; $("controlfile").value = ""; $("controlpreview").removeAttribute("src"); $("controlpreview").hidden = true;
+});
+
 $("file").addEventListener("change", () => setPicture($("file").files[0]));
 $("drop").addEventListener("dragover", (e) => { e.preventDefault(); $("drop").classList.add("over"); });
 $("drop").addEventListener("dragleave", () => $("drop").classList.remove("over"));
@@ -229,8 +278,8 @@ async function done(made, data) {
   $("result").src = url; $("result").hidden = false; $("preview").hidden = true;
   $("download").href = url; $("download").download = made.id + ".png"; $("download").hidden = false;
   $("info").textContent = pngText(new Uint8Array(await blob.arrayBuffer())); $("info").hidden = false;
-  // the Python snippet posts to /sd, which takes no picture: offered for text to image only
-  $("curl").hidden = false; $("py").hidden = Boolean(lastBody && lastBody.init_image);
+  // the Python snippet posts to /sd, which takes no picture: offered for plain text to image only
+  $("curl").hidden = false; $("py").hidden = Boolean(lastBody && (lastBody.init_image || lastBody.controlnet));
   const thumb = new Image(); thumb.src = url; thumb.alt = "seed " + data.seed; $("history").prepend(thumb);
   while ($("history").children.length > 12) $("history").lastChild.remove();
 }
@@ -257,3 +306,4 @@ $("cancel").addEventListener("click", async () => {
 $("curl").addEventListener("click", () => navigator.clipboard.writeText(craftSnippets.curlCommand(location.origin, lastBody)));
 $("py").addEventListener("click", () => navigator.clipboard.writeText(craftSnippets.pythonSnippet(location.origin, lastBody)));
 showKey();
+fillControl();

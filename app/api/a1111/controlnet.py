@@ -2,13 +2,11 @@
 (txt2img, img2img) as the core's `UnitRequest`s, their `ControlNet N` infotext entries, and the
 `/controlnet/*` routes (version, model_list, module_list, control_types, settings, detect).
 
-Units are read as the extension reads them (shared/api/controlnet.md): the script key in any
-case; every field of the extension's unit with its defaults; enum fields as ints or strings;
-the legacy aliases (`input_image`, `image` as `{"image", "mask"}` or `[image, mask]`,
-`lowvram`, `guidance`, `guessmode`, `mask_image`); unknown keys ignored; `""` for no image.
-A unit is used when `enabled` is true. One choice differs from the extension: a unit without
-any `enabled` key counts as enabled when it names a model (serverless A1111 workers send such
-units and mean them); send `"enabled": false` to switch a unit off.
+The script key is found in any case; its units are read by app.api.controlnet_units (shared
+with the other dialects' `controlnet` extension), as the extension reads them. One choice
+differs from the extension: a unit without any `enabled` key counts as enabled when it names a
+model (serverless A1111 workers send such units and mean them); send `"enabled": false` to
+switch a unit off.
 """
 
 from __future__ import annotations
@@ -22,6 +20,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Body
 
 from app.api.a1111.errors import AUTH_ERRORS, INPUT_ERRORS
+from app.api.controlnet_units import number, read_unit_list
 from app.api.credentials import CallerDep
 from app.api.deps import RegistryDep, SettingsDep
 from app.api.generation import UnitRequest
@@ -38,8 +37,6 @@ from app.engine.preprocessors import (
 from app.errors import InvalidParameter, NotServed
 from app.image_inputs import off_loop, read_image
 
-_HR_OPTIONS = ("Both", "Low res only", "High res only")
-
 
 def _script_args(scripts: Mapping[str, Any] | None) -> tuple[str, list[Any]] | None:
     for key, value in (scripts or {}).items():
@@ -52,105 +49,13 @@ def _script_args(scripts: Mapping[str, Any] | None) -> tuple[str, list[Any]] | N
     return None
 
 
-def _enum(where: str, value: Any, names: tuple[str, ...], default: int, extra: Mapping[int, int] = {}) -> int:
-    if value is None:
-        return default
-    if isinstance(value, bool):
-        value = int(value)
-    if isinstance(value, int):
-        value = extra.get(value, value)
-        if 0 <= value < len(names):
-            return value
-    elif isinstance(value, str):
-        for index, name in enumerate(names):
-            if value.strip().lower() == name.lower():
-                return index
-        if value.strip().isdigit():
-            return _enum(where, int(value.strip()), names, default, extra)
-    choices = ", ".join(f"{i} {n!r}" for i, n in enumerate(names))
-    raise InvalidParameter(where, value, f"one of {choices}")
-
-
-def _number(where: str, value: Any, default: float) -> float:
-    if value is None:
-        return default
-    if isinstance(value, bool) or not isinstance(value, int | float | str):
-        raise InvalidParameter(where, value, "a number")
-    try:
-        return float(value)
-    except ValueError:
-        raise InvalidParameter(where, value, "a number") from None
-
-
-def _image_value(where: str, unit: Mapping[str, Any]) -> tuple[str | None, str]:
-    """The unit's image (base64 or URL text) and the field it came from; None: none sent."""
-    for key in ("image", "input_image"):
-        value = unit.get(key)
-        field = f"{where}.{key}"
-        if isinstance(value, Mapping):
-            value, field = value.get("image"), f"{field}.image"
-        elif isinstance(value, list):
-            value, field = (value[0] if value else None), f"{field}[0]"
-        if value is None or value == "":
-            continue
-        if not isinstance(value, str):
-            raise InvalidParameter(field, value, "an image as base64 text (a data: URL too)")
-        return value, field
-    return None, f"{where}.image"
-
-
-def _enabled(unit: Mapping[str, Any]) -> bool:
-    if "enabled" in unit:
-        return bool(unit["enabled"])
-    model = unit.get("model")
-    return isinstance(model, str) and model.strip().lower() not in ("", "none")
-
-
 async def read_units(scripts: Mapping[str, Any] | None, settings: Settings) -> tuple[UnitRequest, ...]:
     """The enabled units of a body's alwayson_scripts, images decoded and checked."""
     found = _script_args(scripts)
     if found is None:
         return ()
     base, args = found
-    units: list[UnitRequest] = []
-    for index, unit in enumerate(args):
-        where = f"{base}[{index}]"
-        if not isinstance(unit, Mapping):
-            raise InvalidParameter(where, unit, "a ControlNet unit is a JSON object")
-        if not _enabled(unit):
-            continue
-        text, field = _image_value(where, unit)
-        image = None if text is None else await read_image(field, text, settings)
-        guidance_end = unit.get("guidance_end", unit.get("guidance"))
-        mode = unit.get("control_mode")
-        if mode is None and unit.get("guessmode"):
-            mode = 2
-        model = unit.get("model", "None")
-        if not isinstance(model, str) or model.strip().lower() in ("", "none"):
-            raise InvalidParameter(f"{where}.model", model, "an enabled unit names a ControlNet model "
-                                   "(GET /controlnet/model_list)")
-        module = unit.get("module", "none")
-        if not isinstance(module, str):
-            raise InvalidParameter(f"{where}.module", module, "a preprocessor name "
-                                   "(GET /controlnet/module_list)")
-        hr_option = unit.get("hr_option", "Both")
-        hr_option = _HR_OPTIONS[_enum(f"{where}.hr_option", hr_option, _HR_OPTIONS, 0)]
-        units.append(UnitRequest(
-            model=model, module=module,
-            weight=_number(f"{where}.weight", unit.get("weight"), 1.0),
-            guidance_start=_number(f"{where}.guidance_start", unit.get("guidance_start"), 0.0),
-            guidance_end=_number(f"{where}.guidance_end", guidance_end, 1.0),
-            control_mode=_enum(f"{where}.control_mode", mode, CONTROL_MODES, 0),
-            resize_mode=_enum(f"{where}.resize_mode", unit.get("resize_mode"), RESIZE_MODES, 1, {3: 0}),
-            processor_res=_number(f"{where}.processor_res", unit.get("processor_res"), -1),
-            threshold_a=_number(f"{where}.threshold_a", unit.get("threshold_a"), -1),
-            threshold_b=_number(f"{where}.threshold_b", unit.get("threshold_b"), -1),
-            pixel_perfect=bool(unit.get("pixel_perfect", False)),
-            image=image, hr_option=hr_option,
-            save_detected_map=unit.get("save_detected_map", True) is not False,
-            where=where,
-        ))
-    return tuple(units)
+    return await read_unit_list(base, args, settings, listed_means_enabled=False)
 
 
 def infotext_entries(units: tuple[UnitRequest, ...], registry: Any) -> dict[str, str]:
@@ -252,9 +157,9 @@ async def detect_route(client: CallerDep, settings: SettingsDep,
         if not isinstance(value, str):
             raise InvalidParameter(f"{field}[{i}]", value, "an image as base64 text")
         picture = await read_image(f"{field}[{i}]", value, settings)
-        res = _number("controlnet_processor_res", body.get("controlnet_processor_res"), 512)
-        a = _number("controlnet_threshold_a", body.get("controlnet_threshold_a"), -1)
-        b = _number("controlnet_threshold_b", body.get("controlnet_threshold_b"), -1)
+        res = number("controlnet_processor_res", body.get("controlnet_processor_res"), 512)
+        a = number("controlnet_threshold_a", body.get("controlnet_threshold_a"), -1)
+        b = number("controlnet_threshold_b", body.get("controlnet_threshold_b"), -1)
         detected = await off_loop(detect, module, picture, res, a, b)
         out.append(await off_loop(png_base64, detected))
     return {"info": "Success", "images": out}

@@ -9,7 +9,11 @@ pictures and a validated model of their text fields.
 - Text fields: validated by the route's pydantic model (multipart sends text: "2" is 2); errors
   are FastAPI's validation errors, so they answer as every /v1 validation error does (400,
   `param` naming the field). `loras` comes as JSON text (`{"name": 0.8}`) or as `loras[name]`
-  parts (how the openai SDK's `extra_body` flattens a dict).
+  parts (how the openai SDK's `extra_body` flattens a dict); `controlnet` likewise, as JSON
+  text (a list of units), as `controlnet[N][field]` parts, or as `controlnet[][field]` parts:
+  the openai SDK's flattening of a list of objects, which sends each field's values together,
+  so the i-th value of a field is unit i's (units that differ in their fields are sent as JSON
+  text or with indices).
 - What is refused, naming the field: a body that is not multipart, no picture, a file where
   text is expected, a damaged multipart body, more than MAX_EDIT_IMAGES pictures.
 """
@@ -37,6 +41,7 @@ from app.image_inputs import base64_chars, read_image, read_mask
 
 _IMAGE_KEY = re.compile(r"image(\[[0-9]{0,4}\])?")
 _LORA_KEY = re.compile(r"loras\[(.{1,200})\]", re.DOTALL)
+_UNIT_KEY = re.compile(r"controlnet\[([0-9]{0,2})\]\[([A-Za-z_]{1,40})\]")
 MAX_FIELDS = 200  # text parts; OpenAI's edits have about 20
 
 
@@ -86,6 +91,35 @@ def _loras(text_fields: dict[str, Any], lora_parts: dict[str, str]) -> None:
         text_fields["loras"] = lora_parts
 
 
+def _units(text_fields: dict[str, Any], unit_parts: list[tuple[str, str, Any]]) -> None:
+    """`controlnet` as a list of units from its JSON text or its `controlnet[..][field]` parts."""
+    text = text_fields.get("controlnet")
+    if isinstance(text, str):
+        try:
+            text_fields["controlnet"] = json.loads(text)
+        except ValueError:
+            raise InvalidParameter("controlnet", text[:40], 'send a JSON list of ControlNet units, e.g. '
+                                   '[{"model": "control_canny", "module": "canny", "image": "<base64>"}], '
+                                   "or `controlnet[][field]` parts") from None
+        return
+    if not unit_parts:
+        return
+    by_field: dict[str, list[Any]] = {}  # `controlnet[][field]`: the i-th value is unit i's
+    indexed: dict[int, dict[str, Any]] = {}
+    for index, name, value in unit_parts:
+        if isinstance(value, UploadFile):
+            where = f"controlnet[{index}][{name}]"
+            raise InvalidParameter(where, f"<file {value.filename or ''}>"[:60],
+                                   "send it as a text part (a picture as base64 or a data: URL)")
+        if index:
+            indexed.setdefault(int(index), {})[name] = value
+        else:
+            by_field.setdefault(name, []).append(value)
+    count = max((len(values) for values in by_field.values()), default=0)
+    units = [{name: values[i] for name, values in by_field.items() if i < len(values)} for i in range(count)]
+    text_fields["controlnet"] = units + [indexed[i] for i in sorted(indexed)]
+
+
 async def read_form(request: Request, model: type[BaseModel], settings: Settings, *,
                     takes_mask: bool, several: bool,
                     check: Callable[[Any], None] | None = None) -> EditForm:
@@ -105,11 +139,14 @@ async def read_form(request: Request, model: type[BaseModel], settings: Settings
         masks: list[UploadFile | str] = []
         text_fields: dict[str, Any] = {}
         lora_parts: dict[str, str] = {}
+        unit_parts: list[tuple[str, str, Any]] = []
         for key, value in form.multi_items():
             if _IMAGE_KEY.fullmatch(key):
                 pictures.append((key, value))
             elif key == "mask" and takes_mask:
                 masks.append(value)
+            elif (part := _UNIT_KEY.fullmatch(key)) is not None:
+                unit_parts.append((part[1], part[2], value))
             elif isinstance(value, UploadFile):
                 if key in model.model_fields:
                     raise InvalidParameter(key, f"<file {value.filename or ''}>"[:60],
@@ -122,6 +159,7 @@ async def read_form(request: Request, model: type[BaseModel], settings: Settings
         if not pictures and not form and "multipart/" not in request.headers.get("content-type", ""):
             raise InvalidParameter("image", "<none>", _multipart_rule(request))
         _loras(text_fields, lora_parts)
+        _units(text_fields, unit_parts)
         fields = _validated(model, text_fields)
         if check is not None:
             check(fields)

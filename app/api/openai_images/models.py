@@ -7,6 +7,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from app.api.controlnet_units import UnitBody
 from app.api.rules import (
     DEFAULT_CFG,
     MAX_CFG,
@@ -73,6 +74,13 @@ class OpenAIImageRequest(BaseModel):
     refiner_switch_at: Number | None = Field(
         None, allow_inf_nan=False, description="extension: the fraction of the schedule (0 to 1, by "
         f"timestep) after which the refiner takes over; absent: {DEFAULT_REFINER_SWITCH:g}")
+    controlnet: list[UnitBody] | None = Field(
+        None, description="extension: ControlNet units, the fields of sd-webui-controlnet's unit "
+        "(`model`, `module`, `image` as base64 or a data: URL, `weight`, `guidance_start`, "
+        "`guidance_end`, `control_mode`, `resize_mode`, `pixel_perfect`, ...), at most "
+        "CRAFTSERVE_CONTROLNET_MAX_UNITS (3); the detected maps are not answered "
+        "(POST /controlnet/detect gives them). Edits take it as JSON text or as "
+        "`controlnet[][field]` parts (the openai SDK's extra_body)")
 
 
 class OpenAIImage(BaseModel):
@@ -188,8 +196,11 @@ def multipart_schema(fields: type[BaseModel], *, several: bool, mask: bool) -> d
                               "fully transparent pixels are regenerated, the others kept", **binary}
     schema = fields.model_json_schema()
     for name, prop in schema.get("properties", {}).items():
-        if name != "loras":  # a JSON object as text: `loras={"name": 0.8}` or `loras[name]=0.8`
+        if name not in ("loras", "controlnet"):  # JSON as text, or flattened parts
             properties[name] = prop
+    properties["controlnet"] = {"type": "string", "description": "extension: ControlNet units as JSON "
+                                "text (a list of unit objects, as /v1/images/generations takes them), "
+                                "or `controlnet[][field]` parts; a unit without `image` uses the picture"}
     required = ["image"] + [n for n in schema.get("required", []) if n in properties]
     return {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
         "type": "object", "properties": properties, "required": required}}}}}

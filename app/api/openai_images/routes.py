@@ -10,6 +10,7 @@ from dataclasses import replace
 from fastapi import APIRouter, HTTPException, Request
 from fastapi.responses import JSONResponse, Response
 
+from app.api.controlnet_units import read_unit_list
 from app.api.credentials import CallerDep, GeneratingCallerDep, QueueShareDep
 from app.api.deps import EngineDep, ImagesDep, RegistryDep, SettingsDep
 from app.api.generation import ImageRequest, generate_images
@@ -55,8 +56,19 @@ async def create_images(
     model = model_named(body.model, registry, settings)
     width, height = size_of(body.size, registry.models[model].family, settings)
     core_request, count = image_request(body, model, (width, height), settings)
+    core_request = await _with_units(core_request, body, settings)
     return await _answer(body, core_request, count, request, client=client, share=share, engine=engine,
                          registry=registry, settings=settings, images=images)
+
+
+async def _with_units(core_request: ImageRequest, body: OpenAIImageRequest,
+                      settings: Settings) -> ImageRequest:
+    """The request with the `controlnet` extension's units, their pictures decoded and checked
+    (a unit without a picture uses the edit's own)."""
+    if not body.controlnet:
+        return core_request
+    units = await read_unit_list("controlnet", body.controlnet, settings, listed_means_enabled=True)
+    return replace(core_request, controlnet=units)
 
 
 async def _answer(body: OpenAIImageRequest, core_request: ImageRequest, count: int, request: Request, *,
@@ -103,6 +115,7 @@ async def _edit(request: Request, form_model: type[OpenAIEditRequest], *, takes_
     core_request, count = image_request(body, model, size, settings)
     core_request = replace(core_request, image=edit_input(body, form.images, form.mask,
                                                           default_strength=default_strength))
+    core_request = await _with_units(core_request, body, settings)
     return await _answer(body, core_request, count, request, client=client, share=share, engine=engine,
                          registry=registry, settings=settings, images=images)
 

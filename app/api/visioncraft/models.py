@@ -12,6 +12,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from app.api.controlnet_units import UnitBody
 from app.api.rules import (
     DEFAULT_CFG,
     MAX_CFG,
@@ -66,7 +67,7 @@ MAX_HR_SCALE = 8.0
 
 class JobRequest(GenerateRequest):
     """Body of POST /jobs: any /sd body, plus `previews`, the image inputs of image to image
-    and inpainting, and the hires fix, named as A1111 names them."""
+    and inpainting, the hires fix and ControlNet units, named as A1111 names them."""
 
     previews: bool = Field(False, description="send `preview` events (small PNGs of the latents "
                                               "every few steps) on the job's event stream")
@@ -103,6 +104,12 @@ class JobRequest(GenerateRequest):
                                 "hires fix, in its second pass)")
     refiner_switch_at: Number = Field(0.8, allow_inf_nan=False, description="the fraction of the "
                                       "schedule (0 to 1, by timestep) after which the refiner takes over")
+    controlnet: list[UnitBody] | None = Field(
+        None, description="ControlNet units: the fields of sd-webui-controlnet's unit (`model`, "
+        "`module`, `image` as base64 or a data: URL, `weight`, `guidance_start`, `guidance_end`, "
+        "`control_mode`, `resize_mode`, `pixel_perfect`, ...), at most "
+        "CRAFTSERVE_CONTROLNET_MAX_UNITS (3); a unit without `image` uses `init_image`. With "
+        "`enable_hr`, a unit guides the first pass only: send `hr_option: \"Low res only\"`")
 
 
 class GenerateRequestV2(GenerateRequest):
