@@ -361,7 +361,7 @@ def test_an_error_that_eager_gives_too_is_raised_and_compilation_stays():
 def test_the_warm_up_runs_the_batch_sizes_the_settings_name(tmp_path, monkeypatch):
     ran: list[list[int]] = []
 
-    def recording_warm_up(pipe, device, *, sizes, batch_sizes, force):
+    def recording_warm_up(pipe, device, *, sizes, batch_sizes, force, from_picture=False):
         ran.append(list(batch_sizes))
         return 0.0
 
