@@ -18,27 +18,11 @@ from VisionCraftAPI.api import VisionCraftClient
 from VisionCraftAPI.exceptions import InvalidParam
 
 from tests.conftest import API_KEY
+from tests.pictures import arr, b64, decoded, noise
 
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
 
 
-def noise(width: int, height: int, seed: int = 0) -> Image.Image:
-    rng = np.random.default_rng(seed)
-    return Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
-
-
-def b64(image: Image.Image) -> str:
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return base64.b64encode(buffer.getvalue()).decode("ascii")
-
-
-def decoded(text: str) -> Image.Image:
-    return Image.open(io.BytesIO(base64.b64decode(text)))
-
-
-def arr(image: Image.Image) -> np.ndarray:
-    return np.asarray(image.convert("RGB")).astype(int)
 
 
 PICTURE = noise(64, 64, seed=7)

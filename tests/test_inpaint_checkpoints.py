@@ -9,8 +9,6 @@ tensors read with safetensors."""
 
 from __future__ import annotations
 
-import base64
-import io
 import json
 from pathlib import Path
 
@@ -27,6 +25,7 @@ from app.engine.single_file import load_single_file
 from app.registry import RegistryError, load_registry
 from tests.conftest import API_KEY, write_models_file
 from tests.original_layout import save_safetensors, write_checkpoint, write_config_folder
+from tests.pictures import arr, b64, decoded, noise
 
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
 FAMILIES = ("sdxl", "sd15")
@@ -101,23 +100,6 @@ def served(made: dict, make_server):  # noqa: ANN201
 # --------------------------------------------------------------------------- helpers
 
 
-def noise(width: int, height: int, seed: int = 0) -> Image.Image:
-    rng = np.random.default_rng(seed)
-    return Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
-
-
-def b64(image: Image.Image) -> str:
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return base64.b64encode(buffer.getvalue()).decode("ascii")
-
-
-def decoded(text: str) -> Image.Image:
-    return Image.open(io.BytesIO(base64.b64decode(text)))
-
-
-def arr(image: Image.Image) -> np.ndarray:
-    return np.asarray(image.convert("RGB")).astype(int)
 
 
 def post(served, route: str, model: str, **fields) -> dict:  # noqa: ANN001
