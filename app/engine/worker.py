@@ -815,7 +815,16 @@ class Worker:
             handover = self._handover(model, group[0].params, hires.steps, hires.strength)
             if handover is not None:
                 return self._refined_hires(model, refiner, group, batch, kwargs, image, handover, offset)
-        output: list = []
+        by_index = self._second_pass(model, pipe, group, batch, kwargs, image, offset)
+        return [by_index[i] for i in range(len(group))]
+
+    def _second_pass(self, model: LoadedModel, pipe: Any, group: list[Job], batch: list[Job],
+                     kwargs: dict[str, Any], image: Any, offset: int, **extra: Any) -> dict[int, Any]:
+        """The hires fix's image-to-image calls, one per group of the hires prompts' length:
+        {index in `group`: what the pipeline answered for that job}."""
+        hires = group[0].params.hires
+        assert hires is not None
+        answered: dict[int, Any] = {}
         for sub, embeds in _prompt_groups(model, group, hires=True):
             index = [group.index(job) for job in sub]
             sub_kwargs = dict(kwargs)
@@ -827,10 +836,9 @@ class Worker:
             with jobs_in_call(model.pipe, len(sub)):
                 result = self._call(pipe, sub, embeds, batch, steps=hires.steps, cfg=hires.cfg_scale,
                                     seeds=[j.params.seed for j in sub], offset=offset, hires=True,
-                                    **sub_kwargs)
-            output.extend(zip(sub, result.images, strict=True))
-        by_job = dict(output)
-        return [by_job[job] for job in group]
+                                    **sub_kwargs, **extra)
+            answered.update(zip(index, result.images, strict=True))
+        return answered
 
     def _refined_hires(self, model: LoadedModel, refiner: LoadedModel, group: list[Job], batch: list[Job],
                        kwargs: dict[str, Any], image: Any, handover: Handover, offset: int) -> list:
@@ -844,20 +852,8 @@ class Worker:
                                 strength=hires.strength, **common)
         pipe = pipeline_for(model, "img2img")
         pipe.scheduler = make_scheduler(hires.sampler, model.scheduler_config, group[0].params.seed)
-        latents: dict[int, Any] = {}
-        for sub, embeds in _prompt_groups(model, group, hires=True):
-            index = [group.index(job) for job in sub]
-            sub_kwargs = dict(kwargs)
-            sub_kwargs["image"] = (image[index] if isinstance(image, torch.Tensor)
-                                   else [image[i] for i in index])
-            for name in ("mask_image", "masked_image_latents"):  # the same for every job
-                if name in sub_kwargs:
-                    sub_kwargs[name] = sub_kwargs[name][:len(sub)]
-            with jobs_in_call(model.pipe, len(sub)):
-                result = self._call(pipe, sub, embeds, batch, steps=hires.steps, cfg=hires.cfg_scale,
-                                    seeds=[j.params.seed for j in sub], offset=offset, hires=True,
-                                    output_type="latent", denoising_end=handover.switch, **sub_kwargs)
-            latents.update(zip(index, result.images, strict=True))
+        latents = self._second_pass(model, pipe, group, batch, kwargs, image, offset,
+                                    output_type="latent", denoising_end=handover.switch)
         return self._refine(model, refiner, group, batch, offset=offset + handover.base_steps,
                             image=torch.stack([latents[i] for i in range(len(group))]),
                             denoising_start=handover.switch, **common)
