@@ -7,9 +7,14 @@ resized to the generated size (app.engine.control_images). Jobs with the same un
 call, each with its own images.
 
 - The nets are loaded once per worker (`ControlNets`, an LRU as the upscalers) on the model's
-  device and dtype: a diffusers folder with `from_pretrained`, a single diffusers-layout file
-  with its config read from the model's own UNet config and the file's layer shapes (the fit
-  check already proved the shapes are the UNet's).
+  device and dtype: a diffusers folder with `from_pretrained`, a single file with its config
+  read from the model's own UNet config and the file's layer shapes (the fit check already
+  proved the shapes are the UNet's). A file in the original (LDM) layout is read by name: each
+  parameter of the net takes the tensor its original name gives (app.engine.single_file's UNet
+  mapping for the encoder copy; `zero_convs.i.0` → `controlnet_down_blocks.i`,
+  `middle_block_out.0` → `controlnet_mid_block`, the even convolutions of `input_hint_block` →
+  `controlnet_cond_embedding`'s conv_in, blocks and conv_out); a pickle goes through torch's
+  weights-only unpickler.
 - The pipelines are diffusers' ControlNet pipelines for txt2img / img2img / inpainting made with
   `from_pipe` from the loaded model (no weight copied), once per task; their `controlnet` is one
   `CraftControlNets` whose nets are swapped per call.
@@ -42,6 +47,7 @@ from diffusers import ControlNetModel
 from diffusers.models.controlnets.multicontrolnet import MultiControlNetModel
 
 from app.engine.control_units import BALANCED, CONTROL_MORE, ControlUnit, block_factors, runs_at
+from app.engine.single_file import unet_mapper
 from app.errors import ErrorKind, Unavailable
 
 logger = logging.getLogger(__name__)
@@ -132,16 +138,77 @@ def _cond_channels(shapes: Mapping[str, tuple[int, ...]]) -> tuple[int, tuple[in
     return first[1], tuple(channels)
 
 
+def _hint_names(names: Sequence[str]) -> dict[str, str]:
+    """controlnet_cond_embedding parameter -> its original `input_hint_block` name: the hint
+    block's convolutions are its even indices (SiLUs between), the first is conv_in, the last
+    conv_out, those between blocks.0, blocks.1, ..."""
+    convs = sorted({int(n.split(".")[1]) for n in names if n.startswith("input_hint_block.")})
+    out: dict[str, str] = {}
+    for part in ("weight", "bias"):
+        out[f"controlnet_cond_embedding.conv_in.{part}"] = f"input_hint_block.{convs[0]}.{part}"
+        out[f"controlnet_cond_embedding.conv_out.{part}"] = f"input_hint_block.{convs[-1]}.{part}"
+        for k, index in enumerate(convs[1:-1]):
+            out[f"controlnet_cond_embedding.blocks.{k}.{part}"] = f"input_hint_block.{index}.{part}"
+    return out
+
+
+def original_name(name: str, unet_config: Any, hint: Mapping[str, str]) -> str:
+    """The original (LDM) name of a diffusers ControlNet parameter."""
+    if name in hint:
+        return hint[name]
+    head, _, rest = name.partition(".")
+    if head == "controlnet_down_blocks":
+        index, _, part = rest.partition(".")
+        return f"zero_convs.{index}.0.{part}"
+    if head == "controlnet_mid_block":
+        return f"middle_block_out.0.{rest}"
+    return unet_mapper(dict(unet_config))(name)
+
+
+def _read_tensors(weights: Path) -> dict[str, torch.Tensor]:
+    if weights.suffix.lower() == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(weights))
+    state = torch.load(str(weights), map_location="cpu", weights_only=True, mmap=True)
+    if isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    return state
+
+
+def _from_original(state: Mapping[str, torch.Tensor], prefix: str, unet: Any) -> dict[str, torch.Tensor]:
+    """An original-layout ControlNet's tensors (under `prefix`) renamed to diffusers' names."""
+    own = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    hint = _hint_names(list(own))
+    shapes = {name: tuple(own[source].shape) for name, source in hint.items() if source in own}
+    channels, embedding = _cond_channels(shapes)
+    with torch.device("meta"):
+        net = ControlNetModel.from_unet(unet, load_weights_from_unet=False,
+                                        conditioning_embedding_out_channels=embedding,
+                                        conditioning_channels=channels)
+    renamed: dict[str, torch.Tensor] = {}
+    used: set[str] = set()
+    for name in net.state_dict():
+        source = original_name(name, unet.config, hint)
+        if source in own:
+            renamed[name] = own[source]
+            used.add(source)
+    leftover = sorted(set(own) - used)
+    if leftover:
+        raise ValueError(f"original-layout tensors no ControlNet parameter takes: {leftover[:3]}")
+    return renamed
+
+
 def load_controlnet(weights: Path, folder: Path | None, unet: Any, device: torch.device,
-                    dtype: torch.dtype) -> ControlNetModel:
-    """A ControlNet on `device` in `dtype`: a diffusers folder as it is, a single file with the
-    config of `unet` (the model it serves) and the file's conditioning layers."""
+                    dtype: torch.dtype, *, layout: str = "diffusers", prefix: str = "") -> ControlNetModel:
+    """A ControlNet on `device` in `dtype`: a diffusers folder as it is, a single file (either
+    layout) with the config of `unet` (the model it serves) and the file's conditioning layers."""
     if folder is not None:
         net = ControlNetModel.from_pretrained(str(folder), torch_dtype=dtype, local_files_only=True)
     else:
-        from safetensors.torch import load_file
-
-        state = load_file(str(weights))
+        state = _read_tensors(weights)
+        if layout == "ldm":
+            state = _from_original(state, prefix, unet)
         channels, embedding = _cond_channels({k: tuple(v.shape) for k, v in state.items()})
         with torch.device("meta"):
             net = ControlNetModel.from_unet(unet, load_weights_from_unet=False,
@@ -152,6 +219,8 @@ def load_controlnet(weights: Path, folder: Path | None, unet: Any, device: torch
         if missing or extra:
             raise ValueError(f"{weights}: the file does not describe a ControlNet of the model's UNet "
                              f"(missing {missing[:3]}, unexpected {extra[:3]})")
+        if weights.suffix.lower() != ".safetensors":  # own memory, not the memory-mapped pickle's
+            state = {k: v.to(dtype=dtype, copy=True) for k, v in state.items()}
         net.load_state_dict(state, strict=True, assign=True)
     return net.to(device=device, dtype=dtype).eval().requires_grad_(False)
 
@@ -175,7 +244,9 @@ class ControlNets:
                 self._loaded.move_to_end(key)
                 return net
         try:
-            net = load_controlnet(spec.weights, spec.folder, unet, self.device, unet.dtype)
+            net = load_controlnet(spec.weights, spec.folder, unet, self.device, unet.dtype,
+                                  layout=getattr(spec, "layout", "diffusers"),
+                                  prefix=getattr(spec, "prefix", ""))
         except Exception as exc:
             logger.exception("loading ControlNet %s failed", unit.name)
             raise Unavailable(f"ControlNet '{unit.name}' cannot be used now: loading {spec.weights} "

@@ -85,7 +85,7 @@ def unet_mapper(config: dict[str, Any]) -> Callable[[str], str]:
     """diffusers UNet2DConditionModel parameter name -> its name in an SGM/CompVis UNet."""
     per = config["layers_per_block"]
     per = per if isinstance(per, int) else per[0]
-    up_attn = ["CrossAttn" in t for t in config["up_block_types"]]
+    up_attn = ["CrossAttn" in t for t in config.get("up_block_types", ())]  # (a ControlNet has none)
     fixed = {"conv_in": "input_blocks.0.0", "time_embedding.linear_1": "time_embed.0",
              "time_embedding.linear_2": "time_embed.2", "add_embedding.linear_1": "label_emb.0.0",
              "add_embedding.linear_2": "label_emb.0.2", "conv_norm_out": "out.0", "conv_out": "out.2"}
