@@ -246,6 +246,32 @@ def test_a_unit_without_an_image_in_txt2img_is_422_and_img2img_uses_its_picture(
     assert plain.json()["images"][0] != without.json()["images"][0]
 
 
+def test_img2img_with_a_unit_is_diffusers_controlnet_img2img(http, nets) -> None:  # noqa: ANN001
+    """A1111 img2img at strength 0.75 (6 of 8 steps) with a unit of weight 0.7 is diffusers'
+    StableDiffusionXLControlNetImg2ImgPipeline called directly (its conditioning scale given:
+    that pipeline's default is 0.8, not the 1.0 of its text-to-image sibling)."""
+    from diffusers import StableDiffusionXLControlNetImg2ImgPipeline
+
+    from app.engine import tiny
+    from app.engine.schedulers import make_scheduler
+    from app.samplers import resolve_sampler
+
+    picture = noise(64, 64, seed=8)
+    answer = http.post("/sdapi/v1/img2img", headers=AUTH, json={
+        "prompt": "a lighthouse", "steps": 8, "seed": 11, "sampler_name": "Euler", "cfg_scale": 5,
+        "width": 64, "height": 64, "init_images": [b64(picture)], "denoising_strength": 0.75,
+        "alwayson_scripts": {"controlnet": {"args": [unit(weight=0.7, save_detected_map=False)]}}})
+    assert answer.status_code == 200, answer.text
+    pipe = StableDiffusionXLControlNetImg2ImgPipeline.from_pipe(tiny.build_tiny_sdxl(),
+                                                                controlnet=nets["sdxl"])
+    pipe.set_progress_bar_config(disable=True)
+    pipe.scheduler = make_scheduler(resolve_sampler("Euler"), pipe.scheduler.config, 11)
+    expected = pipe("a lighthouse", image=picture, control_image=CONTROL, num_inference_steps=8,
+                    strength=0.75, guidance_scale=5, controlnet_conditioning_scale=0.7,
+                    generator=[torch.Generator("cpu").manual_seed(11)]).images[0]
+    close(arr(decoded(answer.json()["images"][0])), arr(expected))
+
+
 def test_detect_without_image_or_with_unknown_module_is_422(http) -> None:  # noqa: ANN001
     answer = http.post("/controlnet/detect", headers=AUTH, json={"controlnet_module": "canny"})
     assert answer.status_code == 422 and "controlnet_input_images" in answer.json()["detail"]

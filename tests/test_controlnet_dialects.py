@@ -151,10 +151,8 @@ def test_openai_too_many_units_or_a_unit_not_an_object_is_400(http) -> None:  # 
 
 
 # ---- OpenAI: /v1/images/edits ----------------------------------------------------------------
-# (Image to image with a unit is compared with A1111's img2img, tests/test_controlnet.py's
-# route: the engine's img2img ControlNet pass differs from diffusers' own
-# StableDiffusionXLControlNetImg2ImgPipeline by about 2/255 on average, which text to image
-# does not; see the branch's report.)
+# (Image to image with a unit is compared with A1111's img2img, which
+# tests/test_controlnet.py compares with diffusers' ControlNet img2img pipeline.)
 def a1111_img2img(c, units: list, **fields) -> np.ndarray:  # noqa: ANN001
     answer = c.post("/sdapi/v1/img2img", headers=AUTH, json={
         "prompt": "a lighthouse", "steps": 8, "seed": 11, "sampler_name": "Euler", "cfg_scale": 5,
