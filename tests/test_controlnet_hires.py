@@ -20,7 +20,7 @@ import torch
 from PIL import Image
 
 from tests.conftest import API_KEY
-from tests.controlnet_files import save_folder, tiny_controlnet
+from tests.controlnet_files import save_file, save_folder, tiny_controlnet
 from tests.pictures import arr, b64, decoded, noise
 
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
@@ -55,13 +55,20 @@ def refiner_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def server(make_server, net, refiner_folder, tmp_path_factory):  # noqa: ANN001, ANN201
+def sd_net():  # noqa: ANN201
+    return tiny_controlnet("sd15", seed=2)
+
+
+@pytest.fixture(scope="module")
+def server(make_server, net, sd_net, refiner_folder, tmp_path_factory):  # noqa: ANN001, ANN201
     folder = tmp_path_factory.mktemp("controlnets")
     save_folder(net, folder / "cn-xl")
+    save_file(sd_net, folder / "cn_sd15.safetensors")
     return make_server(f"""
 models:
   tiny-sdxl: {{source: "builtin:tiny-sdxl", preload: true}}
   tiny-refiner: {{source: "{refiner_folder}", preload: true}}
+  tiny-sd15: {{source: "builtin:tiny-sd15"}}
 controlnet_dirs: ["{folder}"]
 """)
 
@@ -242,6 +249,25 @@ def test_two_units_each_guide_the_passes_their_option_names(http, pipes) -> None
     first = pipes.first(LOW, controlnet_conditioning_scale=0.6)[0]
     expected = pipes.second(first.resize((128, 128), Image.LANCZOS), crop_and_resize(other, 128, 128),
                             controlnet_conditioning_scale=1.2)[0]
+    close(image_of(got), arr(expected))
+
+
+def test_sd15_latent_hires_with_both(http, sd_net) -> None:  # noqa: ANN001
+    """SD 1.5's ControlNet pipelines, the latent upscale between them."""
+    from diffusers import StableDiffusionControlNetImg2ImgPipeline, StableDiffusionControlNetPipeline
+
+    from app.engine.tiny import build_tiny_sd15
+
+    got = txt2img(http, [unit(model="cn_sd15", weight=0.7)], **{**HIRES, "hr_upscaler": "Latent"},
+                  override_settings={"sd_model_checkpoint": "tiny-sd15"})
+    base = build_tiny_sd15()
+    first = euler(StableDiffusionControlNetPipeline.from_pipe(base, controlnet=sd_net))
+    second = euler(StableDiffusionControlNetImg2ImgPipeline.from_pipe(base, controlnet=sd_net))
+    latents = first(PROMPT, image=LOW, num_inference_steps=5, guidance_scale=5, width=64, height=64,
+                    generator=generators(), output_type="latent", controlnet_conditioning_scale=0.7).images
+    upscaled = torch.nn.functional.interpolate(latents, size=(16, 16), mode="bilinear", antialias=False)
+    expected = second(PROMPT, image=upscaled, control_image=HIGH, strength=0.5, num_inference_steps=6,
+                      guidance_scale=5, generator=generators(), controlnet_conditioning_scale=0.7).images[0]
     close(image_of(got), arr(expected))
 
 
