@@ -244,8 +244,8 @@ def test_a_job_unit_without_an_image_uses_init_image(http) -> None:  # noqa: ANN
     ({"controlnet": [{"model": "cn-xl"}]}, "controlnet[0].image", "needs an image"),
     ({"controlnet": [{"model": "cn-xl", "image": b64(CONTROL), "resize_mode": "Stretch"}]},
      "controlnet[0].resize_mode", "Just Resize"),
-    ({"controlnet": [{"model": "cn-xl", "image": b64(CONTROL)}], "enable_hr": True, "hr_scale": 1.5},
-     "controlnet[0].hr_option", "Low res only"),
+    ({"controlnet": [{"model": "cn-xl", "image": b64(CONTROL), "hr_option": "Sometimes"}], "enable_hr": True,
+      "hr_scale": 1.5}, "controlnet[0].hr_option", "Low res only"),
 ])
 def test_bad_job_units_are_422_in_visioncrafts_shape(http, fields, where, words) -> None:  # noqa: ANN001
     answer = http.post("/jobs", headers=AUTH, json=job_body(**fields))

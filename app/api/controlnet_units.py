@@ -22,12 +22,10 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from app.api.generation import UnitRequest
 from app.config import Settings
-from app.engine.control_units import CONTROL_MODES
+from app.engine.control_units import CONTROL_MODES, HR_OPTIONS
 from app.engine.preprocessors import RESIZE_MODES
 from app.errors import InvalidParameter
 from app.image_inputs import read_image
-
-HR_OPTIONS = ("Both", "Low res only", "High res only")
 
 
 class UnitBody(BaseModel):
@@ -56,6 +54,9 @@ class UnitBody(BaseModel):
     threshold_a: Any = Field(-1, description="the preprocessor's first slider; -1: its default")
     threshold_b: Any = Field(-1, description="the preprocessor's second slider; -1: its default")
     pixel_perfect: Any = Field(False, description="the preprocessor's resolution from the output size")
+    hr_option: Any = Field("Both", description="with the hires fix (`enable_hr`), the passes the unit "
+                           "guides: Both, Low res only (the first), High res only (the second); also "
+                           "0 / 1 / 2")
 
 
 def enum_value(where: str, value: Any, names: tuple[str, ...], default: int,

@@ -28,9 +28,9 @@ from app.api.rules import (
 )
 from app.config import Settings
 from app.controlnet_files import find_controlnet
-from app.engine.control_units import ControlImages, ControlUnit
+from app.engine.control_units import BOTH, HR_OPTIONS, ControlImages, ControlUnit, hires_mode
 from app.engine.image_ops import Source, prepare_source
-from app.engine.jobs import GenParams, Hires, Job, JobResult, Refiner, UpscaleParams
+from app.engine.jobs import GenParams, Hires, Job, JobResult, Refiner, UpscaleParams, round_up8
 from app.engine.protocol import EngineAPI
 from app.engine.upscalers import LATENT_MODES, PIXEL_BUILTINS
 from app.errors import (
@@ -268,9 +268,6 @@ def _refiner(body: ImageRequest, spec: Any, registry: Registry, settings: Settin
     if body.image is not None and body.image.mask is not None:
         raise InvalidParameter(at, name, "inpainting with a refiner is not served yet; leave the "
                                "refiner out or send the picture without a mask")
-    if body.controlnet:
-        raise InvalidParameter(at, name, "ControlNet units with a refiner are not served yet; "
-                               "leave out one or the other")
     if settings.max_models_per_device < 2:
         raise InvalidParameter(at, name, "a refiner needs two models loaded at once on a device and "
                                f"this server holds {settings.max_models_per_device} (setting "
@@ -297,7 +294,8 @@ def _units(body: ImageRequest, spec: Any, registry: Registry, settings: Settings
     resolved = []
     for unit in units:
         at = unit.where
-        if find_preprocessor(unit.module) is None:
+        module = find_preprocessor(unit.module)
+        if module is None:
             raise NotServed(f"{at}.module", unit.module, PREPROCESSORS)
         net = find_controlnet(unit.model, served)
         if net is None:
@@ -319,18 +317,25 @@ def _units(body: ImageRequest, spec: Any, registry: Registry, settings: Settings
         if unit.image is None and body.image is None:
             raise InvalidParameter(f"{at}.image", None, "a ControlNet unit needs an image (base64); "
                                    "only img2img may leave it out to use its init picture")
-        if body.hires is not None and unit.hr_option != "Low res only":
-            raise InvalidParameter(f"{at}.hr_option", unit.hr_option, "ControlNet in the hires fix's "
-                                   "second pass is not served yet; send hr_option \"Low res only\" "
-                                   "(the unit guides the first pass) or leave the hires fix off")
+        if unit.hr_option not in HR_OPTIONS:
+            raise InvalidParameter(f"{at}.hr_option", unit.hr_option, f"one of {', '.join(HR_OPTIONS)}")
+        # Without the hires fix every unit guides the one pass (the extension's "Both"), so the
+        # option sent splits no batch; with it, a unit's map is fitted to each pass it guides.
+        hr_option = unit.hr_option if body.hires is not None else BOTH
+        mode = int(unit.control_mode)
         resolved.append(ControlUnit(name=net.name, weights=str(net.weights), weight=float(unit.weight),
                                     start=float(unit.guidance_start), end=float(unit.guidance_end),
-                                    mode=int(unit.control_mode)))
+                                    mode=mode, hr_option=hr_option,
+                                    hires_mode=hires_mode(module.name, mode)
+                                    if body.hires is not None else None))
     return tuple(resolved)
 
 
-def _control_maps(unit: UnitRequest, picture: Any, width: int, height: int) -> tuple[Any, Any]:
-    """(detected map, map fitted to width x height) of one unit for one job."""
+def _control_maps(unit: UnitRequest, picture: Any, width: int, height: int,
+                  hires: tuple[int, int] | None = None) -> tuple[Any, Any, Any]:
+    """(detected map, map fitted to width x height, map fitted to the `hires` pass's size or
+    None) of one unit for one job. As the extension, the picture is detected once (pixel
+    perfect reads the first pass's size) and the detected map is fitted to each pass."""
     from app.engine.preprocessors import detect, find_preprocessor, fit, pixel_perfect_resolution
 
     module = find_preprocessor(unit.module)
@@ -340,23 +345,29 @@ def _control_maps(unit: UnitRequest, picture: Any, width: int, height: int) -> t
     if unit.pixel_perfect:
         resolution = pixel_perfect_resolution(image.size, width, height, unit.resize_mode)
     detected = detect(module, image, resolution, unit.threshold_a, unit.threshold_b)
-    return detected, fit(detected, width, height, unit.resize_mode)
+    hires_map = None if hires is None else fit(detected, *hires, unit.resize_mode)
+    return detected, fit(detected, width, height, unit.resize_mode), hires_map
 
 
 async def prepare_controls(body: ImageRequest, params: GenParams,
                            ) -> tuple[list[ControlImages | None], list[Any]]:
     """Each job's control images (one per unit, the unit's image or else the job's init
-    picture, preprocessed and fitted to the generated size), off the event loop; and the
-    detected maps of the first job to answer (units with save_detected_map)."""
+    picture, preprocessed and fitted to the generated size, and to the hires fix's second
+    pass for the units that guide it), off the event loop; and the detected maps of the first
+    job to answer (units with save_detected_map)."""
     if not params.controlnet:
         return [None], []
     width, height = params.gen_size
+    hires = params.hires
+    second = None if hires is None else (round_up8(hires.size[0]), round_up8(hires.size[1]))
     pictures = body.image.images if body.image is not None else (None,)
 
     def prepare(picture: Any) -> tuple[ControlImages, list[Any]]:
-        maps = [_control_maps(unit, picture, width, height) for unit in body.controlnet]
-        shown_maps = [d for (d, _), u in zip(maps, body.controlnet, strict=True) if u.save_detected_map]
-        return ControlImages([fitted for _, fitted in maps]), shown_maps
+        maps = [_control_maps(unit, picture, width, height, second if resolved.high_res else None)
+                for unit, resolved in zip(body.controlnet, params.controlnet, strict=True)]
+        shown_maps = [d for (d, _, _), u in zip(maps, body.controlnet, strict=True) if u.save_detected_map]
+        return ControlImages([fitted for _, fitted, _ in maps],
+                             [hr for _, _, hr in maps] if hires is not None else ()), shown_maps
 
     prepared = [await off_loop(prepare, picture) for picture in pictures]
     return [images for images, _ in prepared], prepared[0][1]

@@ -31,6 +31,10 @@ call, each with its own images.
   A unit outside its window is not run at all (the extension skips it too).
 - CPU batches stay exact: the per-job forward wrapper of app.engine.determinism wraps the
   `CraftControlNets` module, so each job's rows (uncond_i, cond_i) go through the nets alone.
+- A1111's hires fix: the units whose hr_option includes the second pass guide it through the
+  image-to-image ControlNet pipeline, with their maps fitted to the hires size and the window
+  counted over that pass's steps (app.engine.control_units). SDXL's refiner runs without the
+  units (the extension hooks the job's model only): they guide the model's part of the pass.
 """
 
 from __future__ import annotations
@@ -71,6 +75,10 @@ class CraftControlNets(MultiControlNetModel):
         self.units = tuple(units)
         self.total = max(1, total)
         self.cfg = cfg
+        self.restart()
+
+    def restart(self) -> None:
+        """Count the steps from 0 again: before each call with the same units."""
         self.step = 0
         self._last = None
 

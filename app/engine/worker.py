@@ -664,8 +664,9 @@ class Worker:
         task = params.task
         pipe = pipeline_for(model, task)
         control: dict[str, Any] = {}
-        if params.controlnet:
-            pipe, control = self._controlnet(model, group, task)
+        if params.controlnet:  # (units for the hires pass alone leave this pass plain)
+            control_pipe, control = self._controlnet(model, group, task)
+            pipe = control_pipe or pipe
         pipe.scheduler = make_scheduler(params.sampler, model.scheduler_config, params.seed)
         width, height = params.gen_size
         kwargs: dict[str, Any] = {"width": width, "height": height}
@@ -677,6 +678,7 @@ class Worker:
         if params.hires is not None:
             kwargs["output_type"] = "latent" if params.hires.latent else "pil"
         handover = None
+        stop_after = None
         if refiner is not None and params.hires is None:
             assert params.refiner is not None
             strength = 1.0 if task == "txt2img" else params.strength
@@ -686,7 +688,11 @@ class Worker:
                 return self._refine(model, refiner, group, batch, steps=params.steps, cfg=params.cfg_scale,
                                     sampler=params.sampler, offset=0, **arguments)
             if handover is not None:  # the model's latents at the switch
-                kwargs.update(denoising_end=handover.switch, output_type="latent")
+                kwargs["output_type"] = "latent"
+                if control and task != "txt2img":  # diffusers' ControlNet img2img takes no denoising_end
+                    stop_after = handover.base_steps
+                else:
+                    kwargs["denoising_end"] = handover.switch
         kwargs.update(control)
         with jobs_in_call(model.pipe, len(group)):
             if task == "inpaint" and params.fill in (2, 3):
@@ -694,7 +700,7 @@ class Worker:
                                    [j.params.seed for j in group])
             try:
                 output = self._call(pipe, group, embeds, batch, steps=params.steps, cfg=params.cfg_scale,
-                                    seeds=[j.params.seed for j in group], **kwargs)
+                                    seeds=[j.params.seed for j in group], stop_after=stop_after, **kwargs)
             finally:
                 if task == "inpaint":
                     pipe.craft_fill = None
@@ -736,12 +742,19 @@ class Worker:
             output.update(zip(index, result.images, strict=True))
         return [output[i] for i in range(len(group))]
 
-    def _controlnet(self, model: LoadedModel, group: list[Job], task: str) -> tuple[Any, dict[str, Any]]:
-        """The model's ControlNet pipeline for the task with the batch's units set, and the
-        call's ControlNet arguments: each job's control images (app.engine.controlnet applies
-        the weights, windows and modes itself; diffusers' own are left neutral)."""
+    def _controlnet(self, model: LoadedModel, group: list[Job], task: str, *, hires: bool = False,
+                    ) -> tuple[Any, dict[str, Any]]:
+        """The model's ControlNet pipeline for the task with the batch's units of the pass set
+        (`hires`: the hires fix's second pass, else the job's own; each unit's hr_option says
+        which it guides), and the call's ControlNet arguments: each job's control images for
+        the pass (app.engine.controlnet applies the weights, windows and modes itself;
+        diffusers' own are left neutral). (None, {}) when no unit guides the pass."""
         params = group[0].params
-        units = params.controlnet
+        picked = [(k, unit.in_hires() if hires else unit) for k, unit in enumerate(params.controlnet)
+                  if (unit.high_res if hires else unit.low_res)]
+        if not picked:
+            return None, {}
+        units = [unit for _, unit in picked]
         specs = self.controlnet_specs()
         nets = []
         for unit in units:
@@ -751,13 +764,18 @@ class Worker:
                                   retry_after=3600, kind=ErrorKind.MODEL_UNAVAILABLE)
             nets.append(self.controlnets.get(unit, spec, model.pipe.unet))
         pipe = controlnet_pipeline(model, task, nets[0])
-        total = params.steps if task == "txt2img" else denoising_steps(params.steps, params.strength)
-        pipe.controlnet.set_units(nets, units, total, cfg=params.cfg_scale > 1)
+        if hires:  # the window counts the second pass's own steps
+            assert params.hires is not None
+            total, cfg = params.hires.denoising_steps, params.hires.cfg_scale
+        else:
+            total = params.steps if task == "txt2img" else denoising_steps(params.steps, params.strength)
+            cfg = params.cfg_scale
+        pipe.controlnet.set_units(nets, units, total, cfg=cfg > 1)
         # One (jobs, 3, h, w) tensor in 0..1 per unit, each job its own picture (diffusers'
         # multi-ControlNet pipelines take no per-prompt lists; these are the values its image
         # processor makes of the pictures).
-        images = [_control_tensor([job.params.control_images.images[k] for job in group])
-                  for k in range(len(units))]
+        images = [_control_tensor([_pass_images(job.params.control_images, hires)[k] for job in group])
+                  for k, _ in picked]
         count = len(units)
         kwargs: dict[str, Any] = {
             ("image" if task == "txt2img" else "control_image"): images,
@@ -802,9 +820,13 @@ class Worker:
             image = [_centre_crop(self.upscale(picture, hires.upscaler, up_w, up_h, batch), out_w, out_h)
                      for picture in first]
         pipe = pipeline_for(model, "img2img")
+        control: dict[str, Any] = {}
+        if group[0].params.controlnet:  # the units that guide this pass, with its own maps
+            control_pipe, control = self._controlnet(model, group, "img2img", hires=True)
+            pipe = control_pipe or pipe
         seeds = [job.params.seed for job in group]
         pipe.scheduler = make_scheduler(hires.sampler, model.scheduler_config, seeds[0])
-        kwargs: dict[str, Any] = {"image": image, "strength": hires.strength}
+        kwargs: dict[str, Any] = {"image": image, "strength": hires.strength, **control}
         if inpainting_unet(model.pipe):
             kwargs.update(mask_image=[Image.new("L", (out_w, out_h), 255)] * len(group),
                           width=out_w, height=out_h)
@@ -814,7 +836,8 @@ class Worker:
         if refiner is not None:
             handover = self._handover(model, group[0].params, hires.steps, hires.strength)
             if handover is not None:
-                return self._refined_hires(model, refiner, group, batch, kwargs, image, handover, offset)
+                return self._refined_hires(model, refiner, pipe, group, batch, kwargs, image, handover,
+                                           offset)
         by_index = self._second_pass(model, pipe, group, batch, kwargs, image, offset)
         return [by_index[i] for i in range(len(group))]
 
@@ -833,6 +856,9 @@ class Worker:
             for name in ("mask_image", "masked_image_latents"):  # the same for every job
                 if name in sub_kwargs:
                     sub_kwargs[name] = sub_kwargs[name][:len(sub)]
+            if "control_image" in sub_kwargs:  # each job's own maps; the units' steps count afresh
+                sub_kwargs["control_image"] = [c[index] for c in sub_kwargs["control_image"]]
+                pipe.controlnet.restart()
             with jobs_in_call(model.pipe, len(sub)):
                 result = self._call(pipe, sub, embeds, batch, steps=hires.steps, cfg=hires.cfg_scale,
                                     seeds=[j.params.seed for j in sub], offset=offset, hires=True,
@@ -840,20 +866,25 @@ class Worker:
             answered.update(zip(index, result.images, strict=True))
         return answered
 
-    def _refined_hires(self, model: LoadedModel, refiner: LoadedModel, group: list[Job], batch: list[Job],
-                       kwargs: dict[str, Any], image: Any, handover: Handover, offset: int) -> list:
+    def _refined_hires(self, model: LoadedModel, refiner: LoadedModel, pipe: Any, group: list[Job],
+                       batch: list[Job], kwargs: dict[str, Any], image: Any, handover: Handover,
+                       offset: int) -> list:
         """The hires fix's second pass handed over to the refiner: the model's image-to-image
-        pass to the switch (latents), then the refiner's; or the refiner's alone."""
+        pass to the switch (latents; `pipe`, with the ControlNet units of the pass if any: they
+        guide the model's part, never the refiner's), then the refiner's; or the refiner's alone."""
         hires = group[0].params.hires
         assert hires is not None
         common = {"steps": hires.steps, "cfg": hires.cfg_scale, "sampler": hires.sampler, "hires": True}
         if handover.refiner_alone:
             return self._refine(model, refiner, group, batch, offset=offset, image=image,
                                 strength=hires.strength, **common)
-        pipe = pipeline_for(model, "img2img")
         pipe.scheduler = make_scheduler(hires.sampler, model.scheduler_config, group[0].params.seed)
+        # diffusers' ControlNet img2img pipelines take no denoising_end: stopped after the
+        # model's timesteps instead (the same latents: the schedule is the same)
+        stop: dict[str, Any] = ({"stop_after": handover.base_steps} if "control_image" in kwargs
+                                else {"denoising_end": handover.switch})
         latents = self._second_pass(model, pipe, group, batch, kwargs, image, offset,
-                                    output_type="latent", denoising_end=handover.switch)
+                                    output_type="latent", **stop)
         return self._refine(model, refiner, group, batch, offset=offset + handover.base_steps,
                             image=torch.stack([latents[i] for i in range(len(group))]),
                             denoising_start=handover.switch, **common)
@@ -870,7 +901,7 @@ class Worker:
     @staticmethod
     def _call(pipe, jobs: list[Job], embeds: dict[str, Any] | None, batch: list[Job], *,  # noqa: ANN001, ANN205
               steps: int, cfg: float, seeds: list[int], offset: int = 0, hires: bool = False,
-              **kwargs: Any):
+              stop_after: int | None = None, **kwargs: Any):
         if embeds is not None:
             prompts: dict[str, Any] = embeds
         else:
@@ -886,7 +917,7 @@ class Worker:
             num_inference_steps=steps,
             guidance_scale=cfg,
             generator=[torch.Generator("cpu").manual_seed(seed) for seed in seeds],
-            callback_on_step_end=_stop_when_abandoned(jobs, batch, offset),
+            callback_on_step_end=_stop_when_abandoned(jobs, batch, offset, stop_after),
             **kwargs,
         )
 
@@ -894,6 +925,11 @@ class Worker:
 def _stacked(images: Any) -> torch.Tensor:
     """A pipeline's latent output as one (n, 4, h, w) tensor."""
     return images if isinstance(images, torch.Tensor) else torch.stack(list(images))
+
+
+def _pass_images(images: Any, hires: bool) -> tuple:
+    """A job's control images for the pass: the first pass's, or the hires pass's."""
+    return images.hires if hires else images.images
 
 
 def _control_tensor(pictures: Sequence[Any]) -> torch.Tensor:
@@ -990,10 +1026,14 @@ def _low_memory_decode(vae: Any) -> Iterator[None]:
          vae.tile_sample_min_size, vae.tile_latent_min_size) = saved
 
 
-def _stop_when_abandoned(jobs: list[Job], batch: list[Job], offset: int = 0):
+def _stop_when_abandoned(jobs: list[Job], batch: list[Job], offset: int = 0, stop_after: int | None = None):
     """The step callback: records the call's progress (`offset`: the steps of the job's
-    earlier passes), and stops it once every job of the batch is cancelled."""
+    earlier passes), and stops it once every job of the batch is cancelled. `stop_after`: the
+    call ends after that many steps with the latents of the last (diffusers' `interrupt`, which
+    skips the remaining steps; a refiner's switch where the pipeline has no denoising_end)."""
     def callback(pipe, step, timestep, callback_kwargs):  # noqa: ANN001 - diffusers' signature
+        if stop_after is not None and step + 1 >= stop_after:
+            pipe._interrupt = True  # noqa: SLF001 - diffusers' documented way to stop a call
         for index, job in enumerate(jobs):
             job.step = offset + step + 1
             if job.preview_every and job.step % job.preview_every == 0:

@@ -109,7 +109,8 @@ class JobRequest(GenerateRequest):
         "`module`, `image` as base64 or a data: URL, `weight`, `guidance_start`, `guidance_end`, "
         "`control_mode`, `resize_mode`, `pixel_perfect`, ...), at most "
         "CRAFTSERVE_CONTROLNET_MAX_UNITS (3); a unit without `image` uses `init_image`. With "
-        "`enable_hr`, a unit guides the first pass only: send `hr_option: \"Low res only\"`")
+        "`enable_hr`, `hr_option` says which passes a unit guides: Both (the default), Low res only, "
+        "High res only")
 
 
 class GenerateRequestV2(GenerateRequest):
