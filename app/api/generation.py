@@ -284,7 +284,7 @@ MAX_CONTROL_WEIGHT = 2.0
 def _units(body: ImageRequest, spec: Any, registry: Registry, settings: Settings) -> tuple[ControlUnit, ...]:
     """The request's ControlNet units checked (count, names, the model's fit, ranges, an image
     to use) and resolved; their images are prepared by `prepare_controls`."""
-    from app.engine.preprocessors import PREPROCESSORS, find_preprocessor
+    from app.engine.preprocessors import check_preprocessor
 
     units = body.controlnet
     if not units:
@@ -297,8 +297,7 @@ def _units(body: ImageRequest, spec: Any, registry: Registry, settings: Settings
     resolved = []
     for unit in units:
         at = unit.where
-        if find_preprocessor(unit.module) is None:
-            raise NotServed(f"{at}.module", unit.module, PREPROCESSORS)
+        check_preprocessor(f"{at}.module", unit.module, getattr(registry, "annotators", None))
         net = find_controlnet(unit.model, served)
         if net is None:
             raise NotServed(f"{at}.model", unit.model, [n.title for n in served.values()])
@@ -329,8 +328,10 @@ def _units(body: ImageRequest, spec: Any, registry: Registry, settings: Settings
     return tuple(resolved)
 
 
-def _control_maps(unit: UnitRequest, picture: Any, width: int, height: int) -> tuple[Any, Any]:
-    """(detected map, map fitted to width x height) of one unit for one job."""
+def _control_maps(unit: UnitRequest, picture: Any, width: int, height: int,
+                  annotators: Any) -> tuple[Any, Any]:
+    """(detected map, map fitted to width x height) of one unit for one job; `annotators`: the
+    registry's annotator files (app.annotator_files), for the modules that need weights."""
     from app.engine.preprocessors import detect, find_preprocessor, fit, pixel_perfect_resolution
 
     module = find_preprocessor(unit.module)
@@ -339,22 +340,25 @@ def _control_maps(unit: UnitRequest, picture: Any, width: int, height: int) -> t
     resolution = unit.processor_res
     if unit.pixel_perfect:
         resolution = pixel_perfect_resolution(image.size, width, height, unit.resize_mode)
-    detected = detect(module, image, resolution, unit.threshold_a, unit.threshold_b)
+    detected = detect(module, image, resolution, unit.threshold_a, unit.threshold_b, files=annotators,
+                      field=f"{unit.where}.module")
     return detected, fit(detected, width, height, unit.resize_mode)
 
 
-async def prepare_controls(body: ImageRequest, params: GenParams,
+async def prepare_controls(body: ImageRequest, params: GenParams, registry: Registry | None = None,
                            ) -> tuple[list[ControlImages | None], list[Any]]:
     """Each job's control images (one per unit, the unit's image or else the job's init
     picture, preprocessed and fitted to the generated size), off the event loop; and the
-    detected maps of the first job to answer (units with save_detected_map)."""
+    detected maps of the first job to answer (units with save_detected_map). The registry's
+    annotator files serve the preprocessors that need weights."""
     if not params.controlnet:
         return [None], []
     width, height = params.gen_size
     pictures = body.image.images if body.image is not None else (None,)
+    annotators = getattr(registry, "annotators", None)
 
     def prepare(picture: Any) -> tuple[ControlImages, list[Any]]:
-        maps = [_control_maps(unit, picture, width, height) for unit in body.controlnet]
+        maps = [_control_maps(unit, picture, width, height, annotators) for unit in body.controlnet]
         shown_maps = [d for (d, _), u in zip(maps, body.controlnet, strict=True) if u.save_detected_map]
         return ControlImages([fitted for _, fitted in maps]), shown_maps
 
@@ -517,7 +521,7 @@ async def submit_job(body: ImageRequest, *, client: str, share: int, engine: Eng
     it: the job API (POST /jobs) follows it by its future and its `step`."""
     params = to_params(body, registry, settings)
     source = (await prepare_sources(body, params))[0]
-    controls = (await prepare_controls(body, params))[0][0]
+    controls = (await prepare_controls(body, params, registry))[0][0]
     check_queue_share(engine, client, 1, share)
     return engine.submit(replace(params, source=source, control_images=controls), client)
 
@@ -550,7 +554,7 @@ async def generate_images(
     the ControlNet units' detected maps are appended to (those to answer)."""
     first = to_params(body, registry, settings)
     sources = await prepare_sources(body, first)
-    controls, maps = await prepare_controls(body, first)
+    controls, maps = await prepare_controls(body, first, registry)
     if detected is not None:
         detected.extend(maps)
     all_params = [replace(first, seed=(first.seed + i) % (MAX_SEED + 1), source=sources[i % len(sources)],
