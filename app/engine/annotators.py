@@ -55,18 +55,35 @@ NETS: dict[str, Callable[[], nn.Module]] = {
 }
 
 
+def _refusal(exc: BaseException) -> str:
+    """What a weights-only load objected to: the line of torch's message that names it (the
+    rest is the same advice every time)."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    told = [line for line in lines if not line.startswith(("Weights only load failed", "Please file an issue",
+                                                            "Check the documentation"))]
+    return (told or lines or [type(exc).__name__])[-1][:200]
+
+
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     """The tensors of a weights file (weights only; a `state_dict` wrapper and DataParallel's
     `module.` prefixes taken off)."""
     try:
+        with path.open("rb") as handle:
+            start = handle.read(4)
+    except OSError as exc:
+        raise AnnotatorFileError(f"{path.name} cannot be read ({exc.strerror or 'I/O error'})") from None
+    # torch.save writes a zip archive; files older than PyTorch 1.6 a pickle (protocol 2+)
+    if not (start.startswith(b"PK\x03\x04") or start[:1] == b"\x80"):
+        raise AnnotatorFileError(f"{path.name} is not a PyTorch weights file (neither the zip archive "
+                                 "torch.save writes nor a pickle)")
+    try:
         loaded = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise AnnotatorFileError(f"{path.name} is not a plain weights file (a weights-only load refuses "
-                                 f"it: {first})") from None
+        raise AnnotatorFileError(f"{path.name} holds more than tensors, and a weights-only load refuses "
+                                 f"it ({_refusal(exc)})") from None
     except Exception as exc:  # noqa: BLE001 - whatever a broken file raises, it is the file's fault
-        raise AnnotatorFileError(f"{path.name} cannot be read ({type(exc).__name__}: "
-                                 f"{str(exc).replace(str(path.parent), '<annotator_dir>')[:200]})") from None
+        text = " ".join(str(exc).replace(str(path.parent), "<annotator_dir>").split())[:200]
+        raise AnnotatorFileError(f"{path.name} cannot be read ({type(exc).__name__}: {text})") from None
     if isinstance(loaded, dict) and isinstance(loaded.get("state_dict"), dict):
         loaded = loaded["state_dict"]
     if not isinstance(loaded, dict) or not all(isinstance(v, torch.Tensor) for v in loaded.values()):
