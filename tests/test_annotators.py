@@ -16,6 +16,14 @@ stated by hand below (not read from the code under test):
   64->128 at 0 and 128->256 at 3), `model2` (3 residual blocks, `conv_block` with 3x3 convs
   at 1 and 5), `model3` (transposed convs 256->128 at 0 and 128->64 at 3), `model4` (7x7
   conv 64->1 at 1, sigmoid). Instance norms carry no parameters. Stored in float32 (17 MB).
+- table5_pidinet.pth: PiDiNet `carv4` (sd-webui-controlnet `annotator/pidinet/model.py`,
+  `pidinet()`: PiDiNet(60, carv4, dil=24, sa=True)): `init_block` (3->60, no bias); blocks
+  `block1_1..1_3` (60), `block2_1..2_4` (120), `block3_1..3_4` and `block4_1..4_4` (240),
+  each a depthwise 3x3 `conv1` and a 1x1 `conv2` without bias, the first of stages 2-4 with a
+  1x1 `shortcut`; per stage `dilations.<i>` (1x1 `conv1` to 24, `conv2_1..4` 3x3 24->24
+  without bias), `attentions.<i>` (1x1 `conv1` 24->4, 3x3 `conv2` 4->1 without bias),
+  `conv_reduces.<i>.conv` (1x1 24->1); a 1x1 `classifier` 4->1. The file keeps them under
+  `state_dict`, prefixed `module.` (DataParallel), as written here.
 
 Expected outputs come from forwards written here with torch.nn.functional straight from the
 saved state dicts, and the extension's pre- and post-processing (short side to the processor
@@ -37,7 +45,7 @@ from PIL import Image
 
 from app.annotator_files import AnnotatorFiles, discover_annotators
 from app.engine import annotators
-from app.engine.annotator_nets import ControlNetHED, LineartGenerator
+from app.engine.annotator_nets import ControlNetHED, LineartGenerator, PiDiNet
 from app.engine.preprocessors import check_preprocessor, detect, served_preprocessors
 from app.errors import InvalidParameter, NotServed
 from app.registry import RegistryError, load_registry
@@ -76,6 +84,33 @@ def lineart_layout() -> dict[str, tuple[int, ...]]:
     return layout
 
 
+def pidinet_layout() -> dict[str, tuple[int, ...]]:
+    layout: dict[str, tuple[int, ...]] = {"init_block.weight": (60, 3, 3, 3)}
+    stages = [(60, 60, 3), (60, 120, 4), (120, 240, 4), (240, 240, 4)]
+    for stage, (channels_in, channels, blocks) in enumerate(stages, start=1):
+        for block in range(1, blocks + 1):
+            first = block == 1 and stage > 1
+            width_in = channels_in if first else channels
+            layout[f"block{stage}_{block}.conv1.weight"] = (width_in, 1, 3, 3)
+            layout[f"block{stage}_{block}.conv2.weight"] = (channels, width_in, 1, 1)
+            if first:
+                layout[f"block{stage}_{block}.shortcut.weight"] = (channels, width_in, 1, 1)
+                layout[f"block{stage}_{block}.shortcut.bias"] = (channels,)
+        i = stage - 1
+        layout[f"dilations.{i}.conv1.weight"] = (24, channels, 1, 1)
+        layout[f"dilations.{i}.conv1.bias"] = (24,)
+        for k in range(1, 5):
+            layout[f"dilations.{i}.conv2_{k}.weight"] = (24, 24, 3, 3)
+        layout[f"attentions.{i}.conv1.weight"] = (4, 24, 1, 1)
+        layout[f"attentions.{i}.conv1.bias"] = (4,)
+        layout[f"attentions.{i}.conv2.weight"] = (1, 4, 3, 3)
+        layout[f"conv_reduces.{i}.conv.weight"] = (1, 24, 1, 1)
+        layout[f"conv_reduces.{i}.conv.bias"] = (1,)
+    layout["classifier.weight"] = (1, 4, 1, 1)
+    layout["classifier.bias"] = (1,)
+    return layout
+
+
 def random_state(layout: dict[str, tuple[int, ...]], seed: int, *, hed: bool) -> dict[str, torch.Tensor]:
     """Random tensors of `layout`, scaled so that the outputs are neither flat nor saturated."""
     generator = torch.Generator().manual_seed(seed)
@@ -92,6 +127,16 @@ def random_state(layout: dict[str, tuple[int, ...]], seed: int, *, hed: bool) ->
             std = 0.03 / fan_in ** 0.5  # side outputs of about one unit on inputs of ~100
         state[key] = torch.randn(shape, generator=generator) * std
     return {k: v.half() for k, v in state.items()} if hed else state
+
+
+def random_pidinet(seed: int) -> dict:
+    generator = torch.Generator().manual_seed(seed)
+    state = {}
+    for key, shape in pidinet_layout().items():
+        fan_in = int(np.prod(shape[1:])) if len(shape) > 1 else 1
+        std = (1.0 / fan_in) ** 0.5 if len(shape) > 1 else 0.05
+        state[f"module.{key}"] = torch.randn(shape, generator=generator) * std
+    return {"state_dict": state}
 
 
 # ---- independent forwards -----------------------------------------------------------------
@@ -131,6 +176,62 @@ def reference_lineart(sd: dict[str, torch.Tensor], x: torch.Tensor) -> np.ndarra
     return torch.sigmoid(conv(h, "model4.1", 3))[0, 0].numpy()
 
 
+# PiDiNet's pixel differences, by definition: what each tap of a 3x3 kernel multiplies
+CARV4 = ["cd", "ad", "rd", "cv"] * 4  # init_block, then the 15 blocks in order
+RING_CLOCKWISE = [0, 1, 2, 5, 8, 7, 6, 3]  # the 3x3 taps around the centre (4), clockwise
+# radial: taps 1..8 take (5x5 neighbourhood) outer place minus inner place
+RADIAL_OUTER = [0, 2, 4, 10, 14, 20, 22, 24]
+RADIAL_INNER = [6, 7, 8, 11, 13, 16, 17, 18]
+
+
+def differences(op: str, x: torch.Tensor) -> torch.Tensor:
+    """[N, C, 9, H, W]: what tap t of the kernel multiplies at each pixel."""
+    n, c, h, w = x.shape
+    taps3 = F.unfold(x, 3, padding=1).view(n, c, 9, h, w)
+    if op == "cv":
+        return taps3
+    if op == "cd":  # central: each neighbour minus the centre
+        return taps3 - taps3[:, :, 4:5]
+    out = torch.zeros_like(taps3)
+    if op == "ad":  # angular: each ring tap minus the next one clockwise
+        for here, after in zip(RING_CLOCKWISE, RING_CLOCKWISE[1:] + RING_CLOCKWISE[:1], strict=True):
+            out[:, :, here] = taps3[:, :, here] - taps3[:, :, after]
+        return out
+    taps5 = F.unfold(x, 5, padding=2).view(n, c, 25, h, w)  # radial
+    for tap in range(1, 9):
+        out[:, :, tap] = taps5[:, :, RADIAL_OUTER[tap - 1]] - taps5[:, :, RADIAL_INNER[tap - 1]]
+    return out
+
+
+def reference_pidinet(sd: dict[str, torch.Tensor], x: torch.Tensor) -> np.ndarray:
+    def conv(h: torch.Tensor, key: str, **kw) -> torch.Tensor:  # noqa: ANN003
+        return F.conv2d(h, sd[f"{key}.weight"], sd.get(f"{key}.bias"), **kw)
+
+    w = sd["init_block.weight"]
+    h = torch.einsum("oct,ncthw->nohw", w.view(60, 3, 9), differences("cd", x))
+    ops = iter(CARV4[1:])
+    maps = []
+    for stage, blocks in enumerate((3, 4, 4, 4), start=1):
+        for block in range(1, blocks + 1):
+            key = f"block{stage}_{block}"
+            if block == 1 and stage > 1:
+                h = F.max_pool2d(h, 2, 2)
+            depthwise = sd[f"{key}.conv1.weight"]
+            taps = differences(next(ops), h)
+            y = torch.einsum("ct,ncthw->nchw", depthwise.view(depthwise.shape[0], 9), taps)
+            y = conv(F.relu(y), f"{key}.conv2")
+            h = y + (conv(h, f"{key}.shortcut") if block == 1 and stage > 1 else h)
+        i = stage - 1
+        d = conv(F.relu(h), f"dilations.{i}.conv1")
+        d = sum(conv(d, f"dilations.{i}.conv2_{k}", dilation=r, padding=r)
+                for k, r in zip(range(1, 5), (5, 7, 9, 11), strict=True))
+        mask = conv(conv(F.relu(d), f"attentions.{i}.conv1"), f"attentions.{i}.conv2", padding=1)
+        a = d * torch.sigmoid(mask)
+        maps.append(F.interpolate(conv(a, f"conv_reduces.{i}.conv"), x.shape[2:], mode="bilinear",
+                                  align_corners=False))
+    return torch.sigmoid(conv(torch.cat(maps, dim=1), "classifier"))[0, 0].numpy()
+
+
 def extension_input(picture: Image.Image, resolution: int) -> tuple[np.ndarray, int, int]:
     """sd-webui-controlnet's resize_image_with_pad: short side to `resolution` (cubic up, area
     down), edge-padded to multiples of 64; and the size to cut back to."""
@@ -165,6 +266,29 @@ def expected_lineart(state: dict, picture: Image.Image, resolution: int) -> np.n
     return np.repeat(out[:, :, None], 3, axis=2).astype(int)
 
 
+def expected_pidinet(state: dict, picture: Image.Image, resolution: int, mode: str) -> np.ndarray:
+    padded, height, width = extension_input(picture, resolution)
+    x = torch.from_numpy(padded[:, :, ::-1].astype(np.float32) / 255).permute(2, 0, 1)[None]  # BGR
+    with torch.no_grad():
+        edge = reference_pidinet({k.removeprefix("module."): v for k, v in state["state_dict"].items()}, x)
+    if mode == "sketch":
+        edge = (edge > 0.5).astype(np.float32)
+    if mode == "safe":
+        edge = np.floor(edge.astype(np.float32) * 3) / 2
+    out = (edge * 255).clip(0, 255).astype(np.uint8)[:height, :width]
+    if mode == "scribble":  # blur 3, keep the maxima of some 1x3 line, > 127; blur 3 again, > 4
+        blurred = cv2.GaussianBlur(out.astype(np.float32), (0, 0), 3.0)
+        padded_b = np.pad(blurred, 1, mode="constant", constant_values=-np.inf)
+        ridge = np.zeros(blurred.shape, bool)
+        for (dy, dx) in ((0, 1), (1, 0), (1, 1), (1, -1)):
+            before = padded_b[1 - dy:1 - dy + height, 1 - dx:1 - dx + width]
+            after = padded_b[1 + dy:1 + dy + height, 1 + dx:1 + dx + width]
+            ridge |= (blurred >= before) & (blurred >= after)
+        thin = np.where(ridge & (blurred > 127), 255, 0).astype(np.uint8)
+        out = np.where(cv2.GaussianBlur(thin, (0, 0), 3.0) > 4, 255, 0).astype(np.uint8)
+    return np.repeat(out[:, :, None], 3, axis=2).astype(int)
+
+
 def assert_close(got: np.ndarray, expected: np.ndarray) -> None:
     assert got.shape == expected.shape
     difference = np.abs(got - expected)
@@ -183,8 +307,10 @@ def weights(tmp_path_factory: pytest.TempPathFactory) -> dict:
     folder = tmp_path_factory.mktemp("annotators")
     states = {"ControlNetHED.pth": random_state(hed_layout(), 1, hed=True),
               "sk_model.pth": random_state(lineart_layout(), 2, hed=False),
-              "sk_model2.pth": random_state(lineart_layout(), 3, hed=False)}
+              "sk_model2.pth": random_state(lineart_layout(), 3, hed=False),
+              "table5_pidinet.pth": random_pidinet(4)}
     torch.save(states["ControlNetHED.pth"], folder / "ControlNetHED.pth")
+    torch.save(states["table5_pidinet.pth"], folder / "table5_pidinet.pth")
     torch.save(states["sk_model.pth"], folder / "sk_model.pth")
     spare = tmp_path_factory.mktemp("spare") / "sk_model2.pth"
     torch.save(states["sk_model2.pth"], spare)
@@ -195,7 +321,8 @@ PICTURE = noise(70, 90, seed=4)  # 70 wide, 90 high: resized and padded on both 
 
 
 def test_the_nets_have_the_published_layouts() -> None:
-    for net, layout in ((ControlNetHED(), hed_layout()), (LineartGenerator(), lineart_layout())):
+    for net, layout in ((ControlNetHED(), hed_layout()), (LineartGenerator(), lineart_layout()),
+                        (PiDiNet(), pidinet_layout())):
         assert {k: tuple(v.shape) for k, v in net.state_dict().items()} == layout
 
 
@@ -292,6 +419,24 @@ def test_lineart_realistic_and_coarse_are_the_generator_inverted(weights, tmp_pa
         assert len(np.unique(expected)) > 30
         outputs[name] = got
     assert np.abs(outputs["lineart"] - outputs["lineart_coarse"]).mean() > 1  # each its own file
+
+
+def test_the_pidinet_modules_are_the_published_net_with_the_extensions_processing(weights) -> None:  # noqa: ANN001
+    files = discover_annotators(weights["folder"])
+    state = weights["states"]["table5_pidinet.pth"]
+    for name, alias, mode in (("softedge_pidinet", "pidinet", ""),
+                              ("softedge_pidisafe", "pidinet_safe", "safe"),
+                              ("scribble_pidinet", "pidinet_scribble", "scribble"),
+                              ("t2ia_sketch_pidi", "pidinet_sketch", "sketch")):
+        module = check_preprocessor("module", alias, files)
+        assert module.name == name
+        got = arr(detect(module, PICTURE, 72, files=files))
+        expected = expected_pidinet(state, PICTURE, 72, mode)
+        if mode == "scribble":  # a thinned line may move by a pixel where two maxima tie
+            assert (got != expected).mean() < 0.01
+        else:
+            assert_close(got, expected)
+        assert len(np.unique(expected)) > (30 if mode == "" else 1), name
 
 
 def test_nets_are_cached_and_a_replaced_file_is_loaded_again(weights, tmp_path: Path) -> None:  # noqa: ANN001

@@ -13,6 +13,12 @@ app.engine.preprocessors, which cuts the padding off again):
 - `lineart(image, file)`: RGB in 0..1 into `LineartGenerator` (sk_model.pth realistic,
   sk_model2.pth coarse); the drawing times 255, clipped, truncated to uint8, then inverted
   (white lines on black, as ControlNet's lineart models take them).
+- `pidinet(image, mode)`: BGR in 0..1 into `PiDiNet` (table5_pidinet.pth); its fused map
+  (the last), then for `safe` the safe step, for `sketch` 1 where above 0.5, else 0; times 255,
+  clipped, truncated to uint8. `scribble` (the extension's scribble_pidinet, on the map cut
+  to size) thins the map: a Gaussian blur of sigma 3, non-maximum suppression along the four
+  directions (a pixel kept where one of the 1x3 lines through it has its maximum there),
+  255 where above 127; then a blur of sigma 3 again, and 255 where above 4, else 0.
 
 Weights are read with `torch.load(..., weights_only=True)` (a pickle that would build other
 objects than tensors is refused, never run) and loaded strictly: a file whose tensors are not
@@ -36,11 +42,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from app.engine.annotator_nets import ControlNetHED, LineartGenerator
+from app.engine.annotator_nets import ControlNetHED, LineartGenerator, PiDiNet
 
 log = logging.getLogger(__name__)
 
-CACHE_CAPACITY = 3  # nets kept loaded (HED is 15M parameters, a lineart generator 4M)
+CACHE_CAPACITY = 3  # nets kept loaded (HED is 15M parameters, a lineart generator 4M, PiDiNet 0.7M)
 
 
 class AnnotatorFileError(Exception):
@@ -52,6 +58,7 @@ NETS: dict[str, Callable[[], nn.Module]] = {
     "ControlNetHED.pth": ControlNetHED,
     "sk_model.pth": LineartGenerator,
     "sk_model2.pth": LineartGenerator,
+    "table5_pidinet.pth": PiDiNet,
 }
 
 
@@ -187,3 +194,39 @@ def lineart(image: np.ndarray, path: Path, name: str) -> np.ndarray:
         drawing = net(_tensor(image, 1.0 / 255.0))[0, 0].numpy()
     return 255 - (drawing * 255.0).clip(0, 255).astype(np.uint8)
 
+
+
+def pidinet(image: np.ndarray, path: Path, mode: str = "") -> np.ndarray:
+    """PiDiNet's edge map (HxW uint8) of an RGB picture whose sides are multiples of 8;
+    `mode` "safe" (the safe step) or "sketch" (0 or 255 at 0.5)."""
+    net = NETS_CACHE.get("table5_pidinet.pth", path)
+    with torch.inference_mode():
+        edge = net(_tensor(image[:, :, ::-1], 1.0 / 255.0))[-1][0, 0].numpy()
+    if mode == "sketch":
+        edge = (edge > 0.5).astype(np.float32)
+    elif mode == "safe":
+        edge = safe_step(edge)
+    return (edge * 255.0).clip(0, 255).astype(np.uint8)
+
+
+# the 1x3 lines through a pixel: horizontal, vertical, both diagonals
+_LINES = [np.array(line, np.uint8).reshape(3, 3) for line in (
+    [0, 0, 0, 1, 1, 1, 0, 0, 0], [0, 1, 0, 0, 1, 0, 0, 1, 0],
+    [1, 0, 0, 0, 1, 0, 0, 0, 1], [0, 0, 1, 0, 1, 0, 1, 0, 0])]
+
+
+def thin_lines(edge: np.ndarray, threshold: float = 127, sigma: float = 3.0) -> np.ndarray:
+    """The extension's `nms`: the blurred map's ridges (a pixel that is the largest of one of
+    its four 1x3 lines), 255 where above `threshold`, else 0."""
+    blurred = cv2.GaussianBlur(edge.astype(np.float32), (0, 0), sigma)
+    kept = np.zeros_like(blurred)
+    for line in _LINES:
+        ridge = cv2.dilate(blurred, kernel=line) == blurred
+        kept[ridge] = blurred[ridge]
+    return np.where(kept > threshold, 255, 0).astype(np.uint8)
+
+
+def scribble(edge: np.ndarray) -> np.ndarray:
+    """A scribble of a soft edge map (HxW uint8): thinned lines, thickened again by a blur."""
+    thick = cv2.GaussianBlur(thin_lines(edge), (0, 0), 3.0)
+    return np.where(thick > 4, 255, 0).astype(np.uint8)

@@ -18,8 +18,11 @@ and NumPy on an RGB picture, redone here from its description:
 Preprocessors that need weights (app.engine.annotators runs their nets) are served only where
 their file is in `annotator_dir:` (`served_preprocessors`, `check_preprocessor`):
 `softedge_hed` / `softedge_hedsafe` (aliases `hed`, `hed_safe`; ControlNetHED.pth),
-`lineart_realistic` (alias `lineart`; sk_model.pth) and `lineart_coarse` (sk_model2.pth). They
-take the same resize and 64-padding as the built-in operators.
+`lineart_realistic` (alias `lineart`; sk_model.pth), `lineart_coarse` (sk_model2.pth), and
+`softedge_pidinet` / `softedge_pidisafe` / `scribble_pidinet` / `t2ia_sketch_pidi` (aliases
+`pidinet`, `pidinet_safe`, `pidinet_scribble`, `pidinet_sketch`; table5_pidinet.pth). They
+take the same resize and 64-padding as the built-in operators (scribble_pidinet thins the
+map once the padding is cut off).
 
 The detected map is then fitted to the generated size by the unit's resize mode (`fit`).
 """
@@ -160,6 +163,13 @@ def _lineart(name: str) -> Callable[[np.ndarray, float, float, Path], np.ndarray
     return lambda image, a, b, path: _padded(lambda x: annotators.lineart(x, path, name))(image)
 
 
+def _pidinet(mode: str) -> Callable[[np.ndarray, float, float, Path], np.ndarray]:
+    def run(image: np.ndarray, a: float, b: float, path: Path) -> np.ndarray:
+        edge = _padded(lambda x: annotators.pidinet(x, path, "" if mode == "scribble" else mode))(image)
+        return annotators.scribble(edge) if mode == "scribble" else edge
+    return run
+
+
 _PREPROCESSORS = [
     Preprocessor("none", lambda x, a, b: x, resolution=None, control_type="All"),
     Preprocessor("canny", _canny, a=Slider("Canny Low Threshold", 100, 1, 255),
@@ -185,6 +195,14 @@ _PREPROCESSORS = [
                  control_type="Lineart", weights="sk_model.pth"),
     Preprocessor("lineart_coarse", _lineart("sk_model2.pth"), control_type="Lineart",
                  weights="sk_model2.pth"),
+    Preprocessor("softedge_pidinet", _pidinet(""), aliases=("pidinet",), control_type="SoftEdge",
+                 weights="table5_pidinet.pth"),
+    Preprocessor("softedge_pidisafe", _pidinet("safe"), aliases=("pidinet_safe",), control_type="SoftEdge",
+                 weights="table5_pidinet.pth"),
+    Preprocessor("scribble_pidinet", _pidinet("scribble"), aliases=("pidinet_scribble",),
+                 control_type="Scribble", weights="table5_pidinet.pth"),
+    Preprocessor("t2ia_sketch_pidi", _pidinet("sketch"), aliases=("pidinet_sketch",),
+                 control_type="T2I-Adapter", weights="table5_pidinet.pth"),
 ]
 # every preprocessor known, served or not (those with `weights` need their file)
 PREPROCESSORS: dict[str, Preprocessor] = {p.name: p for p in _PREPROCESSORS}
