@@ -17,6 +17,7 @@ loras:
 lora_dirs: [loras]
 embedding_dirs: [embeddings]   # textual inversion files (.safetensors), one word each: the stem
 upscaler_dirs: [upscalers]     # ESRGAN/Real-ESRGAN/SwinIR/... .safetensors or weights-only .pth: the stem
+annotator_dir: annotators      # ControlNet preprocessor weights (ControlNetHED.pth, sk_model.pth, ...)
 model_dirs: [checkpoints]   # every *.safetensors checkpoint registers by its file stem
 styles_file: styles.csv     # A1111's prompt styles (name,prompt,negative_prompt), app.styles
 ```
@@ -34,6 +35,7 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+from app.annotator_files import AnnotatorFiles, discover_annotators
 from app.checkpoints import (
     CHECKPOINT_SUFFIXES,
     PICKLE_SUFFIXES,
@@ -97,6 +99,7 @@ class _File(BaseModel):
     embedding_dirs: list[str] = []
     upscaler_dirs: list[str] = []
     controlnet_dirs: list[str] = []
+    annotator_dir: str | None = None
     model_dirs: list[str] = []
     styles_file: str | None = None
 
@@ -168,6 +171,8 @@ class Registry:
     upscalers: dict[str, UpscalerSpec] = field(default_factory=dict)
     # ControlNets of controlnet_dirs, by name; app.engine.controlnet runs them
     controlnets: dict[str, ControlNetSpec] = field(default_factory=dict)
+    # the ControlNet preprocessors' weight files of annotator_dir; app.engine.annotators runs them
+    annotators: AnnotatorFiles = field(default_factory=AnnotatorFiles)
     # A1111's prompt styles (models.yaml `styles_file:`), by name in the file's order
     styles: dict[str, PromptStyle] = field(default_factory=dict)
     styles_file: Path | None = None
@@ -550,6 +555,14 @@ def _styles(data: _File, base: Path, file: Path) -> tuple[dict[str, PromptStyle]
         raise RegistryError(f"{file}: styles_file: {exc}") from None
 
 
+def _annotators(data: _File, base: Path, file: Path) -> AnnotatorFiles:
+    """The weight files of `annotator_dir:` (relative to the models file's folder); a folder
+    that is missing stops the start (or the reload), naming the key."""
+    if data.annotator_dir is None:
+        return AnnotatorFiles()
+    return discover_annotators(_folders([data.annotator_dir], "annotator_dir", base, file)[0])
+
+
 def _format_validation(exc: ValidationError, file: Path) -> str:
     lines = []
     for err in exc.errors():
@@ -591,4 +604,5 @@ def load_registry(path: Path) -> Registry:
                     upscalers=discover_upscalers(_folders(data.upscaler_dirs, "upscaler_dirs", base, path)),
                     controlnets=discover_controlnets(_folders(data.controlnet_dirs, "controlnet_dirs",
                                                               base, path)),
+                    annotators=_annotators(data, base, path),
                     styles=styles, styles_file=styles_file)

@@ -281,7 +281,7 @@ MAX_CONTROL_WEIGHT = 2.0
 def _units(body: ImageRequest, spec: Any, registry: Registry, settings: Settings) -> tuple[ControlUnit, ...]:
     """The request's ControlNet units checked (count, names, the model's fit, ranges, an image
     to use) and resolved; their images are prepared by `prepare_controls`."""
-    from app.engine.preprocessors import PREPROCESSORS, find_preprocessor
+    from app.engine.preprocessors import check_preprocessor
 
     units = body.controlnet
     if not units:
@@ -294,9 +294,7 @@ def _units(body: ImageRequest, spec: Any, registry: Registry, settings: Settings
     resolved = []
     for unit in units:
         at = unit.where
-        module = find_preprocessor(unit.module)
-        if module is None:
-            raise NotServed(f"{at}.module", unit.module, PREPROCESSORS)
+        module = check_preprocessor(f"{at}.module", unit.module, getattr(registry, "annotators", None))
         net = find_controlnet(unit.model, served)
         if net is None:
             raise NotServed(f"{at}.model", unit.model, [n.title for n in served.values()])
@@ -332,10 +330,12 @@ def _units(body: ImageRequest, spec: Any, registry: Registry, settings: Settings
 
 
 def _control_maps(unit: UnitRequest, picture: Any, width: int, height: int,
-                  hires: tuple[int, int] | None = None) -> tuple[Any, Any, Any]:
+                  annotators: Any, hires: tuple[int, int] | None = None) -> tuple[Any, Any, Any]:
     """(detected map, map fitted to width x height, map fitted to the `hires` pass's size or
     None) of one unit for one job. As the extension, the picture is detected once (pixel
-    perfect reads the first pass's size) and the detected map is fitted to each pass."""
+    perfect reads the first pass's size) and the detected map is fitted to each pass.
+    `annotators`: the registry's annotator files (app.annotator_files), for the modules that
+    need weights."""
     from app.engine.preprocessors import detect, find_preprocessor, fit, pixel_perfect_resolution
 
     module = find_preprocessor(unit.module)
@@ -344,26 +344,30 @@ def _control_maps(unit: UnitRequest, picture: Any, width: int, height: int,
     resolution = unit.processor_res
     if unit.pixel_perfect:
         resolution = pixel_perfect_resolution(image.size, width, height, unit.resize_mode)
-    detected = detect(module, image, resolution, unit.threshold_a, unit.threshold_b)
+    detected = detect(module, image, resolution, unit.threshold_a, unit.threshold_b, files=annotators,
+                      field=f"{unit.where}.module")
     hires_map = None if hires is None else fit(detected, *hires, unit.resize_mode)
     return detected, fit(detected, width, height, unit.resize_mode), hires_map
 
 
-async def prepare_controls(body: ImageRequest, params: GenParams,
+async def prepare_controls(body: ImageRequest, params: GenParams, registry: Registry | None = None,
                            ) -> tuple[list[ControlImages | None], list[Any]]:
     """Each job's control images (one per unit, the unit's image or else the job's init
     picture, preprocessed and fitted to the generated size, and to the hires fix's second
     pass for the units that guide it), off the event loop; and the detected maps of the first
-    job to answer (units with save_detected_map)."""
+    job to answer (units with save_detected_map). The registry's annotator files serve the
+    preprocessors that need weights."""
     if not params.controlnet:
         return [None], []
     width, height = params.gen_size
     hires = params.hires
     second = None if hires is None else (round_up8(hires.size[0]), round_up8(hires.size[1]))
     pictures = body.image.images if body.image is not None else (None,)
+    annotators = getattr(registry, "annotators", None)
 
     def prepare(picture: Any) -> tuple[ControlImages, list[Any]]:
-        maps = [_control_maps(unit, picture, width, height, second if resolved.high_res else None)
+        maps = [_control_maps(unit, picture, width, height, annotators,
+                              second if resolved.high_res else None)
                 for unit, resolved in zip(body.controlnet, params.controlnet, strict=True)]
         shown_maps = [d for (d, _, _), u in zip(maps, body.controlnet, strict=True) if u.save_detected_map]
         return ControlImages([fitted for _, fitted, _ in maps],
@@ -528,7 +532,7 @@ async def submit_job(body: ImageRequest, *, client: str, share: int, engine: Eng
     it: the job API (POST /jobs) follows it by its future and its `step`."""
     params = to_params(body, registry, settings)
     source = (await prepare_sources(body, params))[0]
-    controls = (await prepare_controls(body, params))[0][0]
+    controls = (await prepare_controls(body, params, registry))[0][0]
     check_queue_share(engine, client, 1, share)
     return engine.submit(replace(params, source=source, control_images=controls), client)
 
@@ -561,7 +565,7 @@ async def generate_images(
     the ControlNet units' detected maps are appended to (those to answer)."""
     first = to_params(body, registry, settings)
     sources = await prepare_sources(body, first)
-    controls, maps = await prepare_controls(body, first)
+    controls, maps = await prepare_controls(body, first, registry)
     if detected is not None:
         detected.extend(maps)
     all_params = [replace(first, seed=(first.seed + i) % (MAX_SEED + 1), source=sources[i % len(sources)],

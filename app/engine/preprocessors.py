@@ -1,4 +1,5 @@
-"""ControlNet preprocessors that need no weights, and the unit image's resize modes.
+"""ControlNet preprocessors (those that need no weights, and those whose weights sit in
+models.yaml's `annotator_dir:`), and the unit image's resize modes.
 
 What sd-webui-controlnet (v1.1.455, `annotator/` and `scripts/processor.py`) does with OpenCV
 and NumPy on an RGB picture, redone here from its description:
@@ -14,6 +15,15 @@ and NumPy on an RGB picture, redone here from its description:
   the picture's content moved along a smooth random flow (seeded, so a request repeats);
   `t2ia_color_grid`: the 64-pixel colour grid; `none`: as it is.
 
+Preprocessors that need weights (app.engine.annotators runs their nets) are served only where
+their file is in `annotator_dir:` (`served_preprocessors`, `check_preprocessor`):
+`softedge_hed` / `softedge_hedsafe` (aliases `hed`, `hed_safe`; ControlNetHED.pth),
+`lineart_realistic` (alias `lineart`; sk_model.pth), `lineart_coarse` (sk_model2.pth), and
+`softedge_pidinet` / `softedge_pidisafe` / `scribble_pidinet` / `t2ia_sketch_pidi` (aliases
+`pidinet`, `pidinet_safe`, `pidinet_scribble`, `pidinet_sketch`; table5_pidinet.pth). They
+take the same resize and 64-padding as the built-in operators (scribble_pidinet thins the
+map once the padding is cut off).
+
 The detected map is then fitted to the generated size by the unit's resize mode (`fit`).
 """
 
@@ -21,11 +31,17 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import cv2
 import numpy as np
 from PIL import Image
+
+from app.annotator_files import AnnotatorFiles
+from app.engine import annotators
+from app.engine.annotators import AnnotatorFileError
+from app.errors import InvalidParameter, NotServed
 
 
 @dataclass(frozen=True)
@@ -44,12 +60,14 @@ class Slider:
 @dataclass(frozen=True)
 class Preprocessor:
     name: str
-    run: Callable[[np.ndarray, float, float], np.ndarray]  # (HWC uint8 at res, a, b) -> map
+    # (HWC uint8 at res, a, b) -> map; with `weights`: (..., the weight file's path) -> map
+    run: Callable[..., np.ndarray]
     resolution: Slider | None = Slider("Resolution", 512, 64, 2048, 8)
     a: Slider | None = None
     b: Slider | None = None
     aliases: tuple[str, ...] = field(default=())
     control_type: str = "All"
+    weights: str | None = None  # the annotator_dir file it needs (app.annotator_files)
 
     def sliders(self) -> list[dict[str, Any]]:
         return [s.detail() for s in (self.resolution, self.a, self.b) if s is not None]
@@ -137,6 +155,21 @@ def _color_grid(image: np.ndarray, a: float, b: float) -> np.ndarray:
     return cv2.resize(small, (width, height), interpolation=cv2.INTER_NEAREST)
 
 
+def _hed(safe: bool) -> Callable[[np.ndarray, float, float, Path], np.ndarray]:
+    return lambda image, a, b, path: _padded(lambda x: annotators.hed(x, path, safe=safe))(image)
+
+
+def _lineart(name: str) -> Callable[[np.ndarray, float, float, Path], np.ndarray]:
+    return lambda image, a, b, path: _padded(lambda x: annotators.lineart(x, path, name))(image)
+
+
+def _pidinet(mode: str) -> Callable[[np.ndarray, float, float, Path], np.ndarray]:
+    def run(image: np.ndarray, a: float, b: float, path: Path) -> np.ndarray:
+        edge = _padded(lambda x: annotators.pidinet(x, path, "" if mode == "scribble" else mode))(image)
+        return annotators.scribble(edge) if mode == "scribble" else edge
+    return run
+
+
 _PREPROCESSORS = [
     Preprocessor("none", lambda x, a, b: x, resolution=None, control_type="All"),
     Preprocessor("canny", _canny, a=Slider("Canny Low Threshold", 100, 1, 255),
@@ -153,15 +186,54 @@ _PREPROCESSORS = [
                  aliases=("lineart_standard (from white bg & black line)",), control_type="Lineart"),
     Preprocessor("shuffle", _shuffle, control_type="Shuffle"),
     Preprocessor("t2ia_color_grid", _color_grid, control_type="T2I-Adapter"),
+    # the extension's names; the aliases are its internal keys
+    Preprocessor("softedge_hed", _hed(False), aliases=("hed",), control_type="SoftEdge",
+                 weights="ControlNetHED.pth"),
+    Preprocessor("softedge_hedsafe", _hed(True), aliases=("hed_safe",), control_type="SoftEdge",
+                 weights="ControlNetHED.pth"),
+    Preprocessor("lineart_realistic", _lineart("sk_model.pth"), aliases=("lineart",),
+                 control_type="Lineart", weights="sk_model.pth"),
+    Preprocessor("lineart_coarse", _lineart("sk_model2.pth"), control_type="Lineart",
+                 weights="sk_model2.pth"),
+    Preprocessor("softedge_pidinet", _pidinet(""), aliases=("pidinet",), control_type="SoftEdge",
+                 weights="table5_pidinet.pth"),
+    Preprocessor("softedge_pidisafe", _pidinet("safe"), aliases=("pidinet_safe",), control_type="SoftEdge",
+                 weights="table5_pidinet.pth"),
+    Preprocessor("scribble_pidinet", _pidinet("scribble"), aliases=("pidinet_scribble",),
+                 control_type="Scribble", weights="table5_pidinet.pth"),
+    Preprocessor("t2ia_sketch_pidi", _pidinet("sketch"), aliases=("pidinet_sketch",),
+                 control_type="T2I-Adapter", weights="table5_pidinet.pth"),
 ]
+# every preprocessor known, served or not (those with `weights` need their file)
 PREPROCESSORS: dict[str, Preprocessor] = {p.name: p for p in _PREPROCESSORS}
 _BY_ALIAS = {alias.lower(): p for p in _PREPROCESSORS for alias in (p.name, *p.aliases)}
-CONTROL_TYPES = ("All", "Canny", "Lineart", "Scribble", "Tile", "Shuffle", "T2I-Adapter")
+CONTROL_TYPES = ("All", "Canny", "SoftEdge", "Lineart", "Scribble", "Tile", "Shuffle", "T2I-Adapter")
 
 
 def find_preprocessor(name: str) -> Preprocessor | None:
-    """A module by its name or alias (case-insensitively); None when not served."""
+    """A module by its name or alias (case-insensitively), served or not; None when unknown."""
     return _BY_ALIAS.get(name.strip().lower())
+
+
+def served_preprocessors(files: AnnotatorFiles | None) -> dict[str, Preprocessor]:
+    """The preprocessors served with these annotator files: the built-in ones, and those that
+    need weights whose file is there."""
+    return {name: p for name, p in PREPROCESSORS.items()
+            if p.weights is None or (files is not None and files.path(p.weights) is not None)}
+
+
+def check_preprocessor(field: str, name: str, files: AnnotatorFiles | None) -> Preprocessor:
+    """The module `name` asks for, if served: NotServed (listing the served ones) for a name
+    unknown or of a module whose weights are not here, InvalidParameter naming the missing file
+    and the folder for a module that needs weights."""
+    module = find_preprocessor(name)
+    if module is None:
+        raise NotServed(field, name, served_preprocessors(files))
+    if module.weights is not None:
+        files = files or AnnotatorFiles()
+        if files.path(module.weights) is None:
+            raise InvalidParameter(field, name, files.missing(module.name, module.weights))
+    return module
 
 
 def slider_value(asked: float | None, slider: Slider | None) -> float:
@@ -174,12 +246,27 @@ def slider_value(asked: float | None, slider: Slider | None) -> float:
 
 
 def detect(module: Preprocessor, image: Image.Image, resolution: float | None = None,
-           a: float | None = None, b: float | None = None) -> Image.Image:
-    """The detected map of an RGB picture (RGB, at the preprocessing resolution)."""
+           a: float | None = None, b: float | None = None, *, files: AnnotatorFiles | None = None,
+           field: str = "module") -> Image.Image:
+    """The detected map of an RGB picture (RGB, at the preprocessing resolution). A module that
+    needs weights takes them from `files` (checked first by `check_preprocessor`); a file that
+    is gone or cannot be used is an InvalidParameter on `field`."""
     array = np.asarray(image.convert("RGB"))
     if module.resolution is not None:
         array = short_side_resize(array, int(slider_value(resolution, module.resolution)))
-    out = module.run(np.ascontiguousarray(array), slider_value(a, module.a), slider_value(b, module.b))
+    args: tuple[Any, ...] = (np.ascontiguousarray(array), slider_value(a, module.a),
+                             slider_value(b, module.b))
+    if module.weights is not None:
+        files = files or AnnotatorFiles()
+        path = files.path(module.weights)
+        if path is None:
+            raise InvalidParameter(field, module.name, files.missing(module.name, module.weights))
+        args += (path,)
+    try:
+        out = module.run(*args)
+    except AnnotatorFileError as exc:
+        raise InvalidParameter(field, module.name, f"{module.name} needs {module.weights} from "
+                               f"annotator_dir, and that file cannot be used: {exc}") from None
     return Image.fromarray(_as_rgb(out))
 
 

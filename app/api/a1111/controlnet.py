@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import functools
 import io
 from collections.abc import Mapping
 from typing import Annotated, Any
@@ -29,12 +30,13 @@ from app.controlnet_files import find_controlnet
 from app.engine.control_units import CONTROL_MODES
 from app.engine.preprocessors import (
     CONTROL_TYPES,
-    PREPROCESSORS,
     RESIZE_MODES,
+    check_preprocessor,
     detect,
     find_preprocessor,
+    served_preprocessors,
 )
-from app.errors import InvalidParameter, NotServed
+from app.errors import InvalidParameter
 from app.image_inputs import off_loop, read_image
 
 
@@ -106,20 +108,25 @@ async def model_list(client: CallerDep, registry: RegistryDep) -> dict[str, list
 
 
 @router.get("/module_list", responses=AUTH_ERRORS, summary="Served preprocessors")
-async def module_list(client: CallerDep, alias_names: bool = False) -> dict[str, Any]:
+async def module_list(client: CallerDep, registry: RegistryDep, alias_names: bool = False) -> dict[str, Any]:
+    # model_free is the extension's "needs no ControlNet model" (reference_only, ...): none here
+    served = served_preprocessors(getattr(registry, "annotators", None))
     return {
-        "module_list": list(PREPROCESSORS),
-        "module_detail": {name: {"model_free": True, "sliders": module.sliders()}
-                          for name, module in PREPROCESSORS.items()},
+        "module_list": list(served),
+        "module_detail": {name: {"model_free": False, "sliders": module.sliders()}
+                          for name, module in served.items()},
     }
 
 
 @router.get("/control_types", responses=AUTH_ERRORS, summary="Control types and their modules")
 async def control_types(client: CallerDep, registry: RegistryDep) -> dict[str, Any]:
     served = getattr(registry, "controlnets", {}) or {}
+    preprocessors = served_preprocessors(getattr(registry, "annotators", None))
     types: dict[str, Any] = {}
     for kind in CONTROL_TYPES:
-        modules = [n for n, m in PREPROCESSORS.items() if kind == "All" or m.control_type == kind]
+        modules = [n for n, m in preprocessors.items() if kind == "All" or m.control_type == kind]
+        if not modules:
+            continue  # a type whose modules all wait for their weights
         models = [spec.title for spec in served.values()
                   if kind == "All" or kind.lower() in spec.name.lower()]
         types[kind] = {"module_list": modules, "model_list": ["None", *models],
@@ -134,12 +141,11 @@ async def controlnet_settings(client: CallerDep, settings: SettingsDep) -> dict[
 
 
 @router.post("/detect", responses=INPUT_ERRORS, summary="Run a preprocessor (sd-webui-controlnet)")
-async def detect_route(client: CallerDep, settings: SettingsDep,
+async def detect_route(client: CallerDep, settings: SettingsDep, registry: RegistryDep,
                        body: Annotated[dict[str, Any], Body()]) -> dict[str, Any]:
     name = body.get("controlnet_module", "none")
-    module = find_preprocessor(name) if isinstance(name, str) else None
-    if module is None:
-        raise NotServed("controlnet_module", str(name), PREPROCESSORS)
+    annotators = getattr(registry, "annotators", None)
+    module = check_preprocessor("controlnet_module", name if isinstance(name, str) else str(name), annotators)
     field = "controlnet_input_images"
     images = body.get(field)
     if not images:
@@ -160,7 +166,8 @@ async def detect_route(client: CallerDep, settings: SettingsDep,
         res = number("controlnet_processor_res", body.get("controlnet_processor_res"), 512)
         a = number("controlnet_threshold_a", body.get("controlnet_threshold_a"), -1)
         b = number("controlnet_threshold_b", body.get("controlnet_threshold_b"), -1)
-        detected = await off_loop(detect, module, picture, res, a, b)
+        detected = await off_loop(functools.partial(detect, files=annotators, field="controlnet_module"),
+                                  module, picture, res, a, b)
         out.append(await off_loop(png_base64, detected))
     return {"info": "Success", "images": out}
 

@@ -1,0 +1,246 @@
+"""The networks of the ControlNet preprocessors that need weights, written from the published
+architectures so that the released weight files load into them unchanged (strictly: every
+module's attribute name and position below is what makes a state-dict key, so they follow
+the names the files use).
+
+- `ControlNetHED`: lllyasviel's Apache-2.0 HED ("ControlNetHED_Apache2", the weights
+  `ControlNetHED.pth`). A VGG-like stack of five blocks (2, 2, 3, 3, 3 convolutions of 3x3
+  with ReLU; 64, 128, 256, 512, 512 channels), each block but the first starting with a 2x2
+  max-pool; every block ends in a 1x1 projection to one channel. The input is RGB in 0..255
+  minus a learnt per-channel offset (`norm`). Keys: `norm`, `block<i>.convs.<j>.weight|bias`,
+  `block<i>.projection.weight|bias`.
+- `LineartGenerator`: the generator of "Learning to generate line drawings that convey
+  geometry and semantics" (Chan, Durand, Isola 2022; `sk_model.pth` realistic, `sk_model2.pth`
+  coarse): reflection-padded 7x7 conv to 64 channels, two stride-2 3x3 convs (128, 256), three
+  residual blocks of two reflection-padded 3x3 convs, two stride-2 transposed convs (128, 64),
+  a reflection-padded 7x7 conv to one channel and a sigmoid; instance norm without affine
+  parameters and ReLU after every conv but the last. Input RGB in 0..1. Keys: `model0.1`,
+  `model1.0`, `model1.3`, `model2.<k>.conv_block.1|5`, `model3.0`, `model3.3`, `model4.1`
+  (`.weight` and `.bias` each).
+- `PiDiNet`: Su et al.'s pixel difference network (ICCV 2021), the `carv4` variant the
+  `table5_pidinet.pth` weights are (60 channels, dilation module of 24, spatial attention). Its
+  16 depthwise 3x3 convolutions take, in turn, central (`cd`), angular (`ad`), radial (`rd`)
+  differences of pixels and plain values (`cv`), each a plain convolution with a kernel made
+  from the learnt one: `cd` subtracts the kernel's sum at the centre, `ad` subtracts each tap's
+  clockwise neighbour's weight, `rd` spreads taps 1..8 onto a 5x5 ring (+ outer, - inner).
+  Four stages (60, 120, 240, 240 channels; stages 2-4 start with a 2x2 max-pool and a 1x1
+  shortcut), each reduced to one map through a dilated-convolution module (`dilations`),
+  an attention module (`attentions`) and a 1x1 conv (`conv_reduces`), upsampled bilinearly and
+  fused by a 1x1 `classifier`; every map through a sigmoid. Input BGR in 0..1. The file keeps
+  its tensors under `state_dict` with DataParallel's `module.` prefix.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class _HEDBlock(nn.Module):
+    """`layers` 3x3 convolutions with ReLU, and a 1x1 projection of the result to one channel."""
+
+    def __init__(self, channels_in: int, channels: int, layers: int) -> None:
+        super().__init__()
+        self.convs = nn.Sequential(*[
+            nn.Conv2d(channels_in if i == 0 else channels, channels, kernel_size=3, padding=1)
+            for i in range(layers)
+        ])
+        self.projection = nn.Conv2d(channels, 1, kernel_size=1)
+
+    def forward(self, x: torch.Tensor, pool: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        if pool:
+            x = F.max_pool2d(x, kernel_size=2, stride=2)
+        for conv in self.convs:
+            x = F.relu(conv(x))
+        return x, self.projection(x)
+
+
+class ControlNetHED(nn.Module):
+    """HED's five side outputs (logits, at 1, 1/2, 1/4, 1/8 and 1/16 of the input's size)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.norm = nn.Parameter(torch.zeros(1, 3, 1, 1))
+        self.block1 = _HEDBlock(3, 64, 2)
+        self.block2 = _HEDBlock(64, 128, 2)
+        self.block3 = _HEDBlock(128, 256, 3)
+        self.block4 = _HEDBlock(256, 512, 3)
+        self.block5 = _HEDBlock(512, 512, 3)
+
+    def forward(self, rgb255: torch.Tensor) -> list[torch.Tensor]:
+        x = rgb255 - self.norm
+        sides = []
+        for index, block in enumerate((self.block1, self.block2, self.block3, self.block4, self.block5)):
+            x, side = block(x, pool=index > 0)
+            sides.append(side)
+        return sides
+
+
+def _padded_conv(channels_in: int, channels: int, kernel: int) -> list[nn.Module]:
+    return [nn.ReflectionPad2d(kernel // 2), nn.Conv2d(channels_in, channels, kernel)]
+
+
+class _Residual(nn.Module):
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        # positions 1 and 5 hold the convolutions (conv_block.1, conv_block.5)
+        self.conv_block = nn.Sequential(
+            *_padded_conv(channels, channels, 3), nn.InstanceNorm2d(channels), nn.ReLU(),
+            *_padded_conv(channels, channels, 3), nn.InstanceNorm2d(channels),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.conv_block(x)
+
+
+class LineartGenerator(nn.Module):
+    """Line drawing (one channel, 0..1, 1 = paper) of an RGB picture in 0..1 whose sides are
+    multiples of 4."""
+
+    def __init__(self, residual_blocks: int = 3) -> None:
+        super().__init__()
+        self.model0 = nn.Sequential(*_padded_conv(3, 64, 7), nn.InstanceNorm2d(64), nn.ReLU())
+        down: list[nn.Module] = []
+        up: list[nn.Module] = []
+        for channels in (64, 128):
+            down += [nn.Conv2d(channels, channels * 2, 3, stride=2, padding=1),
+                     nn.InstanceNorm2d(channels * 2), nn.ReLU()]
+        for channels in (256, 128):
+            up += [nn.ConvTranspose2d(channels, channels // 2, 3, stride=2, padding=1, output_padding=1),
+                   nn.InstanceNorm2d(channels // 2), nn.ReLU()]
+        self.model1 = nn.Sequential(*down)
+        self.model2 = nn.Sequential(*[_Residual(256) for _ in range(residual_blocks)])
+        self.model3 = nn.Sequential(*up)
+        self.model4 = nn.Sequential(*_padded_conv(64, 1, 7), nn.Sigmoid())
+
+    def forward(self, rgb01: torch.Tensor) -> torch.Tensor:
+        return self.model4(self.model3(self.model2(self.model1(self.model0(rgb01)))))
+
+
+# ---- PiDiNet ----------------------------------------------------------------------------
+
+# the carv4 variant: each block's pixel-difference operator, init_block first
+CARV4 = ("cd", "ad", "rd", "cv") * 4
+# `ad`: tap i of a 3x3 kernel less the weight of this tap (its clockwise neighbour's source)
+_ANGULAR_SOURCE = [3, 0, 1, 6, 4, 2, 7, 8, 5]
+# `rd`: taps 1..8 of the 3x3 kernel onto these places of a 5x5 one (outer ring +, inner ring -)
+_RADIAL_OUTER = [0, 2, 4, 10, 14, 20, 22, 24]
+_RADIAL_INNER = [6, 7, 8, 11, 13, 16, 17, 18]
+
+
+def pixel_difference_conv(op: str, x: torch.Tensor, weight: torch.Tensor, groups: int) -> torch.Tensor:
+    """A 3x3 convolution (padding 1, stride 1) of pixel differences `op` as a plain one."""
+    if op == "cv":
+        return F.conv2d(x, weight, padding=1, groups=groups)
+    if op == "cd":
+        return (F.conv2d(x, weight, padding=1, groups=groups)
+                - F.conv2d(x, weight.sum(dim=(2, 3), keepdim=True), groups=groups))
+    out_c, in_c = weight.shape[:2]
+    flat = weight.reshape(out_c, in_c, 9)
+    if op == "ad":
+        kernel = (flat - flat[:, :, _ANGULAR_SOURCE]).reshape(weight.shape)
+        return F.conv2d(x, kernel, padding=1, groups=groups)
+    if op == "rd":
+        kernel = weight.new_zeros(out_c, in_c, 25)
+        kernel[:, :, _RADIAL_OUTER] = flat[:, :, 1:]
+        kernel[:, :, _RADIAL_INNER] = -flat[:, :, 1:]
+        return F.conv2d(x, kernel.reshape(out_c, in_c, 5, 5), padding=2, groups=groups)
+    raise ValueError(f"unknown pixel difference {op!r}")
+
+
+class _PixelDifference(nn.Module):
+    def __init__(self, op: str, channels_in: int, channels: int, groups: int = 1) -> None:
+        super().__init__()
+        self.op, self.groups = op, groups
+        self.weight = nn.Parameter(torch.zeros(channels, channels_in // groups, 3, 3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return pixel_difference_conv(self.op, x, self.weight, self.groups)
+
+
+class _PDCBlock(nn.Module):
+    def __init__(self, op: str, channels_in: int, channels: int, stride: int = 1) -> None:
+        super().__init__()
+        self.stride = stride
+        if stride > 1:
+            self.shortcut = nn.Conv2d(channels_in, channels, kernel_size=1)
+        self.conv1 = _PixelDifference(op, channels_in, channels_in, groups=channels_in)
+        self.conv2 = nn.Conv2d(channels_in, channels, kernel_size=1, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.stride > 1:
+            x = F.max_pool2d(x, kernel_size=2, stride=2)
+        y = self.conv2(F.relu(self.conv1(x)))
+        return y + (self.shortcut(x) if self.stride > 1 else x)
+
+
+class _Dilations(nn.Module):
+    """CDCM: a 1x1 conv, then four 3x3 convs dilated 5, 7, 9 and 11, summed."""
+
+    def __init__(self, channels_in: int, channels: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(channels_in, channels, kernel_size=1)
+        for index, dilation in enumerate((5, 7, 9, 11), start=1):
+            setattr(self, f"conv2_{index}", nn.Conv2d(channels, channels, kernel_size=3, dilation=dilation,
+                                                       padding=dilation, bias=False))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.conv1(F.relu(x))
+        return sum(getattr(self, f"conv2_{i}")(x) for i in range(1, 5))  # type: ignore[return-value]
+
+
+class _Attention(nn.Module):
+    """CSAM: the input times a sigmoid mask made by a 1x1 conv to 4 channels and a 3x3 to 1."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(channels, 4, kernel_size=1)
+        self.conv2 = nn.Conv2d(4, 1, kernel_size=3, padding=1, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.sigmoid(self.conv2(self.conv1(F.relu(x))))
+
+
+class _MapReduce(nn.Module):
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(channels, 1, kernel_size=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x)
+
+
+class PiDiNet(nn.Module):
+    """The four stage edge maps and their fusion (last), each in 0..1, at the input's size."""
+
+    def __init__(self, ops: tuple[str, ...] = CARV4, width: int = 60, dilation: int = 24) -> None:
+        super().__init__()
+        self.init_block = _PixelDifference(ops[0], 3, width)
+        # (channels in, channels, blocks) of each stage
+        stages = ((width, width, 3), (width, 2 * width, 4), (2 * width, 4 * width, 4),
+                  (4 * width, 4 * width, 4))
+        op = iter(ops[1:])
+        for stage, (channels_in, channels, blocks) in enumerate(stages, start=1):
+            for block in range(1, blocks + 1):
+                first = block == 1 and stage > 1
+                setattr(self, f"block{stage}_{block}", _PDCBlock(
+                    next(op), channels_in if first else channels, channels, stride=2 if first else 1))
+        self.dilations = nn.ModuleList([_Dilations(c, dilation) for _, c, _ in stages])
+        self.attentions = nn.ModuleList([_Attention(dilation) for _ in stages])
+        self.conv_reduces = nn.ModuleList([_MapReduce(dilation) for _ in stages])
+        self.classifier = nn.Conv2d(4, 1, kernel_size=1)
+        self._blocks = [[f"block{stage}_{b}" for b in range(1, blocks + 1)]
+                        for stage, (_, _, blocks) in enumerate(stages, start=1)]
+
+    def forward(self, bgr01: torch.Tensor) -> list[torch.Tensor]:
+        size = bgr01.shape[2:]
+        x = self.init_block(bgr01)
+        maps = []
+        for stage, names in enumerate(self._blocks):
+            for name in names:
+                x = getattr(self, name)(x)
+            reduced = self.conv_reduces[stage](self.attentions[stage](self.dilations[stage](x)))
+            maps.append(F.interpolate(reduced, size, mode="bilinear", align_corners=False))
+        maps.append(self.classifier(torch.cat(maps, dim=1)))
+        return [torch.sigmoid(m) for m in maps]
