@@ -30,7 +30,7 @@ from app.config import Settings
 from app.controlnet_files import find_controlnet
 from app.engine.control_units import ControlImages, ControlUnit
 from app.engine.image_ops import Source, prepare_source
-from app.engine.jobs import GenParams, Hires, Job, JobResult, Refiner, UpscaleParams
+from app.engine.jobs import GenParams, Hires, Job, JobResult, Refiner, UpscaleParams, round_up8
 from app.engine.protocol import EngineAPI
 from app.engine.upscalers import LATENT_MODES, PIXEL_BUILTINS
 from app.errors import (
@@ -284,11 +284,12 @@ MAX_CONTROL_WEIGHT = 2.0
 def _units(body: ImageRequest, spec: Any, registry: Registry, settings: Settings) -> tuple[ControlUnit, ...]:
     """The request's ControlNet units checked (count, names, the model's fit, ranges, an image
     to use) and resolved; their images are prepared by `prepare_controls`."""
-    from app.engine.preprocessors import PREPROCESSORS, find_preprocessor
+    from app.engine.preprocessors import PREPROCESSORS, find_preprocessor, pixel_perfect_resolution
 
     units = body.controlnet
     if not units:
         return ()
+    gen_size = (round_up8(body.width), round_up8(body.height))  # what prepare_controls fits to
     limit = settings.controlnet_max_units
     if len(units) > limit:
         raise InvalidParameter(units[limit].where, f"<{len(units)} units>", f"at most {limit} ControlNet "
@@ -297,7 +298,8 @@ def _units(body: ImageRequest, spec: Any, registry: Registry, settings: Settings
     resolved = []
     for unit in units:
         at = unit.where
-        if find_preprocessor(unit.module) is None:
+        module = find_preprocessor(unit.module)
+        if module is None:
             raise NotServed(f"{at}.module", unit.module, PREPROCESSORS)
         net = find_controlnet(unit.model, served)
         if net is None:
@@ -319,14 +321,42 @@ def _units(body: ImageRequest, spec: Any, registry: Registry, settings: Settings
         if unit.image is None and body.image is None:
             raise InvalidParameter(f"{at}.image", None, "a ControlNet unit needs an image (base64); "
                                    "only img2img may leave it out to use its init picture")
+        for picture in (unit.image,) if unit.image is not None else body.image.images:
+            resolution = unit.processor_res
+            if unit.pixel_perfect:
+                resolution = pixel_perfect_resolution(picture.size, *gen_size, unit.resize_mode)
+            check_working_size(f"{at}.pixel_perfect" if unit.pixel_perfect else f"{at}.processor_res",
+                               module, picture.size, resolution, settings)
         if body.hires is not None and unit.hr_option != "Low res only":
             raise InvalidParameter(f"{at}.hr_option", unit.hr_option, "ControlNet in the hires fix's "
                                    "second pass is not served yet; send hr_option \"Low res only\" "
                                    "(the unit guides the first pass) or leave the hires fix off")
         resolved.append(ControlUnit(name=net.name, weights=str(net.weights), weight=float(unit.weight),
                                     start=float(unit.guidance_start), end=float(unit.guidance_end),
-                                    mode=int(unit.control_mode)))
+                                    mode=int(unit.control_mode), title=net.title, module=module.name,
+                                    resize_mode=int(unit.resize_mode), processor_res=unit.processor_res,
+                                    threshold_a=unit.threshold_a, threshold_b=unit.threshold_b,
+                                    pixel_perfect=unit.pixel_perfect))
     return tuple(resolved)
+
+
+def check_working_size(field: str, module: Any, size: tuple[int, int], resolution: float,
+                       settings: Settings) -> None:
+    """Refuse a preprocessing whose working picture (the control picture of `size` with its
+    short side scaled to the module's resolution) would be past CRAFTSERVE_MAX_IMAGE_PIXELS,
+    from the sizes alone, before anything is allocated. `field` names the resolution's field."""
+    from app.engine.preprocessors import working_resolution, working_size
+
+    width, height = working_size(module, size, resolution)
+    limit = settings.max_image_pixels
+    if width * height <= limit:
+        return
+    working = working_resolution(module, resolution)
+    raise InvalidParameter(field, working, f"preprocessing the {size[0]}x{size[1]} control picture with "
+                           f"'{module.name}' at resolution {working} (its short side scaled to {working}) "
+                           f"would make a {width}x{height} picture; at most {limit} pixels (setting "
+                           "CRAFTSERVE_MAX_IMAGE_PIXELS): send a lower resolution or a less elongated "
+                           "picture")
 
 
 def _control_maps(unit: UnitRequest, picture: Any, width: int, height: int) -> tuple[Any, Any]:
