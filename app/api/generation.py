@@ -283,8 +283,9 @@ MAX_CONTROL_WEIGHT = 2.0
 
 def _units(body: ImageRequest, spec: Any, registry: Registry, settings: Settings) -> tuple[ControlUnit, ...]:
     """The request's ControlNet units checked (count, names, the model's fit, ranges, an image
-    to use) and resolved; their images are prepared by `prepare_controls`."""
-    from app.engine.preprocessors import PREPROCESSORS, find_preprocessor, pixel_perfect_resolution
+    to use, the size it is preprocessed at) and resolved; their images are prepared by
+    `prepare_controls`."""
+    from app.engine.preprocessors import PREPROCESSORS, find_preprocessor
 
     units = body.controlnet
     if not units:
@@ -322,11 +323,8 @@ def _units(body: ImageRequest, spec: Any, registry: Registry, settings: Settings
             raise InvalidParameter(f"{at}.image", None, "a ControlNet unit needs an image (base64); "
                                    "only img2img may leave it out to use its init picture")
         for picture in (unit.image,) if unit.image is not None else body.image.images:
-            resolution = unit.processor_res
-            if unit.pixel_perfect:
-                resolution = pixel_perfect_resolution(picture.size, *gen_size, unit.resize_mode)
             check_working_size(f"{at}.pixel_perfect" if unit.pixel_perfect else f"{at}.processor_res",
-                               module, picture.size, resolution, settings)
+                               module, picture.size, _resolution(unit, picture.size, gen_size), settings)
         if body.hires is not None and unit.hr_option != "Low res only":
             raise InvalidParameter(f"{at}.hr_option", unit.hr_option, "ControlNet in the hires fix's "
                                    "second pass is not served yet; send hr_option \"Low res only\" "
@@ -359,16 +357,24 @@ def check_working_size(field: str, module: Any, size: tuple[int, int], resolutio
                            "picture")
 
 
+def _resolution(unit: UnitRequest, size: tuple[int, int], gen_size: tuple[int, int]) -> float:
+    """The preprocessing resolution asked of a unit for a picture of `size`: its processor_res,
+    or with pixel_perfect the extension's resolution from the generated size."""
+    from app.engine.preprocessors import pixel_perfect_resolution
+
+    if unit.pixel_perfect:
+        return pixel_perfect_resolution(size, *gen_size, unit.resize_mode)
+    return unit.processor_res
+
+
 def _control_maps(unit: UnitRequest, picture: Any, width: int, height: int) -> tuple[Any, Any]:
     """(detected map, map fitted to width x height) of one unit for one job."""
-    from app.engine.preprocessors import detect, find_preprocessor, fit, pixel_perfect_resolution
+    from app.engine.preprocessors import detect, find_preprocessor, fit
 
     module = find_preprocessor(unit.module)
     assert module is not None
     image = unit.image if unit.image is not None else picture
-    resolution = unit.processor_res
-    if unit.pixel_perfect:
-        resolution = pixel_perfect_resolution(image.size, width, height, unit.resize_mode)
+    resolution = _resolution(unit, image.size, (width, height))
     detected = detect(module, image, resolution, unit.threshold_a, unit.threshold_b)
     return detected, fit(detected, width, height, unit.resize_mode)
 
