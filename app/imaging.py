@@ -13,12 +13,37 @@ from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
 from app import __version__
+from app.engine.control_units import CONTROL_MODES, ControlUnit
 from app.engine.image_ops import FILL_MODES
 from app.engine.jobs import GenParams
+from app.engine.preprocessors import RESIZE_MODES
+
+
+def controlnet_entries(units: tuple[ControlUnit, ...]) -> dict[str, str]:
+    """sd-webui-controlnet's `ControlNet N` infotext entries, one per unit in order: a quoted
+    `Key: value` list (the quotes keep its commas inside one entry)."""
+    entries = {}
+    for index, unit in enumerate(units):
+        parts = {
+            "Module": unit.module,
+            "Model": unit.title or unit.name,
+            "Weight": f"{unit.weight:g}",
+            "Resize Mode": RESIZE_MODES[unit.resize_mode],
+            "Processor Res": f"{unit.processor_res:g}",
+            "Threshold A": f"{unit.threshold_a:g}",
+            "Threshold B": f"{unit.threshold_b:g}",
+            "Guidance Start": f"{unit.start:g}",
+            "Guidance End": f"{unit.end:g}",
+            "Pixel Perfect": str(unit.pixel_perfect),
+            "Control Mode": CONTROL_MODES[unit.mode],
+        }
+        entries[f"ControlNet {index}"] = '"' + ", ".join(f"{k}: {v}" for k, v in parts.items()) + '"'
+    return entries
 
 
 def parameters_text(params: GenParams, seed: int, sampler_label: str) -> str:
-    """Generation parameters in AUTOMATIC1111's `parameters` convention (civitai etc. read it)."""
+    """Generation parameters in AUTOMATIC1111's `parameters` convention (civitai etc. read it):
+    the one infotext of every dialect (the PNG text chunk, A1111's `infotexts`)."""
     lora_tags = "".join(f" <lora:{name}:{weight:g}>" for name, _file, weight in params.loras)
     fields = [
         f"Steps: {params.steps}",
@@ -46,6 +71,8 @@ def parameters_text(params: GenParams, seed: int, sampler_label: str) -> str:
             fields.append(f"Hires negative prompt: {json.dumps(hires.negative_prompt)}")
     if params.refiner is not None:  # A1111's extra generation params of its refiner
         fields += [f"Refiner: {params.refiner.model}", f"Refiner switch at: {params.refiner.switch_at:g}"]
+    # the extension's entries, among A1111's extra generation params (before the version)
+    fields += [f"{key}: {value}" for key, value in controlnet_entries(params.controlnet).items()]
     fields.append(f"Version: craftserve {__version__}")
     lines = [params.prompt + lora_tags]
     if params.negative_prompt:

@@ -131,13 +131,14 @@ def write_models_file(folder: Path, text: str) -> Path:
 
 
 def shipped_models_text() -> str:
-    """The shipped models.yaml with its relative paths (the sample LoRA, the LoRA and embedding
-    folders) made absolute, for a copy written to another folder."""
+    """The shipped models.yaml with its relative paths (the sample LoRA, the LoRA, embedding
+    and ControlNet folders) made absolute, for a copy written to another folder."""
     root = Path(__file__).resolve().parents[1]
     text = (root / "models.yaml").read_text(encoding="utf-8")
     return (text.replace("path: loras/", f"path: {root}/loras/")
             .replace("\n  - loras\n", f"\n  - {root}/loras\n")
-            .replace("\n  - embeddings\n", f"\n  - {root}/embeddings\n"))
+            .replace("\n  - embeddings\n", f"\n  - {root}/embeddings\n")
+            .replace("\n  - controlnet\n", f"\n  - {root}/controlnet\n"))
 
 
 TINY_MODELS = """

@@ -322,3 +322,166 @@ def test_a_unit_body_reads_as_the_a1111_unit() -> None:
     assert np.array_equal(np.asarray(a.image), np.asarray(CONTROL))
     off = asyncio.run(read_unit_list("args", [{"model": "None"}], settings, listed_means_enabled=False))
     assert off == ()
+
+
+# ---- the infotext: the extension's `ControlNet N` entries in every dialect's PNG text ---------
+def _entry(title: str) -> str:
+    """The extension's entry for INFO_UNITS[0], written out by hand."""
+    return (f'ControlNet 0: "Module: canny, Model: {title}, Weight: 0.7, Resize Mode: Resize and Fill, '
+            'Processor Res: 128, Threshold A: 50, Threshold B: -1, Guidance Start: 0.2, Guidance End: 0.6, '
+            'Pixel Perfect: False, Control Mode: ControlNet is more important"')
+
+
+INFO_UNITS = [
+    {"model": "CN-XL", "module": "Canny", "image": b64(CONTROL), "weight": 0.7, "guidance_start": 0.2,
+     "guidance_end": 0.6, "control_mode": "ControlNet is more important", "resize_mode": 2,
+     "processor_res": 128, "threshold_a": 50},
+    {"model": "cn-xl", "image": b64(PICTURE), "weight": 1.25, "control_mode": 1, "pixel_perfect": True},
+]
+SECOND_ENTRY = ('ControlNet 1: "Module: none, Model: {title}, Weight: 1.25, Resize Mode: Crop and Resize, '
+                'Processor Res: -1, Threshold A: -1, Threshold B: -1, Guidance Start: 0, Guidance End: 1, '
+                'Pixel Perfect: True, Control Mode: My prompt is more important"')
+
+
+def _title(nets: dict) -> str:
+    from tests.test_controlnet import old_hash
+
+    return f"cn-xl [{old_hash(nets['folder'] / 'cn-xl' / 'diffusion_pytorch_model.safetensors')}]"
+
+
+def _entries_of(text: str) -> list[str]:
+    """The `ControlNet N: "..."` entries of an infotext's last line, in order."""
+    import re
+
+    return re.findall(r'ControlNet \d+: "[^"]*"', text.splitlines()[-1])
+
+
+def test_openai_and_job_pngs_carry_the_controlnet_entries(http, nets) -> None:  # noqa: ANN001
+    """The `parameters` text chunk (read with PIL) of an OpenAI answer and of a job's image has
+    one entry per unit, as the extension writes them, before the version; A1111's infotext and
+    PNG say the same, and png-info reads the entry back as one field."""
+    title = _title(nets)
+    expected = [_entry(title), SECOND_ENTRY.format(title=title)]
+    answer = http.post("/v1/images/generations", headers=AUTH, json={
+        "model": "tiny-sdxl", "prompt": "a lighthouse", "size": "64x64", "response_format": "b64_json",
+        **EXTRA, "controlnet": INFO_UNITS})
+    assert answer.status_code == 200, answer.text
+    openai_text = Image.open(io.BytesIO(base64.b64decode(answer.json()["data"][0]["b64_json"]))).info[
+        "parameters"]
+    assert _entries_of(openai_text) == expected, openai_text
+    assert openai_text.splitlines()[-1].endswith(expected[-1] + ", Version: craftserve " + _version())
+
+    _, image = run_job(http, controlnet=INFO_UNITS)
+    assert _entries_of(image.info["parameters"]) == expected, image.info["parameters"]
+
+    a1111 = http.post("/sdapi/v1/txt2img", headers=AUTH, json={
+        "prompt": "a lighthouse", "steps": 5, "width": 64, "height": 64, "seed": 11, "sampler_name": "Euler",
+        "cfg_scale": 5, "alwayson_scripts": {"controlnet": {"args": [{**u, "enabled": True}
+                                                                    for u in INFO_UNITS]}}})
+    assert a1111.status_code == 200, a1111.text
+    info = json.loads(a1111.json()["info"])
+    png_text = Image.open(io.BytesIO(base64.b64decode(a1111.json()["images"][0]))).info["parameters"]
+    assert _entries_of(info["infotexts"][0]) == expected == _entries_of(png_text)
+    assert info["infotexts"][0] == png_text
+    assert info["extra_generation_params"]["ControlNet 0"] == expected[0].split(": ", 1)[1]
+    read = http.post("/sdapi/v1/png-info", headers=AUTH, json={"image": a1111.json()["images"][0]})
+    assert read.status_code == 200, read.text
+    assert read.json()["parameters"]["ControlNet 1"] == expected[1].split(": ", 1)[1][1:-1]
+
+
+def _version() -> str:
+    from app import __version__
+
+    return __version__
+
+
+def test_a_request_without_units_has_no_controlnet_entry(http) -> None:  # noqa: ANN001
+    answer = http.post("/v1/images/generations", headers=AUTH, json={
+        "model": "tiny-sdxl", "prompt": "a lighthouse", "size": "64x64", "response_format": "b64_json",
+        **EXTRA})
+    text = Image.open(io.BytesIO(base64.b64decode(answer.json()["data"][0]["b64_json"]))).info["parameters"]
+    assert "ControlNet" not in text and "Steps: 5" in text
+
+
+# ---- preprocessing stays within the image pixel limit ----------------------------------------
+# A 16x1024 picture at resolution 2048: its short side x128, so 2048x131072 (268 million pixels)
+# where CRAFTSERVE_MAX_IMAGE_PIXELS is 4096^2 = 16777216 by default.
+THIN = Image.new("RGB", (16, 1024), (90, 140, 200))
+LIMIT = 4096 * 4096
+
+
+@pytest.fixture()
+def no_resize(monkeypatch):  # noqa: ANN001, ANN201
+    """Any preprocessing resize fails the request (a 500): a refusal must come before it."""
+    from app.engine import preprocessors
+
+    def refuse(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        raise AssertionError("the picture was resized")
+
+    monkeypatch.setattr(preprocessors, "short_side_resize", refuse)
+
+
+def _says_the_limit(message: str, size: str) -> None:
+    assert size in message and str(LIMIT) in message and "CRAFTSERVE_MAX_IMAGE_PIXELS" in message, message
+
+
+def test_detect_refuses_a_working_picture_past_the_pixel_limit(http, no_resize) -> None:  # noqa: ANN001
+    answer = http.post("/controlnet/detect", headers=AUTH, json={
+        "controlnet_module": "canny", "controlnet_input_images": [b64(THIN)],
+        "controlnet_processor_res": 2048})
+    assert answer.status_code == 422, answer.text
+    detail = answer.json()["detail"]
+    assert "controlnet_processor_res" in detail
+    _says_the_limit(detail, "2048x131072")
+
+
+def test_detect_within_the_limit_answers_the_working_size(http) -> None:  # noqa: ANN001
+    """64x4096 at resolution 256: short side x4, 256x16384 (4194304 pixels, within the limit)."""
+    picture = Image.new("RGB", (64, 4096), (10, 200, 30))
+    answer = http.post("/controlnet/detect", headers=AUTH, json={
+        "controlnet_module": "invert", "controlnet_input_images": [b64(picture)],
+        "controlnet_processor_res": 256})
+    assert answer.status_code == 200, answer.text
+    detected = decoded(answer.json()["images"][0])
+    assert detected.size == (256, 16384)
+    assert detected.getpixel((100, 9000)) == (245, 55, 225)
+
+
+def test_units_past_the_limit_are_refused_in_every_dialect(http, no_resize) -> None:  # noqa: ANN001
+    unit = {"model": "cn-xl", "module": "canny", "image": b64(THIN), "processor_res": 2048}
+    a1111 = http.post("/sdapi/v1/txt2img", headers=AUTH, json={
+        "prompt": "a", "steps": 2, "width": 64, "height": 64,
+        "alwayson_scripts": {"controlnet": {"args": [{**unit, "enabled": True}]}}})
+    assert a1111.status_code == 422, a1111.text
+    assert "alwayson_scripts.controlnet.args[0].processor_res" in a1111.json()["detail"]
+    _says_the_limit(a1111.json()["detail"], "2048x131072")
+
+    openai_answer = http.post("/v1/images/generations", headers=AUTH, json={
+        "model": "tiny-sdxl", "prompt": "a", "size": "64x64", **EXTRA, "controlnet": [unit]})
+    assert openai_answer.status_code == 400, openai_answer.text
+    error = openai_answer.json()["error"]
+    assert error["param"] == "controlnet[0].processor_res"
+    _says_the_limit(error["message"], "2048x131072")
+
+    job = http.post("/jobs", headers=AUTH, json=job_body(controlnet=[unit]))
+    assert job.status_code == 422, job.text
+    assert "controlnet[0].processor_res" in job.json()["detail"]
+
+
+def test_a_pixel_perfect_unit_and_an_init_picture_are_bounded_too(http, no_resize) -> None:  # noqa: ANN001
+    """Pixel perfect at 1024x1024 with Crop and Resize: the 16x1024 picture's short side once
+    fitted is 16 x 64 = 1024, so 1024x65536. Without an image, img2img's picture is the one."""
+    unit = {"model": "cn-xl", "module": "canny", "image": b64(THIN), "pixel_perfect": True, "enabled": True}
+    answer = http.post("/sdapi/v1/txt2img", headers=AUTH, json={
+        "prompt": "a", "steps": 2, "width": 1024, "height": 1024,
+        "alwayson_scripts": {"controlnet": {"args": [unit]}}})
+    assert answer.status_code == 422, answer.text
+    assert "args[0].pixel_perfect" in answer.json()["detail"]
+    _says_the_limit(answer.json()["detail"], "1024x65536")
+
+    answer = http.post("/sdapi/v1/img2img", headers=AUTH, json={
+        "prompt": "a", "steps": 2, "width": 64, "height": 64, "init_images": [b64(THIN)],
+        "alwayson_scripts": {"controlnet": {"args": [{**unit, "image": "", "pixel_perfect": False,
+                                                       "processor_res": 2048}]}}})
+    assert answer.status_code == 422, answer.text
+    _says_the_limit(answer.json()["detail"], "2048x131072")

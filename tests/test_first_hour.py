@@ -37,7 +37,7 @@ import pytest
 from PIL import Image
 
 from app.errors import ErrorKind, Unavailable
-from tests.conftest import API_KEY, body, png
+from tests.conftest import API_KEY, body, png, shipped_models_text
 from tests.test_hub import hub_off  # noqa: F401 - the fixture
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -156,9 +156,7 @@ def _pngs(folder: Path) -> dict[Path, float]:
 def _shipped_server(make_server):  # noqa: ANN001, ANN202
     from tests.live import LiveServer  # noqa: F401 - make_server's kind
 
-    return make_server((ROOT / "models.yaml").read_text(encoding="utf-8").replace(
-        "path: loras/", f"path: {ROOT}/loras/").replace("\n  - loras\n", f"\n  - {ROOT}/loras\n")
-        .replace("\n  - embeddings\n", f"\n  - {ROOT}/embeddings\n"), wait_ready=False)
+    return make_server(shipped_models_text(), wait_ready=False)
 
 
 def _wait_preloaded(server, timeout: float = 120) -> None:  # noqa: ANN001
@@ -175,6 +173,8 @@ def test_the_examples_are_found() -> None:
     assert len(readme) >= 5 and len(clients) >= 8
     assert any("/sdapi/v1/txt2img" in b["code"] for b in readme)
     assert any("images.edit" in b["code"] and "OpenAI(" in b["code"] for b in clients)  # joined
+    assert any("tiny-canny" in b["code"] and "/controlnet/detect" in b["code"] for b in readme)
+    assert any("ControlNetUnit" in b["code"] and "WebUIApi(" in b["code"] for b in clients)  # joined
     assert not any("docker build" in b["code"] or "make serve" in b["code"] for b in readme)
 
 
@@ -209,7 +209,7 @@ def test_every_example_of_the_docs_runs_offline_on_the_defaults(
                         assert image.format == "PNG", f"{where}: {png_path.name} is not a PNG"
                         image.load()
             ran.append(where)
-    assert len(ran) >= 13, ran
+    assert len(ran) >= 25, ran
     assert hub_off["outside"] == []
     assert len(hub_off["hub"]) <= 1  # the Hub asked once (or not at all: the cache answered)
 
@@ -284,9 +284,31 @@ def _make_samples():  # noqa: ANN202
 
 def test_the_shipped_samples_are_what_the_script_writes(tmp_path: Path) -> None:
     samples = _make_samples()
-    samples.write(tmp_path / "lora.safetensors", tmp_path / "embedding.safetensors")
+    samples.write(tmp_path / "lora.safetensors", tmp_path / "embedding.safetensors",
+                  tmp_path / "controlnet.safetensors")
     assert (tmp_path / "lora.safetensors").read_bytes() == samples.LORA.read_bytes()
     assert (tmp_path / "embedding.safetensors").read_bytes() == samples.EMBEDDING.read_bytes()
+    assert (tmp_path / "controlnet.safetensors").read_bytes() == samples.CONTROLNET.read_bytes()
+    assert samples.CONTROLNET.stat().st_size < 1_200_000  # small enough to commit
+
+
+def test_the_sample_controlnet_is_tiny_sdxls_encoder_with_live_zero_convolutions() -> None:
+    """Read with safetensors and compared with tiny-sdxl's UNet built here: the mirrored
+    layers are the UNet's (in half precision), the zero convolutions are not zero."""
+    import torch
+    from safetensors.torch import load_file
+
+    from app.engine.tiny import build_tiny_sdxl
+
+    tensors = load_file(str(ROOT / "controlnet" / "tiny-canny.safetensors"))
+    unet = build_tiny_sdxl().unet.state_dict()
+    mirrored = [k for k in tensors if k.startswith(("conv_in.", "time_embedding.", "add_embedding.",
+                                                    "down_blocks.", "mid_block."))]
+    assert len(mirrored) > 50
+    for key in mirrored:
+        assert torch.equal(tensors[key].float(), unet[key].half().float()), key
+    zero_convs = [k for k in tensors if k.startswith(("controlnet_down_blocks.", "controlnet_mid_block."))]
+    assert zero_convs and all(tensors[k].abs().max() > 0.1 for k in zero_convs)
 
 
 def test_the_samples_fit_tiny_sdxl_and_change_the_image(hub_off: dict, make_server, server) -> None:  # noqa: F811
@@ -304,6 +326,30 @@ def test_the_samples_fit_tiny_sdxl_and_change_the_image(hub_off: dict, make_serv
         token = png(c.post("/sd", json=body(prompt="a tiny-token house")))
         without = png(plain.post("/sd", json=body(prompt="a tiny-token house")))
         assert token.tobytes() != without.tobytes()
+        _the_sample_controlnet_changes_the_image(c)
+
+
+def _the_sample_controlnet_changes_the_image(c) -> None:  # noqa: ANN001
+    """tiny-canny is listed, fits tiny-sdxl (a unit runs) and changes the picture; the same
+    unit at weight 0 gives the picture without it."""
+    import numpy as np
+
+    auth = {"Authorization": f"Bearer {API_KEY}"}
+    assert c.get("/controlnet/model_list", headers=auth).json()["model_list"][0].startswith("tiny-canny [")
+    house = base64.b64encode((ROOT / "examples" / "house.png").read_bytes()).decode()
+    request = {"model": "tiny-sdxl", "prompt": "a house", "size": "128x128", "steps": 4, "seed": 5,
+               "response_format": "b64_json"}
+
+    def generate(**extra: object) -> np.ndarray:
+        answer = c.post("/v1/images/generations", headers=auth, json={**request, **extra})
+        assert answer.status_code == 200, answer.text
+        data = base64.b64decode(answer.json()["data"][0]["b64_json"])
+        return np.asarray(Image.open(io.BytesIO(data)).convert("RGB")).astype(int)
+
+    plain = generate()
+    unit = {"model": "tiny-canny", "module": "canny", "image": house, "processor_res": 128}
+    assert np.abs(generate(controlnet=[unit]) - plain).mean() > 1
+    assert np.abs(generate(controlnet=[{**unit, "weight": 0}]) - plain).max() <= 1
 
 
 # ---- loading one model never delays another's jobs -------------------------------------------

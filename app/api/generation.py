@@ -280,12 +280,14 @@ MAX_CONTROL_WEIGHT = 2.0
 
 def _units(body: ImageRequest, spec: Any, registry: Registry, settings: Settings) -> tuple[ControlUnit, ...]:
     """The request's ControlNet units checked (count, names, the model's fit, ranges, an image
-    to use) and resolved; their images are prepared by `prepare_controls`."""
+    to use, the size it is preprocessed at) and resolved; their images are prepared by
+    `prepare_controls`."""
     from app.engine.preprocessors import check_preprocessor
 
     units = body.controlnet
     if not units:
         return ()
+    gen_size = (round_up8(body.width), round_up8(body.height))  # what prepare_controls fits to
     limit = settings.controlnet_max_units
     if len(units) > limit:
         raise InvalidParameter(units[limit].where, f"<{len(units)} units>", f"at most {limit} ControlNet "
@@ -315,6 +317,9 @@ def _units(body: ImageRequest, spec: Any, registry: Registry, settings: Settings
         if unit.image is None and body.image is None:
             raise InvalidParameter(f"{at}.image", None, "a ControlNet unit needs an image (base64); "
                                    "only img2img may leave it out to use its init picture")
+        for picture in (unit.image,) if unit.image is not None else body.image.images:
+            check_working_size(f"{at}.pixel_perfect" if unit.pixel_perfect else f"{at}.processor_res",
+                               module, picture.size, _resolution(unit, picture.size, gen_size), settings)
         if unit.hr_option not in HR_OPTIONS:
             raise InvalidParameter(f"{at}.hr_option", unit.hr_option, f"one of {', '.join(HR_OPTIONS)}")
         # Without the hires fix every unit guides the one pass (the extension's "Both"), so the
@@ -325,8 +330,41 @@ def _units(body: ImageRequest, spec: Any, registry: Registry, settings: Settings
                                     start=float(unit.guidance_start), end=float(unit.guidance_end),
                                     mode=mode, hr_option=hr_option,
                                     hires_mode=hires_mode(module.name, mode)
-                                    if body.hires is not None else None))
+                                    if body.hires is not None else None,
+                                    title=net.title, module=module.name,
+                                    resize_mode=int(unit.resize_mode), processor_res=unit.processor_res,
+                                    threshold_a=unit.threshold_a, threshold_b=unit.threshold_b,
+                                    pixel_perfect=unit.pixel_perfect))
     return tuple(resolved)
+
+
+def check_working_size(field: str, module: Any, size: tuple[int, int], resolution: float,
+                       settings: Settings) -> None:
+    """Refuse a preprocessing whose working picture (the control picture of `size` with its
+    short side scaled to the module's resolution) would be past CRAFTSERVE_MAX_IMAGE_PIXELS,
+    from the sizes alone, before anything is allocated. `field` names the resolution's field."""
+    from app.engine.preprocessors import working_resolution, working_size
+
+    width, height = working_size(module, size, resolution)
+    limit = settings.max_image_pixels
+    if width * height <= limit:
+        return
+    working = working_resolution(module, resolution)
+    raise InvalidParameter(field, working, f"preprocessing the {size[0]}x{size[1]} control picture with "
+                           f"'{module.name}' at resolution {working} (its short side scaled to {working}) "
+                           f"would make a {width}x{height} picture; at most {limit} pixels (setting "
+                           "CRAFTSERVE_MAX_IMAGE_PIXELS): send a lower resolution or a less elongated "
+                           "picture")
+
+
+def _resolution(unit: UnitRequest, size: tuple[int, int], gen_size: tuple[int, int]) -> float:
+    """The preprocessing resolution asked of a unit for a picture of `size`: its processor_res,
+    or with pixel_perfect the extension's resolution from the generated size."""
+    from app.engine.preprocessors import pixel_perfect_resolution
+
+    if unit.pixel_perfect:
+        return pixel_perfect_resolution(size, *gen_size, unit.resize_mode)
+    return unit.processor_res
 
 
 def _control_maps(unit: UnitRequest, picture: Any, width: int, height: int,
@@ -336,14 +374,12 @@ def _control_maps(unit: UnitRequest, picture: Any, width: int, height: int,
     perfect reads the first pass's size) and the detected map is fitted to each pass.
     `annotators`: the registry's annotator files (app.annotator_files), for the modules that
     need weights."""
-    from app.engine.preprocessors import detect, find_preprocessor, fit, pixel_perfect_resolution
+    from app.engine.preprocessors import detect, find_preprocessor, fit
 
     module = find_preprocessor(unit.module)
     assert module is not None
     image = unit.image if unit.image is not None else picture
-    resolution = unit.processor_res
-    if unit.pixel_perfect:
-        resolution = pixel_perfect_resolution(image.size, width, height, unit.resize_mode)
+    resolution = _resolution(unit, image.size, (width, height))
     detected = detect(module, image, resolution, unit.threshold_a, unit.threshold_b, files=annotators,
                       field=f"{unit.where}.module")
     hires_map = None if hires is None else fit(detected, *hires, unit.resize_mode)

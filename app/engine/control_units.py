@@ -1,7 +1,8 @@
 """ControlNet units as jobs carry them: torch-free, so the HTTP side and the queue can hold them.
 
-`ControlUnit` (frozen, hashable: part of a batch key) is a unit as the worker runs it; each
-job's control images are a `ControlImages` (compared by identity). `runs_at` and
+`ControlUnit` (frozen, hashable: part of a batch key) is a unit as the worker runs it, with
+what the infotext says of its preprocessing (not compared: units that differ only there share
+a batch); each job's control images are a `ControlImages` (compared by identity). `runs_at` and
 `block_factors` are sd-webui-controlnet's step window and control-mode factors, which
 app.engine.controlnet applies.
 
@@ -17,7 +18,7 @@ important".
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 BALANCED, PROMPT_MORE, CONTROL_MORE = 0, 1, 2
@@ -31,7 +32,9 @@ SOFT_FACTOR = 0.825
 
 @dataclass(frozen=True)
 class ControlUnit:
-    """One enabled unit as the worker runs it (everything but its images)."""
+    """One enabled unit as the worker runs it (everything but its images), and the facts of its
+    preprocessing that the `ControlNet N` infotext entry reports (app.imaging), left out of
+    comparisons: the images were preprocessed before the job was queued."""
 
     name: str  # the ControlNet's name in the registry
     weights: str  # its weights file (a changed file is another net)
@@ -42,6 +45,14 @@ class ControlUnit:
     # Which passes of the hires fix it guides ("Both" without the hires fix, as the extension)
     hr_option: str = BOTH
     hires_mode: int | None = None  # its control mode in the hires pass; None: `mode`
+
+    title: str = field(default="", compare=False)  # "<name> [<old hash>]", as A1111 lists it
+    module: str = field(default="none", compare=False)  # the preprocessor's name
+    resize_mode: int = field(default=1, compare=False)  # 0 Just Resize, 1 Crop and Resize, 2 Resize and Fill
+    processor_res: float = field(default=-1, compare=False)  # as sent (-1: the preprocessor's default)
+    threshold_a: float = field(default=-1, compare=False)
+    threshold_b: float = field(default=-1, compare=False)
+    pixel_perfect: bool = field(default=False, compare=False)
 
     @property
     def low_res(self) -> bool:

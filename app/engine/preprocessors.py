@@ -79,13 +79,20 @@ def _as_rgb(array: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(array.astype(np.uint8))
 
 
+def short_side_size(size: tuple[int, int], resolution: int) -> tuple[int, int]:
+    """(width, height) of a picture of `size` once its short side is `resolution`."""
+    width, height = size
+    k = resolution / min(height, width)
+    return int(np.round(width * k)), int(np.round(height * k))
+
+
 def short_side_resize(image: np.ndarray, resolution: int) -> np.ndarray:
     """The picture with its short side `resolution` (cubic enlarging, area shrinking)."""
     height, width = image.shape[:2]
-    k = resolution / min(height, width)
-    size = (int(np.round(width * k)), int(np.round(height * k)))
+    size = short_side_size((width, height), resolution)
     if size == (width, height):
         return image
+    k = resolution / min(height, width)
     return cv2.resize(image, size, interpolation=cv2.INTER_CUBIC if k > 1 else cv2.INTER_AREA)
 
 
@@ -245,15 +252,33 @@ def slider_value(asked: float | None, slider: Slider | None) -> float:
     return float(asked)
 
 
+def working_resolution(module: Preprocessor, resolution: float | None) -> int | None:
+    """The short side `detect` scales a picture to for `module` asked at `resolution` (the
+    extension's slider rule); None: the module takes the picture as it is."""
+    if module.resolution is None:
+        return None
+    return int(slider_value(resolution, module.resolution))
+
+
+def working_size(module: Preprocessor, size: tuple[int, int], resolution: float | None) -> tuple[int, int]:
+    """(width, height) of the picture `detect` hands the module, from the picture's `size`
+    alone: what a caller checks against its pixel limit before anything is allocated (the
+    short side goes up to 2048, so an elongated picture's long side grows with it)."""
+    working = working_resolution(module, resolution)
+    return size if working is None else short_side_size(size, working)
+
+
 def detect(module: Preprocessor, image: Image.Image, resolution: float | None = None,
            a: float | None = None, b: float | None = None, *, files: AnnotatorFiles | None = None,
            field: str = "module") -> Image.Image:
-    """The detected map of an RGB picture (RGB, at the preprocessing resolution). A module that
-    needs weights takes them from `files` (checked first by `check_preprocessor`); a file that
-    is gone or cannot be used is an InvalidParameter on `field`."""
+    """The detected map of an RGB picture (RGB, at the preprocessing resolution; its size is
+    `working_size`). A module that needs weights takes them from `files` (checked first by
+    `check_preprocessor`); a file that is gone or cannot be used is an InvalidParameter on
+    `field`."""
     array = np.asarray(image.convert("RGB"))
-    if module.resolution is not None:
-        array = short_side_resize(array, int(slider_value(resolution, module.resolution)))
+    working = working_resolution(module, resolution)
+    if working is not None:
+        array = short_side_resize(array, working)
     args: tuple[Any, ...] = (np.ascontiguousarray(array), slider_value(a, module.a),
                              slider_value(b, module.b))
     if module.weights is not None:

@@ -1,6 +1,7 @@
 """sd-webui-controlnet's API on craftserve: the units of `alwayson_scripts.controlnet.args`
-(txt2img, img2img) as the core's `UnitRequest`s, their `ControlNet N` infotext entries, and the
-`/controlnet/*` routes (version, model_list, module_list, control_types, settings, detect).
+(txt2img, img2img) as the core's `UnitRequest`s (their `ControlNet N` infotext entries are
+app.imaging's, written for every dialect), and the `/controlnet/*` routes (version, model_list,
+module_list, control_types, settings, detect).
 
 The script key is found in any case; its units are read by app.api.controlnet_units (shared
 with the other dialects' `controlnet` extension), as the extension reads them. One choice
@@ -24,16 +25,12 @@ from app.api.a1111.errors import AUTH_ERRORS, INPUT_ERRORS
 from app.api.controlnet_units import number, read_unit_list
 from app.api.credentials import CallerDep
 from app.api.deps import RegistryDep, SettingsDep
-from app.api.generation import UnitRequest
+from app.api.generation import UnitRequest, check_working_size
 from app.config import Settings
-from app.controlnet_files import find_controlnet
-from app.engine.control_units import CONTROL_MODES
 from app.engine.preprocessors import (
     CONTROL_TYPES,
-    RESIZE_MODES,
     check_preprocessor,
     detect,
-    find_preprocessor,
     served_preprocessors,
 )
 from app.errors import InvalidParameter
@@ -58,30 +55,6 @@ async def read_units(scripts: Mapping[str, Any] | None, settings: Settings) -> t
         return ()
     base, args = found
     return await read_unit_list(base, args, settings, listed_means_enabled=False)
-
-
-def infotext_entries(units: tuple[UnitRequest, ...], registry: Any) -> dict[str, str]:
-    """The extension's `ControlNet N` entries of the infotext."""
-    entries = {}
-    served = getattr(registry, "controlnets", {}) or {}
-    for index, unit in enumerate(units):
-        net = find_controlnet(unit.model, served)
-        module = find_preprocessor(unit.module)
-        parts = {
-            "Module": module.name if module else unit.module,
-            "Model": net.title if net else unit.model,
-            "Weight": f"{unit.weight:g}",
-            "Resize Mode": RESIZE_MODES[unit.resize_mode],
-            "Processor Res": f"{unit.processor_res:g}",
-            "Threshold A": f"{unit.threshold_a:g}",
-            "Threshold B": f"{unit.threshold_b:g}",
-            "Guidance Start": f"{unit.guidance_start:g}",
-            "Guidance End": f"{unit.guidance_end:g}",
-            "Pixel Perfect": str(unit.pixel_perfect),
-            "Control Mode": CONTROL_MODES[unit.control_mode],
-        }
-        entries[f"ControlNet {index}"] = '"' + ", ".join(f"{k}: {v}" for k, v in parts.items()) + '"'
-    return entries
 
 
 def png_base64(image: Any) -> str:
@@ -166,6 +139,7 @@ async def detect_route(client: CallerDep, settings: SettingsDep, registry: Regis
         res = number("controlnet_processor_res", body.get("controlnet_processor_res"), 512)
         a = number("controlnet_threshold_a", body.get("controlnet_threshold_a"), -1)
         b = number("controlnet_threshold_b", body.get("controlnet_threshold_b"), -1)
+        check_working_size("controlnet_processor_res", module, picture.size, res, settings)
         detected = await off_loop(functools.partial(detect, files=annotators, field="controlnet_module"),
                                   module, picture, res, a, b)
         out.append(await off_loop(png_base64, detected))

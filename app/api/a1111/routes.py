@@ -12,7 +12,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Body, Depends, Request
 from fastapi.responses import JSONResponse
 
-from app.api.a1111.controlnet import infotext_entries, png_base64, read_units
+from app.api.a1111.controlnet import png_base64, read_units
 from app.api.a1111.errors import ADMIN_ERRORS, AUTH_ERRORS, GENERATION_ERRORS, INPUT_ERRORS, REFRESH_FAILED
 from app.api.a1111.hashes import lora_file_metadata, short
 from app.api.a1111.models import (
@@ -74,7 +74,7 @@ async def txt2img(
 ) -> JSONResponse:
     """A txt2img body as the shared core's request (translate.plan), its images as A1111's
     answer (translate.answer); an interrupt or skip by the same key answers 409."""
-    planned = await _with_units(plan(body, state, client, registry, settings), body, registry, settings)
+    planned = await _with_units(plan(body, state, client, registry, settings), body, settings)
     return await _run(planned, body, request, client, share, state, engine, registry, settings)
 
 
@@ -95,17 +95,16 @@ async def img2img(
     """txt2img's fields plus the pictures (`init_images`, `mask`) and A1111's img2img knobs with
     its API's defaults (translate.plan_img2img); answered as txt2img is."""
     planned = await _with_units(await plan_img2img(body, state, client, registry, settings), body,
-                                registry, settings)
+                                settings)
     return await _run(planned, body, request, client, share, state, engine, registry, settings)
 
 
-async def _with_units(planned: Plan, body: A1111Txt2ImgRequest, registry: Any, settings: Any) -> Plan:
+async def _with_units(planned: Plan, body: A1111Txt2ImgRequest, settings: Any) -> Plan:
     """The plan with the body's ControlNet units (alwayson_scripts.controlnet.args)."""
     units = await read_units(body.alwayson_scripts, settings)
     if not units:
         return planned
-    extra = {**planned.extra_params, **infotext_entries(units, registry)}
-    return replace(planned, request=replace(planned.request, controlnet=units), extra_params=extra)
+    return replace(planned, request=replace(planned.request, controlnet=units))
 
 
 async def _run(planned: Plan, body: A1111Txt2ImgRequest, request: Request, client: str, share: int,

@@ -39,7 +39,7 @@ from app.api.rules import (
 )
 from app.config import Settings
 from app.errors import CraftError, ErrorKind, InvalidParameter, NotServed
-from app.imaging import parameters_text
+from app.imaging import controlnet_entries, parameters_text
 from app.registry import Registry
 from app.samplers import SCHEDULES
 from app.styles import PromptStyle, apply_styles
@@ -95,7 +95,6 @@ class Plan:
     styles: tuple[str, ...] = ()  # applied, in order
     sent_prompt: str = ""  # the prompts as sent, before the styles (`parameters` echoes them)
     sent_negative_prompt: str = ""
-    extra_params: dict[str, str] = field(default_factory=dict)  # infotext entries (ControlNet N)
 
 
 def _not_applied(body: A1111Txt2ImgRequest) -> dict[str, Any]:
@@ -304,11 +303,6 @@ class InitImageMissing(CraftError):
         super().__init__("Init image not found")
 
 
-def _with_extra(text: str, extra: Mapping[str, str]) -> str:
-    """An infotext with more `Key: value` entries at the end (ControlNet's)."""
-    return text + "".join(f", {key}: {value}" for key, value in extra.items())
-
-
 _SCHEDULE_BY_SUFFIX = {s.suffix: s for s in SCHEDULES}
 
 
@@ -345,10 +339,9 @@ def answer(plan: Plan, generated: list[Generated], registry: Registry,
         "seed_resize_from_w": -1, "seed_resize_from_h": -1, "denoising_strength": None,
         **plan.info,
         "extra_generation_params": {"Schedule type": schedule_label, **hashes.extra_params(),
-                                    **plan.extra_params},
+                                    **controlnet_entries(params.controlnet)},
         "index_of_first_image": 0,
-        "infotexts": [_with_extra(parameters_text(g.params, g.result.seed, g.result.sampler_label),
-                                  plan.extra_params) for g in generated],
+        "infotexts": [parameters_text(g.params, g.result.seed, g.result.sampler_label) for g in generated],
         "styles": list(plan.styles), "job_timestamp": time.strftime("%Y%m%d%H%M%S"),
         "clip_skip": plan.clip_skip, "is_using_inpainting_conditioning": False,
         "version": f"craftserve {__version__}",
