@@ -40,7 +40,8 @@ class AnnotatorFiles:
         if self.folder is None:
             return (f"{module} needs {name} in an annotator folder, and models.yaml sets no "
                     "annotator_dir")
-        return f"{module} needs {name} in annotator_dir ({self.folder}); it is not there"
+        # (the folder is not named: answers never show the server's paths)
+        return f"{module} needs {name} in models.yaml's annotator_dir; it is not there"
 
 
 def _candidates(folder: Path, name: str) -> list[Path]:

@@ -468,8 +468,8 @@ def test_listing_and_the_missing_file_rule(weights, tmp_path: Path) -> None:  # 
     with pytest.raises(InvalidParameter) as caught:
         check_preprocessor("units[1].module", "lineart_coarse", files)
     assert caught.value.message == (
-        f"This server doesn't have units[1].module 'lineart_coarse': lineart_coarse needs sk_model2.pth "
-        f"in annotator_dir ({weights['folder']}); it is not there")
+        "This server doesn't have units[1].module 'lineart_coarse': lineart_coarse needs sk_model2.pth "
+        "in models.yaml's annotator_dir; it is not there")
     with pytest.raises(InvalidParameter) as caught:
         check_preprocessor("module", "HED", None)
     assert "softedge_hed needs ControlNetHED.pth" in caught.value.message
@@ -543,8 +543,8 @@ def test_detect_runs_hed_and_names_a_missing_file(http, weights) -> None:  # noq
         "controlnet_module": "lineart_coarse", "controlnet_input_images": [b64(PICTURE)]})
     assert answer.status_code == 422
     assert answer.json()["detail"] == (
-        f"This server doesn't have controlnet_module 'lineart_coarse': lineart_coarse needs "
-        f"sk_model2.pth in annotator_dir ({weights['folder']}); it is not there")
+        "This server doesn't have controlnet_module 'lineart_coarse': lineart_coarse needs "
+        "sk_model2.pth in models.yaml's annotator_dir; it is not there")
 
 
 def _txt2img(http, module: str) -> object:  # noqa: ANN001
@@ -565,7 +565,8 @@ def test_a_unit_with_lineart_uses_the_generator_and_a_missing_one_is_422(http, w
     assert answer.status_code == 422
     detail = answer.json()["detail"]
     assert "alwayson_scripts.controlnet.args[0].module 'lineart_coarse'" in detail
-    assert f"sk_model2.pth in annotator_dir ({weights['folder']}); it is not there" in detail
+    assert "sk_model2.pth in models.yaml's annotator_dir; it is not there" in detail
+    assert str(weights["folder"]) not in detail  # answers never show the server's paths
 
 
 def test_a_file_added_is_served_after_a_reload(http, weights) -> None:  # noqa: ANN001
