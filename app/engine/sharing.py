@@ -86,7 +86,8 @@ def _batch_invariant(module: torch.nn.Module) -> bool:
 @torch.no_grad()
 def same_module(mine: Any, theirs: Any) -> bool:
     """Whether `theirs` computes exactly what `mine` does: the same class and config, and every
-    tensor of the same name, shape, dtype and device, and equal."""
+    tensor of the same name, shape, strides (a transposed weight takes another GEMM path, with
+    other last bits), dtype and device, and equal."""
     if mine is theirs:
         return True
     if type(mine) is not type(theirs) or not isinstance(mine, torch.nn.Module):
@@ -98,7 +99,7 @@ def same_module(mine: Any, theirs: Any) -> bool:
         return False
     for name, tensor in a.items():
         other = b[name]
-        if (tensor.shape != other.shape or tensor.dtype != other.dtype
+        if (tensor.shape != other.shape or tensor.stride() != other.stride() or tensor.dtype != other.dtype
                 or tensor.device != other.device or not torch.equal(tensor, other)):
             return False
     return True

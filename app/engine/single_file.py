@@ -297,7 +297,10 @@ def _fill(module: nn.Module, file: _File, source: Callable[[str], Source], dtype
             target = state[name]
             tensor = _fit(key, raw, how, target)
             kind = dtype if target.is_floating_point() else target.dtype
-            copy = tensor.dtype != kind or isinstance(how, tuple)  # a slice would pin the fused whole
+            # a slice would pin the fused whole; a transposed view (OpenCLIP's text_projection)
+            # would run the projection through another, non-contiguous GEMM path: a diffusers
+            # folder of the same weights computes other last bits
+            copy = tensor.dtype != kind or isinstance(how, tuple) or how == "transpose"
             loaded[name] = tensor.to(kind, copy=True).contiguous() if copy else tensor
             copied = copied and copy
         del raw, tensor
