@@ -1,12 +1,13 @@
 """Loading single-file checkpoints in the original layout, offline, with every tensor accounted for.
 
 No Hub function is called: the architecture comes from a diffusers-format config folder
-(app.checkpoints.config_folder: the entry's `config:` or the bundled app/configs/<family>),
-but for the UNet's input channels, read from the file (a dedicated inpainting checkpoint, 9
-channels, gets the family's inpainting pipeline); the modules are built on the meta device
-(no memory, no random init), and each parameter is read from the file by its original name.
-The name mapping (diffusers name -> original name) is derived here from the UNet/VAE configs,
-so it holds for any depth and width, tiny or full.
+(app.checkpoints.config_folder: the entry's `config:` or the bundled app/configs/<family>,
+app/configs/sdxl-refiner for SDXL's refiner, which loads as its image-to-image pipeline without
+a first text encoder), but for the UNet's input channels, read from the file (a dedicated
+inpainting checkpoint, 9 channels, gets the family's inpainting pipeline); the modules are
+built on the meta device (no memory, no random init), and each parameter is read from the
+file by its original name. The name mapping (diffusers name -> original name) is derived here
+from the UNet/VAE configs, so it holds for any depth and width, tiny or full.
 
 Every tensor must land: the load fails, naming the tensors, when a module parameter has no
 tensor in the file, when a shape differs, or when a tensor of the file is used by no module

@@ -728,10 +728,11 @@ class Worker:
                 steps: int, cfg: float, sampler: Any, offset: int, hires: bool = False,
                 **kwargs: Any) -> list:
         """The refiner's part of a pass: its image-to-image pipeline (its own UNet, text
-        encoders and VAE), from the model's latents with `denoising_start` or, where the
-        refiner runs the pass alone, from the pass's picture at its strength. The schedule is
-        made from the job's model's scheduler config, so both sides cut the same timesteps.
-        Each job's prompts are encoded by the refiner's own encoders (app.engine.prompts)."""
+        encoders and VAE, or a loaded model's equal VAE and encoder 2: app.engine.sharing),
+        from the model's latents with `denoising_start` or, where the refiner runs the pass
+        alone, from the pass's picture at its strength. The schedule is made from the job's
+        model's scheduler config, so both sides cut the same timesteps. Each job's prompts are
+        encoded by the refiner's own encoders (app.engine.prompts)."""
         pipe = pipeline_for(refiner, "img2img")
         seeds = [job.params.seed for job in group]
         pipe.scheduler = make_scheduler(sampler, model.scheduler_config, seeds[0])
