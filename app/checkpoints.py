@@ -7,8 +7,11 @@ encoder(s) under ``cond_stage_model.`` (SD 1.x/2.x) or ``conditioner.embedders.`
 
 Served: SD 1.x (CLIP ViT-L text encoder) and SDXL base (CLIP ViT-L + OpenCLIP bigG), each as
 a text-to-image UNet (4 input channels) or a dedicated inpainting one (9: the latents, the
-mask and the masked picture's latents; `CheckpointInfo.in_channels` tells the loader which).
-Refused with the reason, naming what was found: SDXL refiner, SD 2.x, UNets with any other
+mask and the masked picture's latents; `CheckpointInfo.in_channels` tells the loader which);
+and SDXL's refiner (one OpenCLIP bigG encoder, under ``conditioner.embedders.0.model.``, as
+`sd_xl_refiner_1.0.safetensors` ships; `CheckpointInfo.refiner`), served as a refiner only
+with the bundled app/configs/sdxl-refiner.
+Refused with the reason, naming what was found: SD 2.x, UNets with any other
 input (8: instruct-pix2pix / depth), SD3 / Flux / Stable Cascade /
 other families, LoRAs, bare VAEs (usable as a model's `vae:`), diffusers-layout files, pickles
 (`.ckpt`, `.pt`, `.pth`, `.bin`: never unpickled; convert them to safetensors), and
@@ -39,17 +42,20 @@ class ModelSpecLike(Protocol):
     source: str
     family: Family
     config: str | None
+    refiner_only: bool
 
 __all__ = [
     "BUNDLED_CONFIGS",
     "CheckpointError",
     "CheckpointInfo",
     "PICKLE_SUFFIXES",
+    "REFINER_CONFIG",
     "SERVED_IN_CHANNELS",
     "bundled_config",
     "config_folder",
     "inspect_checkpoint",
     "inspect_vae",
+    "is_refiner",
     "read_checkpoint_header",
     "unet_in_channels",
 ]
@@ -91,6 +97,7 @@ class CheckpointInfo:
     zero_terminal_snr: bool  # the file carries a `ztsnr` marker
     header: SafetensorsHeader
     in_channels: int = 4  # the UNet's input channels: 4 text-to-image, 9 inpainting
+    refiner: bool = False  # SDXL's refiner: one OpenCLIP bigG text encoder, no CLIP ViT-L
 
 
 # The UNet inputs served: 4 latent channels (text to image), 9 (inpainting: + mask + masked picture)
@@ -172,7 +179,8 @@ def classify(header: SafetensorsHeader, label: str) -> tuple[Family, str]:
     keys = header.keys
     other = _other_family(keys)
     if other:
-        raise CheckpointError(f"{label} is a {other} checkpoint; craftserve serves SDXL base and SD 1.x")
+        raise CheckpointError(
+            f"{label} is a {other} checkpoint; craftserve serves SDXL (base and refiner) and SD 1.x")
     if _looks_like_lora(keys):
         raise CheckpointError(
             f"{label} is a LoRA ({_first([k for k in keys if 'lora' in k])}), not a model; "
@@ -203,11 +211,11 @@ def classify(header: SafetensorsHeader, label: str) -> tuple[Family, str]:
             f"{label} is {kind} checkpoint: its UNet takes {conv_in[1]} input channels, "
             "text-to-image models take 4 and inpainting ones 9; craftserve serves those two"
         )
-    if _count(keys, REFINER_TEXT) and not _count(keys, SDXL_TEXT_1):
+    refiner = is_refiner(header)
+    if refiner and conv_in[1] != 4:
         raise CheckpointError(
-            f"{label} is an SDXL refiner (one OpenCLIP bigG text encoder under "
-            f"{REFINER_TEXT}, {conv_in[0]}-channel UNet); craftserve serves SDXL base, "
-            "not the refiner"
+            f"{label} is an SDXL refiner whose UNet takes {conv_in[1]} input channels; "
+            "the refiner craftserve serves takes 4"
         )
     if _count(keys, SD2_TEXT):
         raise CheckpointError(
@@ -217,6 +225,9 @@ def classify(header: SafetensorsHeader, label: str) -> tuple[Family, str]:
     if _count(keys, SDXL_TEXT_1) and _count(keys, SDXL_TEXT_2):
         family: Family = "sdxl"
         evidence = "SDXL base: CLIP ViT-L + OpenCLIP bigG text encoders"
+    elif refiner:
+        family = "sdxl"
+        evidence = f"SDXL refiner: one OpenCLIP bigG text encoder under {REFINER_TEXT}"
     elif _count(keys, SD1_TEXT):
         family = "sd15"
         evidence = "SD 1.x: CLIP ViT-L text encoder"
@@ -224,7 +235,8 @@ def classify(header: SafetensorsHeader, label: str) -> tuple[Family, str]:
         found = sorted({".".join(k.split(".")[:4]) for k in keys if k.startswith("conditioner.")})
         raise CheckpointError(
             f"{label} has SGM text encoders craftserve does not know ({', '.join(found[:4])}); "
-            "SDXL base has conditioner.embedders.0.transformer and conditioner.embedders.1.model"
+            "SDXL base has conditioner.embedders.0.transformer and conditioner.embedders.1.model, "
+            "SDXL's refiner conditioner.embedders.0.model alone"
         )
     else:
         raise CheckpointError(
@@ -236,6 +248,17 @@ def classify(header: SafetensorsHeader, label: str) -> tuple[Family, str]:
     if conv_in[1] == 9:
         evidence += ", inpainting (9-channel UNet)"
     return family, evidence
+
+
+def is_refiner(header: SafetensorsHeader) -> bool:
+    """SDXL's refiner layout: its one text encoder (OpenCLIP bigG) is SGM's embedder 0, under
+    conditioner.embedders.0.model. (diffusers' single-file loader tells it by a tensor there,
+    conditioner.embedders.0.model.transformer.resblocks.9.mlp.c_proj.bias), and there is no
+    CLIP ViT-L (the base's embedder 0, under conditioner.embedders.0.transformer.) nor a
+    second embedder."""
+    keys = header.keys
+    return bool(_count(keys, REFINER_TEXT) and not _count(keys, SDXL_TEXT_1)
+                and not _count(keys, "conditioner.embedders.1."))
 
 
 def unet_in_channels(header: SafetensorsHeader) -> int:
@@ -264,6 +287,7 @@ def inspect_checkpoint(
         zero_terminal_snr="ztsnr" in header.keys,
         header=header,
         in_channels=unet_in_channels(header),
+        refiner=is_refiner(header),
     )
 
 
@@ -286,8 +310,13 @@ def inspect_vae(path: Path | str) -> SafetensorsHeader:
 # --------------------------------------------------------------------------- config folders
 
 
-def bundled_config(family: Family) -> Path:
-    return BUNDLED_CONFIGS / family
+# SDXL 1.0 refiner's architecture (stabilityai/stable-diffusion-xl-refiner-1.0): its UNet,
+# and the base's VAE, OpenCLIP bigG encoder, tokenizer 2 and scheduler configs
+REFINER_CONFIG = "sdxl-refiner"
+
+
+def bundled_config(family: Family, refiner: bool = False) -> Path:
+    return BUNDLED_CONFIGS / (REFINER_CONFIG if refiner else family)
 
 
 def config_family(folder: Path | str) -> Family | None:
@@ -303,12 +332,13 @@ def config_family(folder: Path | str) -> Family | None:
 
 def config_folder(spec: ModelSpecLike) -> Path | None:
     """The diffusers-format folder whose */config.json files describe `spec`'s architecture:
-    the entry's `config:` or the bundled app/configs/<family> for a single file, the folder
+    the entry's `config:` or the bundled app/configs/<family> (sdxl-refiner for SDXL's refiner)
+    for a single file, the folder
     itself for a local diffusers model, the bundled one for a Hub repo, None for builtins."""
     if spec.kind == "single_file":
-        return Path(spec.config) if spec.config else bundled_config(spec.family)
+        return Path(spec.config) if spec.config else bundled_config(spec.family, spec.refiner_only)
     if spec.kind == "local":
         return Path(spec.source)
     if spec.kind == "hub":
-        return bundled_config(spec.family)
+        return bundled_config(spec.family, spec.refiner_only)
     return None

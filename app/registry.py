@@ -39,6 +39,7 @@ from app.annotator_files import AnnotatorFiles, discover_annotators
 from app.checkpoints import (
     CHECKPOINT_SUFFIXES,
     PICKLE_SUFFIXES,
+    REFINER_CONFIG,
     CheckpointError,
     config_family,
     inspect_checkpoint,
@@ -287,7 +288,10 @@ def _folders(raws: list[str], key: str, base: Path, file: Path) -> list[Path]:
     return folders
 
 
-def _config_folder(entry: _ModelEntry, kind: str, base: Path, where: str) -> str | None:
+def _config_folder(entry: _ModelEntry, kind: str, base: Path, where: str,
+                   refiner: bool = False) -> str | None:
+    """The entry's `config:` folder, checked; `refiner`: the file is SDXL's refiner, whose
+    folder has no first text encoder or tokenizer (app/configs/sdxl-refiner's layout)."""
     if entry.config is None:
         return None
     if kind != "single_file":
@@ -302,11 +306,11 @@ def _config_folder(entry: _ModelEntry, kind: str, base: Path, where: str) -> str
             "(model_index.json, unet/, vae/, text_encoder/, tokenizer/, ... configs, no weights) "
             "or remove `config:` to use the bundled stock configs"
         )
-    missing = [
-        part for part in ("model_index.json", "unet/config.json", "vae/config.json",
-                          "text_encoder/config.json", "tokenizer")
-        if not (folder / part).exists()
-    ]
+    parts = (("model_index.json", "unet/config.json", "vae/config.json", "text_encoder_2/config.json",
+              "tokenizer_2") if refiner else
+             ("model_index.json", "unet/config.json", "vae/config.json", "text_encoder/config.json",
+              "tokenizer"))
+    missing = [part for part in parts if not (folder / part).exists()]
     if missing:
         raise RegistryError(
             f"{where}.config: {folder} lacks {', '.join(missing)}; a config folder is laid out "
@@ -315,15 +319,15 @@ def _config_folder(entry: _ModelEntry, kind: str, base: Path, where: str) -> str
     return str(folder)
 
 
-def _single_file_family(source: str, entry: _ModelEntry, where: str) -> tuple[Family, bool, int]:
-    """(family, zero terminal SNR, UNet input channels) read from the checkpoint;
-    RegistryError with the reason."""
+def _single_file_family(source: str, entry: _ModelEntry, where: str) -> tuple[Family, bool, int, bool]:
+    """(family, zero terminal SNR, UNet input channels, SDXL's refiner) read from the
+    checkpoint; RegistryError with the reason."""
     try:
         info = inspect_checkpoint(source, prediction=entry.prediction)
     except CheckpointError as exc:
         raise RegistryError(f"{where}.source: cannot be served: {exc.reason}") from None
     ztsnr = entry.zero_terminal_snr if entry.zero_terminal_snr is not None else info.zero_terminal_snr
-    return info.family, ztsnr, info.in_channels
+    return info.family, ztsnr, info.in_channels, info.refiner
 
 
 def _vae_source(raw: str | None, base: Path, where: str) -> str | None:
@@ -345,19 +349,28 @@ def _vae_source(raw: str | None, base: Path, where: str) -> str | None:
 def _model_spec(name: str, entry: _ModelEntry, base: Path, file: Path) -> ModelSpec:
     where = f"{file}: models.{name}"
     source, kind = _resolve_source(entry.source, base, where)
-    config = _config_folder(entry, kind, base, where)
     ztsnr = bool(entry.zero_terminal_snr)
     in_channels = 4
     refiner_only = False
     if kind == "single_file":
-        detected, ztsnr, in_channels = _single_file_family(source, entry, where)
+        detected, ztsnr, in_channels, refiner_only = _single_file_family(source, entry, where)
+        config = _config_folder(entry, kind, base, where, refiner_only)
         from_config = config_family(config) if config else None
         if from_config and from_config != detected:
             raise RegistryError(
                 f"{where}.config: the folder describes a {from_config} pipeline but the "
                 f"checkpoint is {detected}; point `config:` at a {detected} folder"
             )
+        if config and refiner_only != is_refiner_layout(_read_index(Path(config) / "model_index.json")):
+            what = ("SDXL's refiner (one text encoder) but the folder describes a model with two"
+                    if refiner_only else "not SDXL's refiner but the folder describes the refiner's layout")
+            raise RegistryError(
+                f"{where}.config: the checkpoint is {what} (model_index.json); point `config:` at a "
+                "folder of the checkpoint's layout, or remove it to use the bundled "
+                f"app/configs/{REFINER_CONFIG if refiner_only else detected}"
+            )
     else:
+        config = _config_folder(entry, kind, base, where)
         if entry.prediction != "epsilon" or entry.zero_terminal_snr is not None:
             raise RegistryError(
                 f"{where}.prediction: only single-file sources take `prediction:` / "
@@ -536,6 +549,7 @@ def _dir_models(data: _File, base: Path, file: Path, explicit: dict[str, ModelSp
             preload=False,
             zero_terminal_snr=info.zero_terminal_snr,
             in_channels=info.in_channels,
+            refiner_only=info.refiner,
         )
     return models
 

@@ -5,7 +5,8 @@ scripts/bench_load.py.
 tensor as CompVis SD 1.x (`model.diffusion_model.`, `first_stage_model.`,
 `cond_stage_model.transformer.`) or Stability's SGM SDXL (`conditioner.embedders.0.transformer.`,
 `conditioner.embedders.1.model.` with OpenCLIP's fused q/k/v `in_proj`, transposed
-`text_projection`, 1x1-conv VAE attention) lays them out; `save_safetensors` streams them to
+`text_projection`, 1x1-conv VAE attention; SDXL's refiner, without `text_encoder`, has its one
+OpenCLIP encoder at `conditioner.embedders.0.model.`) lays them out; `save_safetensors` streams them to
 disk without a second copy in memory (safetensors' own writer builds the whole file in memory
 first). tests/test_single_file.py checks the layout against diffusers' own converters, and that
 the loader gives back exactly the tensors that wrote the file.
@@ -24,7 +25,7 @@ from typing import Any
 
 import torch
 
-from app.checkpoints import SD1_TEXT, SDXL_TEXT_1, SDXL_TEXT_2, UNET, VAE
+from app.checkpoints import REFINER_TEXT, SD1_TEXT, SDXL_TEXT_1, SDXL_TEXT_2, UNET, VAE
 from app.engine.single_file import clip_name, openclip_source, unet_mapper, vae_mapper
 
 _ST_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.int64: "I64"}
@@ -53,13 +54,17 @@ def _openclip_state(encoder: Any, prefix: str) -> dict[str, torch.Tensor]:
 def original_state(family: str, *, unet: Any, vae: Any, text_encoder: Any,
                    text_encoder_2: Any = None) -> dict[str, torch.Tensor]:
     """Every tensor of the components under its original-layout name (views, no copies, but
-    for OpenCLIP's fused q/k/v)."""
-    parts = {"unet": unet, "vae": vae, "text_encoder": text_encoder}
+    for OpenCLIP's fused q/k/v). SDXL without `text_encoder` is the refiner's layout: its one
+    encoder (OpenCLIP bigG) is SGM's embedder 0, `conditioner.embedders.0.model.`."""
+    parts = {"unet": unet, "vae": vae}
+    if text_encoder is not None:
+        parts["text_encoder"] = text_encoder
     if family == "sdxl":
         parts["text_encoder_2"] = text_encoder_2
+    refiner = family == "sdxl" and text_encoder is None
     out: dict[str, torch.Tensor] = {}
     for name, module in parts.items():
-        out.update(_component_state(family, name, module))
+        out.update(_component_state(family, name, module, refiner=refiner))
     return out
 
 
@@ -178,8 +183,10 @@ def _meta_components(family: str, folder: Path) -> dict[str, Any]:
     return parts
 
 
-def _component_state(family: str, name: str, module: Any) -> dict[str, torch.Tensor]:
-    """The original-layout tensors of one component (the others left out)."""
+def _component_state(family: str, name: str, module: Any, *,
+                     refiner: bool = False) -> dict[str, torch.Tensor]:
+    """The original-layout tensors of one component (the others left out); `refiner`: SDXL's
+    refiner, whose OpenCLIP encoder is embedder 0."""
     if name == "unet":
         to_unet = unet_mapper(dict(module.config))
         return {UNET + to_unet(k): v for k, v in module.state_dict().items()}
@@ -191,7 +198,7 @@ def _component_state(family: str, name: str, module: Any) -> dict[str, torch.Ten
     if name == "text_encoder":
         prefix = SDXL_TEXT_1 if family == "sdxl" else SD1_TEXT
         return {prefix + clip_name(k): v for k, v in module.state_dict().items()}
-    return _openclip_state(module, SDXL_TEXT_2)
+    return _openclip_state(module, REFINER_TEXT if refiner else SDXL_TEXT_2)
 
 
 _WEIGHT_FILES = {"unet": "diffusion_pytorch_model.safetensors", "vae": "diffusion_pytorch_model.safetensors",

@@ -195,7 +195,6 @@ def save_and(tensors: dict, path: Path) -> Path:
 @pytest.mark.parametrize(
     ("keys", "metadata", "reason"),
     [
-        ({**UNET_4, **VAE_KEYS, "conditioner.embedders.0.model.ln_final.weight": [1]}, None, "SDXL refiner"),
         ({**UNET_4, **VAE_KEYS, "cond_stage_model.model.ln_final.weight": [1]}, None, "SD 2.x"),
         ({**SD1, "model.diffusion_model.input_blocks.0.0.weight": [8, 8, 1, 1]}, None,
          "instruct-pix2pix / depth checkpoint: its UNet takes 8 input channels"),
@@ -246,11 +245,11 @@ def test_unreadable_files_are_named(tmp_path: Path) -> None:
 
 
 def test_registry_refusals(tiny: dict, tmp_path: Path) -> None:
-    fake_checkpoint(tmp_path / "refiner.safetensors",
-                    {**UNET_4, **VAE_KEYS, "conditioner.embedders.0.model.ln_final.weight": [1]})
-    refused = r"models\.r\.source: cannot be served: refiner.safetensors is an SDXL refiner"
+    fake_checkpoint(tmp_path / "sd2.safetensors",
+                    {**UNET_4, **VAE_KEYS, "cond_stage_model.model.ln_final.weight": [1]})
+    refused = r"models\.r\.source: cannot be served: sd2.safetensors is an SD 2.x checkpoint"
     with pytest.raises(RegistryError, match=refused):
-        load_registry(write_models_file(tmp_path, "models:\n  r: {source: refiner.safetensors}\n"))
+        load_registry(write_models_file(tmp_path, "models:\n  r: {source: sd2.safetensors}\n"))
     (tmp_path / "old.ckpt").write_bytes(b"PK")
     with pytest.raises(RegistryError, match="models.o.source: .*pickle"):
         load_registry(write_models_file(tmp_path, "models:\n  o: {source: old.ckpt}\n"))
@@ -304,8 +303,8 @@ def test_single_files_serve_over_http_offline(tiny: dict, make_server, network_o
     folder = tmp_path / "checkpoints"
     folder.mkdir()
     (folder / "dir-sd15.safetensors").write_bytes(tiny["sd15"]["file"].read_bytes())
-    fake_checkpoint(folder / "refiner.safetensors",
-                    {**UNET_4, **VAE_KEYS, "conditioner.embedders.0.model.ln_final.weight": [1]})
+    fake_checkpoint(folder / "sd2.safetensors",
+                    {**UNET_4, **VAE_KEYS, "cond_stage_model.model.ln_final.weight": [1]})
     state = pipeline_state(tiny["sdxl"]["pipe"], "sdxl")
     vae = {k.removeprefix(VAE): v for k, v in state.items() if k.startswith(VAE)}
     save_safetensors(vae, tmp_path / "tiny-vae.safetensors")
@@ -352,7 +351,7 @@ model_dirs: [{folder}]
         assert misfit.status_code == 503 and "does not describe" in misfit.json()["detail"]
         png(c.post("/sd", json=body(model="file-sd15")))
     assert network_off == []
-    assert "refiner.safetensors is not served" in caplog.text
+    assert "sd2.safetensors is not served" in caplog.text
     hub_noise = [r.getMessage() for r in caplog.records if "huggingface" in r.name or "offline" in
                  r.getMessage().lower() or "retry" in r.getMessage().lower()]
     assert hub_noise == []

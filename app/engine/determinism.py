@@ -68,6 +68,7 @@ import torch
 
 _MARK = "_craftserve_batch_invariant"
 _STATE = "_craftserve_call_state"
+_LINKS = "_craftserve_borrowed_states"  # component -> the call state of the pipeline it came from
 
 # Pipeline attributes whose modules run per sample.
 _DIRECT = ("unet", "transformer", "text_encoder", "text_encoder_2", "text_encoder_3",
@@ -184,15 +185,36 @@ def make_batch_invariant(pipe: Any) -> None:
             _wrap(getattr(vae, part, None), state)
 
 
+def is_wrapped(module: Any) -> bool:
+    """Whether the module's forward is a per-job one (make_batch_invariant)."""
+    return bool(getattr(getattr(module, "forward", None), _MARK, False))
+
+
+def borrow(pipe: Any, owner: Any, component: str) -> None:
+    """`pipe` now runs `owner`'s module `component` (app.engine.sharing): that module's per-job
+    forward reads `owner`'s call state, so `jobs_in_call(pipe, n)` sets that state too. Holds
+    the state only (not `owner`). Nothing to do where `owner` was not made batch-invariant."""
+    state = getattr(owner, _STATE, None)
+    links = pipe.__dict__.setdefault(_LINKS, {})
+    if state is None:
+        links.pop(component, None)
+    else:
+        links[component] = state
+
+
 @contextlib.contextmanager
 def jobs_in_call(pipe: Any, jobs: int) -> Iterator[None]:
     """Within this block, the pipeline call on this thread carries `jobs` jobs (in order)."""
-    state = getattr(pipe, _STATE, None)
-    if state is None:  # not made batch-invariant: nothing to tell
+    own = getattr(pipe, _STATE, None)
+    states = ([own] if own is not None else []) + list(getattr(pipe, _LINKS, {}).values())
+    if not states:  # not made batch-invariant: nothing to tell
         yield
         return
-    previous, state.jobs = state.jobs, jobs
+    previous = [state.jobs for state in states]
+    for state in states:
+        state.jobs = jobs
     try:
         yield
     finally:
-        state.jobs = previous
+        for state, value in zip(reversed(states), reversed(previous), strict=True):
+            state.jobs = value

@@ -143,6 +143,7 @@ class LoraManager:
         self.model_name = model_name
         self._cache: OrderedDict[str, _Cached] = OrderedDict()
         self._live = False  # an adapter may be active: set before any load or activation
+        self._active: tuple[list[str], list[float]] | None = None  # what apply() activated
         self._layer_cache: list | None = None  # the pipe's LoRA layers; None after a change
 
     # -- public -------------------------------------------------------------------------
@@ -188,6 +189,7 @@ class LoraManager:
                 # the image independent of the order the request listed them in.
                 active.sort()
                 self._activate([a for _, a, _ in active], [w for _, _, w in active])
+                self._active = ([a for _, a, _ in active], [w for _, _, w in active])
             except Exception as exc:
                 log.exception("activating LoRAs %s failed", sorted(wanted))
                 raise LoraError(
@@ -201,6 +203,21 @@ class LoraManager:
     def reset(self) -> None:
         """No adapter active: the pipeline computes exactly its base model again."""
         self._deactivate()
+
+    @contextlib.contextmanager
+    def suspended(self) -> Iterator[None]:
+        """No adapter active inside the block, the same adapters and weights again after it:
+        for a refiner that computes with one of this pipeline's modules (app.engine.sharing)
+        between two calls of a batch with LoRAs."""
+        active = self._active if self._live else None
+        self._deactivate()
+        try:
+            yield
+        finally:
+            if active is not None:
+                self._live = True
+                self._activate(*active)
+                self._active = active
 
     def evict(self, name: str) -> bool:
         """Remove LoRA `name` from the cache and the pipeline (e.g. after a registry change)."""
@@ -239,6 +256,7 @@ class LoraManager:
         for layer in self._layers():
             layer.set_adapter([])
         self._live = False
+        self._active = None
 
     def _activate(self, adapters: list[str], weights: list[float]) -> None:
         """What pipe.set_adapters does, over the cached list of LoRA layers instead of a walk

@@ -50,6 +50,9 @@ class LoadedModel:
     # SDXL's refiner layout (`pipe` is its image-to-image pipeline, no first text encoder):
     # served as a job's refiner only, never as its model
     refiner_only: bool = False
+    # a refiner-only model's components that are another loaded model's (app.engine.sharing):
+    # component name -> the model it took them from
+    shared: dict[str, str] = field(default_factory=dict)
 
 
 def choose_dtype(spec: ModelSpec, device: torch.device) -> torch.dtype:

@@ -1,12 +1,13 @@
 """Loading single-file checkpoints in the original layout, offline, with every tensor accounted for.
 
 No Hub function is called: the architecture comes from a diffusers-format config folder
-(app.checkpoints.config_folder: the entry's `config:` or the bundled app/configs/<family>),
-but for the UNet's input channels, read from the file (a dedicated inpainting checkpoint, 9
-channels, gets the family's inpainting pipeline); the modules are built on the meta device
-(no memory, no random init), and each parameter is read from the file by its original name.
-The name mapping (diffusers name -> original name) is derived here from the UNet/VAE configs,
-so it holds for any depth and width, tiny or full.
+(app.checkpoints.config_folder: the entry's `config:` or the bundled app/configs/<family>,
+app/configs/sdxl-refiner for SDXL's refiner, which loads as its image-to-image pipeline without
+a first text encoder), but for the UNet's input channels, read from the file (a dedicated
+inpainting checkpoint, 9 channels, gets the family's inpainting pipeline); the modules are
+built on the meta device (no memory, no random init), and each parameter is read from the
+file by its original name. The name mapping (diffusers name -> original name) is derived here
+from the UNet/VAE configs, so it holds for any depth and width, tiny or full.
 
 Every tensor must land: the load fails, naming the tensors, when a module parameter has no
 tensor in the file, when a shape differs, or when a tensor of the file is used by no module
@@ -36,6 +37,7 @@ import torch
 from torch import nn
 
 from app.checkpoints import (
+    REFINER_TEXT,
     SD1_TEXT,
     SDXL_TEXT_1,
     SDXL_TEXT_2,
@@ -296,7 +298,10 @@ def _fill(module: nn.Module, file: _File, source: Callable[[str], Source], dtype
             target = state[name]
             tensor = _fit(key, raw, how, target)
             kind = dtype if target.is_floating_point() else target.dtype
-            copy = tensor.dtype != kind or isinstance(how, tuple)  # a slice would pin the fused whole
+            # a slice would pin the fused whole; a transposed view (OpenCLIP's text_projection)
+            # would run the projection through another, non-contiguous GEMM path: a diffusers
+            # folder of the same weights computes other last bits
+            copy = tensor.dtype != kind or isinstance(how, tuple) or how == "transpose"
             loaded[name] = tensor.to(kind, copy=True).contiguous() if copy else tensor
             copied = copied and copy
         del raw, tensor
@@ -412,14 +417,20 @@ def _build_vae(file: _File, folder: Path, dtype: torch.dtype):
     return _fill(vae, file, _prefixed(prefix, mapper), dtype, "VAE")
 
 
+def _openclip_bigg(prefix: str) -> Callable[[str], Source]:
+    return lambda name: (prefix + openclip_source(name)[0], openclip_source(name)[1])
+
+
 def load_single_file(spec: ModelSpec, dtype: torch.dtype) -> Any:
     """The pipeline of a single-file checkpoint, on the CPU in `dtype`: the family's
-    text-to-image pipeline, or its inpainting pipeline for a 9-channel (inpainting) UNet.
-    Raises SingleFileError (or CheckpointError, for a file that changed since start-up) with
-    the reason."""
+    text-to-image pipeline, its inpainting pipeline for a 9-channel (inpainting) UNet, or for
+    SDXL's refiner its image-to-image pipeline without a first text encoder (as
+    stabilityai/stable-diffusion-xl-refiner-1.0's folder loads). Raises SingleFileError (or
+    CheckpointError, for a file that changed since start-up) with the reason."""
     from diffusers import (
         StableDiffusionInpaintPipeline,
         StableDiffusionPipeline,
+        StableDiffusionXLImg2ImgPipeline,
         StableDiffusionXLInpaintPipeline,
         StableDiffusionXLPipeline,
     )
@@ -431,6 +442,9 @@ def load_single_file(spec: ModelSpec, dtype: torch.dtype) -> Any:
     if info.in_channels != spec.in_channels:
         raise CheckpointError(f"the file's UNet now takes {info.in_channels} input channels, registered "
                               f"with {spec.in_channels}; reload the models file")
+    if info.refiner != spec.refiner_only:
+        raise CheckpointError(f"the file is {'now' if info.refiner else 'no longer'} SDXL's refiner; "
+                              "reload the models file")
     folder = config_folder(spec)
     assert folder is not None
     file = _File(path)
@@ -440,16 +454,26 @@ def load_single_file(spec: ModelSpec, dtype: torch.dtype) -> Any:
         parts: dict[str, Any] = {
             "unet": _fill(unet, file, _prefixed(UNET, unet_mapper(unet_config)), dtype, "UNet"),
             "vae": _build_vae(file, folder, dtype),
-            "tokenizer": _tokenizer(folder, "tokenizer"),
             "scheduler": _scheduler(folder, spec),
         }
+        if info.refiner:  # one encoder, OpenCLIP bigG, as SGM's embedder 0
+            parts["text_encoder_2"] = _fill(
+                _meta_text_encoder(folder, "text_encoder_2"), file, _openclip_bigg(REFINER_TEXT),
+                dtype, "text encoder (OpenCLIP bigG)")
+            parts["tokenizer_2"] = _tokenizer(folder, "tokenizer_2")
+            _check_all_used(file)
+            index = _json(folder / "model_index.json")
+            return StableDiffusionXLImg2ImgPipeline(
+                **parts, text_encoder=None, tokenizer=None,
+                requires_aesthetics_score=bool(index.get("requires_aesthetics_score", True)),
+                force_zeros_for_empty_prompt=bool(index.get("force_zeros_for_empty_prompt", False)))
+        parts["tokenizer"] = _tokenizer(folder, "tokenizer")
         if spec.family == "sdxl":
             parts["text_encoder"] = _fill(
                 _meta_text_encoder(folder, "text_encoder"), file,
                 _prefixed(SDXL_TEXT_1, clip_name), dtype, "text encoder (CLIP ViT-L)")
             parts["text_encoder_2"] = _fill(
-                _meta_text_encoder(folder, "text_encoder_2"), file,
-                lambda name: (SDXL_TEXT_2 + openclip_source(name)[0], openclip_source(name)[1]),
+                _meta_text_encoder(folder, "text_encoder_2"), file, _openclip_bigg(SDXL_TEXT_2),
                 dtype, "text encoder 2 (OpenCLIP bigG)")
             parts["tokenizer_2"] = _tokenizer(folder, "tokenizer_2")
             _check_all_used(file)

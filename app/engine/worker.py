@@ -70,6 +70,7 @@ from app.engine.prompts import PromptEncoder
 from app.engine.refiner import Handover
 from app.engine.refiner import plan as handover_plan
 from app.engine.schedulers import make_scheduler
+from app.engine.sharing import share, shares_with
 from app.engine.upscalers import Upscalers, upscale_latents
 from app.errors import (
     CraftError,
@@ -280,8 +281,16 @@ class Worker:
             self._evict(next(iter(self.models)))
         self.failures.clear(name)
         self.metrics.model_load.labels(name).observe(loaded.load_seconds)
+        self._add(name, loaded)
+
+    def _add(self, name: str, loaded: LoadedModel) -> None:
+        """A loaded model joins the LRU; a loaded refiner-only model then uses the VAE and
+        second text encoder of a loaded SDXL model where they are equal to its own
+        (app.engine.sharing), and its own copies are freed."""
         self.models[name] = loaded
         self.slot.models.add(name)
+        if share(self.models, self.name):
+            self._free_memory()
 
     # ---- models --------------------------------------------------------------------
     def mark_stale(self, names: Iterable[str], recheck: bool = True) -> None:
@@ -340,8 +349,7 @@ class Worker:
             raise
         self.failures.clear(name)
         self.metrics.model_load.labels(name).observe(loaded.load_seconds)
-        self.models[name] = loaded
-        self.slot.models.add(name)
+        self._add(name, loaded)
         return loaded
 
     def _load(self, spec: ModelSpec) -> LoadedModel:
@@ -606,8 +614,11 @@ class Worker:
         # eager: the tiles' shapes were never compiled, and compiling costs memory (the refiner
         # decodes its own latents with its own VAE)
         with contextlib.ExitStack() as stack:
+            # one VAE once: a refiner may use the model's own (app.engine.sharing), whose tiles
+            # would otherwise be halved twice
+            for vae in {id(pipe.vae): pipe.vae for pipe in pipes}.values():
+                stack.enter_context(_low_memory_decode(vae))
             for pipe in pipes:
-                stack.enter_context(_low_memory_decode(pipe.vae))
                 stack.enter_context(eager(pipe))
             for attempt in attempts:
                 self._free_memory()
@@ -723,23 +734,28 @@ class Worker:
                 steps: int, cfg: float, sampler: Any, offset: int, hires: bool = False,
                 **kwargs: Any) -> list:
         """The refiner's part of a pass: its image-to-image pipeline (its own UNet, text
-        encoders and VAE), from the model's latents with `denoising_start` or, where the
-        refiner runs the pass alone, from the pass's picture at its strength. The schedule is
-        made from the job's model's scheduler config, so both sides cut the same timesteps.
-        Each job's prompts are encoded by the refiner's own encoders (app.engine.prompts)."""
+        encoders and VAE, or a loaded model's equal VAE and encoder 2: app.engine.sharing),
+        from the model's latents with `denoising_start` or, where the refiner runs the pass
+        alone, from the pass's picture at its strength. The schedule is made from the job's
+        model's scheduler config, so both sides cut the same timesteps. Each job's prompts are
+        encoded by the refiner's own encoders (app.engine.prompts)."""
         pipe = pipeline_for(refiner, "img2img")
         seeds = [job.params.seed for job in group]
         pipe.scheduler = make_scheduler(sampler, model.scheduler_config, seeds[0])
         image = kwargs.pop("image")
         output: dict[int, Any] = {}
-        for sub, embeds in _prompt_groups(refiner, group, hires=hires):
-            index = [group.index(job) for job in sub]
-            picked = image[index] if isinstance(image, torch.Tensor) else [image[i] for i in index]
-            with jobs_in_call(refiner.pipe, len(sub)):
-                result = self._call(pipe, sub, embeds, batch, steps=steps, cfg=cfg,
-                                    seeds=[j.params.seed for j in sub], offset=offset, hires=hires,
-                                    image=picked, **kwargs)
-            output.update(zip(index, result.images, strict=True))
+        # a refiner using the model's own text encoder 2 (app.engine.sharing) encodes without
+        # the batch's LoRAs, which belong to the job's model only
+        plain = model.loras.suspended() if shares_with(refiner, model) else contextlib.nullcontext()
+        with plain:
+            for sub, embeds in _prompt_groups(refiner, group, hires=hires):
+                index = [group.index(job) for job in sub]
+                picked = image[index] if isinstance(image, torch.Tensor) else [image[i] for i in index]
+                with jobs_in_call(refiner.pipe, len(sub)):
+                    result = self._call(pipe, sub, embeds, batch, steps=steps, cfg=cfg,
+                                        seeds=[j.params.seed for j in sub], offset=offset, hires=hires,
+                                        image=picked, **kwargs)
+                output.update(zip(index, result.images, strict=True))
         return [output[i] for i in range(len(group))]
 
     def _controlnet(self, model: LoadedModel, group: list[Job], task: str, *, hires: bool = False,
