@@ -182,3 +182,28 @@ def test_refused_pickles_are_skipped_naming_why(tmp_path, caplog) -> None:  # no
     assert "'nothing'" in text and "holds no ControlNet" in text
     with pytest.raises(pickle.UnpicklingError):  # what the server's load refuses, torch refuses
         torch.load(tmp_path / "evil.pth", weights_only=True)
+
+
+def test_a_controlnet_file_added_or_removed_is_seen_by_a_reload(make_server, tmp_path, nets) -> None:  # noqa: ANN001
+    """POST /admin/reload serves a ControlNet dropped into controlnet_dirs (an original-layout
+    .pth here) and stops serving one removed."""
+    folder = tmp_path / "cn"
+    folder.mkdir()
+    server = make_server(f"""
+models:
+  tiny-sdxl: {{source: "builtin:tiny-sdxl", preload: true}}
+controlnet_dirs: ["{folder}"]
+""", api_keys=[f"{API_KEY}  admin"], reload_interval_s=0)
+    with server.client() as http:
+        assert http.get("/controlnet/model_list", headers=AUTH).json()["model_list"] == []
+        txt2img(http, "tiny-sdxl", [unit("late")], status=422)
+        torch.save(original_state(nets["sdxl"], "control_model."), folder / "late.pth")
+        assert http.post("/admin/reload", headers=AUTH).status_code == 200
+        titles = http.get("/controlnet/model_list", headers=AUTH).json()["model_list"]
+        assert [t.rsplit(" [", 1)[0] for t in titles] == ["late"]
+        got = txt2img(http, "tiny-sdxl", [unit("late", save_detected_map=False)])
+        close(arr(decoded(got["images"][0])), direct("sdxl", nets["sdxl"]))
+        (folder / "late.pth").unlink()
+        assert http.post("/admin/reload", headers=AUTH).status_code == 200
+        assert http.get("/controlnet/model_list", headers=AUTH).json()["model_list"] == []
+        txt2img(http, "tiny-sdxl", [unit("late")], status=422)

@@ -100,6 +100,7 @@ class ReloadPlan:
         registry.loras = self.registry.loras
         registry.embeddings = self.registry.embeddings
         registry.upscalers = self.registry.upscalers
+        registry.controlnets = self.registry.controlnets
         registry.annotators = self.registry.annotators
         registry.styles, registry.styles_file = self.registry.styles, self.registry.styles_file
 
