@@ -525,7 +525,7 @@ def test_listed_only_where_the_file_is(http) -> None:  # noqa: ANN001
     types = http.get("/controlnet/control_types", headers=AUTH).json()["control_types"]
     assert types["SoftEdge"]["module_list"] == ["softedge_hed", "softedge_hedsafe", "softedge_pidinet",
                                                 "softedge_pidisafe"]
-    assert "scribble_pidinet" in types["Scribble"]["module_list"]
+    assert "scribble_pidinet" in types["Scribble/Sketch"]["module_list"]
     assert "t2ia_sketch_pidi" in types["T2I-Adapter"]["module_list"]
     assert "lineart_realistic" in types["Lineart"]["module_list"]
     assert "lineart_coarse" not in types["Lineart"]["module_list"]

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 import webuiapi
+from PIL import Image, ImageFilter
 
 from tests.conftest import API_KEY
 from tests.controlnet_files import save_file, save_folder, tiny_controlnet
@@ -186,6 +187,62 @@ def test_webuiapi_controlnetunit_and_helpers(cn_server, nets) -> None:  # noqa: 
     expected = cv2.Canny(cv2.resize(np.asarray(CONTROL), (128, 128), interpolation=cv2.INTER_CUBIC), 100, 200)
     got = np.asarray(detected.images[0].convert("L"))
     assert (got == expected).mean() > 0.999 and expected.any()
+
+
+def _extension_resize(image: np.ndarray, res: int) -> np.ndarray:
+    """sd-webui-controlnet's resize: the short side to res, cubic up, area down."""
+    height, width = image.shape[:2]
+    k = res / min(height, width)
+    size = (int(np.round(width * k)), int(np.round(height * k)))
+    return cv2.resize(image, size, interpolation=cv2.INTER_CUBIC if k > 1 else cv2.INTER_AREA)
+
+
+def _on_padded(image: np.ndarray, op) -> np.ndarray:  # noqa: ANN001
+    """op on the picture edge-padded to multiples of 64, the padding cut off after."""
+    height, width = image.shape[:2]
+    padded = np.pad(image, ((0, (-height) % 64), (0, (-width) % 64), (0, 0)), mode="edge")
+    return op(padded)[:height, :width]
+
+
+def _xdog(x: np.ndarray, a: float) -> np.ndarray:
+    g1 = cv2.GaussianBlur(x.astype(np.float32), (0, 0), 0.5)
+    g2 = cv2.GaussianBlur(x.astype(np.float32), (0, 0), 5.0)
+    dog = (255 - np.min(g2 - g1, axis=2)).clip(0, 255).astype(np.uint8)
+    return np.where(2 * (255 - dog.astype(np.int32)) > a, 255, 0).astype(np.uint8)
+
+
+def _lineart_standard(x: np.ndarray) -> np.ndarray:
+    x = x.astype(np.float32)
+    intensity = np.min(cv2.GaussianBlur(x, (0, 0), 6.0) - x, axis=2).clip(0, 255)
+    intensity /= max(16, np.median(intensity[intensity > 8]))
+    return (intensity * 127).clip(0, 255).astype(np.uint8)
+
+
+@pytest.mark.parametrize(("module", "a", "expected"), [
+    ("threshold", 120, lambda x, a: np.where(np.min(_extension_resize(x, 96), axis=2) > a, 255, 0)),
+    ("scribble_xdog", 20, lambda x, a: _on_padded(_extension_resize(x, 96), lambda p: _xdog(p, a))),
+    ("lineart_standard", -1, lambda x, a: _on_padded(_extension_resize(x, 96), _lineart_standard)),
+    ("blur_gaussian", 3.0, lambda x, a: cv2.GaussianBlur(_extension_resize(x, 96), (0, 0), a)),
+    ("invert", -1, lambda x, a: 255 - x),
+    ("tile_resample", 2.5, lambda x, a: cv2.resize(x, (int(x.shape[1] / a), int(x.shape[0] / a)),
+                                                    interpolation=cv2.INTER_AREA)),
+    ("tile_resample", 1.05, lambda x, a: x),
+])
+def test_detect_weight_free_modules_as_the_extension(http, module: str, a: float, expected) -> None:  # noqa: ANN001
+    """/controlnet/detect on a 100x70 picture at processor_res 96 (not a multiple of 64, so the
+    padding shows at the borders) against the extension's processing redone here: threshold on
+    every channel, xdog and lineart_standard on the padded picture, the blur unpadded, invert
+    and tile_resample at the picture's own size (no resolution)."""
+    picture = np.asarray(noise(100, 70, seed=21).filter(ImageFilter.GaussianBlur(2)))
+    answer = http.post("/controlnet/detect", headers=AUTH, json={
+        "controlnet_module": module, "controlnet_input_images": [b64(Image.fromarray(picture))],
+        "controlnet_processor_res": 96, "controlnet_threshold_a": a})
+    assert answer.status_code == 200, answer.text
+    got = arr(decoded(answer.json()["images"][0])).astype(np.int16)
+    want = np.asarray(expected(picture, a))
+    want = (np.stack([want] * 3, axis=2) if want.ndim == 2 else want).astype(np.int16)
+    assert got.shape == want.shape
+    assert np.abs(got - want).max() <= 1, np.abs(got - want).max()
 
 
 def test_serverless_worker_body_with_legacy_fields(http) -> None:  # noqa: ANN001

@@ -5,13 +5,16 @@ What sd-webui-controlnet (v1.1.455, `annotator/` and `scripts/processor.py`) doe
 and NumPy on an RGB picture, redone here from its description:
 
 - the picture is first resized so its short side is `processor_res` (cubic when enlarging,
-  area when shrinking; edges padded to a multiple of 64 while the operator runs and cut off
-  afterwards, so border pixels see what the extension's see), then
+  area when shrinking), except for `invert` and `tile_resample`, which take it as it is; the
+  operators that look at neighbours as the extension runs them (canny, scribble_xdog,
+  lineart_standard and the nets) see it edge-padded to a multiple of 64, cut off afterwards,
+  so border pixels see what the extension's see; then
 - `canny`: cv2.Canny on the RGB image itself (no grey conversion), thresholds a and b;
-  `invert`: 255 - x; `blur_gaussian`: Gaussian blur of sigma a; `threshold`: 255 where a
-  channel is above a, else 0; `scribble_xdog`: difference of Gaussians (0.5 and 5.0) over the
-  channels, 255 where twice it exceeds a; `lineart_standard`: the darkness below a 6-pixel
-  blur, normalised by its median; `tile_resample`: shrunk by the factor a (area); `shuffle`:
+  `invert`: 255 - x; `blur_gaussian`: Gaussian blur of sigma a (unpadded, as the extension);
+  `threshold`: 255 where every channel is above a, else 0; `scribble_xdog`: difference of
+  Gaussians (0.5 and 5.0) over the channels, 255 where twice it exceeds a; `lineart_standard`:
+  the darkness below a 6-pixel blur, normalised by its median; `tile_resample`: shrunk by the
+  factor a (area; a factor under 1.1 keeps it); `shuffle`:
   the picture's content moved along a smooth random flow (seeded, so a request repeats);
   `t2ia_color_grid`: the 64-pixel colour grid; `none`: as it is.
 
@@ -111,14 +114,20 @@ def _canny(image: np.ndarray, a: float, b: float) -> np.ndarray:
 
 
 def _blur(image: np.ndarray, a: float, b: float) -> np.ndarray:
-    return _padded(lambda x: cv2.GaussianBlur(x, (0, 0), a))(image)
+    return cv2.GaussianBlur(image, (0, 0), a)  # (the extension cuts its padding off first)
 
 
 def _threshold(image: np.ndarray, a: float, b: float) -> np.ndarray:
-    return np.where(image.astype(np.float32) > a, 255, 0).astype(np.uint8)
+    out = np.zeros_like(image)
+    out[np.min(image, axis=2) > a] = 255  # white where every channel is above a
+    return out
 
 
 def _xdog(image: np.ndarray, a: float, b: float) -> np.ndarray:
+    return _padded(lambda x: _xdog_map(x, a))(image)
+
+
+def _xdog_map(image: np.ndarray, a: float) -> np.ndarray:
     x = image.astype(np.float32)
     g1, g2 = cv2.GaussianBlur(x, (0, 0), 0.5), cv2.GaussianBlur(x, (0, 0), 5.0)
     dog = (255 - np.min(g2 - g1, axis=2)).clip(0, 255).astype(np.uint8)
@@ -128,6 +137,10 @@ def _xdog(image: np.ndarray, a: float, b: float) -> np.ndarray:
 
 
 def _lineart_standard(image: np.ndarray, a: float, b: float) -> np.ndarray:
+    return _padded(_lineart_standard_map)(image)
+
+
+def _lineart_standard_map(image: np.ndarray) -> np.ndarray:
     x = image.astype(np.float32)
     g = cv2.GaussianBlur(x, (0, 0), 6.0)
     intensity = np.min(g - x, axis=2).clip(0, 255)
@@ -138,7 +151,9 @@ def _lineart_standard(image: np.ndarray, a: float, b: float) -> np.ndarray:
 
 def _tile(image: np.ndarray, a: float, b: float) -> np.ndarray:
     height, width = image.shape[:2]
-    rate = max(1.0, a)
+    if a < 1.1:  # the extension's rule: the picture as it is
+        return image
+    rate = a
     return cv2.resize(image, (max(1, int(width / rate)), max(1, int(height / rate))),
                       interpolation=cv2.INTER_AREA)
 
@@ -182,13 +197,15 @@ _PREPROCESSORS = [
     Preprocessor("canny", _canny, a=Slider("Canny Low Threshold", 100, 1, 255),
                  b=Slider("Canny High Threshold", 200, 1, 255), control_type="Canny"),
     Preprocessor("invert", lambda x, a, b: 255 - x, aliases=("invert (from white bg & black line)",),
+                 resolution=None,
                  control_type="Lineart"),
-    Preprocessor("blur_gaussian", _blur, a=Slider("Sigma", 9.0, 0.01, 64.0, 0.01), control_type="Tile"),
+    Preprocessor("blur_gaussian", _blur, a=Slider("Sigma", 9.0, 0.01, 64.0, 0.01), control_type="Tile/Blur"),
     Preprocessor("threshold", _threshold, a=Slider("Binarization Threshold", 127, 0, 255),
-                 control_type="Scribble"),
-    Preprocessor("scribble_xdog", _xdog, a=Slider("XDoG Threshold", 32, 1, 64), control_type="Scribble"),
-    Preprocessor("tile_resample", _tile, a=Slider("Down Sampling Rate", 1.0, 1.0, 8.0, 0.01),
-                 control_type="Tile"),
+                 control_type="Scribble/Sketch"),
+    Preprocessor("scribble_xdog", _xdog, a=Slider("XDoG Threshold", 32, 1, 64),
+                 control_type="Scribble/Sketch"),
+    Preprocessor("tile_resample", _tile, a=Slider("Down Sampling Rate", 1.0, 1.0, 8.0, 0.01), resolution=None,
+                 control_type="Tile/Blur"),
     Preprocessor("lineart_standard", _lineart_standard,
                  aliases=("lineart_standard (from white bg & black line)",), control_type="Lineart"),
     Preprocessor("shuffle", _shuffle, control_type="Shuffle"),
@@ -207,14 +224,25 @@ _PREPROCESSORS = [
     Preprocessor("softedge_pidisafe", _pidinet("safe"), aliases=("pidinet_safe",), control_type="SoftEdge",
                  weights="table5_pidinet.pth"),
     Preprocessor("scribble_pidinet", _pidinet("scribble"), aliases=("pidinet_scribble",),
-                 control_type="Scribble", weights="table5_pidinet.pth"),
+                 control_type="Scribble/Sketch", weights="table5_pidinet.pth"),
     Preprocessor("t2ia_sketch_pidi", _pidinet("sketch"), aliases=("pidinet_sketch",),
                  control_type="T2I-Adapter", weights="table5_pidinet.pth"),
 ]
 # every preprocessor known, served or not (those with `weights` need their file)
 PREPROCESSORS: dict[str, Preprocessor] = {p.name: p for p in _PREPROCESSORS}
 _BY_ALIAS = {alias.lower(): p for p in _PREPROCESSORS for alias in (p.name, *p.aliases)}
-CONTROL_TYPES = ("All", "Canny", "SoftEdge", "Lineart", "Scribble", "Tile", "Shuffle", "T2I-Adapter")
+# The extension's control types served here: name -> (its default module, the words a model's
+# name is matched on, as its preprocessor_filters / preprocessor_filters_aliases say)
+CONTROL_TYPES: dict[str, tuple[str, tuple[str, ...]]] = {
+    "All": ("none", ()),
+    "Canny": ("canny", ("canny",)),
+    "SoftEdge": ("softedge_pidinet", ("softedge",)),
+    "Lineart": ("lineart_standard", ("lineart",)),
+    "Scribble/Sketch": ("scribble_pidinet", ("scribble", "sketch")),
+    "Tile/Blur": ("tile_resample", ("tile", "blur")),
+    "Shuffle": ("shuffle", ("shuffle",)),
+    "T2I-Adapter": ("none", ("t2i_adapter", "t2iadapter", "t2ia")),
+}
 
 
 def find_preprocessor(name: str) -> Preprocessor | None:

@@ -96,14 +96,14 @@ async def control_types(client: CallerDep, registry: RegistryDep) -> dict[str, A
     served = getattr(registry, "controlnets", {}) or {}
     preprocessors = served_preprocessors(getattr(registry, "annotators", None))
     types: dict[str, Any] = {}
-    for kind in CONTROL_TYPES:
+    for kind, (default, words) in CONTROL_TYPES.items():
         modules = [n for n, m in preprocessors.items() if kind == "All" or m.control_type == kind]
         if not modules:
             continue  # a type whose modules all wait for their weights
         models = [spec.title for spec in served.values()
-                  if kind == "All" or kind.lower() in spec.name.lower()]
+                  if kind == "All" or any(word in spec.name.lower() for word in words)]
         types[kind] = {"module_list": modules, "model_list": ["None", *models],
-                       "default_option": modules[0] if modules else "none",
+                       "default_option": default if default in modules else modules[0],
                        "default_model": models[0] if models else "None"}
     return {"control_types": types}
 
