@@ -714,6 +714,14 @@ def test_the_edge_admits_image_bodies_on_image_routes_only(make_server) -> None:
         refused_body = client.post("/jobs", content=over, headers=headers)
         assert refused_body.status_code == 413
         assert refused_body.json()["detail"].endswith("(setting CRAFTSERVE_MAX_IMAGE_BODY_BYTES)")
+        # the text-to-image routes and detect carry ControlNet units' pictures
+        for path, body, status in [
+                ("/sdapi/v1/txt2img", {"prompt": "x" * 3 * 2**20}, 422),
+                ("/v1/images/generations", {"prompt": "x" * 3 * 2**20, "model": "tiny-sdxl"}, 400),
+                ("/controlnet/detect", {"controlnet_module": "canny",
+                                        "controlnet_input_images": ["x" * 3 * 2**20]}, 422)]:
+            answer = client.post(path, content=json.dumps(body).encode(), headers=headers)
+            assert answer.status_code == status, (path, answer.status_code, answer.text[:200])
 
 
 def server_key(server) -> str:

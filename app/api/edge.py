@@ -39,9 +39,11 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 # OpenAI's edits and variations, the job API.
 IMAGE_ROUTES = (
     "/img2img", "/upscale",
-    "/sdapi/v1/img2img", "/sdapi/v1/extra-single-image", "/sdapi/v1/extra-batch-images",
-    "/sdapi/v1/png-info", "/sdapi/v1/interrogate",
-    "/v1/images/edits", "/v1/images/variations",
+    # txt2img and generations carry ControlNet units' pictures
+    "/sdapi/v1/txt2img", "/sdapi/v1/img2img", "/sdapi/v1/extra-single-image",
+    "/sdapi/v1/extra-batch-images", "/sdapi/v1/png-info", "/sdapi/v1/interrogate",
+    "/controlnet/detect",
+    "/v1/images/generations", "/v1/images/edits", "/v1/images/variations",
     "/jobs",
 )
 IMAGE_BODY_SETTING = "CRAFTSERVE_MAX_IMAGE_BODY_BYTES"

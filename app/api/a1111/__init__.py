@@ -24,9 +24,9 @@ Choices (documented in README.md and docs/clients.md):
 - Options (`GET/POST options`) are one dict per caller (API key, or address when anonymous)
   over the server's defaults, in `app.state.a1111` (`A1111State`), lost on restart: what one
   key POSTs applies to its own requests only (A1111 has one dict for its one user; here many
-  keys share a box). `sd_model_checkpoint` (the first model of models.yaml until the caller
-  changes it) is the model of its requests whose override_settings name none; one a reload
-  removed answers 422 naming it.
+  keys share a box). `sd_model_checkpoint` (the default model, the first of models.yaml whose
+  weights are here, until the caller changes it) is the model of its requests whose
+  override_settings name none; one a reload removed answers 422 naming it.
 - `CLIP_stop_at_last_layers` / `clip_skip` (1-12) is applied as A1111 does: on SD 1.x models the
   n-th layer from the end, then the final norm; SDXL always uses the penultimate layer (A1111's
   default, its `sdxl_clip_l_skip` off), so there it changes nothing, as in A1111.

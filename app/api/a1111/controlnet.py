@@ -22,6 +22,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Body
 
 from app.api.a1111.errors import AUTH_ERRORS, INPUT_ERRORS
+from app.api.bodies import ImageRoute
 from app.api.controlnet_units import number, read_unit_list
 from app.api.credentials import CallerDep
 from app.api.deps import RegistryDep, SettingsDep
@@ -65,7 +66,7 @@ def png_base64(image: Any) -> str:
 
 # ---- routes ------------------------------------------------------------------------------
 
-router = APIRouter(prefix="/controlnet", tags=["a1111"])
+router = APIRouter(prefix="/controlnet", tags=["a1111"], route_class=ImageRoute)
 
 
 @router.get("/version", responses=AUTH_ERRORS, summary="ControlNet API version (sd-webui-controlnet)")

@@ -24,7 +24,7 @@ def _ignored(description: str = "accepted; not applied") -> Any:
 class A1111Txt2ImgRequest(BaseModel):
     """Body of POST /sdapi/v1/txt2img: every field of A1111's model. Unknown fields and nulls are
     ignored. Fields marked "not applied" change nothing; when one is set to a value that would
-    change the image in A1111 (hires fix, face restoration, tiling, scripts, subseeds, ...),
+    change the image in A1111 (face restoration, tiling, scripts, subseeds, ...),
     the answer's `info.craftserve_not_applied` names it."""
 
     model_config = ConfigDict(extra="ignore")
@@ -111,7 +111,8 @@ class A1111Txt2ImgRequest(BaseModel):
     script_args: list[Any] | None = _ignored()
     send_images: bool | None = Field(None, description="false: `images` is empty")
     save_images: bool | None = _ignored("accepted; images are never saved on the server")
-    alwayson_scripts: dict[str, Any] | None = _ignored("accepted; no scripts run")
+    alwayson_scripts: dict[str, Any] | None = _ignored("ControlNet units (`controlnet.args`) run; other "
+                                                       "scripts are accepted and not run")
     infotext: str | None = _ignored()
     clip_skip: Int | None = Field(None, description="SillyTavern's copy of "
                                   "`override_settings.CLIP_stop_at_last_layers`")

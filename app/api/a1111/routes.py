@@ -346,7 +346,7 @@ async def latent_upscale_modes(client: CallerDep) -> list[A1111LatentUpscaleMode
 
 
 @router.get("/scripts", response_model=A1111ScriptsList, responses=AUTH_ERRORS,
-            summary="Always empty: no scripts run")
+            summary="Always empty (ControlNet units in alwayson_scripts run all the same)")
 async def scripts(client: CallerDep) -> A1111ScriptsList:
     return A1111ScriptsList()
 

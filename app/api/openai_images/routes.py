@@ -10,6 +10,7 @@ from dataclasses import replace
 from fastapi import APIRouter, HTTPException, Request
 from fastapi.responses import JSONResponse, Response
 
+from app.api.bodies import ImageRoute
 from app.api.controlnet_units import read_unit_list
 from app.api.credentials import CallerDep, GeneratingCallerDep, QueueShareDep
 from app.api.deps import EngineDep, ImagesDep, RegistryDep, SettingsDep
@@ -38,7 +39,7 @@ from app.engine.protocol import EngineAPI
 from app.imaging import MEDIA_TYPES, ImageStore
 from app.registry import Registry
 
-router = APIRouter(prefix="/v1", tags=["openai"])
+router = APIRouter(prefix="/v1", tags=["openai"], route_class=ImageRoute)
 
 
 @router.post("/images/generations", response_model=OpenAIImagesResponse, responses=GENERATION_ERRORS,

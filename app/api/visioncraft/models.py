@@ -73,7 +73,7 @@ class JobRequest(GenerateRequest):
                                               "every few steps) on the job's event stream")
     init_image: str | None = Field(
         None, description="image to image: the picture to start from, base64 (a `data:` URL "
-        "too), or an http(s) URL where the server allows them (CRAFTSERVE_IMAGE_URLS). Without "
+        "too), or an http(s) URL where the server allows them (CRAFTSERVE_ALLOW_IMAGE_URLS). Without "
         "`width`/`height` the job runs at the picture's size (fitted to 1024 a side, multiples of 8)")
     mask: str | None = Field(None, description="inpainting, with `init_image`: white repaints, black "
                              "is kept (a mask with transparency: its alpha); base64 as `init_image`")
@@ -136,7 +136,7 @@ class Img2ImgRequest(BaseModel):
 
     token: str | None = Field(None, description="API key (or send `Authorization: Bearer <key>`)")
     image: str = Field(..., description="the picture: base64 (a `data:` URL too), or an http(s) URL "
-                       "where the server allows them (CRAFTSERVE_IMAGE_URLS)")
+                       "where the server allows them (CRAFTSERVE_ALLOW_IMAGE_URLS)")
     prompt: str = Field(..., examples=["the same scene at night"])
     negative_prompt: str = ""
     scheduler: str | None = Field(None, max_length=MAX_NAME_LENGTH, description="a sampler name "
