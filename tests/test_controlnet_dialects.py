@@ -439,12 +439,13 @@ def test_detect_within_the_limit_answers_the_working_size(http) -> None:  # noqa
     """64x4096 at resolution 256: short side x4, 256x16384 (4194304 pixels, within the limit)."""
     picture = Image.new("RGB", (64, 4096), (10, 200, 30))
     answer = http.post("/controlnet/detect", headers=AUTH, json={
-        "controlnet_module": "invert", "controlnet_input_images": [b64(picture)],
+        "controlnet_module": "threshold", "controlnet_threshold_a": 5,
+        "controlnet_input_images": [b64(picture)],
         "controlnet_processor_res": 256})
     assert answer.status_code == 200, answer.text
     detected = decoded(answer.json()["images"][0])
     assert detected.size == (256, 16384)
-    assert detected.getpixel((100, 9000)) == (245, 55, 225)
+    assert detected.getpixel((100, 9000)) == (255, 255, 255)  # every channel above 5
 
 
 def test_units_past_the_limit_are_refused_in_every_dialect(http, no_resize) -> None:  # noqa: ANN001

@@ -24,8 +24,8 @@ CAP = 64 * 1024
 
 @pytest.fixture(scope="module")
 def edge(make_server):
-    return make_server(max_body_bytes=CAP, body_timeout_s=1.5, max_url_bytes=1024,
-                       max_header_bytes=4096, auth_failures_per_minute=5)
+    return make_server(max_body_bytes=CAP, max_image_body_bytes=2 * CAP, body_timeout_s=1.5,
+                       max_url_bytes=1024, max_header_bytes=4096, auth_failures_per_minute=5)
 
 
 def _raw(server, request: bytes, *, read_timeout: float = 10.0) -> bytes:
@@ -55,9 +55,12 @@ def test_body_over_the_cap_is_413_before_parsing(edge):
         assert answer.json()["detail"] == (
             f"the request body is {size} bytes; at most {CAP} bytes are accepted on this route "
             "(setting CRAFTSERVE_MAX_BODY_BYTES)")
-        a1111 = c.post("/sdapi/v1/txt2img", json=big, auth=("u", API_KEY))
+        # the text-to-image routes take picture-sized bodies (ControlNet units): their own cap
+        bigger = {**body(), "prompt": "x" * (2 * CAP + 10)}
+        a1111 = c.post("/sdapi/v1/txt2img", json=bigger, auth=("u", API_KEY))
         assert a1111.status_code == 413 and "at most" in a1111.json()["detail"]
-        openai = c.post("/v1/images/generations", json=big, headers={"Authorization": f"Bearer {API_KEY}"})
+        assert a1111.json()["detail"].endswith("(setting CRAFTSERVE_MAX_IMAGE_BODY_BYTES)")
+        openai = c.post("/v1/images/generations", json=bigger, headers={"Authorization": f"Bearer {API_KEY}"})
         assert openai.status_code == 413 and "at most" in openai.json()["error"]["message"]
         png(c.post("/sd", json=body()))  # the server goes on
 
