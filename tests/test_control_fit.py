@@ -207,8 +207,8 @@ def canny_unit(**fields) -> dict:
 
 def txt2img(http, units: list, size: int, **fields) -> list[np.ndarray]:  # noqa: ANN001
     answer = http.post("/sdapi/v1/txt2img", headers=AUTH, json={
-        "prompt": "a lighthouse", "steps": 2, "width": size, "height": size, "seed": 3, "sampler_name": "Euler",
-        "alwayson_scripts": {"controlnet": {"args": units}}, **fields})
+        "prompt": "a lighthouse", "steps": 2, "width": size, "height": size, "seed": 3,
+        "sampler_name": "Euler", "alwayson_scripts": {"controlnet": {"args": units}}, **fields})
     assert answer.status_code == 200, answer.text
     return [arr(decoded(image)).astype(np.uint8) for image in answer.json()["images"]]
 

@@ -27,7 +27,17 @@ their file is in `annotator_dir:` (`served_preprocessors`, `check_preprocessor`)
 take the same resize and 64-padding as the built-in operators (scribble_pidinet thins the
 map once the padding is cut off).
 
-The detected map is then fitted to the generated size by the unit's resize mode (`fit`).
+The detected map is then fitted to each pass's size by the unit's resize mode (`fit`), as the
+extension's `detectmap_proc`: Just Resize stretches it; Crop and Resize scales it to cover the
+target (sizes `int(np.round(side * k))`) and cuts the centre (offsets `excess // 2`); Resize and
+Fill scales it to fit inside and fills the rest with the per-channel median of its four border
+lines. Resizing keeps what the map means (app.engine.map_resize, the extension's
+`high_quality_resize`): a map of 3 to 199 colours (labels, or a few grey levels) takes nearest
+neighbour, any other area averaging to shrink and bicubic to enlarge; a black-and-white map
+(2 colours, under 16 and over 240) is averaged to grey and thresholded by Otsu's method, and
+one of one-pixel edges (an opening clears more than half of it) first keeps its maxima along
+four directions and is thinned after (spurs pruned when enlarged). A map already at the size is
+left as it is. These fitted maps are what the net sees and what A1111's answer shows.
 """
 
 from __future__ import annotations
