@@ -176,12 +176,15 @@ def test_webuiapi_controlnetunit_and_helpers(cn_server, nets) -> None:  # noqa: 
     result = api.txt2img(prompt="a lighthouse", steps=3, width=64, height=64, seed=3,
                          sampler_name="Euler", controlnet_units=[control])
     assert len(result.images) == 2
-    edges = result.images[1]
-    # webuiapi's thresholds 64/64; processor_res 512: the short side resized first (cubic up)
-    big = cv2.resize(np.asarray(CONTROL), (512, 512), interpolation=cv2.INTER_CUBIC)
-    expected = cv2.Canny(big, 64, 64)
-    assert edges.size == (512, 512)
-    assert (np.asarray(edges.convert("L")) == expected).mean() > 0.999
+    # processor_res 512: the map answered is the one fitted to 64x64, an edge map still
+    fitted = np.asarray(result.images[1].convert("RGB"))
+    assert fitted.shape == (64, 64, 3) and set(np.unique(fitted)) == {0, 255}
+    at_size = webuiapi.ControlNetUnit(image=CONTROL, module="canny", model="cn-xl", processor_res=64)
+    result = api.txt2img(prompt="a lighthouse", steps=3, width=64, height=64, seed=3,
+                         sampler_name="Euler", controlnet_units=[at_size])
+    # webuiapi's thresholds 64/64, the map detected at the generated size: answered as detected
+    expected = cv2.Canny(np.asarray(CONTROL), 64, 64)
+    assert (np.asarray(result.images[1].convert("L")) == expected).mean() > 0.999 and expected.any()
     detected = api.controlnet_detect([CONTROL], module="canny", processor_res=128, threshold_a=100,
                                      threshold_b=200)
     expected = cv2.Canny(cv2.resize(np.asarray(CONTROL), (128, 128), interpolation=cv2.INTER_CUBIC), 100, 200)
@@ -260,9 +263,12 @@ def test_resize_modes_fit_the_map_as_stated() -> None:
     wide = noise(128, 64, seed=3)
     crop = fit(wide, 64, 64, 1)  # cover: 128x64 -> 128x64 (k=1), centre 64 columns
     assert (arr(crop) == arr(wide)[:, 32:96]).all()
-    filled = arr(fit(wide, 64, 64, 2))  # inside: 64x32 in the middle, black above and below
+    filled = arr(fit(wide, 64, 64, 2))  # inside: 64x32 in the middle, the border lines' median around
     shrunk = cv2.resize(np.asarray(wide), (64, 32), interpolation=cv2.INTER_AREA)
-    assert (filled[16:48] == shrunk).all() and not filled[:16].any() and not filled[48:].any()
+    pixels = np.asarray(wide)
+    border = np.median(np.concatenate([pixels[0], pixels[-1], pixels[:, 0], pixels[:, -1]]), axis=0)
+    assert (filled[16:48] == shrunk).all()
+    assert (filled[:16] == border.astype(np.uint8)).all() and (filled[48:] == border.astype(np.uint8)).all()
     stretched = arr(fit(wide, 64, 64, 0))
     assert (stretched == cv2.resize(np.asarray(wide), (64, 64), interpolation=cv2.INTER_AREA)).all()
 

@@ -294,14 +294,15 @@ class SoftNet(torch.nn.Module):
 def test_canny_in_the_hires_pass_gets_the_extensions_soft_weights(http, net) -> None:  # noqa: ANN001
     """The extension forces soft injection on canny maps in the hires pass: a Balanced unit runs
     there as "My prompt is more important". The map is detected once (canny at processor_res
-    512: the short side cubic-resized to 512, OpenCV's Canny 100/200) and fitted to 128."""
+    128: the short side cubic-resized to 128, OpenCV's Canny 100/200), at the second pass's
+    size already (fitting an edge map to another size: tests/test_control_fit.py)."""
     from diffusers import ControlNetModel, StableDiffusionXLControlNetImg2ImgPipeline
 
     square = noise(64, 64, seed=5)
-    got = txt2img(http, [unit(module="canny", image=b64(square), hr_option="High res only")], **HIRES)
-    edges = cv2.Canny(cv2.resize(np.asarray(square), (512, 512), interpolation=cv2.INTER_CUBIC), 100, 200)
-    hires_map = Image.fromarray(cv2.resize(np.stack([edges] * 3, axis=2), (128, 128),
-                                           interpolation=cv2.INTER_AREA))
+    got = txt2img(http, [unit(module="canny", image=b64(square), hr_option="High res only",
+                              processor_res=128)], **HIRES)
+    edges = cv2.Canny(cv2.resize(np.asarray(square), (128, 128), interpolation=cv2.INTER_CUBIC), 100, 200)
+    hires_map = Image.fromarray(np.stack([edges] * 3, axis=2))
     soft = Pipes(net)
     # diffusers calls the net with conditioning_scale (1.0 here) and reads its config: a wrapper
     # in a ControlNetModel's place

@@ -368,12 +368,11 @@ def _resolution(unit: UnitRequest, size: tuple[int, int], gen_size: tuple[int, i
 
 
 def _control_maps(unit: UnitRequest, picture: Any, width: int, height: int,
-                  annotators: Any, hires: tuple[int, int] | None = None) -> tuple[Any, Any, Any]:
-    """(detected map, map fitted to width x height, map fitted to the `hires` pass's size or
-    None) of one unit for one job. As the extension, the picture is detected once (pixel
-    perfect reads the first pass's size) and the detected map is fitted to each pass.
-    `annotators`: the registry's annotator files (app.annotator_files), for the modules that
-    need weights."""
+                  annotators: Any, hires: tuple[int, int] | None = None) -> tuple[Any, Any]:
+    """(map fitted to width x height, map fitted to the `hires` pass's size or None) of one
+    unit for one job. As the extension, the picture is detected once (pixel perfect reads the
+    first pass's size) and the detected map is fitted to each pass. `annotators`: the
+    registry's annotator files (app.annotator_files), for the modules that need weights."""
     from app.engine.preprocessors import detect, find_preprocessor, fit
 
     module = find_preprocessor(unit.module)
@@ -383,15 +382,17 @@ def _control_maps(unit: UnitRequest, picture: Any, width: int, height: int,
     detected = detect(module, image, resolution, unit.threshold_a, unit.threshold_b, files=annotators,
                       field=f"{unit.where}.module")
     hires_map = None if hires is None else fit(detected, *hires, unit.resize_mode)
-    return detected, fit(detected, width, height, unit.resize_mode), hires_map
+    return fit(detected, width, height, unit.resize_mode), hires_map
 
 
 async def prepare_controls(body: ImageRequest, params: GenParams, registry: Registry | None = None,
                            ) -> tuple[list[ControlImages | None], list[Any]]:
     """Each job's control images (one per unit, the unit's image or else the job's init
     picture, preprocessed and fitted to the generated size, and to the hires fix's second
-    pass for the units that guide it), off the event loop; and the detected maps of the first
-    job to answer (units with save_detected_map). The registry's annotator files serve the
+    pass for the units that guide it), off the event loop; and the maps of the first job to
+    answer, as the extension appends them: for each unit with save_detected_map, its map
+    fitted to the second pass when the hires fix is on (whichever passes the unit guides),
+    then its map fitted to the generated size. The registry's annotator files serve the
     preprocessors that need weights."""
     if not params.controlnet:
         return [None], []
@@ -402,12 +403,13 @@ async def prepare_controls(body: ImageRequest, params: GenParams, registry: Regi
     annotators = getattr(registry, "annotators", None)
 
     def prepare(picture: Any) -> tuple[ControlImages, list[Any]]:
-        maps = [_control_maps(unit, picture, width, height, annotators,
-                              second if resolved.high_res else None)
-                for unit, resolved in zip(body.controlnet, params.controlnet, strict=True)]
-        shown_maps = [d for (d, _, _), u in zip(maps, body.controlnet, strict=True) if u.save_detected_map]
-        return ControlImages([fitted for _, fitted, _ in maps],
-                             [hr for _, _, hr in maps] if hires is not None else ()), shown_maps
+        maps = [_control_maps(unit, picture, width, height, annotators, second)
+                for unit in body.controlnet]
+        shown_maps = [shown for (low, high), unit in zip(maps, body.controlnet, strict=True)
+                      if unit.save_detected_map for shown in (high, low) if shown is not None]
+        hires_maps = [high if resolved.high_res else None
+                      for (_, high), resolved in zip(maps, params.controlnet, strict=True)]
+        return ControlImages([low for low, _ in maps], hires_maps if hires is not None else ()), shown_maps
 
     prepared = [await off_loop(prepare, picture) for picture in pictures]
     return [images for images, _ in prepared], prepared[0][1]

@@ -27,7 +27,17 @@ their file is in `annotator_dir:` (`served_preprocessors`, `check_preprocessor`)
 take the same resize and 64-padding as the built-in operators (scribble_pidinet thins the
 map once the padding is cut off).
 
-The detected map is then fitted to the generated size by the unit's resize mode (`fit`).
+The detected map is then fitted to each pass's size by the unit's resize mode (`fit`), as the
+extension's `detectmap_proc`: Just Resize stretches it; Crop and Resize scales it to cover the
+target (sizes `int(np.round(side * k))`) and cuts the centre (offsets `excess // 2`); Resize and
+Fill scales it to fit inside and fills the rest with the per-channel median of its four border
+lines. Resizing keeps what the map means (app.engine.map_resize, the extension's
+`high_quality_resize`): a map of 3 to 199 colours (labels, or a few grey levels) takes nearest
+neighbour, any other area averaging to shrink and bicubic to enlarge; a black-and-white map
+(2 colours, under 16 and over 240) is averaged to grey and thresholded by Otsu's method, and
+one of one-pixel edges (an opening clears more than half of it) first keeps its maxima along
+four directions and is thinned after (spurs pruned when enlarged). A map already at the size is
+left as it is. These fitted maps are what the net sees and what A1111's answer shows.
 """
 
 from __future__ import annotations
@@ -44,6 +54,7 @@ from PIL import Image
 from app.annotator_files import AnnotatorFiles
 from app.engine import annotators
 from app.engine.annotators import AnnotatorFileError
+from app.engine.map_resize import resize_map
 from app.errors import InvalidParameter, NotServed
 
 
@@ -336,26 +347,38 @@ def pixel_perfect_resolution(size: tuple[int, int], width: int, height: int, mod
     return int(np.round(k * min(raw_w, raw_h)))
 
 
-def _resize(array: np.ndarray, width: int, height: int) -> np.ndarray:
-    shrink = width * height < array.shape[0] * array.shape[1]
-    return cv2.resize(array, (width, height), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_CUBIC)
+def _scaled(size: tuple[int, int], k: float) -> tuple[int, int]:
+    """(w, h) scaled by k and rounded as the extension rounds (at least one pixel each)."""
+    return max(1, int(np.round(size[0] * k))), max(1, int(np.round(size[1] * k)))
+
+
+def border_colour(array: np.ndarray) -> np.ndarray:
+    """The median, per channel, of a map's four border lines (the corners counted twice, as
+    the extension counts them), truncated to uint8: Resize and Fill's background."""
+    lines = np.concatenate([array[0], array[-1], array[:, 0], array[:, -1]], axis=0)
+    return np.median(lines, axis=0).astype(np.uint8)
 
 
 def fit(image: Image.Image, width: int, height: int, mode: int) -> Image.Image:
-    """A detected map fitted to width x height: Just Resize stretches; Crop and Resize covers
-    the target keeping the aspect and cuts the centre; Resize and Fill fits inside keeping the
-    aspect and fills the rest with black. Area resampling to shrink, cubic to enlarge."""
+    """A detected map fitted to width x height as the extension's detectmap_proc: Just Resize
+    stretches; Crop and Resize scales it to cover the target keeping the aspect and cuts the
+    centre; Resize and Fill scales it to fit inside and fills the rest with the median colour
+    of its border lines. Scaled sizes are rounded to the nearest pixel, offsets are (excess) // 2,
+    and the resizing keeps edge and label maps as they are (app.engine.map_resize)."""
     array = np.asarray(image.convert("RGB"))
     raw_h, raw_w = array.shape[:2]
-    if mode == JUST_RESIZE or (raw_w, raw_h) == (width, height):
-        return Image.fromarray(_resize(array, width, height) if (raw_w, raw_h) != (width, height) else array)
-    k = (max if mode == CROP_AND_RESIZE else min)(height / raw_h, width / raw_w)
-    new_w, new_h = max(1, int(np.round(raw_w * k))), max(1, int(np.round(raw_h * k)))
-    resized = _resize(array, new_w, new_h)
-    if mode == CROP_AND_RESIZE:
-        top, left = (new_h - height) // 2, (new_w - width) // 2
-        return Image.fromarray(np.ascontiguousarray(resized[top:top + height, left:left + width]))
-    canvas = np.zeros((height, width, 3), np.uint8)
-    top, left = (height - new_h) // 2, (width - new_w) // 2
-    canvas[top:top + new_h, left:left + new_w] = resized
-    return Image.fromarray(canvas)
+    if (raw_w, raw_h) == (width, height):
+        return Image.fromarray(array)
+    if mode == JUST_RESIZE:
+        return Image.fromarray(resize_map(array, (width, height)))
+    k = (min if mode == RESIZE_AND_FILL else max)(height / raw_h, width / raw_w)
+    resized = resize_map(array, _scaled((raw_w, raw_h), k))
+    new_h, new_w = resized.shape[:2]
+    if mode == RESIZE_AND_FILL:
+        canvas = np.empty((height, width, 3), np.uint8)
+        canvas[:] = border_colour(array)
+        top, left = max(0, (height - new_h) // 2), max(0, (width - new_w) // 2)
+        canvas[top:top + new_h, left:left + new_w] = resized[:height, :width]
+        return Image.fromarray(canvas)
+    top, left = max(0, (new_h - height) // 2), max(0, (new_w - width) // 2)
+    return Image.fromarray(np.ascontiguousarray(resized[top:top + height, left:left + width]))
