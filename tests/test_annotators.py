@@ -276,17 +276,24 @@ def expected_pidinet(state: dict, picture: Image.Image, resolution: int, mode: s
     if mode == "safe":
         edge = np.floor(edge.astype(np.float32) * 3) / 2
     out = (edge * 255).clip(0, 255).astype(np.uint8)[:height, :width]
-    if mode == "scribble":  # blur 3, keep the maxima of some 1x3 line, > 127; blur 3 again, > 4
-        blurred = cv2.GaussianBlur(out.astype(np.float32), (0, 0), 3.0)
-        padded_b = np.pad(blurred, 1, mode="constant", constant_values=-np.inf)
-        ridge = np.zeros(blurred.shape, bool)
-        for (dy, dx) in ((0, 1), (1, 0), (1, 1), (1, -1)):
-            before = padded_b[1 - dy:1 - dy + height, 1 - dx:1 - dx + width]
-            after = padded_b[1 + dy:1 + dy + height, 1 + dx:1 + dx + width]
-            ridge |= (blurred >= before) & (blurred >= after)
-        thin = np.where(ridge & (blurred > 127), 255, 0).astype(np.uint8)
-        out = np.where(cv2.GaussianBlur(thin, (0, 0), 3.0) > 4, 255, 0).astype(np.uint8)
+    if mode == "scribble":
+        out = expected_scribble(out)
     return np.repeat(out[:, :, None], 3, axis=2).astype(int)
+
+
+def expected_scribble(out: np.ndarray) -> np.ndarray:
+    """The extension's scribble of a soft edge map: blur 3, keep the maxima of some 1x3 line,
+    > 127; blur 3 again, > 4."""
+    height, width = out.shape
+    blurred = cv2.GaussianBlur(out.astype(np.float32), (0, 0), 3.0)
+    padded_b = np.pad(blurred, 1, mode="constant", constant_values=-np.inf)
+    ridge = np.zeros(blurred.shape, bool)
+    for (dy, dx) in ((0, 1), (1, 0), (1, 1), (1, -1)):
+        before = padded_b[1 - dy:1 - dy + height, 1 - dx:1 - dx + width]
+        after = padded_b[1 + dy:1 + dy + height, 1 + dx:1 + dx + width]
+        ridge |= (blurred >= before) & (blurred >= after)
+    thin = np.where(ridge & (blurred > 127), 255, 0).astype(np.uint8)
+    return np.where(cv2.GaussianBlur(thin, (0, 0), 3.0) > 4, 255, 0).astype(np.uint8)
 
 
 def assert_close(got: np.ndarray, expected: np.ndarray) -> None:
@@ -402,6 +409,11 @@ def test_hed_and_hedsafe_are_the_published_net_with_the_extensions_processing(we
         assert len(np.unique(expected)) > (2 if safe else 30)  # not flat or saturated
     assert set(np.unique(arr(detect(check_preprocessor("m", "hed_safe", files), PICTURE, 80, files=files)))) \
         <= {0, 127, 255}
+    # scribble_hed: HED's map (padded, cut) thinned and thickened as scribble_pidinet's
+    got = arr(detect(check_preprocessor("module", "scribble_hed", files), PICTURE, 80, files=files))
+    expected = expected_scribble(expected_hed(state, PICTURE, 80, False)[:, :, 0].astype(np.uint8))
+    assert (got[:, :, 0] != expected).mean() < 0.01  # a thinned line may move where two maxima tie
+    assert set(np.unique(got)) <= {0, 255}
 
 
 def test_lineart_realistic_and_coarse_are_the_generator_inverted(weights, tmp_path: Path) -> None:  # noqa: ANN001

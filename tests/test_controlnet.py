@@ -230,12 +230,17 @@ def _lineart_standard(x: np.ndarray) -> np.ndarray:
     ("tile_resample", 2.5, lambda x, a: cv2.resize(x, (int(x.shape[1] / a), int(x.shape[0] / a)),
                                                     interpolation=cv2.INTER_AREA)),
     ("tile_resample", 1.05, lambda x, a: x),
+    # the extension converts the RGB picture as if it were BGR
+    ("recolor_luminance", 0.7, lambda x, a: (((cv2.cvtColor(x, cv2.COLOR_BGR2LAB)[:, :, 0] / 255.0) ** a)
+                                             * 255).clip(0, 255).astype(np.uint8)),
+    ("recolor_intensity", 1.6, lambda x, a: ((x.max(axis=2) / 255.0) ** a * 255).clip(0, 255)
+                                            .astype(np.uint8)),
 ])
 def test_detect_weight_free_modules_as_the_extension(http, module: str, a: float, expected) -> None:  # noqa: ANN001
     """/controlnet/detect on a 100x70 picture at processor_res 96 (not a multiple of 64, so the
     padding shows at the borders) against the extension's processing redone here: threshold on
-    every channel, xdog and lineart_standard on the padded picture, the blur unpadded, invert
-    and tile_resample at the picture's own size (no resolution)."""
+    every channel, xdog and lineart_standard on the padded picture, the blur unpadded, invert,
+    tile_resample and recolor at the picture's own size (no resolution)."""
     picture = np.asarray(noise(100, 70, seed=21).filter(ImageFilter.GaussianBlur(2)))
     answer = http.post("/controlnet/detect", headers=AUTH, json={
         "controlnet_module": module, "controlnet_input_images": [b64(Image.fromarray(picture))],

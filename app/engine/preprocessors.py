@@ -16,11 +16,14 @@ and NumPy on an RGB picture, redone here from its description:
   the darkness below a 6-pixel blur, normalised by its median; `tile_resample`: shrunk by the
   factor a (area; a factor under 1.1 keeps it); `shuffle`:
   the picture's content moved along a smooth random flow (seeded, so a request repeats);
-  `t2ia_color_grid`: the 64-pixel colour grid; `none`: as it is.
+  `t2ia_color_grid`: the 64-pixel colour grid; `recolor_luminance` / `recolor_intensity`
+  (at the picture's size): L of Lab / V of HSV (the picture converted as the extension does,
+  as if BGR) to the power a, as grey; `none`: as it is.
 
 Preprocessors that need weights (app.engine.annotators runs their nets) are served only where
 their file is in `annotator_dir:` (`served_preprocessors`, `check_preprocessor`):
-`softedge_hed` / `softedge_hedsafe` (aliases `hed`, `hed_safe`; ControlNetHED.pth),
+`softedge_hed` / `softedge_hedsafe` / `scribble_hed` (aliases `hed`, `hed_safe`;
+ControlNetHED.pth; scribble_hed thins and thickens HED's map as scribble_pidinet does),
 `lineart_realistic` (alias `lineart`; sk_model.pth), `lineart_coarse` (sk_model2.pth), and
 `softedge_pidinet` / `softedge_pidisafe` / `scribble_pidinet` / `t2ia_sketch_pidi` (aliases
 `pidinet`, `pidinet_safe`, `pidinet_scribble`, `pidinet_sketch`; table5_pidinet.pth). They
@@ -192,6 +195,19 @@ def _hed(safe: bool) -> Callable[[np.ndarray, float, float, Path], np.ndarray]:
     return lambda image, a, b, path: _padded(lambda x: annotators.hed(x, path, safe=safe))(image)
 
 
+def _scribble_hed(image: np.ndarray, a: float, b: float, path: Path) -> np.ndarray:
+    return annotators.scribble(_padded(lambda x: annotators.hed(x, path))(image))
+
+
+def _recolor(channel: Callable[[np.ndarray], np.ndarray]) -> Callable[[np.ndarray, float, float], np.ndarray]:
+    """The extension's recolor modules: one channel of the picture in 0..1 to the power a
+    (its gamma correction), as grey. (It converts the RGB picture as if it were BGR; so here.)"""
+    def run(image: np.ndarray, a: float, b: float) -> np.ndarray:
+        value = channel(image).astype(np.float32) / 255.0
+        return (value ** a * 255.0).clip(0, 255).astype(np.uint8)
+    return run
+
+
 def _lineart(name: str) -> Callable[[np.ndarray, float, float, Path], np.ndarray]:
     return lambda image, a, b, path: _padded(lambda x: annotators.lineart(x, path, name))(image)
 
@@ -221,11 +237,16 @@ _PREPROCESSORS = [
                  aliases=("lineart_standard (from white bg & black line)",), control_type="Lineart"),
     Preprocessor("shuffle", _shuffle, control_type="Shuffle"),
     Preprocessor("t2ia_color_grid", _color_grid, control_type="T2I-Adapter"),
+    Preprocessor("recolor_luminance", _recolor(lambda x: cv2.cvtColor(x, cv2.COLOR_BGR2LAB)[:, :, 0]),
+                 resolution=None, a=Slider("Gamma Correction", 1.0, 0.1, 2.0, 0.001), control_type="Recolor"),
+    Preprocessor("recolor_intensity", _recolor(lambda x: cv2.cvtColor(x, cv2.COLOR_BGR2HSV)[:, :, 2]),
+                 resolution=None, a=Slider("Gamma Correction", 1.0, 0.1, 2.0, 0.001), control_type="Recolor"),
     # the extension's names; the aliases are its internal keys
     Preprocessor("softedge_hed", _hed(False), aliases=("hed",), control_type="SoftEdge",
                  weights="ControlNetHED.pth"),
     Preprocessor("softedge_hedsafe", _hed(True), aliases=("hed_safe",), control_type="SoftEdge",
                  weights="ControlNetHED.pth"),
+    Preprocessor("scribble_hed", _scribble_hed, control_type="Scribble/Sketch", weights="ControlNetHED.pth"),
     Preprocessor("lineart_realistic", _lineart("sk_model.pth"), aliases=("lineart",),
                  control_type="Lineart", weights="sk_model.pth"),
     Preprocessor("lineart_coarse", _lineart("sk_model2.pth"), control_type="Lineart",
@@ -252,6 +273,7 @@ CONTROL_TYPES: dict[str, tuple[str, tuple[str, ...]]] = {
     "Scribble/Sketch": ("scribble_pidinet", ("scribble", "sketch")),
     "Tile/Blur": ("tile_resample", ("tile", "blur")),
     "Shuffle": ("shuffle", ("shuffle",)),
+    "Recolor": ("recolor_luminance", ("recolor",)),
     "T2I-Adapter": ("none", ("t2i_adapter", "t2iadapter", "t2ia")),
 }
 
