@@ -35,3 +35,14 @@ def save_file(net, path: Path) -> Path:  # noqa: ANN001
 
     save({k: v.contiguous() for k, v in net.state_dict().items()}, str(path))
     return path
+
+
+def controlnet_models(folder: Path) -> str:
+    """models.yaml of the ControlNet tests: tiny-sdxl (preloaded), tiny-sd15 and the nets of
+    `folder`."""
+    return f"""
+models:
+  tiny-sdxl: {{source: "builtin:tiny-sdxl", preload: true}}
+  tiny-sd15: {{source: "builtin:tiny-sd15"}}
+controlnet_dirs: ["{folder}"]
+"""

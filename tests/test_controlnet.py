@@ -15,7 +15,7 @@ import webuiapi
 from PIL import Image, ImageFilter
 
 from tests.conftest import API_KEY
-from tests.controlnet_files import save_file, save_folder, tiny_controlnet
+from tests.controlnet_files import controlnet_models, save_file, save_folder, tiny_controlnet
 from tests.pictures import arr, b64, decoded, noise
 
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
@@ -37,12 +37,7 @@ def nets(tmp_path_factory: pytest.TempPathFactory) -> dict:
 
 @pytest.fixture(scope="module")
 def cn_server(make_server, nets):  # noqa: ANN001, ANN201
-    return make_server(f"""
-models:
-  tiny-sdxl: {{source: "builtin:tiny-sdxl", preload: true}}
-  tiny-sd15: {{source: "builtin:tiny-sd15"}}
-controlnet_dirs: ["{nets['folder']}"]
-""")
+    return make_server(controlnet_models(nets["folder"]))
 
 
 @pytest.fixture()

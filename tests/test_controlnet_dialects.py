@@ -18,7 +18,7 @@ import pytest
 from PIL import Image
 
 from tests.conftest import API_KEY
-from tests.controlnet_files import save_file, save_folder, tiny_controlnet
+from tests.controlnet_files import controlnet_models, save_file, save_folder, tiny_controlnet
 from tests.test_controlnet import CONTROL, arr, b64, close, decoded, direct, noise
 from tests.test_jobs import read_events
 
@@ -39,12 +39,7 @@ def nets(tmp_path_factory: pytest.TempPathFactory) -> dict:
 
 @pytest.fixture(scope="module")
 def cn_server(make_server, nets):  # noqa: ANN001, ANN201
-    return make_server(f"""
-models:
-  tiny-sdxl: {{source: "builtin:tiny-sdxl", preload: true}}
-  tiny-sd15: {{source: "builtin:tiny-sd15"}}
-controlnet_dirs: ["{nets['folder']}"]
-""", max_batch=1)
+    return make_server(controlnet_models(nets["folder"]), max_batch=1)
 
 
 @pytest.fixture()

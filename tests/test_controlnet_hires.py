@@ -38,23 +38,6 @@ def net():  # noqa: ANN201
 
 
 @pytest.fixture(scope="module")
-def refiner_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A second tiny SDXL: the tiny model's UNet, second text encoder and VAE decoder moved by
-    seeded noise, so a picture shows whose parts made it."""
-    from app.engine.tiny import build_tiny_sdxl
-
-    pipe = build_tiny_sdxl()
-    generator = torch.Generator().manual_seed(7)
-    with torch.no_grad():
-        for module in (pipe.unet, pipe.text_encoder_2, pipe.vae.decoder):
-            for weight in module.parameters():
-                weight.add_(torch.randn(weight.shape, generator=generator) * 0.05)
-    folder = tmp_path_factory.mktemp("refiner") / "tiny-refiner"
-    pipe.save_pretrained(folder)
-    return folder
-
-
-@pytest.fixture(scope="module")
 def sd_net():  # noqa: ANN201
     return tiny_controlnet("sd15", seed=2)
 

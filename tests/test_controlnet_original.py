@@ -22,7 +22,7 @@ import torch
 
 from app.engine.single_file import unet_mapper
 from tests.conftest import API_KEY
-from tests.controlnet_files import tiny_controlnet
+from tests.controlnet_files import controlnet_models, tiny_controlnet
 from tests.pictures import arr, b64, decoded, noise
 from tests.test_controlnet import close, direct
 
@@ -104,12 +104,7 @@ def nets(tmp_path_factory: pytest.TempPathFactory) -> dict:
 
 @pytest.fixture(scope="module")
 def cn_server(make_server, nets):  # noqa: ANN001, ANN201
-    return make_server(f"""
-models:
-  tiny-sdxl: {{source: "builtin:tiny-sdxl", preload: true}}
-  tiny-sd15: {{source: "builtin:tiny-sd15"}}
-controlnet_dirs: ["{nets['folder']}"]
-""")
+    return make_server(controlnet_models(nets["folder"]))
 
 
 @pytest.fixture()

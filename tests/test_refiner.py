@@ -29,23 +29,6 @@ PICTURE = noise(64, 64, seed=3)
 
 
 @pytest.fixture(scope="module")
-def refiner_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A second tiny SDXL: the tiny model with its UNet, second text encoder and VAE decoder
-    moved by seeded noise, so a picture shows whose UNet, encoder and VAE made it."""
-    from app.engine.tiny import build_tiny_sdxl
-
-    pipe = build_tiny_sdxl()
-    generator = torch.Generator().manual_seed(7)
-    with torch.no_grad():
-        for module in (pipe.unet, pipe.text_encoder_2, pipe.vae.decoder):
-            for weight in module.parameters():
-                weight.add_(torch.randn(weight.shape, generator=generator) * 0.05)
-    folder = tmp_path_factory.mktemp("refiner") / "tiny-refiner"
-    pipe.save_pretrained(folder)
-    return folder
-
-
-@pytest.fixture(scope="module")
 def server(make_server, refiner_folder):  # noqa: ANN001, ANN201
     return make_server(f"""
 models:
