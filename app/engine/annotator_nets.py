@@ -289,7 +289,8 @@ class _UnetLevel(nn.Module):
         if self.outermost:
             return self.model(x)
         # The published block starts with an in-place LeakyReLU on its input and concatenates
-        # that same (now activated) tensor as the skip: the skip is leaky_relu(x), not x.
+        # that same (now activated) tensor as the skip; done so here too (the ReLU the outer
+        # level applies next would make the plain input the same)
         x = self.model[0](x)
         return torch.cat([x, self.model[1:](x)], dim=1)
 
