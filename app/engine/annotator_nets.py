@@ -259,7 +259,8 @@ class PiDiNet(nn.Module):
 
 
 class _UnetLevel(nn.Module):
-    """One level of the anime line U-Net, holding the levels inside it (`inner`).
+    """One level of the anime line U-Net, holding the level inside it (`sub`; the innermost
+    holds none).
 
     `model` is laid out as the published generator's Sequentials, whose positions make the
     keys: the outermost level [down, inner, ReLU, up, Tanh] (keys .0, .3), an inner level
