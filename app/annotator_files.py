@@ -21,6 +21,9 @@ ANNOTATOR_FILES: dict[str, str] = {
     "sk_model.pth": "lineart",
     "sk_model2.pth": "lineart",
     "table5_pidinet.pth": "pidinet",
+    # the anime line nets
+    "netG.pth": "lineart_anime",
+    "erika.pth": "manga_line",
 }
 
 

@@ -28,6 +28,15 @@ the names the files use).
   an attention module (`attentions`) and a 1x1 conv (`conv_reduces`), upsampled bilinearly and
   fused by a 1x1 `classifier`; every map through a sigmoid. Input BGR in 0..1. The file keeps
   its tensors under `state_dict` with DataParallel's `module.` prefix.
+- `AnimeLineartUnet`: the pix2pix U-Net generator (Isola et al. 2017) of the anime line
+  drawings (`netG.pth`, 54M parameters): 8 levels of 4x4 stride-2 convolutions down (64, 128,
+  256, 512, 512, 512, 512, 512 channels; LeakyReLU 0.2 and instance norm without parameters)
+  and transposed ones up (ReLU, instance norm), each level's input concatenated to its output,
+  tanh at the top. Input RGB in -1..1, sides multiples of 256. Keys nest as the levels do:
+  `model.model.0|3`, `model.model.1.model.1|5`, `model.model.1.model.3.model.1|5`, ...
+- `MangaLineNet`: the manga line extraction residual U-Net (`erika.pth`, 43M parameters, with
+  batch norms): grey in 0..255, sides multiples of 16; its blocks' keys are
+  `block<i>.model.<j>.conv1|residual.model.0|2` and `.shortcut.model.0`, `conv15.model.0|2`.
 """
 
 from __future__ import annotations
@@ -244,3 +253,169 @@ class PiDiNet(nn.Module):
             maps.append(F.interpolate(reduced, size, mode="bilinear", align_corners=False))
         maps.append(self.classifier(torch.cat(maps, dim=1)))
         return [torch.sigmoid(m) for m in maps]
+
+
+# ---- lineart_anime: the pix2pix U-Net generator (netG.pth) -------------------------------
+
+
+class _UnetLevel(nn.Module):
+    """One level of the anime line U-Net, holding the level inside it (`sub`; the innermost
+    holds none).
+
+    `model` is laid out as the published generator's Sequentials, whose positions make the
+    keys: the outermost level [down, inner, ReLU, up, Tanh] (keys .0, .3), an inner level
+    [LeakyReLU, down, norm, inner, ReLU, up, norm] (.1, .5; the inner level at .3) and the
+    innermost [LeakyReLU, down, ReLU, up, norm] (.1, .3). Every conv is 4x4, stride 2,
+    padding 1, with a bias; the norms are instance norms without parameters.
+    """
+
+    def __init__(self, outer: int, inner: int, sub: _UnetLevel | None = None, *,
+                 channels_in: int | None = None, outermost: bool = False) -> None:
+        super().__init__()
+        self.outermost = outermost
+        down = nn.Conv2d(channels_in or outer, inner, kernel_size=4, stride=2, padding=1)
+        up = nn.ConvTranspose2d(inner if sub is None else 2 * inner, outer, kernel_size=4, stride=2,
+                                padding=1)
+        if outermost:
+            assert sub is not None
+            layers: list[nn.Module] = [down, sub, nn.ReLU(), up, nn.Tanh()]
+        elif sub is None:
+            layers = [nn.LeakyReLU(0.2), down, nn.ReLU(), up, nn.InstanceNorm2d(outer)]
+        else:
+            layers = [nn.LeakyReLU(0.2), down, nn.InstanceNorm2d(inner), sub, nn.ReLU(), up,
+                      nn.InstanceNorm2d(outer)]
+        self.model = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.outermost:
+            return self.model(x)
+        # The published block starts with an in-place LeakyReLU on its input and concatenates
+        # that same (now activated) tensor as the skip; done so here too (the ReLU the outer
+        # level applies next would make the plain input the same)
+        x = self.model[0](x)
+        return torch.cat([x, self.model[1:](x)], dim=1)
+
+
+class AnimeLineartUnet(nn.Module):
+    """The anime line drawing of an RGB picture in -1..1 (one channel, -1..1, 1 = paper) whose
+    sides are multiples of 256: a U-Net of 8 levels (`width`, 2, 4 and then 8 times `width`
+    channels; 64 in the released netG.pth) with skip connections. Keys: `model.model.0`,
+    `model.model.3` (outermost), then `.model.1` for each level further in, its `.model.1` /
+    `.model.5` (or `.model.1` / `.model.3` for the innermost) convolutions."""
+
+    def __init__(self, width: int = 64, levels: int = 8) -> None:
+        super().__init__()
+        level = _UnetLevel(8 * width, 8 * width)
+        for _ in range(levels - 5):
+            level = _UnetLevel(8 * width, 8 * width, level)
+        for outer in (4 * width, 2 * width, width):
+            level = _UnetLevel(outer, 2 * outer, level)
+        self.model = _UnetLevel(1, width, level, channels_in=3, outermost=True)
+
+    def forward(self, rgb: torch.Tensor) -> torch.Tensor:
+        return self.model(rgb)
+
+
+# ---- lineart_anime_denoise: the manga line extraction res-U-Net (erika.pth) --------------
+
+
+def _norm_act_conv(channels_in: int, channels: int, kernel: int, stride: int = 1,
+                   upsample: bool = False) -> nn.Sequential:
+    """Batch norm (eps 1e-3), LeakyReLU 0.2, a conv (`kernel` square, zero padding kernel // 2),
+    and for the first block of an upsampling stage a 2x nearest upsampling; keys `.model.0`
+    (the norm) and `.model.2` (the conv)."""
+    layers = [nn.BatchNorm2d(channels_in, eps=1e-3), nn.LeakyReLU(0.2),
+              nn.Conv2d(channels_in, channels, kernel, stride=stride, padding=kernel // 2)]
+    if upsample:
+        layers.append(nn.Upsample(scale_factor=2, mode="nearest"))
+    return nn.Sequential(*layers)
+
+
+class _Wrapped(nn.Module):
+    """A Sequential under the attribute `model` (what the published file's keys go through)."""
+
+    def __init__(self, *layers: nn.Module) -> None:
+        super().__init__()
+        self.model = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)
+
+
+class _MangaResidual(nn.Module):
+    """Two norm-act-conv steps (`conv1`, `residual`) added to the input, which goes through a
+    1x1 conv (`shortcut.model.0`) where the channels or the size change. `upsample` doubles the
+    size (the first block of a decoder stage: conv1 and the shortcut upsample)."""
+
+    def __init__(self, channels_in: int, channels: int, stride: int = 1, upsample: bool = False) -> None:
+        super().__init__()
+        self.conv1 = _Wrapped(*_norm_act_conv(channels_in, channels, 3, stride, upsample))
+        self.residual = _Wrapped(*_norm_act_conv(channels, channels, 3))
+        self.shortcut: nn.Module = nn.Identity()  # (no keys)
+        if channels_in != channels or stride != 1:
+            shortcut: list[nn.Module] = [nn.Conv2d(channels_in, channels, 1, stride=stride)]
+            if upsample:
+                shortcut.append(nn.Upsample(scale_factor=2, mode="nearest"))
+            self.shortcut = _Wrapped(*shortcut)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.shortcut(x) + self.residual(self.conv1(x))
+
+
+def _encoder_stage(channels_in: int, channels: int, blocks: int, downsample: bool) -> _Wrapped:
+    """`blocks` residual blocks, the last of stride 2 where `downsample`."""
+    return _Wrapped(*[_MangaResidual(channels_in if i == 0 else channels, channels,
+                                     stride=2 if downsample and i == blocks - 1 else 1)
+                      for i in range(blocks)])
+
+
+def _decoder_stage(channels_in: int, channels: int, blocks: int) -> _Wrapped:
+    """`blocks` residual blocks, the first doubling the size."""
+    return _Wrapped(*[_MangaResidual(channels_in if i == 0 else channels, channels, upsample=i == 0)
+                      for i in range(blocks)])
+
+
+class MangaLineNet(nn.Module):
+    """The manga line extraction net (MangaLineExtraction, Li et al. 2017; the weights
+    erika.pth): a residual U-Net on a grey picture in 0..255 whose sides are multiples of 16,
+    answering its line drawing (one channel, about 0..255, 255 = paper).
+
+    Encoder `block0`..`block4` (`width` = 24 in erika.pth, doubling: 24, 48, 96, 192, 384
+    channels from 1; 2, 3, 5, 7, 12 residual
+    blocks, each stage but the first halving the size in its last block), decoder
+    `block5`..`block8` (192, 96, 48, 24; 7, 5, 3, 2 blocks, each stage doubling the size in its
+    first), each decoder stage's output plus the encoder's of the same size, `block9` (16
+    channels, 2 blocks) and `conv15` (norm, LeakyReLU, 1x1 conv to one channel). Every block's
+    keys: `<stage>.model.<i>.conv1|residual.model.0` (batch norm: weight, bias, running_mean,
+    running_var, num_batches_tracked), `.model.2` (conv), and `shortcut.model.0` where projected.
+    """
+
+    ENCODER_BLOCKS = (2, 3, 5, 7, 12)
+    DECODER_BLOCKS = (7, 5, 3, 2)
+
+    def __init__(self, width: int = 24) -> None:
+        super().__init__()
+        channels_in = 1
+        for index, blocks in enumerate(self.ENCODER_BLOCKS):
+            channels = width << index
+            stage = _encoder_stage(channels_in, channels, blocks, downsample=index > 0)
+            setattr(self, f"block{index}", stage)
+            channels_in = channels
+        for index, blocks in enumerate(self.DECODER_BLOCKS, start=len(self.ENCODER_BLOCKS)):
+            channels = channels_in // 2
+            setattr(self, f"block{index}", _decoder_stage(channels_in, channels, blocks))
+            channels_in = channels
+        self.block9 = _encoder_stage(width, 16, 2, downsample=False)
+        self.conv15 = _Wrapped(*_norm_act_conv(16, 1, 1))
+
+    def forward(self, grey255: torch.Tensor) -> torch.Tensor:
+        skips = []
+        x = grey255
+        stages = len(self.ENCODER_BLOCKS)
+        for index in range(stages):
+            x = getattr(self, f"block{index}")(x)
+            skips.append(x)
+        skips.pop()  # the bottom stage's output is the decoder's input, not a skip
+        for index in range(stages, stages + len(self.DECODER_BLOCKS)):
+            x = getattr(self, f"block{index}")(x) + skips.pop()
+        return self.conv15(self.block9(x))

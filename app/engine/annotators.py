@@ -1,10 +1,11 @@
 """The ControlNet preprocessors that need weights: their nets loaded from the files of
 models.yaml's `annotator_dir:` (app.annotator_files) and run on the CPU.
 
-What sd-webui-controlnet (v1.1.455, `annotator/hed`, `annotator/lineart` and its legacy
-`processor.py`) does around each net, redone here from its description (the picture arrives
-already resized to the processing resolution and edge-padded to multiples of 64 by
-app.engine.preprocessors, which cuts the padding off again):
+What sd-webui-controlnet (v1.1.455, `annotator/hed`, `annotator/lineart`,
+`annotator/lineart_anime`, `annotator/manga_line` and its legacy `processor.py`) does around
+each net, redone here from its description (the picture arrives already resized to the
+processing resolution and edge-padded to multiples of 64 by app.engine.preprocessors, which
+cuts the padding off again):
 
 - `hed(image, safe)`: the RGB picture as floats in 0..255 into `ControlNetHED`; each of its
   five side outputs resized to the picture's size (bilinear, OpenCV's INTER_LINEAR), their
@@ -13,6 +14,12 @@ app.engine.preprocessors, which cuts the padding off again):
 - `lineart(image, file)`: RGB in 0..1 into `LineartGenerator` (sk_model.pth realistic,
   sk_model2.pth coarse); the drawing times 255, clipped, truncated to uint8, then inverted
   (white lines on black, as ControlNet's lineart models take them).
+- `lineart_anime(image)`: the RGB picture stretched (cubic) to the next multiples of 256, as
+  x / 127.5 - 1 into `AnimeLineartUnet` (netG.pth); its drawing times 127.5 plus 127.5,
+  stretched (cubic) back to the picture's size, clipped, truncated to uint8, inverted.
+- `manga_line(image)` (lineart_anime_denoise): the picture's grey (OpenCV's RGB2GRAY, uint8)
+  as floats in 0..255 into `MangaLineNet` (erika.pth); 255 minus its drawing, clipped,
+  truncated to uint8, and not inverted again (the extension's "auto inversion" is this 255 -).
 - `pidinet(image, mode)`: BGR in 0..1 into `PiDiNet` (table5_pidinet.pth); its fused map
   (the last), then for `safe` the safe step, for `sketch` 1 where above 0.5, else 0; times 255,
   clipped, truncated to uint8. `scribble` (the extension's scribble_pidinet, on the map cut
@@ -42,11 +49,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from app.engine.annotator_nets import ControlNetHED, LineartGenerator, PiDiNet
+from app.engine.annotator_nets import AnimeLineartUnet, ControlNetHED, LineartGenerator, MangaLineNet, PiDiNet
 
 log = logging.getLogger(__name__)
 
-CACHE_CAPACITY = 3  # nets kept loaded (HED is 15M parameters, a lineart generator 4M, PiDiNet 0.7M)
+CACHE_CAPACITY = 3  # nets kept loaded (HED is 15M parameters, a lineart generator 4M, PiDiNet 0.7M,
+#                     the anime U-Net 54M, the manga line net 43M)
 
 
 class AnnotatorFileError(Exception):
@@ -59,6 +67,9 @@ NETS: dict[str, Callable[[], nn.Module]] = {
     "sk_model.pth": LineartGenerator,
     "sk_model2.pth": LineartGenerator,
     "table5_pidinet.pth": PiDiNet,
+    # the anime line nets
+    "netG.pth": AnimeLineartUnet,
+    "erika.pth": MangaLineNet,
 }
 
 
@@ -103,7 +114,10 @@ def build_net(name: str, path: Path) -> nn.Module:
     net = NETS[name]()
     state = read_state_dict(path)
     expected = net.state_dict()
-    missing = sorted(set(expected) - set(state))
+    # a batch norm's step counter: files saved by PyTorch before 0.4.1 lack it, and
+    # load_state_dict fills it in; it is never used in eval mode
+    counters = {k for k in expected if k.endswith(".num_batches_tracked")}
+    missing = sorted(set(expected) - set(state) - counters)
     unexpected = sorted(set(state) - set(expected))
     if missing or unexpected:
         parts = []
@@ -117,7 +131,7 @@ def build_net(name: str, path: Path) -> nn.Module:
         if tuple(tensor.shape) != tuple(expected[key].shape):
             raise AnnotatorFileError(f"{path.name}: tensor {key} has shape {list(tensor.shape)}, the "
                                      f"{type(net).__name__} net's is {list(expected[key].shape)}")
-        if not tensor.is_floating_point():
+        if not tensor.is_floating_point() and key not in counters:
             raise AnnotatorFileError(f"{path.name}: tensor {key} is {tensor.dtype}, not floating point")
     net.load_state_dict(state, strict=True)
     return net.float().eval().requires_grad_(False)
@@ -194,6 +208,31 @@ def lineart(image: np.ndarray, path: Path, name: str) -> np.ndarray:
         drawing = net(_tensor(image, 1.0 / 255.0))[0, 0].numpy()
     return 255 - (drawing * 255.0).clip(0, 255).astype(np.uint8)
 
+
+def lineart_anime(image: np.ndarray, path: Path) -> np.ndarray:
+    """The anime line drawing (HxW uint8, white lines on black) of an RGB picture, by the U-Net
+    of netG.pth: the picture stretched (cubic) to the next multiples of 256, in -1..1; the
+    drawing back in 0..255 stretched (cubic) to the picture's size, clipped, truncated, inverted."""
+    net = NETS_CACHE.get("netG.pth", path)
+    height, width = image.shape[:2]
+    size = (256 * -(-width // 256), 256 * -(-height // 256))
+    stretched = cv2.resize(image, size, interpolation=cv2.INTER_CUBIC)
+    with torch.inference_mode():
+        drawing = net(_tensor(stretched, 1.0).div(127.5).sub(1.0))[0, 0].numpy()
+    drawing = cv2.resize(drawing * 127.5 + 127.5, (width, height), interpolation=cv2.INTER_CUBIC)
+    return 255 - drawing.clip(0, 255).astype(np.uint8)
+
+
+def manga_line(image: np.ndarray, path: Path) -> np.ndarray:
+    """The manga line drawing (HxW uint8, white lines on black) of an RGB picture whose sides
+    are multiples of 16, by the net of erika.pth: its grey (OpenCV's RGB2GRAY) in 0..255 in,
+    255 minus the drawing out, clipped, truncated (the net answers paper as 255, so this is
+    already white lines on black: no further inversion)."""
+    net = NETS_CACHE.get("erika.pth", path)
+    grey = cv2.cvtColor(image, cv2.COLOR_RGB2GRAY)
+    with torch.inference_mode():
+        drawing = net(torch.from_numpy(np.ascontiguousarray(grey)).float()[None, None])[0, 0].numpy()
+    return (255.0 - drawing).clip(0, 255).astype(np.uint8)
 
 
 def pidinet(image: np.ndarray, path: Path, mode: str = "") -> np.ndarray:

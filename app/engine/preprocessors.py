@@ -26,9 +26,10 @@ their file is in `annotator_dir:` (`served_preprocessors`, `check_preprocessor`)
 ControlNetHED.pth; scribble_hed thins and thickens HED's map as scribble_pidinet does),
 `lineart_realistic` (alias `lineart`; sk_model.pth), `lineart_coarse` (sk_model2.pth), and
 `softedge_pidinet` / `softedge_pidisafe` / `scribble_pidinet` / `t2ia_sketch_pidi` (aliases
-`pidinet`, `pidinet_safe`, `pidinet_scribble`, `pidinet_sketch`; table5_pidinet.pth). They
-take the same resize and 64-padding as the built-in operators (scribble_pidinet thins the
-map once the padding is cut off).
+`pidinet`, `pidinet_safe`, `pidinet_scribble`, `pidinet_sketch`; table5_pidinet.pth),
+`lineart_anime` (netG.pth; the net stretches the padded picture to multiples of 256 and back
+itself) and `lineart_anime_denoise` (erika.pth). They take the same resize and 64-padding as
+the built-in operators (scribble_pidinet thins the map once the padding is cut off).
 
 The detected map is then fitted to each pass's size by the unit's resize mode (`fit`), as the
 extension's `detectmap_proc`: Just Resize stretches it; Crop and Resize scales it to cover the
@@ -212,6 +213,14 @@ def _lineart(name: str) -> Callable[[np.ndarray, float, float, Path], np.ndarray
     return lambda image, a, b, path: _padded(lambda x: annotators.lineart(x, path, name))(image)
 
 
+def _lineart_anime(image: np.ndarray, a: float, b: float, path: Path) -> np.ndarray:
+    return _padded(lambda x: annotators.lineart_anime(x, path))(image)
+
+
+def _lineart_anime_denoise(image: np.ndarray, a: float, b: float, path: Path) -> np.ndarray:
+    return _padded(lambda x: annotators.manga_line(x, path))(image)
+
+
 def _pidinet(mode: str) -> Callable[[np.ndarray, float, float, Path], np.ndarray]:
     def run(image: np.ndarray, a: float, b: float, path: Path) -> np.ndarray:
         edge = _padded(lambda x: annotators.pidinet(x, path, "" if mode == "scribble" else mode))(image)
@@ -259,6 +268,10 @@ _PREPROCESSORS = [
                  control_type="Scribble/Sketch", weights="table5_pidinet.pth"),
     Preprocessor("t2ia_sketch_pidi", _pidinet("sketch"), aliases=("pidinet_sketch",),
                  control_type="T2I-Adapter", weights="table5_pidinet.pth"),
+    # the anime line nets
+    Preprocessor("lineart_anime", _lineart_anime, control_type="Lineart", weights="netG.pth"),
+    Preprocessor("lineart_anime_denoise", _lineart_anime_denoise, control_type="Lineart",
+                 weights="erika.pth"),
 ]
 # every preprocessor known, served or not (those with `weights` need their file)
 PREPROCESSORS: dict[str, Preprocessor] = {p.name: p for p in _PREPROCESSORS}
