@@ -23,7 +23,9 @@ their file is in `annotator_dir:` (`served_preprocessors`, `check_preprocessor`)
 `softedge_hed` / `softedge_hedsafe` (aliases `hed`, `hed_safe`; ControlNetHED.pth),
 `lineart_realistic` (alias `lineart`; sk_model.pth), `lineart_coarse` (sk_model2.pth), and
 `softedge_pidinet` / `softedge_pidisafe` / `scribble_pidinet` / `t2ia_sketch_pidi` (aliases
-`pidinet`, `pidinet_safe`, `pidinet_scribble`, `pidinet_sketch`; table5_pidinet.pth). They
+`pidinet`, `pidinet_safe`, `pidinet_scribble`, `pidinet_sketch`; table5_pidinet.pth), and
+`openpose` (body only, the extension's name for it; body_pose_model.pth: the skeletons drawn
+on black, app.engine.openpose). They
 take the same resize and 64-padding as the built-in operators (scribble_pidinet thins the
 map once the padding is cut off).
 
@@ -196,6 +198,10 @@ def _lineart(name: str) -> Callable[[np.ndarray, float, float, Path], np.ndarray
     return lambda image, a, b, path: _padded(lambda x: annotators.lineart(x, path, name))(image)
 
 
+def _openpose(image: np.ndarray, a: float, b: float, path: Path) -> np.ndarray:
+    return _padded(lambda x: annotators.openpose(x, path))(image)
+
+
 def _pidinet(mode: str) -> Callable[[np.ndarray, float, float, Path], np.ndarray]:
     def run(image: np.ndarray, a: float, b: float, path: Path) -> np.ndarray:
         edge = _padded(lambda x: annotators.pidinet(x, path, "" if mode == "scribble" else mode))(image)
@@ -238,6 +244,8 @@ _PREPROCESSORS = [
                  control_type="Scribble/Sketch", weights="table5_pidinet.pth"),
     Preprocessor("t2ia_sketch_pidi", _pidinet("sketch"), aliases=("pidinet_sketch",),
                  control_type="T2I-Adapter", weights="table5_pidinet.pth"),
+    # body only: openpose_hand / _face / _full need hand_pose_model.pth and facenet.pth
+    Preprocessor("openpose", _openpose, control_type="OpenPose", weights="body_pose_model.pth"),
 ]
 # every preprocessor known, served or not (those with `weights` need their file)
 PREPROCESSORS: dict[str, Preprocessor] = {p.name: p for p in _PREPROCESSORS}
@@ -253,6 +261,7 @@ CONTROL_TYPES: dict[str, tuple[str, tuple[str, ...]]] = {
     "Tile/Blur": ("tile_resample", ("tile", "blur")),
     "Shuffle": ("shuffle", ("shuffle",)),
     "T2I-Adapter": ("none", ("t2i_adapter", "t2iadapter", "t2ia")),
+    "OpenPose": ("openpose", ("openpose", "densepose")),
 }
 
 
