@@ -234,14 +234,17 @@ def draw_bodies(bodies: Sequence[Keypoints], height: int, width: int) -> np.ndar
     return canvas
 
 
-def detect_bodies(net: nn.Module, rgb: np.ndarray) -> list[Keypoints]:
-    """The people in an RGB picture, keypoints as fractions of its width and height."""
-    height, width = rgb.shape[:2]
-    maps = body_maps(net, np.ascontiguousarray(rgb[:, :, ::-1]))
-    if maps is None:
-        return []
-    heatmaps, pafs = maps
+def bodies_from_maps(heatmaps: np.ndarray, pafs: np.ndarray) -> list[Keypoints]:
+    """The people of a picture's maps (at its size), keypoints as fractions of its width and
+    height."""
+    height, width = heatmaps.shape[:2]
     peaks = find_peaks(heatmaps)
     people = assemble(peaks, connect_limbs(peaks, pafs, height))
     return [[None if p is None else (p[0] / float(width), p[1] / float(height)) for p in person]
             for person in people]
+
+
+def detect_bodies(net: nn.Module, rgb: np.ndarray) -> list[Keypoints]:
+    """The people in an RGB picture, keypoints as fractions of its width and height."""
+    maps = body_maps(net, np.ascontiguousarray(rgb[:, :, ::-1]))
+    return [] if maps is None else bodies_from_maps(*maps)
