@@ -302,7 +302,10 @@ class BodyPoseNet(nn.Module):
         specs = [s for s in _BODY_FEATURES if s is not None]
         specs += [s for stage in range(1, 7) for branch in (1, 2) for s in _body_branch(stage, branch)]
         for name, channels_in, channels, kernel in specs:
-            self.add_module(name, nn.Conv2d(channels_in, channels, kernel, padding=kernel // 2))
+            # left uninitialised (52M parameters take seconds to draw at random): it is only
+            # ever used with every tensor loaded from the file
+            self.add_module(name, torch.nn.utils.skip_init(nn.Conv2d, channels_in, channels, kernel,
+                                                           padding=kernel // 2))
 
     def _run(self, names: list[str | None], x: torch.Tensor, *, last_relu: bool) -> torch.Tensor:
         for i, name in enumerate(names):
