@@ -136,7 +136,8 @@ def limb_score(a: Peak, b: Peak, paf_x: np.ndarray, paf_y: np.ndarray, height: i
     xs = np.rint(np.linspace(a[0], b[0], num=PAF_SAMPLES)).astype(int)
     ys = np.rint(np.linspace(a[1], b[1], num=PAF_SAMPLES)).astype(int)
     along = paf_x[ys, xs] * (dx / length) + paf_y[ys, xs] * (dy / length)
-    score = float(np.sum(along)) / len(along) + min(0.5 * height / length - 1, 0)
+    # summed in order, as the extension's sum() does (NumPy's pairwise sum may differ in the last bit)
+    score = sum(along.tolist()) / len(along) + min(0.5 * height / length - 1, 0)
     if np.count_nonzero(along > PAF_THRESHOLD) > 0.8 * len(along) and score > 0:
         return score
     return None
