@@ -40,7 +40,7 @@ from app.annotator_files import discover_annotators
 from app.engine import annotators
 from app.engine import openpose as pose
 from app.engine.annotator_nets import BodyPoseNet
-from app.engine.preprocessors import check_preprocessor, served_preprocessors
+from app.engine.preprocessors import check_preprocessor, detect, served_preprocessors
 from app.errors import InvalidParameter
 from tests.conftest import API_KEY
 from tests.pictures import b64, decoded, noise
@@ -212,8 +212,8 @@ EXT_COLOURS = [[255, 0, 0], [255, 85, 0], [255, 170, 0], [255, 255, 0], [170, 25
                [0, 0, 255], [85, 0, 255], [170, 0, 255], [255, 0, 255], [255, 0, 170], [255, 0, 85]]
 
 
-def blob(x: int, y: int, amplitude: float = 1.0) -> np.ndarray:
-    yy, xx = np.mgrid[0:H, 0:W]
+def blob(x: int, y: int, amplitude: float = 1.0, shape: tuple[int, int] = (H, W)) -> np.ndarray:
+    yy, xx = np.mgrid[0:shape[0], 0:shape[1]]
     return amplitude * np.exp(-((xx - x) ** 2 + (yy - y) ** 2) / (2 * 2.0 ** 2))
 
 
@@ -241,11 +241,12 @@ ARM = {1: (40, 20), 2: (20, 30), 3: (22, 55), 4: (30, 80)}
 ARM_LIMBS = [((1, 2), (12, 13), 0), ((2, 3), (14, 15), 2), ((3, 4), (16, 17), 3)]
 
 
-def maps_of(people: list[dict[int, tuple[int, int]]], limbs: list) -> tuple[np.ndarray, np.ndarray]:
-    heatmaps, pafs = np.zeros((H, W, 19)), np.zeros((H, W, 38))
+def maps_of(people: list[dict[int, tuple[int, int]]], limbs: list,
+            shape: tuple[int, int] = (H, W)) -> tuple[np.ndarray, np.ndarray]:
+    heatmaps, pafs = np.zeros((*shape, 19)), np.zeros((*shape, 38))
     for person in people:
         for part, (x, y) in person.items():
-            heatmaps[:, :, part] += blob(x, y)
+            heatmaps[:, :, part] += blob(x, y, shape=shape)
         for (pa, pb), channels, _ in limbs:
             if pa in person and pb in person:
                 field(pafs, channels, person[pa], person[pb])
@@ -308,6 +309,49 @@ def test_two_people_are_two_skeletons_and_a_three_part_one_is_dropped() -> None:
     assert sorted(int(b[1][0] * W) for b in bodies) == [40, 110]
     heatmaps, pafs = maps_of([partial], ARM_LIMBS)
     assert pose.bodies_from_maps(heatmaps, pafs) == []
+
+
+def test_two_fragments_that_a_later_limb_joins_are_merged_into_one_person() -> None:
+    # neck-shoulder (limb 0) and nose-eye-ear (limbs 13, 14) have no limb between them until
+    # shoulder-ear (limb 17): two people of 2 and 3 parts, each too small alone, merged into one of 5
+    parts = {1: (64, 60), 2: (40, 62), 0: (64, 30), 14: (56, 22), 16: (44, 20)}
+    limbs = [((1, 2), (12, 13), 0), ((0, 14), (30, 31), 13), ((14, 16), (34, 35), 14),
+             ((2, 16), (18, 19), 17)]
+    heatmaps, pafs = maps_of([parts], limbs)
+    bodies = pose.bodies_from_maps(heatmaps, pafs)
+    assert len(bodies) == 1
+    assert [part for part in range(18) if bodies[0][part] is not None] == [0, 1, 2, 14, 16]
+    heatmaps, pafs = maps_of([parts], limbs[:3])  # without the joining limb: nobody
+    assert pose.bodies_from_maps(heatmaps, pafs) == []
+    # the joining limb (shoulder to ear) is found but, as in the extension, not drawn
+    got = pose.draw_bodies(bodies, H, W)
+    assert not (got == [int(c * 0.6) for c in EXT_COLOURS[17]]).all(axis=2).any()
+    assert (got == [int(c * 0.6) for c in EXT_COLOURS[13]]).all(axis=2).any()
+
+
+def test_detect_draws_on_the_padded_picture_and_cuts_the_padding_off(body_file, body_net,  # noqa: ANN001
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    picture = noise(70, 90, seed=1)  # at 64: 64 x 82, padded to 64 x 128
+    files = discover_annotators(body_file["root"])
+    seen = []
+
+    def maps(net: nn.Module, bgr: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        assert net is body_net
+        seen.append(bgr.copy())
+        return maps_of([ARM], ARM_LIMBS, shape=bgr.shape[:2])
+
+    monkeypatch.setattr(pose, "body_maps", maps)
+    got = np.asarray(detect(check_preprocessor("module", "openpose", files), picture, 64, files=files))
+    rgb = cv2.resize(np.asarray(picture), (64, 82), interpolation=cv2.INTER_AREA)
+    padded = np.pad(rgb, ((0, 128 - 82), (0, 0), (0, 0)), mode="edge")
+    np.testing.assert_array_equal(seen[0], padded[:, :, ::-1])  # the net reads BGR
+    expected = np.zeros((128, 64, 3), np.uint8)
+    at = {part: (int(x / 64 * 64), int(y / 128 * 128)) for part, (x, y) in ARM.items()}
+    for (pa, pb), _, limb in ARM_LIMBS:
+        stick(expected, at[pa], at[pb], EXT_COLOURS[limb])
+    for part, point in at.items():
+        cv2.circle(expected, point, 4, EXT_COLOURS[part], thickness=-1)
+    np.testing.assert_array_equal(got, expected[:82])
 
 
 def test_a_short_limb_far_from_the_field_is_not_connected() -> None:
