@@ -37,6 +37,9 @@ the names the files use).
 - `MangaLineNet`: the manga line extraction residual U-Net (`erika.pth`, 43M parameters, with
   batch norms): grey in 0..255, sides multiples of 16; its blocks' keys are
   `block<i>.model.<j>.conv1|residual.model.0|2` and `.shortcut.model.0`, `conv15.model.0|2`.
+- `BodyPoseNet`: OpenPose's body network (`body_pose_model.pth`): a VGG-style feature stack,
+  then six stages of a PAF branch and a heatmap branch; its keys are the file's flat Caffe
+  layer names (`conv1_1.weight`, `Mconv7_stage6_L2.bias`, ...). See the class.
 """
 
 from __future__ import annotations
@@ -419,3 +422,82 @@ class MangaLineNet(nn.Module):
         for index in range(stages, stages + len(self.DECODER_BLOCKS)):
             x = getattr(self, f"block{index}")(x) + skips.pop()
         return self.conv15(self.block9(x))
+
+
+# (name, channels in, channels out, kernel) of the body pose net's feature stack; None: a 2x2 max-pool
+_BODY_FEATURES: list[tuple[str, int, int, int] | None] = [
+    ("conv1_1", 3, 64, 3), ("conv1_2", 64, 64, 3), None,
+    ("conv2_1", 64, 128, 3), ("conv2_2", 128, 128, 3), None,
+    ("conv3_1", 128, 256, 3), ("conv3_2", 256, 256, 3), ("conv3_3", 256, 256, 3), ("conv3_4", 256, 256, 3),
+    None,
+    ("conv4_1", 256, 512, 3), ("conv4_2", 512, 512, 3), ("conv4_3_CPM", 512, 256, 3),
+    ("conv4_4_CPM", 256, 128, 3),
+]
+# channels: the shared features, the PAFs (19 limbs x (x, y)), the heatmaps (18 parts + background)
+BODY_FEATURES, BODY_PAFS, BODY_HEATMAPS = 128, 38, 19
+
+
+def _body_branch(stage: int, branch: int) -> list[tuple[str, int, int, int]]:
+    """The convolutions of one branch (1: PAFs, 2: heatmaps) of one stage, as the file names them."""
+    out = BODY_PAFS if branch == 1 else BODY_HEATMAPS
+    if stage == 1:
+        return [(f"conv5_1_CPM_L{branch}", BODY_FEATURES, 128, 3), (f"conv5_2_CPM_L{branch}", 128, 128, 3),
+                (f"conv5_3_CPM_L{branch}", 128, 128, 3), (f"conv5_4_CPM_L{branch}", 128, 512, 1),
+                (f"conv5_5_CPM_L{branch}", 512, out, 1)]
+    width_in = BODY_PAFS + BODY_HEATMAPS + BODY_FEATURES
+    convs = [(f"Mconv{k}_stage{stage}_L{branch}", width_in if k == 1 else 128, 128, 7) for k in range(1, 6)]
+    return convs + [(f"Mconv6_stage{stage}_L{branch}", 128, 128, 1),
+                    (f"Mconv7_stage{stage}_L{branch}", 128, out, 1)]
+
+
+class BodyPoseNet(nn.Module):
+    """OpenPose's body network (Cao et al., CVPR 2017; the `body_pose_model.pth` of
+    lllyasviel/Annotators, converted from CMU's Caffe model by pytorch-openpose).
+
+    A VGG-19-style feature stack (3x3 convolutions with ReLU, three 2x2 max-pools: stride 8)
+    down to 128 channels, then six stages of two branches: L1 predicts 38 part affinity
+    fields (x and y for 19 limbs), L2 19 heatmaps (18 keypoints and the background). Stage 1
+    reads the features (three 3x3, a 1x1 to 512 and a 1x1 out); stages 2-6 read the previous
+    stage's two outputs and the features, concatenated in that order (five 7x7, a 1x1 and a
+    1x1 out). Every convolution is followed by a ReLU except each branch's last, but for the
+    last stage's heatmaps: the published network (a duplicated name in its list of layers
+    without ReLU) rectifies those, and so does this one, to give the same maps.
+
+    The file keeps the Caffe layer names flat (`conv1_1.weight`, `conv5_5_CPM_L2.bias`,
+    `Mconv7_stage6_L1.weight`, ...); the published code moves them into nested blocks when it
+    loads them. Here every convolution is an attribute under its own name, so the file's keys
+    are this module's state-dict keys as they are. Forward returns (PAFs, heatmaps) of the
+    last stage, at an eighth of the input's size."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._features = [spec if spec is None else spec[0] for spec in _BODY_FEATURES]
+        self._branches = [[[name for name, *_ in _body_branch(stage, branch)] for branch in (1, 2)]
+                          for stage in range(1, 7)]
+        specs = [s for s in _BODY_FEATURES if s is not None]
+        specs += [s for stage in range(1, 7) for branch in (1, 2) for s in _body_branch(stage, branch)]
+        for name, channels_in, channels, kernel in specs:
+            # left uninitialised (52M parameters take seconds to draw at random): it is only
+            # ever used with every tensor loaded from the file
+            self.add_module(name, torch.nn.utils.skip_init(nn.Conv2d, channels_in, channels, kernel,
+                                                           padding=kernel // 2))
+
+    def _run(self, names: list[str | None], x: torch.Tensor, *, last_relu: bool) -> torch.Tensor:
+        for i, name in enumerate(names):
+            if name is None:
+                x = F.max_pool2d(x, 2, 2)
+                continue
+            x = getattr(self, name)(x)
+            if i < len(names) - 1 or last_relu:
+                x = F.relu(x)
+        return x
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        features = self._run(self._features, x, last_relu=True)
+        h = features
+        pafs = heatmaps = features
+        for stage, (paf_names, heat_names) in enumerate(self._branches, start=1):
+            pafs = self._run(paf_names, h, last_relu=False)
+            heatmaps = self._run(heat_names, h, last_relu=stage == 6)
+            h = torch.cat([pafs, heatmaps, features], dim=1)
+        return pafs, heatmaps

@@ -26,6 +26,9 @@ cuts the padding off again):
   to size) thins the map: a Gaussian blur of sigma 3, non-maximum suppression along the four
   directions (a pixel kept where one of the 1x3 lines through it has its maximum there),
   255 where above 127; then a blur of sigma 3 again, and 255 where above 4, else 0.
+- `openpose(image)`: `BodyPoseNet` (body_pose_model.pth) on the picture in BGR at one scale,
+  its keypoints, limbs and people found and the skeletons drawn on black at the picture's
+  size, as the extension's `openpose` module (app.engine.openpose says how).
 
 Weights are read with `torch.load(..., weights_only=True)` (a pickle that would build other
 objects than tensors is refused, never run) and loaded strictly: a file whose tensors are not
@@ -49,12 +52,20 @@ import numpy as np
 import torch
 from torch import nn
 
-from app.engine.annotator_nets import AnimeLineartUnet, ControlNetHED, LineartGenerator, MangaLineNet, PiDiNet
+from app.engine import openpose as pose
+from app.engine.annotator_nets import (
+    AnimeLineartUnet,
+    BodyPoseNet,
+    ControlNetHED,
+    LineartGenerator,
+    MangaLineNet,
+    PiDiNet,
+)
 
 log = logging.getLogger(__name__)
 
 CACHE_CAPACITY = 3  # nets kept loaded (HED is 15M parameters, a lineart generator 4M, PiDiNet 0.7M,
-#                     the anime U-Net 54M, the manga line net 43M)
+#                     the anime U-Net 54M, the manga line net 43M, OpenPose's body net 52M)
 
 
 class AnnotatorFileError(Exception):
@@ -70,6 +81,7 @@ NETS: dict[str, Callable[[], nn.Module]] = {
     # the anime line nets
     "netG.pth": AnimeLineartUnet,
     "erika.pth": MangaLineNet,
+    "body_pose_model.pth": BodyPoseNet,
 }
 
 
@@ -269,3 +281,10 @@ def scribble(edge: np.ndarray) -> np.ndarray:
     """A scribble of a soft edge map (HxW uint8): thinned lines, thickened again by a blur."""
     thick = cv2.GaussianBlur(thin_lines(edge), (0, 0), 3.0)
     return np.where(thick > 4, 255, 0).astype(np.uint8)
+
+
+def openpose(image: np.ndarray, path: Path) -> np.ndarray:
+    """The body skeletons (HxWx3 uint8 RGB, black elsewhere) found in an RGB picture."""
+    net = NETS_CACHE.get("body_pose_model.pth", path)
+    height, width = image.shape[:2]
+    return pose.draw_bodies(pose.detect_bodies(net, image), height, width)

@@ -28,8 +28,10 @@ ControlNetHED.pth; scribble_hed thins and thickens HED's map as scribble_pidinet
 `softedge_pidinet` / `softedge_pidisafe` / `scribble_pidinet` / `t2ia_sketch_pidi` (aliases
 `pidinet`, `pidinet_safe`, `pidinet_scribble`, `pidinet_sketch`; table5_pidinet.pth),
 `lineart_anime` (netG.pth; the net stretches the padded picture to multiples of 256 and back
-itself) and `lineart_anime_denoise` (erika.pth). They take the same resize and 64-padding as
-the built-in operators (scribble_pidinet thins the map once the padding is cut off).
+itself), `lineart_anime_denoise` (erika.pth) and `openpose` (body only, the extension's name
+for it; body_pose_model.pth: the skeletons drawn on black, app.engine.openpose). They take the
+same resize and 64-padding as the built-in operators (scribble_pidinet thins the map once the
+padding is cut off).
 
 The detected map is then fitted to each pass's size by the unit's resize mode (`fit`), as the
 extension's `detectmap_proc`: Just Resize stretches it; Crop and Resize scales it to cover the
@@ -221,6 +223,10 @@ def _lineart_anime_denoise(image: np.ndarray, a: float, b: float, path: Path) ->
     return _padded(lambda x: annotators.manga_line(x, path))(image)
 
 
+def _openpose(image: np.ndarray, a: float, b: float, path: Path) -> np.ndarray:
+    return _padded(lambda x: annotators.openpose(x, path))(image)
+
+
 def _pidinet(mode: str) -> Callable[[np.ndarray, float, float, Path], np.ndarray]:
     def run(image: np.ndarray, a: float, b: float, path: Path) -> np.ndarray:
         edge = _padded(lambda x: annotators.pidinet(x, path, "" if mode == "scribble" else mode))(image)
@@ -272,6 +278,8 @@ _PREPROCESSORS = [
     Preprocessor("lineart_anime", _lineart_anime, control_type="Lineart", weights="netG.pth"),
     Preprocessor("lineart_anime_denoise", _lineart_anime_denoise, control_type="Lineart",
                  weights="erika.pth"),
+    # body only: openpose_hand / _face / _full need hand_pose_model.pth and facenet.pth
+    Preprocessor("openpose", _openpose, control_type="OpenPose", weights="body_pose_model.pth"),
 ]
 # every preprocessor known, served or not (those with `weights` need their file)
 PREPROCESSORS: dict[str, Preprocessor] = {p.name: p for p in _PREPROCESSORS}
@@ -288,6 +296,7 @@ CONTROL_TYPES: dict[str, tuple[str, tuple[str, ...]]] = {
     "Shuffle": ("shuffle", ("shuffle",)),
     "Recolor": ("recolor_luminance", ("recolor",)),
     "T2I-Adapter": ("none", ("t2i_adapter", "t2iadapter", "t2ia")),
+    "OpenPose": ("openpose", ("openpose", "densepose")),
 }
 
 
