@@ -170,6 +170,17 @@ async def off_loop(function: Callable[..., T], *args: Any) -> T:
     return await asyncio.get_running_loop().run_in_executor(_DECODER, functools.partial(function, *args))
 
 
+# ControlNet preprocessing (the detectors, some of them networks that take a second or more on a
+# CPU) has its own thread, so a unit's preprocessing never holds up the decoding of other
+# requests' pictures.
+_PREPROCESSOR = ThreadPoolExecutor(max_workers=1, thread_name_prefix="craftserve-preprocess")
+
+
+async def off_loop_preprocessing(function: Callable[..., T], *args: Any) -> T:
+    """`function(*args)` on the preprocessing thread, awaited from the event loop."""
+    return await asyncio.get_running_loop().run_in_executor(_PREPROCESSOR, functools.partial(function, *args))
+
+
 _CHUNK = 1 << 20  # base64 characters decoded at a time (a multiple of 4)
 
 

@@ -601,3 +601,37 @@ def test_a_file_added_is_served_after_a_reload(http, weights) -> None:  # noqa: 
         added.unlink()
     assert http.post("/admin/reload", headers=AUTH).status_code == 200
     assert "lineart_coarse" not in http.get("/controlnet/module_list", headers=AUTH).json()["module_list"]
+
+
+def test_a_slow_preprocessing_does_not_hold_up_other_requests_pictures(http, monkeypatch) -> None:  # noqa: ANN001
+    """A detector runs on its own thread: while one is held (a HED that waits for a signal),
+    another request's picture is still decoded and answered (an extras upscale, whose picture
+    is decoded on the decoding thread)."""
+    import threading
+
+    from app.engine import annotators as nets
+
+    started, release = threading.Event(), threading.Event()
+    real = nets.hed
+
+    def held(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        started.set()
+        assert release.wait(60)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(nets, "hed", held)
+    answers: list = []
+    slow = threading.Thread(target=lambda: answers.append(http.post("/controlnet/detect", headers=AUTH, json={
+        "controlnet_module": "softedge_hed", "controlnet_input_images": [b64(PICTURE)],
+        "controlnet_processor_res": 64})))
+    slow.start()
+    try:
+        assert started.wait(60)
+        other = http.post("/sdapi/v1/extra-single-image", headers=AUTH, timeout=30, json={
+            "image": b64(PICTURE), "upscaler_1": "Lanczos", "upscaling_resize": 2})
+        assert other.status_code == 200, other.text
+        assert not answers  # the detection is still held
+    finally:
+        release.set()
+        slow.join(60)
+    assert answers and answers[0].status_code == 200, answers

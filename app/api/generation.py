@@ -43,7 +43,7 @@ from app.errors import (
     Unavailable,
 )
 from app.families import REFINER_ONLY_RULE, Family, family_label
-from app.image_inputs import off_loop
+from app.image_inputs import off_loop, off_loop_preprocessing
 from app.imaging import encode_image, encode_png, parameters_text
 from app.registry import Registry
 from app.samplers import resolve_sampler
@@ -411,7 +411,7 @@ async def prepare_controls(body: ImageRequest, params: GenParams, registry: Regi
                       for (_, high), resolved in zip(maps, params.controlnet, strict=True)]
         return ControlImages([low for low, _ in maps], hires_maps if hires is not None else ()), shown_maps
 
-    prepared = [await off_loop(prepare, picture) for picture in pictures]
+    prepared = [await off_loop_preprocessing(prepare, picture) for picture in pictures]
     return [images for images, _ in prepared], prepared[0][1]
 
 

@@ -35,7 +35,7 @@ from app.engine.preprocessors import (
     served_preprocessors,
 )
 from app.errors import InvalidParameter
-from app.image_inputs import off_loop, read_image
+from app.image_inputs import off_loop, off_loop_preprocessing, read_image
 
 
 def _script_args(scripts: Mapping[str, Any] | None) -> tuple[str, list[Any]] | None:
@@ -141,8 +141,8 @@ async def detect_route(client: CallerDep, settings: SettingsDep, registry: Regis
         a = number("controlnet_threshold_a", body.get("controlnet_threshold_a"), -1)
         b = number("controlnet_threshold_b", body.get("controlnet_threshold_b"), -1)
         check_working_size("controlnet_processor_res", module, picture.size, res, settings)
-        detected = await off_loop(functools.partial(detect, files=annotators, field="controlnet_module"),
-                                  module, picture, res, a, b)
+        run = functools.partial(detect, files=annotators, field="controlnet_module")
+        detected = await off_loop_preprocessing(run, module, picture, res, a, b)
         out.append(await off_loop(png_base64, detected))
     return {"info": "Success", "images": out}
 
