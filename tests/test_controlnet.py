@@ -341,3 +341,16 @@ def test_detect_without_image_or_with_unknown_module_is_422(http) -> None:  # no
     answer = http.post("/controlnet/detect", headers=AUTH,
                        json={"controlnet_module": "depth_midas", "controlnet_input_images": [b64(CONTROL)]})
     assert answer.status_code == 422 and "depth_midas" in answer.json()["detail"]
+
+
+def test_detect_takes_a_rate_limit_token(make_server, nets) -> None:  # noqa: ANN001
+    """Detection is work (a preprocessor net may take seconds): it counts against the key's
+    rate limit as the generation routes do; the listings do not."""
+    server = make_server(controlnet_models(nets["folder"]), api_keys=[API_KEY, "limited-key 1/3600s"])
+    with server.client(headers={"Authorization": "Bearer limited-key"}) as limited:
+        body = {"controlnet_module": "canny", "controlnet_input_images": [b64(CONTROL)],
+                "controlnet_processor_res": 64}
+        assert limited.post("/controlnet/detect", json=body).status_code == 200
+        answer = limited.post("/controlnet/detect", json=body)
+        assert answer.status_code == 429 and int(answer.headers["retry-after"]) > 0, answer.text
+        assert limited.get("/controlnet/module_list").status_code == 200

@@ -24,7 +24,7 @@ from fastapi import APIRouter, Body
 from app.api.a1111.errors import AUTH_ERRORS, INPUT_ERRORS
 from app.api.bodies import ImageRoute
 from app.api.controlnet_units import number, read_unit_list
-from app.api.credentials import CallerDep
+from app.api.credentials import CallerDep, GeneratingCallerDep
 from app.api.deps import RegistryDep, SettingsDep
 from app.api.generation import UnitRequest, check_working_size
 from app.config import Settings
@@ -115,7 +115,7 @@ async def controlnet_settings(client: CallerDep, settings: SettingsDep) -> dict[
 
 
 @router.post("/detect", responses=INPUT_ERRORS, summary="Run a preprocessor (sd-webui-controlnet)")
-async def detect_route(client: CallerDep, settings: SettingsDep, registry: RegistryDep,
+async def detect_route(client: GeneratingCallerDep, settings: SettingsDep, registry: RegistryDep,
                        body: Annotated[dict[str, Any], Body()]) -> dict[str, Any]:
     name = body.get("controlnet_module", "none")
     annotators = getattr(registry, "annotators", None)
