@@ -34,6 +34,7 @@ FILE = "dpt_hybrid-midas-501f0c75.pt"
 DROPPED = re.compile(r"pretrained\.model\.head\.(weight|bias)")
 
 _BACKBONE = "dpt.embeddings.backbone.bit."
+_BLOCK, _LAYER = r"pretrained\.model\.blocks\.(\d+)\.", r"dpt.encoder.layer.\1."
 _RENAMES: list[tuple[re.Pattern[str], str]] = [(re.compile(p), r) for p, r in [
     (r"pretrained\.model\.cls_token", "dpt.embeddings.cls_token"),
     (r"pretrained\.model\.pos_embed", "dpt.embeddings.position_embeddings"),
@@ -42,11 +43,11 @@ _RENAMES: list[tuple[re.Pattern[str], str]] = [(re.compile(p), r) for p, r in [
     (r"pretrained\.model\.patch_embed\.backbone\.stem\.norm\.(\w+)", _BACKBONE + r"embedder.norm.\1"),
     (r"pretrained\.model\.patch_embed\.backbone\.stages\.(\d+)\.blocks\.(\d+)\."
      r"((?:downsample\.)?(?:conv|norm)\d?\.\w+)", _BACKBONE + r"encoder.stages.\1.layers.\2.\3"),
-    (r"pretrained\.model\.blocks\.(\d+)\.norm1\.(\w+)", r"dpt.encoder.layer.\1.layernorm_before.\2"),
-    (r"pretrained\.model\.blocks\.(\d+)\.norm2\.(\w+)", r"dpt.encoder.layer.\1.layernorm_after.\2"),
-    (r"pretrained\.model\.blocks\.(\d+)\.attn\.proj\.(\w+)", r"dpt.encoder.layer.\1.attention.output.dense.\2"),
-    (r"pretrained\.model\.blocks\.(\d+)\.mlp\.fc1\.(\w+)", r"dpt.encoder.layer.\1.intermediate.dense.\2"),
-    (r"pretrained\.model\.blocks\.(\d+)\.mlp\.fc2\.(\w+)", r"dpt.encoder.layer.\1.output.dense.\2"),
+    (_BLOCK + r"norm1\.(\w+)", _LAYER + r"layernorm_before.\2"),
+    (_BLOCK + r"norm2\.(\w+)", _LAYER + r"layernorm_after.\2"),
+    (_BLOCK + r"attn\.proj\.(\w+)", _LAYER + r"attention.output.dense.\2"),
+    (_BLOCK + r"mlp\.fc1\.(\w+)", _LAYER + r"intermediate.dense.\2"),
+    (_BLOCK + r"mlp\.fc2\.(\w+)", _LAYER + r"output.dense.\2"),
     (r"pretrained\.model\.norm\.(\w+)", r"dpt.layernorm.\1"),
     (r"pretrained\.act_postprocess3\.0\.project\.0\.(\w+)", r"neck.reassemble_stage.readout_projects.2.0.\1"),
     (r"pretrained\.act_postprocess4\.0\.project\.0\.(\w+)", r"neck.reassemble_stage.readout_projects.3.0.\1"),
