@@ -338,6 +338,7 @@ def test_listed_and_detected_over_http(depth_server, depth_net) -> None:  # noqa
 def test_without_the_file_it_is_not_listed_and_detect_is_422(server) -> None:  # noqa: ANN001
     with server.client() as http:
         assert "depth_midas" not in http.get("/controlnet/module_list", headers=AUTH).json()["module_list"]
+        assert "Depth" not in http.get("/controlnet/control_types", headers=AUTH).json()["control_types"]
         answer = http.post("/controlnet/detect", headers=AUTH, json={
             "controlnet_module": "depth_midas", "controlnet_input_images": [b64(Image.new("RGB", (64, 64)))]})
     assert answer.status_code == 422
