@@ -5,7 +5,8 @@ reload) and only looks at which files are there; app.engine.annotators loads the
 only) when a preprocessor first needs one.
 
 The files keep the names sd-webui-controlnet and the `lllyasviel/Annotators` Hub repository
-give them (`ControlNetHED.pth`, `sk_model.pth`, `body_pose_model.pth`, ...). They are found
+give them (`ControlNetHED.pth`, `sk_model.pth`, `body_pose_model.pth`,
+`dpt_hybrid-midas-501f0c75.pt`, ...). They are found
 flat in the folder (a download of the Hub repository), or where the extension keeps them:
 `downloads/<kind>/<file>` under its `annotator/` folder, or `<kind>/<file>` under
 `annotator/downloads/`.
@@ -26,6 +27,7 @@ ANNOTATOR_FILES: dict[str, str] = {
     "netG.pth": "lineart_anime",
     "erika.pth": "manga_line",
     "body_pose_model.pth": "openpose",
+    "dpt_hybrid-midas-501f0c75.pt": "midas",
 }
 
 

@@ -487,7 +487,7 @@ def test_listing_and_the_missing_file_rule(weights, tmp_path: Path) -> None:  # 
     assert "softedge_hed needs ControlNetHED.pth" in caught.value.message
     assert "sets no annotator_dir" in caught.value.message
     with pytest.raises(NotServed) as unknown:
-        check_preprocessor("module", "depth_midas", files)
+        check_preprocessor("module", "depth_leres", files)
     assert "softedge_hed" in unknown.value.message and "lineart_coarse" not in unknown.value.message
 
 

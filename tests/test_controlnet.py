@@ -339,8 +339,8 @@ def test_detect_without_image_or_with_unknown_module_is_422(http) -> None:  # no
     answer = http.post("/controlnet/detect", headers=AUTH, json={"controlnet_module": "canny"})
     assert answer.status_code == 422 and "controlnet_input_images" in answer.json()["detail"]
     answer = http.post("/controlnet/detect", headers=AUTH,
-                       json={"controlnet_module": "depth_midas", "controlnet_input_images": [b64(CONTROL)]})
-    assert answer.status_code == 422 and "depth_midas" in answer.json()["detail"]
+                       json={"controlnet_module": "depth_leres", "controlnet_input_images": [b64(CONTROL)]})
+    assert answer.status_code == 422 and "depth_leres" in answer.json()["detail"]
 
 
 def test_detect_takes_a_rate_limit_token(make_server, nets) -> None:  # noqa: ANN001

@@ -29,6 +29,14 @@ cuts the padding off again):
 - `openpose(image)`: `BodyPoseNet` (body_pose_model.pth) on the picture in BGR at one scale,
   its keypoints, limbs and people found and the skeletons drawn on black at the picture's
   size, as the extension's `openpose` module (app.engine.openpose says how).
+- `depth(image)` (depth_midas): MiDaS DPT-Hybrid (dpt_hybrid-midas-501f0c75.pt, run as
+  transformers' DPT, app.engine.midas) on the RGB picture as x / 127.5 - 1 (no other
+  normalisation); its depth in float32 minus its minimum, divided by the new maximum (a flat
+  depth, maximum 0, answers black where the extension would divide by zero), times 255, clipped,
+  truncated to uint8.
+
+The MiDaS file is in the original net's names (`pretrained.model.*`, `scratch.*`);
+app.engine.midas renames it onto transformers' DPT-Hybrid before the same strict check.
 
 Weights are read with `torch.load(..., weights_only=True)` (a pickle that would build other
 objects than tensors is refused, never run) and loaded strictly: a file whose tensors are not
@@ -61,11 +69,13 @@ from app.engine.annotator_nets import (
     MangaLineNet,
     PiDiNet,
 )
+from app.engine.midas import DepthNet
 
 log = logging.getLogger(__name__)
 
 CACHE_CAPACITY = 3  # nets kept loaded (HED is 15M parameters, a lineart generator 4M, PiDiNet 0.7M,
-#                     the anime U-Net 54M, the manga line net 43M, OpenPose's body net 52M)
+#                     the anime U-Net 54M, the manga line net 43M, OpenPose's body net 52M,
+#                     MiDaS DPT-Hybrid 123M)
 
 
 class AnnotatorFileError(Exception):
@@ -82,6 +92,7 @@ NETS: dict[str, Callable[[], nn.Module]] = {
     "netG.pth": AnimeLineartUnet,
     "erika.pth": MangaLineNet,
     "body_pose_model.pth": BodyPoseNet,
+    "dpt_hybrid-midas-501f0c75.pt": DepthNet,
 }
 
 
@@ -125,6 +136,9 @@ def build_net(name: str, path: Path) -> nn.Module:
     """The net of weight file `name` (one of NETS) loaded strictly from `path`, float32, eval."""
     net = NETS[name]()
     state = read_state_dict(path)
+    rename = getattr(net, "from_file_state", None)  # a file in another layout than the net's names
+    if rename is not None:
+        state = rename(state)
     expected = net.state_dict()
     # a batch norm's step counter: files saved by PyTorch before 0.4.1 lack it, and
     # load_state_dict fills it in; it is never used in eval mode
@@ -288,3 +302,16 @@ def openpose(image: np.ndarray, path: Path) -> np.ndarray:
     net = NETS_CACHE.get("body_pose_model.pth", path)
     height, width = image.shape[:2]
     return pose.draw_bodies(pose.detect_bodies(net, image), height, width)
+
+
+def depth(image: np.ndarray, path: Path) -> np.ndarray:
+    """MiDaS's relative depth map (HxW uint8, near is bright) of an RGB picture whose sides are
+    multiples of 32."""
+    net = NETS_CACHE.get("dpt_hybrid-midas-501f0c75.pt", path)
+    with torch.inference_mode():
+        found = net.depth(_tensor(image, 1.0).div(127.5).sub(1.0))[0]
+        found = found - found.min()
+        top = found.max()
+        if top > 0:
+            found = found / top
+    return (found.numpy() * 255.0).clip(0, 255).astype(np.uint8)

@@ -29,7 +29,8 @@ ControlNetHED.pth; scribble_hed thins and thickens HED's map as scribble_pidinet
 `pidinet`, `pidinet_safe`, `pidinet_scribble`, `pidinet_sketch`; table5_pidinet.pth),
 `lineart_anime` (netG.pth; the net stretches the padded picture to multiples of 256 and back
 itself), `lineart_anime_denoise` (erika.pth) and `openpose` (body only, the extension's name
-for it; body_pose_model.pth: the skeletons drawn on black, app.engine.openpose). They take the
+for it; body_pose_model.pth: the skeletons drawn on black, app.engine.openpose) and
+`depth_midas` (alias `depth`; dpt_hybrid-midas-501f0c75.pt, MiDaS DPT-Hybrid). They take the
 same resize and 64-padding as the built-in operators (scribble_pidinet thins the map once the
 padding is cut off).
 
@@ -227,6 +228,10 @@ def _openpose(image: np.ndarray, a: float, b: float, path: Path) -> np.ndarray:
     return _padded(lambda x: annotators.openpose(x, path))(image)
 
 
+def _depth(image: np.ndarray, a: float, b: float, path: Path) -> np.ndarray:
+    return _padded(lambda x: annotators.depth(x, path))(image)
+
+
 def _pidinet(mode: str) -> Callable[[np.ndarray, float, float, Path], np.ndarray]:
     def run(image: np.ndarray, a: float, b: float, path: Path) -> np.ndarray:
         edge = _padded(lambda x: annotators.pidinet(x, path, "" if mode == "scribble" else mode))(image)
@@ -280,6 +285,8 @@ _PREPROCESSORS = [
                  weights="erika.pth"),
     # body only: openpose_hand / _face / _full need hand_pose_model.pth and facenet.pth
     Preprocessor("openpose", _openpose, control_type="OpenPose", weights="body_pose_model.pth"),
+    Preprocessor("depth_midas", _depth, aliases=("depth",), control_type="Depth",
+                 weights="dpt_hybrid-midas-501f0c75.pt"),
 ]
 # every preprocessor known, served or not (those with `weights` need their file)
 PREPROCESSORS: dict[str, Preprocessor] = {p.name: p for p in _PREPROCESSORS}
@@ -297,6 +304,7 @@ CONTROL_TYPES: dict[str, tuple[str, tuple[str, ...]]] = {
     "Recolor": ("recolor_luminance", ("recolor",)),
     "T2I-Adapter": ("none", ("t2i_adapter", "t2iadapter", "t2ia")),
     "OpenPose": ("openpose", ("openpose", "densepose")),
+    "Depth": ("depth_midas", ("depth",)),
 }
 
 
