@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from app.config import Settings
-from app.engine.jobs import Job
+from app.engine.jobs import Job, in_turns
 
 # A replica's report on the board may be this old (it reports every 0.5 s, the ingress reads
 # every 0.5 s): a model list older than the last job sent there does not replace the mirror.
@@ -111,17 +111,7 @@ class Dispatcher:
     def order(self) -> list[Job]:
         """The waiting jobs in the order keys take turns (each key's first job, then each
         one's second, ...), as things stand."""
-        order: list[Job] = []
-        turns = [iter(jobs) for jobs in self._by_client.values()]
-        while turns:
-            still = []
-            for turn in turns:
-                job = next(turn, None)
-                if job is not None:
-                    order.append(job)
-                    still.append(turn)
-            turns = still
-        return order
+        return in_turns(self._by_client.values())
 
     def replica_of(self, job: Job) -> str | None:
         return self._sent.get(job)

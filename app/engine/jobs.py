@@ -26,7 +26,7 @@ import threading
 import time
 import weakref
 from collections import OrderedDict, deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -273,6 +273,22 @@ class WorkerSlot:
         self.loading: set[str] = set()
 
 
+def in_turns(queues: Iterable[Iterable[Job]]) -> list[Job]:
+    """The jobs of several clients' queues as clients take turns: each queue's first job, then
+    each one's second, and so on (the fair order of JobQueue and of the Ray ingress)."""
+    order: list[Job] = []
+    turns = [iter(jobs) for jobs in queues]
+    while turns:
+        still = []
+        for turn in turns:
+            job = next(turn, None)
+            if job is not None:
+                order.append(job)
+                still.append(turn)
+        turns = still
+    return order
+
+
 class JobQueue:
     def __init__(
         self,
@@ -367,17 +383,7 @@ class JobQueue:
         back of the line), so the order is rounds: each waiting client's first job, then each
         one's second, and so on. Computed without taking anything, O(waiting jobs)."""
         with self._cond:
-            order: list[Job] = []
-            turns = [iter(jobs) for jobs in self._by_client.values()]
-            while turns:
-                still = []
-                for turn in turns:
-                    job = next(turn, None)
-                    if job is not None:
-                        order.append(job)
-                        still.append(turn)
-                turns = still
-            return order
+            return in_turns(self._by_client.values())
 
     def position(self, job: Job) -> int | None:
         """The job's place in `order()`, 1 = the next job a free worker takes; None when it is
