@@ -46,3 +46,12 @@ models:
   tiny-sd15: {{source: "builtin:tiny-sd15"}}
 controlnet_dirs: ["{folder}"]
 """
+
+
+def write_nets(folder: Path) -> dict:
+    """The ControlNet tests' two nets written to `folder`: an SDXL one as the diffusers folder
+    `cn-xl`, an SD 1.5 one as the single file `cn_sd15.safetensors`; with the nets themselves."""
+    xl, sd = tiny_controlnet("sdxl"), tiny_controlnet("sd15", seed=2)
+    save_folder(xl, folder / "cn-xl")
+    save_file(sd, folder / "cn_sd15.safetensors")
+    return {"folder": folder, "sdxl": xl, "sd15": sd}

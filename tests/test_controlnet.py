@@ -15,7 +15,7 @@ import webuiapi
 from PIL import Image, ImageFilter
 
 from tests.conftest import API_KEY
-from tests.controlnet_files import controlnet_models, save_file, save_folder, tiny_controlnet
+from tests.controlnet_files import controlnet_models, write_nets
 from tests.pictures import arr, b64, decoded, noise
 
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
@@ -28,11 +28,7 @@ CONTROL = noise(64, 64, seed=5)
 
 @pytest.fixture(scope="module")
 def nets(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    folder = tmp_path_factory.mktemp("controlnets")
-    xl, sd = tiny_controlnet("sdxl"), tiny_controlnet("sd15", seed=2)
-    save_folder(xl, folder / "cn-xl")
-    save_file(sd, folder / "cn_sd15.safetensors")
-    return {"folder": folder, "sdxl": xl, "sd15": sd}
+    return write_nets(tmp_path_factory.mktemp("controlnets"))
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,7 @@ import pytest
 from PIL import Image
 
 from tests.conftest import API_KEY
-from tests.controlnet_files import controlnet_models, save_file, save_folder, tiny_controlnet
+from tests.controlnet_files import controlnet_models, write_nets
 from tests.test_controlnet import CONTROL, arr, b64, close, decoded, direct, noise
 from tests.test_jobs import read_events
 
@@ -30,11 +30,7 @@ EXTRA = {"steps": 5, "seed": 11, "sampler": "Euler", "cfg_scale": 5}
 
 @pytest.fixture(scope="module")
 def nets(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    folder = tmp_path_factory.mktemp("controlnets")
-    xl, sd = tiny_controlnet("sdxl"), tiny_controlnet("sd15", seed=2)
-    save_folder(xl, folder / "cn-xl")
-    save_file(sd, folder / "cn_sd15.safetensors")
-    return {"folder": folder, "sdxl": xl, "sd15": sd}
+    return write_nets(tmp_path_factory.mktemp("controlnets"))
 
 
 @pytest.fixture(scope="module")
